@@ -1,0 +1,60 @@
+"""dc_lightning: Deep Compression (pruning, trained quantization, Huffman coding) and EIE inference for Lightning.
+
+Everything public is importable from here. Imports are lazy (PEP 562) so that ``import dc_lightning`` and the
+``dc-lightning`` console script stay fast and the algorithm modules never pull in Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # foundation
+    "build_model": "dc_lightning.models",
+    "LeNet300100": "dc_lightning.models",
+    "LeNet5": "dc_lightning.models",
+    "alexnet": "dc_lightning.models",
+    "vgg16": "dc_lightning.models",
+    "FashionMNISTDataModule": "dc_lightning.data",
+    "ImageFolderDataModule": "dc_lightning.data",
+    "FakeDataModule": "dc_lightning.data",
+    "ClassifierModule": "dc_lightning.module",
+    # pruning
+    "MagnitudePruning": "dc_lightning.callbacks.magnitude_pruning",
+    "magnitude_mask": "dc_lightning.pruning",
+    "apply_masks": "dc_lightning.pruning",
+    "prune_model": "dc_lightning.pruning",
+    "sensitivity_analysis": "dc_lightning.sensitivity",
+    # quantization
+    "TrainedQuantization": "dc_lightning.callbacks.trained_quantization",
+    "kmeans_1d": "dc_lightning.quantization",
+    "quantize_model": "dc_lightning.quantization",
+    # file format
+    "save_compressed": "dc_lightning.io",
+    "load_compressed": "dc_lightning.io",
+    "CorruptFileError": "dc_lightning.io",
+    "compression_report": "dc_lightning.report",
+    "CompressedCheckpoint": "dc_lightning.callbacks.compressed_checkpoint",
+    # inference
+    "CompressedLinear": "dc_lightning.inference",
+    "to_compressed_inference": "dc_lightning.inference",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dc_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: the next access skips __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

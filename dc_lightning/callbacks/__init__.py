@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin drivers that decide *when*; the algorithm modules decide *what*."""

@@ -1,0 +1,142 @@
+"""Hydra glue: compose a recipe without the CLI and build its DataModule, LightningModule and Trainer.
+
+The configs live in the repository's ``conf/`` (groups) and ``recipes/<name>/recipe.yaml``; this module finds
+them next to the package, so it serves source checkouts and editable installs (the documented install).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+RECIPES = tuple(sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
+#: per-layer compression buffers (docs/DESIGN.md) that a checkpoint may hold and a fresh model lacks
+COMPRESSION_BUFFERS = ("weight_mask", "weight_codebook", "weight_assign")
+
+
+def compose(recipe: str = "lenet300", overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python train.py recipe=<recipe> <overrides>`` would run, without touching the CLI.
+
+    ``hydra:`` interpolations (the run folder) are resolved to ``outputs/<recipe>/compose`` unless an
+    ``output_dir=...`` override is given.
+
+    Raises:
+        ValueError: unknown recipe (the message lists the valid ones).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: unknown recipe {recipe!r}; valid recipes: {list(RECIPES)}")
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = list(overrides)
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append(f"output_dir=outputs/{recipe}/compose")
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = _compose(config_name="train", overrides=[f"recipe={recipe}", *overrides])
+    return cfg
+
+
+def build_datamodule(cfg: DictConfig):
+    """Instantiate ``cfg.data`` (a LightningDataModule)."""
+    from dc_lightning.utils import instantiate
+
+    return instantiate(cfg.data)
+
+
+def build_module(cfg: DictConfig, **overrides: Any):
+    """A fresh :class:`~dc_lightning.module.ClassifierModule` from ``cfg.model`` and ``cfg.module``."""
+    from dc_lightning.module import ClassifierModule
+
+    kwargs = OmegaConf.to_container(cfg.module, resolve=True)
+    kwargs.update(overrides)
+    return ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True), **kwargs)
+
+
+def build_logger(cfg: DictConfig, stage: str):
+    """The configured logger (wandb offline unless ``WANDB_MODE`` says otherwise; ``logger=none`` -> False)."""
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return False
+    from dc_lightning.utils import instantiate
+
+    target = cfg.logger._target_
+    if target.endswith("WandbLogger"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # never ask for a login; WANDB_MODE=online syncs
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if os.environ["WANDB_MODE"] == "disabled":
+            return False
+        return instantiate(cfg.logger, name=f"{cfg.recipe_name}-{stage}", group=str(cfg.recipe_name))
+    return instantiate(cfg.logger, version=stage) if target.endswith("CSVLogger") else instantiate(cfg.logger)
+
+
+def build_trainer(cfg: DictConfig, stage: str, max_epochs: int, callbacks: Sequence[Any] = (), **overrides: Any):
+    """A Lightning Trainer for one pipeline stage: ``cfg.trainer`` + the stage's epochs and callbacks."""
+    import lightning.pytorch as pl
+
+    from dc_lightning.utils import instantiate
+
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs.update(overrides)
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    logger = kwargs.pop("logger") if "logger" in kwargs else build_logger(cfg, stage)
+    if not logger:  # LearningRateMonitor needs a logger
+        extra = [c for c in extra if type(c).__name__ != "LearningRateMonitor"]
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, *extra],
+        logger=logger,
+        default_root_dir=str(Path(cfg.output_dir) / stage),
+        enable_checkpointing=False,
+        **kwargs,
+    )
+
+
+def restore_compression_buffers(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Register placeholders for the mask/codebook buffers a state dict holds, so ``load_state_dict`` fits.
+
+    A checkpoint written after pruning holds ``<layer>.weight_mask`` (and after quantization
+    ``weight_codebook``/``weight_assign``) that a freshly built model lacks.
+
+    Raises:
+        ValueError: a buffer key names a layer the model does not have.
+    """
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        layer, _, name = key.rpartition(".")
+        if name not in COMPRESSION_BUFFERS:
+            continue
+        if layer not in modules:
+            raise ValueError(f"checkpoint: {key!r} belongs to layer {layer!r}, which the model does not have")
+        module = modules[layer]
+        if name not in module._buffers:
+            module.register_buffer(name, torch.empty_like(value, device="cpu"))
+        elif module._buffers[name].shape != value.shape:
+            module._buffers[name] = torch.empty_like(value, device="cpu")
+
+
+def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides: Any):
+    """Rebuild the recipe's module and load a Lightning checkpoint's weights (mask/codebook buffers included).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
+    module = build_module(cfg, **overrides)
+    # a Lightning checkpoint is the user's own file; weights_only keeps torch.load from running pickled code
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    restore_compression_buffers(module, state)
+    module.load_state_dict(state)
+    return module

@@ -1,0 +1,117 @@
+"""``ClassifierModule``: the LightningModule that trains the paper's networks with the paper's knobs.
+
+SGD with momentum and L2 weight decay ([NIPS] §3.1: L2 gives the best pruning results), a step or cosine LR
+schedule, top-1/top-5 accuracy. The network is built from a plain dict (``model={"name": "vgg16", ...}``) so
+that ``load_from_checkpoint`` and ``load_compressed`` can rebuild it without Hydra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dc_lightning.models import build_model
+
+SCHEDULERS = ("none", "step", "cosine")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Number of samples whose target is among the ``k`` highest logits."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1).sum()
+
+
+class ClassifierModule(pl.LightningModule):
+    """Image classification with cross-entropy.
+
+    Args:
+        model: keyword arguments of :func:`dc_lightning.models.build_model` (``name`` required).
+        optimizer: ``sgd`` (default, with ``momentum``), ``adam`` or ``adamw``.
+        lr: base learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        nesterov: Nesterov momentum for SGD.
+        scheduler: ``none``, ``step`` (multiply by ``gamma`` every ``step_size`` epochs) or ``cosine`` (to 0 over
+            the trainer's ``max_epochs``).
+        step_size: epochs between steps of the ``step`` schedule.
+        gamma: factor of the ``step`` schedule.
+        num_classes: classes used for top-5 (top-5 is logged only when there are at least 5 classes).
+
+    Raises:
+        ValueError: an unknown optimizer/scheduler or a non-positive learning rate.
+
+    Example::
+
+        module = ClassifierModule(model={"name": "lenet300"}, lr=0.1, weight_decay=1e-4)
+        pl.Trainer(max_epochs=15).fit(module, datamodule=FashionMNISTDataModule())
+    """
+
+    def __init__(self, model: dict[str, Any], optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, nesterov: bool = False, scheduler: str = "none", step_size: int = 10,
+                 gamma: float = 0.1, num_classes: int | None = None) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"module.optimizer: {optimizer!r} is not one of {list(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"module.scheduler: {scheduler!r} is not one of {list(SCHEDULERS)}")
+        if not lr > 0:
+            raise ValueError(f"module.lr: {lr} must be > 0")
+        if not isinstance(model, dict) and hasattr(model, "items"):  # an omegaconf DictConfig
+            from omegaconf import OmegaConf
+
+            model = OmegaConf.to_container(model, resolve=True)
+        self.save_hyperparameters()
+        self.model = build_model(**model)
+        out = next(m for m in reversed(list(self.model.modules())) if isinstance(m, nn.Linear)).out_features
+        self.num_classes = num_classes or out
+        # rebuild recipe for load_compressed: this module minus any local weights file
+        hp = dict(self.hparams)
+        hp["model"] = {k: v for k, v in dict(model).items() if k != "pretrained"}
+        self.dc_builder = {"callable": "dc_lightning.module:ClassifierModule", "kwargs": hp}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch: Any, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        n = y.shape[0]
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=n, sync_dist=split != "train")
+        self.log(f"{split}/acc1", topk_correct(logits, y, 1).float() / n, prog_bar=True, batch_size=n,
+                 sync_dist=split != "train")
+        if self.num_classes >= 5 and split != "train":
+            self.log(f"{split}/acc5", topk_correct(logits, y, 5).float() / n, batch_size=n, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                                  nesterov=hp.nesterov)
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.step_size, gamma=hp.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(self.trainer.max_epochs or 1), 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,163 @@
+"""The Deep Compression pipeline driven by a recipe ([DC] Fig. 1):
+
+    baseline (train or load) -> prune + retrain -> trained quantization -> export -> reload -> evaluate
+
+Each stage is one function; each writes a Lightning checkpoint (``<run>/checkpoints/<stage>.ckpt``) so a later
+run can start at any stage (``stage=quantize pruned_ckpt=...``). The summary (accuracies, compression ratio,
+wall time per stage) goes to ``<run>/summary.json`` and the per-layer report beside the paper's table to
+``<run>/report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dc_lightning.config import build_datamodule, build_module, build_trainer, load_module_checkpoint
+from dc_lightning.utils import atomic_write
+
+log = logging.getLogger(__name__)
+
+STAGES = ("baseline", "prune", "quantize", "export", "evaluate")
+
+
+def _test(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str) -> dict[str, float]:
+    trainer = build_trainer(cfg, f"{stage}-test", max_epochs=1, logger=False, callbacks=[])
+    (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    return {k.replace("test/", ""): float(v) for k, v in metrics.items() if k.startswith("test/acc")}
+
+
+def _fit(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str, epochs: int,
+         callbacks: list, ckpt_path: str | None) -> pl.Trainer:
+    trainer = build_trainer(cfg, stage, max_epochs=epochs, callbacks=callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    path = Path(cfg.output_dir) / "checkpoints" / f"{stage}.ckpt"
+    trainer.save_checkpoint(path)
+    if trainer.logger:
+        trainer.logger.finalize("success")
+    return trainer
+
+
+def _need(cfg: DictConfig, key: str, stage: str) -> str:
+    if not cfg.get(key):
+        raise ValueError(f"stage={stage}: the run starts at this stage, so {key}=<path> must name the previous "
+                         "stage's checkpoint (its run folder's checkpoints/*.ckpt)")
+    return str(cfg[key])
+
+
+def stage_baseline(cfg: DictConfig, dm, resume: str | None) -> pl.LightningModule:
+    if cfg.get("baseline_ckpt"):
+        return load_module_checkpoint(cfg, cfg.baseline_ckpt)
+    module = build_module(cfg)
+    _fit(cfg, module, dm, "baseline", cfg.pipeline.baseline.epochs, [], resume)
+    return module
+
+
+def _with_lr(module: pl.LightningModule, cfg: DictConfig, scale: float) -> pl.LightningModule:
+    module.hparams.lr = float(cfg.module.lr) * float(scale)  # configure_optimizers reads it
+    return module
+
+
+def stage_prune(cfg: DictConfig, dm, module, resume: str | None) -> pl.LightningModule:
+    from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
+
+    p = cfg.pipeline.prune
+    module = module or load_module_checkpoint(cfg, _need(cfg, "baseline_ckpt", "prune"))
+    kw = {"densities": _plain(p.densities)} if p.get("quality") is None else {"quality": _plain(p.quality)}
+    callback = MagnitudePruning(**kw, rounds=p.rounds, include=_plain(p.include), exclude=_plain(p.exclude),
+                                adjust_dropout=p.adjust_dropout)
+    _fit(cfg, _with_lr(module, cfg, p.lr_scale), dm, "prune", p.epochs, [callback], resume)
+    return module
+
+
+def stage_quantize(cfg: DictConfig, dm, module, resume: str | None) -> pl.LightningModule:
+    from dc_lightning.callbacks.trained_quantization import TrainedQuantization
+
+    q = cfg.pipeline.quantize
+    module = module or load_module_checkpoint(cfg, _need(cfg, "pruned_ckpt", "quantize"))
+    callback = TrainedQuantization(bits=_plain(q.bits), init=q.init, start_epoch=0)
+    _fit(cfg, _with_lr(module, cfg, q.lr_scale), dm, "quantize", q.epochs, [callback], resume)
+    return module
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``cfg.stages`` from ``cfg.stage`` on; returns (and writes) the run summary.
+
+    Raises:
+        ValueError: an unknown stage, or a start stage whose input checkpoint is not given.
+    """
+    stages = list(cfg.stages)
+    for s in [*stages, cfg.stage]:
+        if s not in STAGES:
+            raise ValueError(f"stages: unknown stage {s!r}; valid stages, in order: {list(STAGES)}")
+    if cfg.stage not in stages:
+        raise ValueError(f"stage: {cfg.stage!r} is not among this run's stages {stages}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "config.yaml", "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    summary: dict[str, Any] = {"recipe": cfg.recipe_name, "output_dir": str(out), "accuracy": {}, "seconds": {}}
+    module = None
+    path = Path(cfg.compressed_file) if cfg.get("compressed_file") else out / cfg.pipeline.export.filename
+    todo = stages[stages.index(cfg.stage):]
+    for i, stage in enumerate(todo):
+        resume = cfg.get("resume_ckpt") if i == 0 else None
+        t0 = time.perf_counter()
+        if stage == "baseline":
+            module = stage_baseline(cfg, dm, resume)
+        elif stage == "prune":
+            module = stage_prune(cfg, dm, module, resume)
+        elif stage == "quantize":
+            module = stage_quantize(cfg, dm, module, resume)
+        elif stage == "export":
+            module = module or load_module_checkpoint(cfg, _need(cfg, "quantized_ckpt", "export"))
+            summary["report"] = export(cfg, module, path)
+        elif stage == "evaluate":
+            summary["accuracy"]["reloaded"] = evaluate(cfg, dm, path, summary)
+        if stage in ("baseline", "prune", "quantize"):
+            summary["accuracy"][stage] = _test(cfg, module, dm, stage)
+        summary["seconds"][stage] = round(time.perf_counter() - t0, 1)
+        log.info("stage %s done in %.1f s", stage, summary["seconds"][stage])
+    from dc_lightning.summary import print_summary, write_summary
+
+    write_summary(cfg, summary)
+    print_summary(cfg, summary)
+    return summary
+
+
+def export(cfg: DictConfig, module: pl.LightningModule, path: Path) -> dict[str, Any]:
+    """Write the compressed file of ``module``; returns the report as a dict."""
+    from dc_lightning.io import save_compressed
+
+    report = save_compressed(module, path, index_bits=_plain(cfg.pipeline.export.index_bits), overwrite=True)
+    return report.to_dict() if hasattr(report, "to_dict") else json.loads(report.to_json())
+
+
+def evaluate(cfg: DictConfig, dm, path: Path, summary: dict[str, Any]) -> dict[str, float]:
+    """Reload the compressed file and test it: Triton kernels on a GPU, the dense decode on the CPU."""
+    from dc_lightning.io import load_compressed
+
+    module = load_compressed(path)
+    mode = cfg.pipeline.evaluate.kernels
+    use_kernels = mode is True or (mode == "auto" and torch.cuda.is_available())
+    summary["evaluate_path"] = "triton" if use_kernels else "dense-decode"
+    if use_kernels:
+        from dc_lightning.inference import to_compressed_inference
+
+        module = to_compressed_inference(module, device="cuda")
+    return _test(cfg, module, dm, "evaluate")

@@ -1,0 +1,90 @@
+"""Run summary: accuracies per stage, wall time per stage, and our per-layer report beside the paper's table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from dc_lightning.utils import atomic_write
+
+
+def _paper_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    paper = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else None
+    return {row["name"]: row for row in (paper or {}).get("layers", [])}
+
+
+def _layers(report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return list((report or {}).get("layers", []))
+
+
+def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
+    """The run's Markdown: accuracy per stage, seconds per stage, per-layer table with the paper's beside it."""
+    lines = [f"# {cfg.recipe_name}: Deep Compression run", "", "| stage | top-1 | seconds |", "|---|---|---|"]
+    for stage, secs in summary["seconds"].items():
+        acc = summary["accuracy"].get("reloaded" if stage == "evaluate" else stage, {}).get("acc1")
+        lines.append(f"| {stage} | {'' if acc is None else f'{100 * acc:.2f}%'} | {secs} |")
+    report = summary.get("report")
+    if report:
+        paper = _paper_rows(cfg)
+        lines += ["", "| layer | #weights | kept % | weight bits P+Q / P+Q+H | index bits P+Q / P+Q+H | "
+                  "size % P+Q / P+Q+H | paper kept % | paper size % P+Q / P+Q+H |", "|---|---|---|---|---|---|---|---|"]
+        for r in _layers(report):
+            p = paper.get(r["name"], {})
+            lines.append(
+                f"| {p.get('layer', r['name'])} | {r['weights']} | {100 * r['density']:.1f} | "
+                f"{r['weight_bits_pq']:.2f} / {r['weight_bits_pqh']:.2f} | "
+                f"{r['index_bits_pq']:.2f} / {r['index_bits_pqh']:.2f} | "
+                f"{r['size_pct_pq']:.2f} / {r['size_pct_pqh']:.2f} | {p.get('kept', '')} | "
+                f"{p.get('cr_pq', '')} / {p.get('cr_pqh', '')} |"
+            )
+        t = report["total"]
+        pp = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else {}
+        lines += ["", f"Compression: P+Q {t['ratio_pq']:.1f}x, P+Q+H {t['ratio_pqh']:.1f}x "
+                  f"({t['dense_bytes']:,} B dense fp32 -> {t['file_bytes']:,} B file)"
+                  + (f"; paper: {pp.get('ratio_pq')}x / {pp.get('ratio')}x ({pp.get('name')})" if pp else "")]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(cfg: DictConfig, summary: dict[str, Any]) -> None:
+    out = Path(cfg.output_dir)
+    with atomic_write(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    with atomic_write(out / "report.md", "w") as f:
+        f.write(summary_markdown(cfg, summary))
+
+
+def print_summary(cfg: DictConfig, summary: dict[str, Any], console: Console | None = None) -> None:
+    """Print the final table (rank 0 only: the pipeline runs it after the stages' trainers are done)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    console = console or Console()
+    table = Table(title=f"{cfg.recipe_name}: accuracy and wall time per stage")
+    for col in ("stage", "top-1", "seconds"):
+        table.add_column(col)
+    for stage, secs in summary["seconds"].items():
+        acc = summary["accuracy"].get("reloaded" if stage == "evaluate" else stage, {}).get("acc1")
+        table.add_row(stage, "" if acc is None else f"{100 * acc:.2f}%", f"{secs}")
+    console.print(table)
+    report = summary.get("report")
+    if report:
+        paper = _paper_rows(cfg)
+        t2 = Table(title="per layer: ours (Fashion-MNIST) vs the paper")
+        for col in ("layer", "#weights", "kept %", "Wb P+Q", "Wb P+Q+H", "Ib P+Q+H", "size% P+Q", "size% P+Q+H",
+                    "paper kept %", "paper size% P+Q+H"):
+            t2.add_column(col, justify="right")
+        for r in _layers(report):
+            p = paper.get(r["name"], {})
+            t2.add_row(str(p.get("layer", r["name"])), f"{r['weights']:,}", f"{100 * r['density']:.1f}",
+                       f"{r['weight_bits_pq']:.2f}", f"{r['weight_bits_pqh']:.2f}", f"{r['index_bits_pqh']:.2f}",
+                       f"{r['size_pct_pq']:.2f}", f"{r['size_pct_pqh']:.2f}", str(p.get("kept", "")),
+                       str(p.get("cr_pqh", "")))
+        console.print(t2)
+        t = report["total"]
+        console.print(f"compression P+Q {t['ratio_pq']:.1f}x, P+Q+H {t['ratio_pqh']:.1f}x; file {t['file_bytes']:,} B")

@@ -1,0 +1,1 @@
+"""Triton kernels for the EIE inference path (installed as ``dc_lightning.kernels``)."""

@@ -1,0 +1,23 @@
+"""Shared test settings: no wandb network, no login prompt, quiet Lightning, small thread count."""
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+from dc_lightning.data import fashion_mnist_candidates  # noqa: E402
+
+
+def _fashion_mnist_available() -> bool:
+    return any((p / "train-images-idx3-ubyte.gz").is_file() or (p / "train-images-idx3-ubyte").is_file()
+               for p in fashion_mnist_candidates(os.environ.get("DC_FASHION_MNIST_ROOT")))
+
+
+FASHION_MNIST = _fashion_mnist_available()
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST,
+    reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (or set DC_FASHION_MNIST_ROOT)",
+)
+import torch; torch.set_num_threads(1)
