@@ -204,7 +204,7 @@ class FakeDataModule(_InMemoryDataModule):
         from torchvision.transforms.functional import pil_to_tensor
 
         ds = FakeData(n, (1, self.image_size, self.image_size), self.num_classes, random_offset=self.seed + offset)
-        xs, ys = zip(*[(pil_to_tensor(img.convert("L"))[0], int(label)) for img, label in ds])
+        xs, ys = zip(*[(pil_to_tensor(img.convert("L"))[0], int(label)) for img, label in ds], strict=True)
         return TensorDataset(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
 
     def setup(self, stage: str | None = None) -> None:

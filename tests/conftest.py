@@ -6,8 +6,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from dc_lightning.data import fashion_mnist_candidates  # noqa: E402
+
+# tiny models: one intra-op thread is fastest, and keeps 2-process DDP tests from oversubscribing 2 cores
+torch.set_num_threads(1)
 
 
 def _fashion_mnist_available() -> bool:
@@ -20,4 +24,3 @@ needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST,
     reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (or set DC_FASHION_MNIST_ROOT)",
 )
-import torch; torch.set_num_threads(1)
