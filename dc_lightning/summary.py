@@ -22,6 +22,13 @@ def _layers(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     return list((report or {}).get("layers", []))
 
 
+def _ratio_line(report: dict[str, Any]) -> str:
+    t = report["total"]
+    return (f"Compression of the weights ([DC]'s definition: weights + indices + codebooks): P {t['ratio_p']:.1f}x, "
+            f"P+Q {t['ratio_pq']:.1f}x, P+Q+H {t['ratio_pqh']:.1f}x; whole file (biases, header included): "
+            f"{report['file_bytes']:,} B, {report['ratio_file']:.1f}x smaller than the dense fp32 parameters")
+
+
 def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
     """The run's Markdown: accuracy per stage, seconds per stage, per-layer table with the paper's beside it."""
     lines = [f"# {cfg.recipe_name}: Deep Compression run", "", "| stage | top-1 | seconds |", "|---|---|---|"]
@@ -36,17 +43,15 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
         for r in _layers(report):
             p = paper.get(r["name"], {})
             lines.append(
-                f"| {p.get('layer', r['name'])} | {r['weights']} | {100 * r['density']:.1f} | "
+                f"| {p.get('layer', r['name'])} | {r['weights']} | {r['kept_pct']:.1f} | "
                 f"{r['weight_bits_pq']:.2f} / {r['weight_bits_pqh']:.2f} | "
                 f"{r['index_bits_pq']:.2f} / {r['index_bits_pqh']:.2f} | "
-                f"{r['size_pct_pq']:.2f} / {r['size_pct_pqh']:.2f} | {p.get('kept', '')} | "
+                f"{r['cr_pq_pct']:.2f} / {r['cr_pqh_pct']:.2f} | {p.get('kept', '')} | "
                 f"{p.get('cr_pq', '')} / {p.get('cr_pqh', '')} |"
             )
-        t = report["total"]
         pp = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else {}
-        lines += ["", f"Compression: P+Q {t['ratio_pq']:.1f}x, P+Q+H {t['ratio_pqh']:.1f}x "
-                  f"({t['dense_bytes']:,} B dense fp32 -> {t['file_bytes']:,} B file)"
-                  + (f"; paper: {pp.get('ratio_pq')}x / {pp.get('ratio')}x ({pp.get('name')})" if pp else "")]
+        lines += ["", _ratio_line(report)
+                  + (f"; paper: P+Q {pp.get('ratio_pq')}x, P+Q+H {pp.get('ratio')}x ({pp.get('name')})" if pp else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -81,10 +86,9 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any], console: Console | N
             t2.add_column(col, justify="right")
         for r in _layers(report):
             p = paper.get(r["name"], {})
-            t2.add_row(str(p.get("layer", r["name"])), f"{r['weights']:,}", f"{100 * r['density']:.1f}",
+            t2.add_row(str(p.get("layer", r["name"])), f"{r['weights']:,}", f"{r['kept_pct']:.1f}",
                        f"{r['weight_bits_pq']:.2f}", f"{r['weight_bits_pqh']:.2f}", f"{r['index_bits_pqh']:.2f}",
-                       f"{r['size_pct_pq']:.2f}", f"{r['size_pct_pqh']:.2f}", str(p.get("kept", "")),
+                       f"{r['cr_pq_pct']:.2f}", f"{r['cr_pqh_pct']:.2f}", str(p.get("kept", "")),
                        str(p.get("cr_pqh", "")))
         console.print(t2)
-        t = report["total"]
-        console.print(f"compression P+Q {t['ratio_pq']:.1f}x, P+Q+H {t['ratio_pqh']:.1f}x; file {t['file_bytes']:,} B")
+        console.print(_ratio_line(report))

@@ -1,0 +1,203 @@
+"""Storage of full-size AlexNet / VGG-16 after pruning to the paper's densities, 8/5-bit quantization, Huffman.
+
+Reproduces the *storage accounting* of Deep Compression Tables 4 (AlexNet) and 5 (VGG-16): torchvision models
+(``weights=None``: random init unless ``--state-dict`` gives trained weights), pruned per layer by magnitude to the
+tables' W% column, quantized with 1-D k-means (linear init; 256 centroids conv, 32 fc [DC §5]), exported with
+``save_compressed``. Random weights have no learned structure, so Huffman gains less than on trained weights.
+
+    python bench/bench_storage.py                       # both nets, paper index bits (AlexNet 4, VGG 5)
+    python bench/bench_storage.py --nets vgg16 --state-dict vgg16.pth
+
+Writes bench/out/storage_<net>.json / .csv / .md / .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dc_lightning.io import read_compressed, save_compressed  # noqa: E402
+
+OUT = ROOT / "bench" / "out"
+
+# layer -> (paper name, W% kept, CR P+Q %, CR P+Q+H %)  [DC Table 4 / Table 5]
+ALEXNET = {
+    "features.0": ("conv1", 0.84, 32.6, 20.53),
+    "features.3": ("conv2", 0.38, 14.5, 9.43),
+    "features.6": ("conv3", 0.35, 13.1, 8.44),
+    "features.8": ("conv4", 0.37, 14.1, 9.11),
+    "features.10": ("conv5", 0.37, 14.0, 9.43),
+    "classifier.1": ("fc6", 0.09, 3.0, 2.39),
+    "classifier.4": ("fc7", 0.09, 3.0, 2.46),
+    "classifier.6": ("fc8", 0.25, 7.3, 5.85),
+}
+VGG16 = {
+    "features.0": ("conv1_1", 0.58, 40.0, 29.97),
+    "features.2": ("conv1_2", 0.22, 9.8, 6.99),
+    "features.5": ("conv2_1", 0.34, 14.3, 8.91),
+    "features.7": ("conv2_2", 0.36, 14.7, 9.31),
+    "features.10": ("conv3_1", 0.53, 21.7, 11.15),
+    "features.12": ("conv3_2", 0.24, 9.7, 5.67),
+    "features.14": ("conv3_3", 0.42, 17.0, 8.96),
+    "features.17": ("conv4_1", 0.32, 13.1, 7.29),
+    "features.19": ("conv4_2", 0.27, 10.9, 5.93),
+    "features.21": ("conv4_3", 0.34, 14.0, 7.47),
+    "features.24": ("conv5_1", 0.35, 14.3, 8.00),
+    "features.26": ("conv5_2", 0.29, 11.7, 6.52),
+    "features.28": ("conv5_3", 0.36, 14.8, 7.79),
+    "classifier.0": ("fc6", 0.04, 1.6, 1.10),
+    "classifier.3": ("fc7", 0.04, 1.5, 1.25),
+    "classifier.6": ("fc8", 0.23, 7.1, 5.24),
+}
+PAPER = {"alexnet": (ALEXNET, 27.0, 35.0, 4), "vgg16": (VGG16, 31.0, 49.0, 5)}
+
+
+def build_compressed(net: str, state_dict: str | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Full-size torchvision ``net`` pruned to the paper's densities and quantized 8 bits conv / 5 bits fc."""
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, net)(weights=None)
+    if state_dict:
+        if state_dict.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(state_dict)
+        else:
+            sd = torch.load(state_dict, map_location="cpu", weights_only=True)
+        model.load_state_dict(sd)
+    table = PAPER[net][0]
+    times = {}
+    t = time.perf_counter()
+    from dc_lightning.pruning import prune_model
+
+    prune_model(model, densities={k: v[1] for k, v in table.items()}, include=list(table))
+    times["prune_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    from dc_lightning.quantization import quantize_model
+
+    bits = {k: (8 if k.startswith("features") else 5) for k in table}
+    quantize_model(model, bits=bits, include=list(table))
+    times["quantize_s"] = time.perf_counter() - t
+    return model, times
+
+
+def run(net: str, state_dict: str | None, index_bits: int | None) -> dict:
+    table, pq_paper, pqh_paper, paper_ib = PAPER[net]
+    ib = paper_ib if index_bits is None else index_bits
+    model, times = build_compressed(net, state_dict)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{net}.dcz"
+    t = time.perf_counter()
+    rep = save_compressed(model, path, index_bits=ib, overwrite=True)
+    times["export_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    read_compressed(path)
+    times["read_decode_s"] = time.perf_counter() - t
+    rows = []
+    for r in rep.layers:
+        paper = table.get(r.name)
+        rows.append(
+            {
+                "layer": paper[0] if paper else r.name,
+                "module": r.name,
+                "weights": r.weights,
+                "kept_pct": round(r.kept_pct, 2),
+                "paper_kept_pct": paper[1] * 100 if paper else None,
+                "wb_pq": r.weight_bits_pq,
+                "wb_pqh": round(r.weight_bits_pqh, 2),
+                "ib_pq": r.index_bits_pq,
+                "ib_pqh": round(r.index_bits_pqh, 2),
+                "fillers_per_nz": round(r.fillers / r.kept, 3) if r.kept else 0.0,
+                "cr_pq_pct": round(r.cr_pq_pct, 2),
+                "paper_cr_pq_pct": paper[2] if paper else None,
+                "cr_pqh_pct": round(r.cr_pqh_pct, 2),
+                "paper_cr_pqh_pct": paper[3] if paper else None,
+            }
+        )
+    tot = rep.total
+    summary = {
+        "net": net,
+        "weights": "trained:" + state_dict if state_dict else "random init (torchvision weights=None)",
+        "index_bits": ib,
+        "ratio_p": round(tot.ratio_p, 2),
+        "ratio_pq": round(tot.ratio_pq, 2),
+        "paper_ratio_pq": pq_paper,
+        "ratio_pqh": round(tot.ratio_pqh, 2),
+        "paper_ratio_pqh": pqh_paper,
+        "ratio_file": round(rep.ratio_file, 2),
+        "file_bytes": rep.file_bytes,
+        "dense_bytes": tot.size_dense_bytes,
+        "pq_within_10pct": abs(tot.ratio_pq / pq_paper - 1) <= 0.10,
+        **{k: round(v, 2) for k, v in times.items()},
+    }
+    (OUT / f"storage_{net}.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2))
+    with open(OUT / f"storage_{net}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (OUT / f"storage_{net}.md").write_text(rep.to_markdown())
+    rep.plot(OUT / f"storage_{net}.png")
+    return {"summary": summary, "layers": rows}
+
+
+def to_markdown(res: dict) -> str:
+    s = res["summary"]
+    head = [
+        "layer",
+        "#W",
+        "W% ours/paper",
+        "Wb P+Q",
+        "Wb P+Q+H",
+        "Ib P+Q",
+        "Ib P+Q+H",
+        "fill/nz",
+        "CR P+Q ours/paper",
+        "CR P+Q+H ours/paper",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["layers"]:
+        pk = f"{r['paper_kept_pct']:.0f}" if r["paper_kept_pct"] is not None else "-"
+        pq = f"{r['paper_cr_pq_pct']}" if r["paper_cr_pq_pct"] is not None else "-"
+        pqh = f"{r['paper_cr_pqh_pct']}" if r["paper_cr_pqh_pct"] is not None else "-"
+        lines.append(
+            f"| {r['layer']} | {r['weights']:,} | {r['kept_pct']:.1f} / {pk} | {r['wb_pq']:.0f} | "
+            f"{r['wb_pqh']:.2f} | {r['ib_pq']:.0f} | {r['ib_pqh']:.2f} | {r['fillers_per_nz']:.3f} | "
+            f"{r['cr_pq_pct']:.2f}% / {pq}% | {r['cr_pqh_pct']:.2f}% / {pqh}% |"
+        )
+    lines.append(
+        f"| **total** | | | | | {s['index_bits']} | | | **{s['ratio_pq']}x** / {s['paper_ratio_pq']}x | "
+        f"**{s['ratio_pqh']}x** / {s['paper_ratio_pqh']}x |"
+    )
+    lines.append("")
+    lines.append(
+        f"pruning only {s['ratio_p']}x; whole file (header + metadata) {s['ratio_file']}x "
+        f"({s['file_bytes']:,} bytes); prune {s['prune_s']} s, quantize {s['quantize_s']} s, "
+        f"export {s['export_s']} s, read+decode {s['read_decode_s']} s"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nets", nargs="+", default=["alexnet", "vgg16"], choices=list(PAPER))
+    p.add_argument("--state-dict", default=None, help="trained weights (.safetensors or .pth) for the (single) net")
+    p.add_argument("--index-bits", type=int, default=None, help="override the paper's index bits (AlexNet 4, VGG 5)")
+    args = p.parse_args()
+    for net in args.nets:
+        res = run(net, args.state_dict, args.index_bits)
+        print(f"\n## {net} (index bits {res['summary']['index_bits']}, {res['summary']['weights']})\n")
+        print(to_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The compression report (DC Tables 2-5 columns) on a hand-checkable layer, its renderings and the CLI."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dc_lightning.io import save_compressed
+from dc_lightning.report import cli_inspect, compression_report
+
+
+def hand_layer() -> nn.Linear:
+    """10x10 layer, kept column-major positions 0, 1, 20, 99, 2-bit codebook, codes [0, 0, 0, 1]."""
+    lin = nn.Linear(10, 10, bias=False)
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[[0, 1, 20, 99]] = True
+    mask = mask.reshape(10, 10).T.contiguous()  # column-major positions -> (row, col)
+    assign = torch.zeros(10, 10, dtype=torch.uint8)
+    assign[9, 9] = 1  # position 99 = row 9, col 9
+    cb = torch.tensor([0.5, -1.0, 2.0, 3.0])
+    lin.register_buffer("weight_mask", mask)
+    lin.register_buffer("weight_codebook", cb)
+    lin.register_buffer("weight_assign", assign)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(mask, cb[assign.long()], 0.0))
+    return lin
+
+
+def test_hand_checked_columns(tmp_path):
+    rep = save_compressed(hand_layer(), tmp_path / "h.dcz", index_bits=3)
+    (row,) = rep.layers
+    assert row.weights == 100 and row.kept == 4 and row.kept_pct == pytest.approx(4.0)
+    # gaps z = 0, 0, 18, 78 with filler M = 7: 18 = 2 fillers + 4, 78 = 11 fillers + 1 -> 13 fillers, 17 gap symbols
+    assert row.fillers == 13
+    assert row.weight_bits_pq == 2 and row.index_bits_pq == 3
+    # P: 4*32 + 17*3 = 179 bits; P+Q: 4*2 + 17*3 + 4*32 (codebook) = 187 bits
+    assert row.size_p_bytes == pytest.approx(179 / 8)
+    assert row.size_pq_bytes == pytest.approx(187 / 8)
+    assert row.cr_pq_pct == pytest.approx(100 * 187 / 8 / 400)
+    # Huffman: codes {0: 3, 1: 1} -> 1 bit each; gaps {7: 13, 0: 2, 4: 1, 1: 1} -> 1, 2, 3, 3 bits = 23 bits
+    assert row.weight_bits_pqh == pytest.approx(1.0)
+    assert row.index_bits_pqh == pytest.approx(23 / 4)
+    # payload: codebook 16 + code lengths 4 + sync 2 + 1 data byte + gap lengths 8 + sync 2 + 3 data bytes = 36
+    assert row.size_pqh_bytes == 36
+    assert row.cr_pqh_pct == pytest.approx(9.0)
+    assert rep.total.ratio_pqh == pytest.approx(400 / 36)
+    assert rep.other is None
+
+
+def test_model_and_file_reports_agree(tmp_path):
+    net = nn.Sequential(hand_layer(), nn.ReLU(), nn.Linear(10, 3))
+    rep_file = save_compressed(net, tmp_path / "n.dcz", index_bits=3)
+    rep_model = compression_report(net, index_bits=3)
+    rep_path = compression_report(tmp_path / "n.dcz")
+    assert rep_model.to_dict()["total"] == rep_path.to_dict()["total"] == rep_file.to_dict()["total"]
+    names = [r.name for r in rep_path.layers]
+    assert names == ["0", "2"]  # the dense Linear gets its own row, its bias goes to "other tensors"
+    assert rep_path.other is not None and rep_path.other.weights == 3
+    dense = rep_path.layers[1]
+    assert dense.kind == "dense" and dense.cr_pqh_pct == pytest.approx(100.0)
+    tot = rep_path.total
+    assert tot.size_dense_bytes == 4 * (100 + 30 + 3)
+    assert tot.size_pqh_bytes == 36 + 120 + 12
+
+
+def test_renderings(tmp_path, capsys):
+    rep = save_compressed(hand_layer(), tmp_path / "h.dcz", index_bits=3)
+    md = rep.to_markdown()
+    assert md.splitlines()[0].startswith("| layer | #W | W% (P)")
+    assert "| 9.00% (11.1x) |" in md
+    doc = json.loads(rep.to_json())
+    assert doc["layers"][0]["fillers"] == 13 and doc["total"]["ratio_pqh"] == pytest.approx(400 / 36)
+    png = rep.plot(tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep.print()
+    assert "total" in capsys.readouterr().out
+    assert cli_inspect([str(tmp_path / "h.dcz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["kept"] == 4
+    assert cli_inspect([str(tmp_path / "h.dcz"), "--markdown"]) == 0
+    assert "| total |" in capsys.readouterr().out
+    (tmp_path / "bad.dcz").write_bytes(b"nope")
+    assert cli_inspect([str(tmp_path / "bad.dcz")]) == 1
+
+
+def test_log_wandb_with_fake_run(tmp_path):
+    pytest.importorskip("wandb")
+    rep = save_compressed(hand_layer(), tmp_path / "h.dcz", index_bits=3)
+    calls = {}
+
+    class Run:
+        def log(self, d):
+            calls["log"] = d
+
+        def log_artifact(self, a):
+            calls["artifact"] = a
+
+    class Logger:
+        experiment = Run()
+
+    rep.log_wandb(Logger())
+    assert calls["log"]["compression/ratio"] == pytest.approx(400 / 36)
+    assert calls["log"]["compression/report"].columns[0] == "layer"
+    assert calls["artifact"].type == "report"
