@@ -1,0 +1,165 @@
+"""CompressedLinear / to_compressed_inference / cli_predict on the CPU (reference path of the EIE op)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from dc_lightning.inference import CompressedLinear, cli_predict, to_compressed_inference
+
+
+def _quantize(linear: nn.Linear, density: float = 0.3, bits: int = 4, seed: int = 0) -> nn.Linear:
+    """Give ``linear`` the docs/DESIGN.md buffers and make its weight obey the invariant."""
+    g = torch.Generator().manual_seed(seed)
+    shape = linear.weight.shape
+    mask = torch.rand(shape, generator=g) < density
+    codebook = torch.randn(2**bits, generator=g) * 0.1
+    assign = torch.randint(0, 2**bits, shape, generator=g).to(torch.uint8)
+    assign[~mask] = 0  # meaningless at pruned positions
+    linear.register_buffer("weight_mask", mask)
+    linear.register_buffer("weight_codebook", codebook)
+    linear.register_buffer("weight_assign", assign)
+    with torch.no_grad():
+        linear.weight.copy_(torch.where(mask, codebook[assign.long()], torch.zeros(())))
+    return linear
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 13), (100, 33), (1, 1)])
+def test_compressed_linear_matches_dense(shape: tuple[int, int], bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = _quantize(nn.Linear(shape[1], shape[0], bias=bias), density=0.5 if shape != (1, 1) else 1.0)
+    layer = CompressedLinear.from_linear(lin)
+    assert not any(t.shape == lin.weight.shape for t in layer.buffers()), "no dense weight may be stored"
+    assert "weight" not in dict(layer.named_parameters()) and "weight" not in dict(layer.named_buffers())
+    x = torch.randn(5, shape[1])
+    assert _rel(layer(x), lin(x)) <= 1e-5
+    assert torch.equal(layer.dense_weight(), lin.weight.detach())
+
+
+def test_compressed_linear_leading_dims_and_noncontiguous() -> None:
+    lin = _quantize(nn.Linear(16, 8))
+    layer = CompressedLinear.from_linear(lin)
+    x = torch.randn(2, 3, 16)
+    assert layer(x).shape == (2, 3, 8)
+    assert _rel(layer(x), lin(x)) <= 1e-5
+    xt = torch.randn(16, 4).t()  # non-contiguous input: the module makes it contiguous
+    assert _rel(layer(xt), lin(xt)) <= 1e-5
+
+
+def test_from_plain_linear_builds_codebook_from_distinct_values() -> None:
+    lin = nn.Linear(20, 10)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([0.0, 0.5, -0.25, 1.0])[torch.randint(0, 4, (10, 20))])
+    layer = CompressedLinear.from_linear(lin)
+    assert layer.nnz == int((lin.weight != 0).sum())
+    x = torch.randn(3, 20)
+    assert _rel(layer(x), lin(x)) <= 1e-5
+
+
+def test_from_linear_rejects_too_many_values() -> None:
+    with pytest.raises(ValueError, match="distinct non-zero weights"):
+        CompressedLinear.from_linear(nn.Linear(30, 30))
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        CompressedLinear.from_linear(nn.Conv2d(1, 1, 1))
+
+
+def test_forward_validation() -> None:
+    layer = CompressedLinear.from_linear(_quantize(nn.Linear(16, 8)))
+    with pytest.raises(ValueError, match="in_features=16"):
+        layer(torch.randn(2, 15))
+    with pytest.raises(TypeError, match="x dtype must be one of"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+
+
+class _Nested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten())
+        self.head = nn.ModuleDict(
+            {
+                "mlp": nn.Sequential(
+                    _quantize(nn.Linear(4 * 6 * 6, 32), seed=1),
+                    nn.ReLU(inplace=True),
+                    _quantize(nn.Linear(32, 16), seed=2),
+                    nn.ReLU(),
+                ),
+            }
+        )
+        self.out = _quantize(nn.Linear(16, 5, bias=False), density=0.8, seed=3)
+        self.plain = nn.Linear(5, 3)  # no codebook: stays as it is
+
+    def forward(self, x):
+        return self.plain(self.out(self.head["mlp"](self.features(x))))
+
+
+def test_to_compressed_inference_nested_model() -> None:
+    torch.manual_seed(0)
+    model = _Nested().eval()
+    fast = to_compressed_inference(model)
+    assert isinstance(fast.head["mlp"][0], CompressedLinear) and fast.head["mlp"][0].relu
+    assert isinstance(fast.head["mlp"][1], nn.Identity)  # ReLU folded into the kernel epilogue
+    assert isinstance(fast.head["mlp"][2], CompressedLinear) and fast.head["mlp"][2].relu
+    assert isinstance(fast.out, CompressedLinear) and not fast.out.relu
+    assert isinstance(fast.plain, nn.Linear) and isinstance(fast.features[0], nn.Conv2d)
+    assert isinstance(model.head["mlp"][0], nn.Linear), "the input model must not be modified"
+    x = torch.randn(4, 1, 8, 8)
+    assert _rel(fast(x), model(x)) <= 1e-5
+    unfused = to_compressed_inference(model, fuse_relu=False)
+    assert isinstance(unfused.head["mlp"][1], nn.ReLU)
+    assert _rel(unfused(x), model(x)) <= 1e-5
+
+
+def test_state_dict_roundtrip() -> None:
+    model = _Nested().eval()
+    fast = to_compressed_inference(model)
+    other = to_compressed_inference(_Nested())
+    other.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(other(x), fast(x))
+
+
+def test_to_compressed_inference_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="nn.Module or a path"):
+        to_compressed_inference(42)
+
+
+def test_cli_predict_reports_both_paths(monkeypatch, capsys) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(),
+        _quantize(nn.Linear(12, 10), density=0.6),
+        nn.ReLU(),
+        _quantize(nn.Linear(10, 3), density=0.9, seed=5),
+    )
+    xs, ys = torch.randn(40, 12), torch.randint(0, 3, (40,))
+
+    class _DM:
+        def setup(self, stage):
+            self.stage = stage
+
+        def test_dataloader(self):
+            return [(xs[i : i + 8], ys[i : i + 8]) for i in range(0, 40, 8)]
+
+    fake_io = types.ModuleType("dc_lightning.io")
+    fake_io.load_compressed = lambda path: model
+    monkeypatch.setitem(sys.modules, "dc_lightning.io", fake_io)
+    import dc_lightning.config as config
+
+    monkeypatch.setattr(config, "compose", lambda recipe, overrides: {"recipe": recipe})
+    monkeypatch.setattr(config, "build_datamodule", lambda cfg: _DM())
+    rc = cli_predict(["model.dcz", "--recipe", "lenet300", "--device", "cpu"])
+    out = capsys.readouterr().out
+    acc = float((model(xs).argmax(1) == ys).float().mean()) * 100
+    assert rc == 0
+    assert f"top-1 dense decode         : {acc:.2f}%" in out
+    assert f"{acc:.2f}%" in out.split("compressed")[1]
+    assert "prediction agreement       : 100.00%" in out
