@@ -56,6 +56,8 @@ def stage_baseline(cfg: DictConfig, dm, resume: str | None) -> pl.LightningModul
     if cfg.get("baseline_ckpt"):
         return load_module_checkpoint(cfg, cfg.baseline_ckpt)
     module = build_module(cfg)
+    if cfg.model.get("pretrained"):  # a trained dense model (e.g. torchvision's ImageNet weights): evaluate only
+        return module
     _fit(cfg, module, dm, "baseline", cfg.pipeline.baseline.epochs, [], resume)
     return module
 
