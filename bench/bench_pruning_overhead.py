@@ -1,0 +1,352 @@
+"""Per-step training overhead of keeping a pruned network pruned.
+
+Providers, side by side in one process, same model, data, optimizer (SGD momentum 0.9 + weight decay 5e-4):
+
+* ``none``: plain training, no callback (the reference).
+* ``magnitude_pruning``: ``dc_lightning.MagnitudePruning`` (grads masked before the step, weights re-masked by an
+  optimizer step post-hook).
+* ``lightning_model_pruning``: Lightning's built-in ``ModelPruning("l1_unstructured")`` (torch.nn.utils.prune:
+  ``weight = weight_orig * weight_mask`` recomputed in a forward pre-hook).
+
+Every Linear/Conv weight is pruned to ``--density`` during epoch 0; epoch 1 (``--steps`` steps) is timed. A step is
+the wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer step, all hooks),
+with ``torch.cuda.synchronize()`` on GPU. The providers run in rotating order ``--repeats`` times and the median
+over all timed steps is reported with its ratio to ``none``.
+
+    python bench/bench_pruning_overhead.py                                   # CPU, LeNet-5, batch 128
+    python bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256   # VGG-16 at 32 px
+
+Writes ``pruning_overhead.csv`` / ``.json`` (summary) and ``pruning_overhead_steps.json`` (all step times) under
+``--out``. Self-contained: plain argparse, no Hydra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+PROVIDERS = ("none", "magnitude_pruning", "lightning_model_pruning")
+
+
+def build_model(name: str, num_classes: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    if name == "lenet5":
+        try:
+            from dc_lightning.models import LeNet5
+
+            return LeNet5(num_classes=num_classes), (1, 28, 28)
+        except ImportError:  # Caffe's LeNet-5 layout, inline
+            return nn.Sequential(
+                nn.Conv2d(1, 20, 5),
+                nn.MaxPool2d(2),
+                nn.Conv2d(20, 50, 5),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(800, 500),
+                nn.ReLU(),
+                nn.Linear(500, num_classes),
+            ), (1, 28, 28)
+    if name == "vgg16":
+        try:
+            from dc_lightning.models import vgg16
+
+            return vgg16(num_classes=num_classes), (3, 32, 32)
+        except ImportError:
+            from torchvision.models import vgg16 as tv_vgg16
+
+            return tv_vgg16(weights=None, num_classes=num_classes), (3, 32, 32)
+    raise SystemExit(f"--model: unknown model {name!r}; choose lenet5 or vgg16")
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.model, self.lr = model, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+class Batches:
+    """``n`` steps cycling over a few pre-generated batches already on the device (no loader cost)."""
+
+    def __init__(self, batches: list, n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield self.batches[i % len(self.batches)]
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class StepTimer(Callback):
+    def __init__(self, device: torch.device, skip: int) -> None:
+        self.device, self.skip = device, skip
+        self.starts: list[float] = []
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 1:
+            self.starts.append(self._now())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.starts.append(self._now())
+
+    def step_times(self) -> list[float]:
+        deltas = [b - a for a, b in zip(self.starts, self.starts[1:], strict=False)]
+        return deltas[self.skip :]
+
+
+class HookClock:
+    """Time spent inside the MagnitudePruning hooks during epoch 1: CUDA events on GPU (no host sync), else
+    perf_counter. This isolates the callback's own cost from the step-time noise of a shared machine."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.spans, self.calls = device, [], 0
+
+    def wrap(self, fn, trainer_of):
+        def timed(*args, **kwargs):
+            if trainer_of(args).current_epoch != 1:
+                return fn(*args, **kwargs)
+            self.calls += 1
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.spans.append((start, end))
+                return out
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.spans.append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    def total_ms(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return sum(a.elapsed_time(b) for a, b in self.spans)
+        return 1e3 * sum(self.spans)
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def measured_density(model: nn.Module) -> float:
+    # the effective weight the forward uses (torch prune keeps it in `weight` as a plain attribute)
+    layers = [m for m, _ in prunable(model)]
+    total = sum(m.weight.numel() for m in layers)
+    return sum(int((m.weight != 0).sum()) for m in layers) / total
+
+
+def run_one(provider: str, args: argparse.Namespace, batches: list, device: torch.device) -> tuple[list, float, float]:
+    from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
+
+    torch.manual_seed(0)
+    model, _ = build_model(args.model, args.num_classes)
+    module = Classifier(model, args.lr)
+    timer = StepTimer(device, skip=args.skip)
+    callbacks: list[Callback] = [timer]
+    clock = HookClock(device)
+    if provider == "magnitude_pruning":
+        mp = MagnitudePruning(densities=args.density, prune_epochs=[0], verbose=False)
+        # per-step hooks; the optimizer post-hook (only used for non-SGD/Adam/AdamW optimizers) is timed too
+        mp.on_before_optimizer_step = clock.wrap(mp.on_before_optimizer_step, lambda a: a[0])
+        mp.on_train_batch_start = clock.wrap(mp.on_train_batch_start, lambda a: a[0])
+        mp._after_step = clock.wrap(mp._after_step, lambda a: trainer)
+        callbacks.append(mp)
+    elif provider == "lightning_model_pruning":
+        callbacks.append(
+            ModelPruning(
+                "l1_unstructured",
+                parameters_to_prune=prunable(model),
+                use_global_unstructured=False,
+                amount=1.0 - args.density,
+                apply_pruning=lambda epoch: epoch == 0,  # prune once, at the end of epoch 0
+                make_pruning_permanent=False,
+                use_lottery_ticket_hypothesis=False,
+                verbose=0,
+            )
+        )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=args.precision,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=Batches(batches, args.steps))
+    hook_ms_per_step = clock.total_ms() / args.steps if provider == "magnitude_pruning" else float("nan")
+    return timer.step_times(), measured_density(model), hook_ms_per_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default=None, choices=["lenet5", "vgg16"], help="default: lenet5 on cpu, vgg16 on cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (lenet5), 256 (vgg16)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per epoch; epoch 1 is timed (default 60 cpu, 200 gpu)"
+    )
+    p.add_argument("--skip", type=int, default=5, help="first timed steps dropped as warmup")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the providers, rotating the order")
+    p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept in every layer")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    p.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--out", default="bench/out/pruning_overhead")
+    args = p.parse_args(argv)
+    args.model = args.model or ("vgg16" if args.device == "cuda" else "lenet5")
+    args.batch_size = args.batch_size or (256 if args.model == "vgg16" else 128)
+    args.steps = args.steps or (200 if args.device == "cuda" else 60)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    _, shape = build_model(args.model, args.num_classes)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.randn(args.batch_size, *shape, generator=g).to(device),
+            torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device),
+        )
+        for _ in range(4)
+    ]
+    times: dict[str, list[float]] = {k: [] for k in args.providers}
+    density: dict[str, float] = {}
+    hook_ms: list[float] = []
+    repeat_medians: dict[str, list[float]] = {k: [] for k in args.providers}
+    for r in range(args.repeats):
+        order = args.providers[r % len(args.providers) :] + args.providers[: r % len(args.providers)]
+        for provider in order:
+            t, d, h = run_one(provider, args, batches, device)
+            times[provider] += t
+            repeat_medians[provider].append(statistics.median(t))
+            density[provider] = d
+            if provider == "magnitude_pruning":
+                hook_ms.append(h)
+            print(f"repeat {r} {provider:<24} median {1e3 * statistics.median(t):8.3f} ms/step", flush=True)
+
+    ref = statistics.median(times["none"]) if "none" in times else None
+    # best-of-repeats median: on a shared machine a repeat hit by a load burst is slower, never faster
+    best_ref = min(repeat_medians["none"]) if "none" in times else None
+    rows = []
+    for provider, t in times.items():
+        t_sorted = sorted(t)
+        med = statistics.median(t)
+        rows.append(
+            {
+                "provider": provider,
+                "model": args.model,
+                "device": args.device,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "density_target": args.density if provider != "none" else 1.0,
+                "density_measured": round(density[provider], 4),
+                "steps_timed": len(t),
+                "median_ms": round(1e3 * med, 3),
+                "p10_ms": round(1e3 * t_sorted[len(t) // 10], 3),
+                "p90_ms": round(1e3 * t_sorted[(9 * len(t)) // 10], 3),
+                "ratio_vs_none": round(med / ref, 4) if ref else None,
+                "overhead_pct": round(100 * (med / ref - 1), 2) if ref else None,
+                "repeat_medians_ms": [round(1e3 * m, 3) for m in repeat_medians[provider]],
+                "best_repeat_median_ms": round(1e3 * min(repeat_medians[provider]), 3),
+                "best_overhead_pct": round(100 * (min(repeat_medians[provider]) / best_ref - 1), 2)
+                if best_ref
+                else None,
+                # MagnitudePruning only: time inside its per-step hooks, and that as a share of the reference step
+                "hook_ms_per_step": round(statistics.median(hook_ms), 4) if provider == "magnitude_pruning" else None,
+                "hook_pct_of_ref": (
+                    round(100 * statistics.median(hook_ms) / (1e3 * ref), 3)
+                    if provider == "magnitude_pruning" and ref
+                    else None
+                ),
+            }
+        )
+    header = (
+        f"{'provider':<24} {'density':>8} {'median ms':>10} {'p10':>9} {'p90':>9} {'ratio':>7} {'overhead':>9}"
+        f" {'best-rep ms':>12} {'best ovh':>9}"
+    )
+    hw = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+    print(
+        f"\n{args.model} on {args.device} ({hw}, {torch.get_num_threads()} threads), batch {args.batch_size}, "
+        f"{args.precision}, torch {torch.__version__}, lightning {pl.__version__}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['provider']:<24} {r['density_measured']:>8.4f} {r['median_ms']:>10.3f} {r['p10_ms']:>9.3f} "
+            f"{r['p90_ms']:>9.3f} {r['ratio_vs_none'] or 0:>7.3f} {r['overhead_pct'] or 0:>8.2f}%"
+            f" {r['best_repeat_median_ms']:>12.3f} {r['best_overhead_pct'] or 0:>8.2f}%"
+        )
+        if r["hook_ms_per_step"] is not None:
+            print(
+                f"{'':<24} time inside MagnitudePruning hooks: {r['hook_ms_per_step']:.4f} ms/step "
+                f"= {r['hook_pct_of_ref']}% of the reference step"
+            )
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"pruning_overhead_{args.model}_{args.device}"
+    with open(out / f"{tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = {
+        "argv": sys.argv,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "cuda_device": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{tag}_steps.json").write_text(json.dumps({k: v for k, v in times.items()}))
+    print(f"wrote {out / tag}.csv/.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""Magnitude pruning: masks, thresholds, schedules and the dropout adjustment of [NIPS] (Han et al., NIPS 2015).
+
+Plain PyTorch, no Lightning import, usable from any training loop. The procedure [NIPS §3] is: train, remove
+every connection whose magnitude is below a threshold, retrain the survivors, and iterate ([NIPS §3.4]: iterating
+raises AlexNet's pruning rate from 5x to 9x). Two ways to pick the threshold are offered:
+
+* ``density``: keep exactly ``round(density * numel)`` weights of largest magnitude (the per-layer "W%" column of
+  [DC] Tables 2-5 is this density).
+* ``quality``: threshold = ``quality * std(weight)`` [NIPS §4] ("a quality parameter multiplied by the standard
+  deviation of a layer's weights"). The standard deviation is the population std (``correction=0``) over *all* the
+  layer's weights, pruned entries counting as zeros (``std_of="all"``, what Distiller's sensitivity pruner does),
+  or over the surviving weights only (``std_of="kept"``).
+
+A pruned layer carries a bool buffer ``weight_mask`` (True = kept; see docs/DESIGN.md). Pruned connections never
+come back: a new mask is always intersected with the current one.
+
+Example::
+
+    from dc_lightning.pruning import prune_model
+
+    rows = prune_model(model, densities={"ip1": 0.08, "ip2": 0.09, "ip3": 0.26})  # [DC] Table 2
+    # ... retrain with dc_lightning.MagnitudePruning (or call apply_masks(model) after every optimizer step)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
+
+MASK_NAME = "weight_mask"
+_STD_OF = ("all", "kept")
+_SKIP = object()  # resolve_per_layer default for layers that a {pattern: value} dict does not name
+
+
+# --------------------------------------------------------------------------------------------- argument checks
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_densities(value: Any, field: str = "densities") -> float | dict[str, float]:
+    """Validate a density (fraction of weights kept) or a ``{pattern: density}`` mapping; values must lie in (0, 1].
+
+    Raises:
+        ValueError: a value is not a number in (0, 1], or the mapping is empty.
+    """
+    return _check_values(value, field, lambda v: 0.0 < v <= 1.0, "a number in (0, 1] (fraction of weights kept)")
+
+
+def check_quality(value: Any, field: str = "quality") -> float | dict[str, float]:
+    """Validate a quality parameter (threshold = quality * std, [NIPS §4]) or a ``{pattern: quality}`` mapping.
+
+    Raises:
+        ValueError: a value is not a finite number >= 0, or the mapping is empty.
+    """
+    return _check_values(value, field, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
+
+
+def _check_values(value: Any, field: str, ok: Any, valid: str) -> float | dict[str, float]:
+    if isinstance(value, Mapping):  # also accepts OmegaConf DictConfig
+        if not value:
+            raise ValueError(f"{field}: got an empty mapping; give a number or {{pattern: value}} with {valid}")
+        out = {}
+        for pat, v in value.items():
+            if not _is_number(v) or not ok(float(v)):
+                raise ValueError(f"{field}[{pat!r}]: got {v!r}; expected {valid}")
+            out[str(pat)] = float(v)
+        return out
+    if not _is_number(value) or not ok(float(value)):
+        raise ValueError(f"{field}: got {value!r}; expected {valid} or a {{pattern: value}} mapping")
+    return float(value)
+
+
+def _check_rounds(rounds: Any, field: str = "rounds") -> int:
+    if not isinstance(rounds, numbers.Integral) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"{field}: got {rounds!r}; expected an integer >= 1")
+    return int(rounds)
+
+
+# ------------------------------------------------------------------------------------------------ the masks
+
+
+@torch.no_grad()
+def magnitude_mask(
+    weight: Tensor,
+    density: float | None = None,
+    quality: float | None = None,
+    current_mask: Tensor | None = None,
+    std_of: str = "all",
+) -> tuple[Tensor, float]:
+    """The mask that keeps the largest-magnitude weights of one layer, and the threshold it implies.
+
+    Give exactly one of ``density`` or ``quality``.
+
+    * ``density``: keep exactly ``k = max(1, round(density * weight.numel()))`` weights (at least one so a layer
+      is never cut off entirely). Ties in ``|w|`` are broken deterministically: the lower flat index is kept.
+      With ``current_mask``, already pruned weights rank last; if ``k`` exceeds the survivors, every survivor is
+      kept (``density`` is a fraction of *all* the layer's weights, not of the survivors). The threshold returned
+      is the smallest kept magnitude.
+    * ``quality``: keep ``|w| >= quality * std`` [NIPS §4], std as described in the module docstring
+      (``std_of="all"``: over all entries, pruned ones being zero; ``"kept"``: over the survivors).
+
+    With ``current_mask`` the result is ``new & current_mask``: pruned connections never come back.
+
+    Args:
+        weight: the layer's weight, any shape.
+        density: fraction of the layer's weights to keep, in (0, 1].
+        quality: threshold in units of the weights' standard deviation, >= 0.
+        current_mask: bool tensor of ``weight.shape`` (True = kept), or None for a dense layer.
+        std_of: ``"all"`` or ``"kept"`` (quality mode only).
+
+    Returns:
+        ``(mask, threshold)``: a bool tensor on ``weight.device`` of ``weight.shape``, and a Python float.
+
+    Raises:
+        ValueError: neither or both of ``density``/``quality``, a value out of range, a bad ``std_of``, or a
+            ``current_mask`` of the wrong shape or dtype.
+
+    Example::
+
+        mask, thr = magnitude_mask(layer.weight, density=0.09)
+        assert mask.sum() == round(0.09 * layer.weight.numel())
+    """
+    if (density is None) == (quality is None):
+        raise ValueError(f"magnitude_mask: give exactly one of density (got {density!r}) or quality (got {quality!r})")
+    if current_mask is not None:
+        if current_mask.dtype != torch.bool or tuple(current_mask.shape) != tuple(weight.shape):
+            raise ValueError(
+                f"magnitude_mask: current_mask must be a bool tensor of shape {tuple(weight.shape)}; "
+                f"got {current_mask.dtype} {tuple(current_mask.shape)}"
+            )
+        current_mask = current_mask.to(weight.device)
+    mag = weight.detach().abs().float()
+    if density is not None:
+        density = check_densities(density, "density")
+        n = mag.numel()
+        k = min(n, max(1, round(density * n)))
+        score = mag.flatten()
+        if current_mask is not None:
+            score = torch.where(current_mask.flatten(), score, torch.full_like(score, -1.0))
+        # stable descending sort: equal magnitudes keep index order, so the lower flat index wins a tie
+        order = torch.sort(score, descending=True, stable=True).indices
+        if current_mask is not None:
+            k = min(k, int(current_mask.sum()))  # never revive: at most the survivors stay
+        flat = torch.zeros(n, dtype=torch.bool, device=weight.device)
+        flat[order[:k]] = True
+        mask = flat.view(weight.shape)
+        threshold = float(mag.flatten()[order[k - 1]]) if k > 0 else math.inf
+    else:
+        quality = check_quality(quality, "quality")
+        if std_of not in _STD_OF:
+            raise ValueError(f"magnitude_mask: std_of={std_of!r}; expected one of {list(_STD_OF)}")
+        values = weight.detach().float()
+        if std_of == "kept" and current_mask is not None:
+            values = values[current_mask]
+        std = float(values.std(correction=0)) if values.numel() > 0 else 0.0
+        threshold = quality * std
+        mask = mag >= threshold
+    if current_mask is not None:
+        mask = mask & current_mask
+    return mask, threshold
+
+
+def get_mask(module: nn.Module) -> Tensor | None:
+    """The layer's ``weight_mask`` buffer (bool, True = kept), or None when the layer is not pruned."""
+    return module._buffers.get(MASK_NAME)
+
+
+@torch.no_grad()
+def attach_mask(module: nn.Module, mask: Tensor) -> Tensor:
+    """Register (or update in place) the bool buffer ``weight_mask`` on ``module``; the weight is left untouched.
+
+    Updating in place keeps the tensor that a DDP wrapper or an optimizer hook already references.
+
+    Raises:
+        ValueError: the module has no ``weight``, or ``mask`` is not bool of ``weight.shape``.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"attach_mask: {type(module).__name__} has no weight tensor to mask")
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"attach_mask: mask must be a bool tensor of shape {tuple(weight.shape)}; "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    current = get_mask(module)
+    if current is not None and current.shape == mask.shape:
+        current.copy_(mask)
+        return current
+    module.register_buffer(MASK_NAME, mask.detach().to(weight.device).clone(), persistent=True)
+    return module._buffers[MASK_NAME]
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> int:
+    """Zero every pruned weight of ``model`` (exactly +0.0) in place; returns how many layers carry a mask."""
+    count = 0
+    for module in model.modules():
+        mask = get_mask(module)
+        if mask is not None:
+            module.weight.masked_fill_(~mask, 0.0)
+            count += 1
+    return count
+
+
+def mask_summary(layers: Mapping[str, nn.Module], thresholds: Mapping[str, float] | None = None) -> list[dict]:
+    """One row per layer: ``layer``, ``weights``, ``kept``, ``density`` (kept/weights) and ``threshold``.
+
+    A layer without a mask counts as dense (``threshold`` 0.0 unless given).
+    """
+    rows = []
+    for name, module in layers.items():
+        mask = get_mask(module)
+        n = module.weight.numel()
+        kept = int(mask.sum()) if mask is not None else n
+        thr = float((thresholds or {}).get(name, 0.0))
+        rows.append({"layer": name, "weights": n, "kept": kept, "density": kept / n, "threshold": thr})
+    return rows
+
+
+def overall_density(rows: Iterable[Mapping[str, Any]]) -> float:
+    """Kept weights over all weights of the rows of :func:`mask_summary` (1.0 for no rows)."""
+    rows = list(rows)
+    total = sum(r["weights"] for r in rows)
+    return sum(r["kept"] for r in rows) / total if total else 1.0
+
+
+# ------------------------------------------------------------------------------------------- target selection
+
+
+def resolve_targets(
+    model: nn.Module,
+    densities: Any = None,
+    quality: Any = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
+    what: str = "pruning",
+) -> tuple[dict[str, nn.Module], dict[str, float], str]:
+    """Layers to prune and each one's target value.
+
+    ``include``/``exclude``/``types`` pick candidate layers (:func:`dc_lightning.utils.select_layers`). A scalar
+    value applies to every candidate; with a ``{pattern: value}`` mapping the last matching pattern wins and
+    candidates that no pattern names are *not* pruned (so ``{"model.fc6": 0.09}`` prunes fc6 only).
+
+    Returns:
+        ``(layers, values, mode)`` with ``mode`` ``"density"`` or ``"quality"``.
+
+    Raises:
+        ValueError: neither or both of ``densities``/``quality``, a bad value, or a pattern matching no layer
+            (the message lists the available layer names).
+    """
+    if (densities is None) == (quality is None):
+        raise ValueError(f"{what}: give exactly one of densities (got {densities!r}) or quality (got {quality!r})")
+    mode = "density" if densities is not None else "quality"
+    value = check_densities(densities) if mode == "density" else check_quality(quality)
+    field = "densities" if mode == "density" else "quality"
+    candidates = select_layers(model, include=include, exclude=exclude, types=types, what=what)
+    per_layer = resolve_per_layer(value, list(candidates), field=f"{what}: {field}", default=_SKIP)
+    values = {n: float(v) for n, v in per_layer.items() if v is not _SKIP}
+    layers = {n: candidates[n] for n in values}
+    return layers, values, mode
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    densities: float | Mapping[str, float] | None = None,
+    quality: float | Mapping[str, float] | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
+    std_of: str = "all",
+) -> list[dict]:
+    """One-shot magnitude pruning: compute each target layer's mask, attach it and zero the pruned weights.
+
+    Layers already carrying a mask are pruned further, never revived. No retraining happens here; for the
+    iterative prune/retrain procedure use :class:`dc_lightning.MagnitudePruning`.
+
+    Args:
+        model: any ``nn.Module``; layer names are those of ``model.named_modules()``.
+        densities: fraction kept per layer (float or ``{pattern: density}``).
+        quality: threshold in std units per layer (float or ``{pattern: quality}``), [NIPS §4].
+        include: fnmatch patterns of layers to consider (default: all of ``types``).
+        exclude: fnmatch patterns of layers to leave dense.
+        types: module types considered (default Linear and Conv1d/2d/3d).
+        std_of: ``"all"`` or ``"kept"``, see :func:`magnitude_mask`.
+
+    Returns:
+        Rows of :func:`mask_summary` (``layer, weights, kept, density, threshold``).
+
+    Raises:
+        ValueError: see :func:`resolve_targets` and :func:`magnitude_mask`.
+
+    Example::
+
+        rows = prune_model(model, densities={"*": 0.3, "conv1": 0.66})
+    """
+    layers, values, mode = resolve_targets(model, densities, quality, include, exclude, types, what="prune_model")
+    thresholds = {}
+    for name, module in layers.items():
+        kw = {"density": values[name]} if mode == "density" else {"quality": values[name], "std_of": std_of}
+        mask, thresholds[name] = magnitude_mask(module.weight, current_mask=get_mask(module), **kw)
+        attach_mask(module, mask)
+        module.weight.masked_fill_(~mask, 0.0)
+    return mask_summary(layers, thresholds)
+
+
+# ------------------------------------------------------------------------------------------------- schedules
+
+
+def geometric_schedule(target: float, rounds: int) -> list[float]:
+    """Per-round densities falling geometrically from 1.0 to ``target``: ``target ** (i / rounds)``, i = 1..rounds.
+
+    Each round removes the same *fraction* of the survivors; the last entry is ``target`` exactly.
+
+    Raises:
+        ValueError: ``target`` not in (0, 1] or ``rounds`` < 1.
+
+    Example::
+
+        geometric_schedule(0.09, 3)  # [0.448..., 0.200..., 0.09]
+    """
+    target = check_densities(target, "target")
+    if isinstance(target, dict):
+        raise ValueError(f"target: got a mapping {target!r}; expected a number in (0, 1]")
+    rounds = _check_rounds(rounds)
+    out = [target ** (i / rounds) for i in range(1, rounds + 1)]
+    out[-1] = target
+    return out
+
+
+def quality_schedule(quality: float, rounds: int) -> list[float]:
+    """Per-round quality parameters growing linearly to ``quality``: ``quality * i / rounds``, i = 1..rounds.
+
+    The threshold grows at each iteration (as in Han's thesis, per [DIST-Z]); the last entry is ``quality``
+    exactly.
+
+    Raises:
+        ValueError: ``quality`` < 0 or ``rounds`` < 1.
+    """
+    quality = check_quality(quality, "quality")
+    if isinstance(quality, dict):
+        raise ValueError(f"quality: got a mapping {quality!r}; expected a number >= 0")
+    rounds = _check_rounds(rounds)
+    out = [quality * i / rounds for i in range(1, rounds + 1)]
+    out[-1] = quality
+    return out
+
+
+# ------------------------------------------------------------------------------------------ dropout adjustment
+
+
+def adjusted_dropout(p_orig: float, c_io: int, c_ir: int) -> float:
+    """Dropout rate for a pruned layer, [NIPS §3.2] Eq. 2: ``D_r = D_o * sqrt(C_ir / C_io)``.
+
+    A sparser layer has less capacity, so it needs less dropout to avoid overfitting.
+
+    Args:
+        p_orig: the original dropout rate ``D_o`` in [0, 1].
+        c_io: the layer's connection count before pruning (> 0).
+        c_ir: its connection count after pruning, in [0, c_io].
+
+    Raises:
+        ValueError: an argument is out of range.
+
+    Example::
+
+        adjusted_dropout(0.5, 4096 * 4096, int(0.09 * 4096 * 4096))  # 0.15
+    """
+    if not _is_number(p_orig) or not 0.0 <= p_orig <= 1.0:
+        raise ValueError(f"adjusted_dropout: p_orig={p_orig!r}; expected a number in [0, 1]")
+    if not isinstance(c_io, numbers.Integral) or c_io <= 0:
+        raise ValueError(f"adjusted_dropout: c_io={c_io!r}; expected an integer > 0")
+    if not isinstance(c_ir, numbers.Integral) or not 0 <= c_ir <= c_io:
+        raise ValueError(f"adjusted_dropout: c_ir={c_ir!r}; expected an integer in [0, c_io={c_io}]")
+    return float(p_orig) * math.sqrt(c_ir / c_io)
+
+
+def find_feeding_dropouts(model: nn.Module, layer_names: Iterable[str]) -> dict[str, str]:
+    """Map each named ``nn.Linear`` to the ``nn.Dropout`` that feeds it: ``{linear_name: dropout_name}``.
+
+    The rule: inside an ``nn.Sequential``, an ``nn.Dropout`` that is the child *immediately before* the Linear
+    (as in torchvision's AlexNet ``Dropout, Linear`` and VGG ``ReLU, Dropout, Linear``). Linears outside an
+    ``nn.Sequential``, or with anything else (e.g. a ReLU) right before them, have no feeding dropout: the data
+    flow of an arbitrary ``forward`` cannot be known without tracing. Dropout subclasses with other semantics
+    (``AlphaDropout``, ``Dropout2d``) are not matched.
+    """
+    wanted = set(layer_names)
+    found: dict[str, str] = {}
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (prev_name, prev), (name, child) in zip(children, children[1:], strict=False):
+            qual = f"{seq_name}.{name}" if seq_name else name
+            if qual in wanted and isinstance(child, nn.Linear) and type(prev) is nn.Dropout:
+                found[qual] = f"{seq_name}.{prev_name}" if seq_name else prev_name
+    return found
