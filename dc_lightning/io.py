@@ -2,7 +2,7 @@
 
 ``save_compressed(model, path)`` writes every pruned and/or quantized layer (the buffers of docs/DESIGN.md) as
 
-* a **relative-index stream** (:mod:`dc_lightning.sparse_format`: column-major scan of ``weight.reshape(out, -1)``,
+* a **relative-index stream** (:mod:`dc_lightning.sparse_format`: row-major scan of ``weight.reshape(out, -1)``,
   gaps of ``index_bits`` bits, top gap symbol = filler), Huffman-coded;
 * a **codebook-index stream** (one symbol per kept weight), Huffman-coded (:mod:`dc_lightning.huffman`);
 * the **codebook** (``2**bits`` centroids, float32 or float16);
@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "dc-lightning-compressed"
 FORMAT_VERSION = 1
 EXTENSION = ".dcz"
+#: the order non-zeros are scanned in (see dc_lightning.sparse_format); recorded in every file and checked on read
+SCAN_ORDER = "row-major over weight.reshape(out, -1)"
 #: paper defaults for the relative index [DC §2]: 8 bits for conv, 5 bits for fc
 PAPER_INDEX_BITS = {"conv": 8, "fc": 5}
 #: a file may not expand (dense state dict) to more than this many times its size, floor 1 GiB (see decompress)
@@ -124,7 +126,7 @@ class CompressedLayer:
     """One compressed layer as decoded by :func:`read_compressed` (what the inference path builds layouts from).
 
     The weight's matrix view is ``weight.reshape(shape[0], -1)`` of shape ``(R, C)``; entry ``k`` sits at
-    ``(rows[k], cols[k])``, entries in column-major (CSC) order.
+    ``(rows[k], cols[k])``, entries in row-major (CSR) order.
 
     Attributes:
         name: qualified module name (``model.named_modules()``).
@@ -318,7 +320,7 @@ def _encode_layer(
     mask2 = mask_t.detach().cpu().numpy().astype(bool, copy=False).reshape(R, C) if has_mask else None
     pos = positions_from_mask(mask2) if has_mask else None
     if pos is not None:
-        rows, cols = positions_to_rows_cols(pos, R)
+        rows, cols = positions_to_rows_cols(pos, C)
         kept = w2[rows, cols]
         outside = int(np.count_nonzero(w2)) - int(np.count_nonzero(kept))
         if outside:
@@ -327,7 +329,7 @@ def _encode_layer(
                 raise ValueError(msg + "; re-apply the masks or pass strict=False to store the masked weights")
             log.warning("%s; storing the masked weights", msg)
     else:
-        kept = w2.T.reshape(-1)  # column-major, every position
+        kept = w2.reshape(-1)  # row-major, every position
     rec: dict[str, Any] = {
         "module": name,
         "key": f"{name}.weight" if name else "weight",
@@ -345,7 +347,7 @@ def _encode_layer(
             raise ValueError(f"layer {name!r}: codebook has {k} entries; valid: 1..256 (uint8 weight_assign)")
         bits = max(1, math.ceil(math.log2(k)))
         a2 = assign_t.detach().cpu().numpy().reshape(R, C)
-        codes = a2[rows, cols] if pos is not None else a2.T.reshape(-1)
+        codes = a2[rows, cols] if pos is not None else a2.reshape(-1)
         if codes.size and int(codes.max()) >= k:
             raise ValueError(f"layer {name!r}: weight_assign holds index {int(codes.max())} >= codebook size {k}")
         mismatch = int(np.count_nonzero(cb[codes].view(np.uint32) != np.ascontiguousarray(kept).view(np.uint32)))
@@ -461,7 +463,7 @@ def build_file(
         "library_version": __version__,
         "builder": _builder_record(model, builder),
         "huffman": {"max_len": max_len, "chunk": chunk},
-        "scan_order": "column-major over weight.reshape(out, -1)",
+        "scan_order": SCAN_ORDER,
         "layers": meta_layers,
         "tensors": meta_tensors,
     }
@@ -569,6 +571,10 @@ def _read_header(data: bytes, where: str) -> tuple[dict, dict]:
         raise CorruptFileError(f"{where}: dc_lightning metadata is missing or not JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(f"{where}: dc_lightning metadata has the wrong format name or version")
+    if doc.get("scan_order") != SCAN_ORDER:
+        raise CorruptFileError(
+            f"{where}: scan_order {doc.get('scan_order')!r} is not supported; this reader supports {SCAN_ORDER!r}"
+        )
     return header, doc
 
 
@@ -618,7 +624,7 @@ def _shape(v: Any, what: str) -> tuple[int, ...]:
 def read_compressed(path: str | os.PathLike) -> CompressedFile:
     """Read and fully validate a ``.dcz`` file; decode every layer's streams.
 
-    The result holds, per compressed layer, a :class:`CompressedLayer` with ``rows``/``cols`` (int64, CSC order),
+    The result holds, per compressed layer, a :class:`CompressedLayer` with ``rows``/``cols`` (int64, CSR order),
     ``codes`` (uint8) and ``codebook`` (float32) or ``values``, and the plain tensors as torch tensors. The
     inference path builds its GPU layouts from these; :func:`dc_lightning.sparse_format.eie_layout` derives EIE's.
 
@@ -735,12 +741,12 @@ def _parse(data: bytes, where: str) -> CompressedFile:
     for it in pending:
         shape = it["shape"]
         numel = math.prod(shape)
-        R, _ = matrix_shape(shape)
+        _, C = matrix_shape(shape)
         if it["gap"] is not None:
             pos = decode_gaps(decoded[it["gap"]], it["index_bits"], it["nnz"], numel)
         else:
             pos = np.arange(numel, dtype=np.int64)
-        rows, cols = positions_to_rows_cols(pos, R) if numel else (pos, pos)
+        rows, cols = positions_to_rows_cols(pos, C) if numel else (pos, pos)
         codes = decoded[it["code"]].astype(np.uint8) if it["code"] is not None else None
         if it["name"] in layers:
             raise CorruptFileError(f"{where}: duplicate layer {it['name']!r}")

@@ -40,6 +40,8 @@ class ClassifierModule(pl.LightningModule):
             the trainer's ``max_epochs``).
         step_size: epochs between steps of the ``step`` schedule.
         gamma: factor of the ``step`` schedule.
+        warmup_epochs: epochs of linear LR warm-up (from lr/10) before the schedule; helps plain (no batch norm)
+            VGG-16/AlexNet start from scratch.
         num_classes: classes used for top-5 (top-5 is logged only when there are at least 5 classes).
 
     Raises:
@@ -53,12 +55,14 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(self, model: dict[str, Any], optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = False, scheduler: str = "none", step_size: int = 10,
-                 gamma: float = 0.1, num_classes: int | None = None) -> None:
+                 gamma: float = 0.1, warmup_epochs: int = 0, num_classes: int | None = None) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"module.optimizer: {optimizer!r} is not one of {list(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"module.scheduler: {scheduler!r} is not one of {list(SCHEDULERS)}")
+        if warmup_epochs < 0:
+            raise ValueError(f"module.warmup_epochs: {warmup_epochs} must be >= 0")
         if not lr > 0:
             raise ValueError(f"module.lr: {lr} must be > 0")
         if not isinstance(model, dict) and hasattr(model, "items"):  # an omegaconf DictConfig
@@ -108,10 +112,17 @@ class ClassifierModule(pl.LightningModule):
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
+        warmup = int(hp.get("warmup_epochs", 0))
+        if hp.scheduler == "none" and not warmup:
             return opt
+        epochs = max(int(self.trainer.max_epochs or 1) - warmup, 1)
         if hp.scheduler == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=hp.step_size, gamma=hp.gamma)
+        elif hp.scheduler == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(self.trainer.max_epochs or 1), 1))
+            sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        if warmup:
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=warmup)
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, sched], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -64,6 +64,7 @@ def stage_baseline(cfg: DictConfig, dm, resume: str | None) -> pl.LightningModul
 
 def _with_lr(module: pl.LightningModule, cfg: DictConfig, scale: float) -> pl.LightningModule:
     module.hparams.lr = float(cfg.module.lr) * float(scale)  # configure_optimizers reads it
+    module.hparams.warmup_epochs = 0  # retraining starts from a trained model: no warm-up
     return module
 
 

@@ -2,10 +2,13 @@
 
 **Matrix view and scan order.** A layer's weight of shape ``(out, *rest)`` is viewed as the matrix
 ``W = weight.reshape(out, -1)`` of shape ``(R, C)`` (a 1-D weight is ``(n, 1)``): rows are output units, columns
-are inputs (for a conv, ``in_channels * kh * kw`` fan-in positions). Non-zeros are scanned **column-major**
-(CSC order: column ``j`` top to bottom, then column ``j + 1``), i.e. the linear position of ``W[i, j]`` is
-``p = j * R + i``. This is the order EIE stores (§III-B: per column, rows ascending), so the EIE layout is a
-re-grouping of this stream (:func:`eie_layout`) and never needs re-clustering.
+are inputs (for a conv, ``in_channels * kh * kw`` fan-in positions). Non-zeros are scanned **row-major** (CSR
+order: row ``i`` left to right, then row ``i + 1``), i.e. the linear position of ``W[i, j]`` is ``p = i * C + j``:
+Caffe's weight-blob order, the one Deep Compression coded. Measured on the trained LeNet-300-100 recipe (ip1 at 8%),
+row-major gaps have an entropy of 3.9 bits against 4.9 bits column-major (an output unit keeps spatially clustered
+input pixels), which is worth ~1 bit per non-zero after Huffman coding ([DC] Table 2 reports 3.7). EIE's
+column-major, row-interleaved layout (§III-B) is a re-grouping of the decoded positions (:func:`eie_layout`) and
+never needs re-clustering.
 
 **Relative index (gap) stream.** With ``b = index_bits`` and ``M = 2**b - 1``, each non-zero stores the number
 of zeros since the previous non-zero (the first counts from position -1): ``z = p_k - p_{k-1} - 1``, exactly
@@ -72,16 +75,15 @@ def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Column-major linear positions (int64, ascending) of the True entries of ``mask`` (any shape)."""
+    """Row-major linear positions (int64, ascending) of the True entries of ``mask`` (any shape)."""
     r, c = matrix_shape(mask.shape)
-    m2 = np.asarray(mask, dtype=bool).reshape(r, c)
-    return np.flatnonzero(m2.T).astype(np.int64)
+    return np.flatnonzero(np.asarray(mask, dtype=bool).reshape(r, c)).astype(np.int64)
 
 
-def positions_to_rows_cols(positions: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split column-major positions into (row, col) of the ``(R, C)`` view."""
+def positions_to_rows_cols(positions: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row-major positions into (row, col) of the ``(R, C)`` view (``cols`` = C)."""
     positions = np.asarray(positions, dtype=np.int64)
-    return positions % rows, positions // rows
+    return positions // cols, positions % cols
 
 
 def encode_gaps(positions: np.ndarray, index_bits: int) -> np.ndarray:
@@ -259,7 +261,7 @@ def _layer_arrays(obj):
     a = assign.detach().cpu().numpy()
     m = np.ones(a.shape, bool) if mask is None else mask.detach().cpu().numpy().astype(bool)
     pos = positions_from_mask(m)
-    R, _ = matrix_shape(a.shape)
-    r, c = positions_to_rows_cols(pos, R)
+    R, C = matrix_shape(a.shape)
+    r, c = positions_to_rows_cols(pos, C)
     codes = a.reshape(R, -1)[r, c]
     return r, c, codes, tuple(a.shape), codebook.detach().cpu().float().numpy()

@@ -11,11 +11,11 @@ from dc_lightning.report import cli_inspect, compression_report
 
 
 def hand_layer() -> nn.Linear:
-    """10x10 layer, kept column-major positions 0, 1, 20, 99, 2-bit codebook, codes [0, 0, 0, 1]."""
+    """10x10 layer, kept row-major positions 0, 1, 20, 99, 2-bit codebook, codes [0, 0, 0, 1]."""
     lin = nn.Linear(10, 10, bias=False)
     mask = torch.zeros(100, dtype=torch.bool)
     mask[[0, 1, 20, 99]] = True
-    mask = mask.reshape(10, 10).T.contiguous()  # column-major positions -> (row, col)
+    mask = mask.reshape(10, 10)  # row-major positions -> (row, col)
     assign = torch.zeros(10, 10, dtype=torch.uint8)
     assign[9, 9] = 1  # position 99 = row 9, col 9
     cb = torch.tensor([0.5, -1.0, 2.0, 3.0])

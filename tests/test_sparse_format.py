@@ -31,13 +31,13 @@ def test_gap_exactly_at_filler_boundary():
     assert np.array_equal(decode_gaps(gaps, 3, 3, 101), pos)
 
 
-def test_scan_order_is_column_major():
+def test_scan_order_is_row_major():
     mask = np.zeros((3, 4), bool)
     mask[2, 0] = mask[0, 1] = mask[1, 3] = True
     pos = positions_from_mask(mask)
-    assert pos.tolist() == [2, 3, 10]
-    r, c = positions_to_rows_cols(pos, 3)
-    assert r.tolist() == [2, 0, 1] and c.tolist() == [0, 1, 3]
+    assert pos.tolist() == [1, 7, 8]
+    r, c = positions_to_rows_cols(pos, 4)
+    assert r.tolist() == [0, 1, 2] and c.tolist() == [1, 3, 0]
 
 
 @settings(max_examples=80, deadline=None)
@@ -89,7 +89,7 @@ def _naive_eie(mask, codes, num_pe, bits):
 class _Layer:
     def __init__(self, mask, codes):
         pos = positions_from_mask(mask)
-        self.rows, self.cols = positions_to_rows_cols(pos, mask.shape[0])
+        self.rows, self.cols = positions_to_rows_cols(pos, mask.reshape(mask.shape[0], -1).shape[1])
         self.codes = codes.reshape(mask.shape[0], -1)[self.rows, self.cols]
         self.shape = mask.shape
         self.codebook = None
