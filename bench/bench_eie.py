@@ -240,6 +240,23 @@ def run_layers(batches, floor, out_dir: Path, providers_sel=None) -> list[dict]:
                     rec[pname + "_error"] = f"{type(err).__name__}: {str(err)[:120]}"
             ours_fn = provs["ours"][0]
             rec["ours_eager"] = bench_us(lambda f=ours_fn, x=x32: f(x))  # includes Python/launch overhead
+
+            def fn_2k(x, p=packed, bias=bias, n_out=n_out, n_in=n_in):  # the previous two-kernel design
+                return E.eie_linear_triton(
+                    x,
+                    p.entries,
+                    p.block_ptr,
+                    p.codebook,
+                    bias,
+                    n_out,
+                    n_in,
+                    p.row_tile,
+                    p.chunk,
+                    p.code_shift,
+                    config={"kernel": "split"},
+                )
+
+            rec["ours_2k"] = graph_us(fn_2k, x32)
             if B == 1:
 
                 def fn_skip(x, p=packed, bias=bias, n_out=n_out, n_in=n_in):
@@ -284,6 +301,7 @@ def print_layer_table(recs: list[dict]) -> str:
     cols = [
         "ours",
         "ours_tuned",
+        "ours_2k",
         "ours_eager",
         "ours_fp16",
         "dense_fp32",

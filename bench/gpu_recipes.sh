@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One H200 session: the AlexNet/VGG-16 Fashion-MNIST recipes end to end, their whole-network latency (EIE kernels vs
-# dense fp16, CUDA graphs), the storage reproduction on their trained weights, and the GPU k-means and pruning-
-# overhead benchmarks. Run from the repository root on the device machine (torch/Lightning/Triton preinstalled;
-# Hydra, omegaconf, rich, safetensors carried as wheels in .whl/; Fashion-MNIST carried in .carry/fashion-mnist):
-#     bash bench/gpu_recipes.sh            (RECIPES="vgg16 alexnet" by default; SMOKE=1 for a CPU dry run)
-# Everything lands in $OUT/results.tgz (run logs, summaries, reports, benchmark CSV/JSON; no checkpoints).
+# dense fp16, CUDA graphs), the storage reproduction on their trained weights, the GPU k-means and pruning-overhead
+# benchmarks and the EIE module checks (torch.compile, CUDA graphs). Run from the repository root on the device
+# machine (torch/Lightning/Triton preinstalled; Hydra, omegaconf, rich, safetensors carried as wheels in .whl/;
+# Fashion-MNIST carried in .carry/fashion-mnist):
+#     bash bench/gpu_recipes.sh          (RECIPES="vgg16 alexnet"; BUDGET=570 seconds; SMOKE=1 for a CPU dry run)
+# Steps run in priority order while the time budget lasts; $OUT/results.tgz is refreshed after every step (run logs,
+# summaries, reports, benchmark CSV/JSON; no checkpoints), so a run cut short still returns what it finished.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/runs}; mkdir -p "$OUT" "$R"
+OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/runs}; BUDGET=${BUDGET:-570}; mkdir -p "$OUT" "$R"
 if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, safetensors, rich" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -21,39 +23,45 @@ if [ "${SMOKE:-0}" = 1 ]; then
          pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.rounds=1 pipeline.quantize.epochs=1
          data.batch_size=16 data.eval_batch_size=16)
 fi
+pack() { tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
+  --exclude='wandb' . 2>/dev/null; }
+# step NAME LIMIT_S CMD...: run CMD with a timeout if the budget allows, log to $R/NAME.log, record the outcome
+step() {
+  local name=$1 limit=$2; shift 2
+  if (( SECONDS + limit > BUDGET )); then echo "$name skipped (budget)" | tee -a "$R/status.txt"; return 1; fi
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "$name exit $rc in $(( SECONDS - t0 )) s" | tee -a "$R/status.txt"
+  pack
+  return $rc
+}
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, triton, lightning;
 print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)") > "$R/machine.txt" 2>&1
-declare -A SIZE=([alexnet]=64 [vgg16]=32)
+declare -A SIZE=([alexnet]=64 [vgg16]=32) LIMIT=([alexnet]=150 [vgg16]=210)
 for recipe in ${RECIPES:-vgg16 alexnet}; do
-  start=$(date +%s)
-  python3 train.py recipe="$recipe" logger=csv data.root="$DATA" output_dir="$R/$recipe" \
-    hydra.run.dir="$R/$recipe/hydra" "${EXTRA[@]}" > "$R/$recipe.log" 2>&1
-  echo "$recipe pipeline exit $? in $(( $(date +%s) - start )) s" | tee -a "$R/status.txt"
+  step "$recipe" "${LIMIT[$recipe]}" python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
+    output_dir="$R/$recipe" hydra.run.dir="$R/$recipe/hydra" "${EXTRA[@]}"
   [ -f "$R/$recipe/model.dcz" ] || continue
-  if [ "${SMOKE:-0}" != 1 ]; then
-    python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" --image-size "${SIZE[$recipe]}" --channels 3 \
-      --data-root "$DATA" --out "$R/latency_$recipe" > "$R/latency_$recipe.log" 2>&1
-    echo "$recipe latency exit $?" | tee -a "$R/status.txt"
-  fi
-  # storage reproduction on the trained dense baseline (prune by magnitude to the tables' densities, no retraining)
+  [ "${SMOKE:-0}" = 1 ] || step "latency_$recipe" 60 python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" \
+    --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
+done
+if [ "${SMOKE:-0}" != 1 ]; then
+  step kmeans_cuda 60 python3 bench/bench_kmeans.py --device cuda --no-sklearn --out "$R/kmeans_cuda"
+  step prune_cuda 90 python3 bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256 \
+    --out "$R/prune_cuda"
+  step eie_module 60 python3 bench/gpu_eie_suite.py --out "$R/eie_module" --groups module
+fi
+# storage reproduction on the trained dense baselines (magnitude pruning to the tables' densities, no retraining)
+for recipe in ${RECIPES:-vgg16 alexnet}; do
+  [ -f "$R/$recipe/checkpoints/baseline.ckpt" ] || continue
   python3 - "$R/$recipe/checkpoints/baseline.ckpt" "$R/$recipe/baseline.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import save_file
 sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
 save_file({k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startswith("model.")}, sys.argv[2])
 PY
-  python3 bench/bench_storage.py --nets "$recipe" --state-dict "$R/$recipe/baseline.safetensors" \
-    > "$R/storage_trained_$recipe.log" 2>&1
-  echo "$recipe storage exit $?" | tee -a "$R/status.txt"
-  rm -f "$R/$recipe/baseline.safetensors"
+  step "storage_trained_$recipe" 75 python3 bench/bench_storage.py --nets "$recipe" \
+    --state-dict "$R/$recipe/baseline.safetensors"
 done
-if [ "${SMOKE:-0}" != 1 ]; then
-  python3 bench/bench_kmeans.py --device cuda --no-sklearn --out "$R/kmeans_cuda" > "$R/kmeans_cuda.log" 2>&1
-  echo "kmeans exit $?" | tee -a "$R/status.txt"
-  python3 bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256 --out "$R/prune_cuda" \
-    > "$R/prune_cuda.log" 2>&1
-  echo "pruning overhead exit $?" | tee -a "$R/status.txt"
-fi
-tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
-  --exclude='wandb' . && ls -la "$OUT"
-cat "$R/status.txt"
+pack; ls -la "$OUT"; cat "$R/status.txt"

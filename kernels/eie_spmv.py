@@ -21,6 +21,16 @@ sums into a ``[groups, B, out]`` fp32 buffer with plain stores (no memset, no at
 tiny kernel sums the groups and applies bias, ReLU and the cast to the activation dtype. When one group covers all
 chunks the first kernel applies the epilogue itself and the second launch is skipped.
 
+Since round 2 the default at batch 1-16 is ONE launch per layer (``_eie_flat_kernel``): a program walks a row
+tile's blocks as one flat list of ELL steps (the chunk of a step comes from the tile's block pointers held in
+registers, so no dependent block-pointer load per chunk), prefetches the next step block's entries while the
+current gathers are in flight, and ``split`` programs per row tile combine their fp32 partials with relaxed atomics
+in a per-device workspace; a per-tile arrival counter lets the last program apply bias/ReLU/cast and re-zero the
+workspace and counter, so no memset and no second kernel are needed (CUDA-graph safe; calls must not run
+concurrently on several streams; the fp32 sum order varies run to run by about 1e-7 relative). Under
+``torch.compile`` and when the workspace would have to be allocated during CUDA-graph capture it runs with
+``split=1`` (no workspace). The same layout serves both kernels.
+
 Activation sparsity (EIE §III-C skips every zero ``a_j``): at batch 1 a pull kernel cannot skip single columns
 without serialising, so the kernel can skip whole column chunks whose activations are all zero
 (``skip_zero_chunks``). See ``bench/RESULTS.md`` for what that measured.
@@ -527,12 +537,158 @@ if HAS_TRITON:
             res = tl.maximum(res, 0.0)
         tl.store(y_ptr + b * stride_yb + n, res.to(y_ptr.dtype.element_ty), mask=n < N)
 
+    @triton.jit
+    def _eie_flat_kernel(
+        x_ptr,
+        entries_ptr,
+        block_ptr_ptr,
+        codebook_ptr,
+        bias_ptr,
+        y_ptr,
+        ws_ptr,
+        cnt_ptr,
+        B,
+        N,
+        n_chunks,
+        chunk_size,
+        stride_xb,
+        stride_xk,
+        ROW_TILE: tl.constexpr,
+        CODE_SHIFT: tl.constexpr,
+        ENTRY16: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        MAXC: tl.constexpr,
+        SPLIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+    ):
+        """One launch per layer: a program walks a row tile's blocks as ONE flat list of ELL steps.
+
+        The blocks of a row tile are contiguous in ``entries``, so the program loads the tile's block pointers once
+        (a register vector) and finds the chunk of every step by comparing against it: no per-chunk dependent
+        load of the block pointer, and the next step block's entries are prefetched while the current one's
+        ``x``/codebook gathers are in flight (two-stage software pipeline by hand; the Triton pipeliner does not
+        pipeline gathers). ``SPLIT`` programs share a row tile (split-K over the tile's steps): they add fp32
+        partials into a zeroed workspace with relaxed atomics and bump a per-tile arrival counter; the last to
+        arrive reads the sum back with an ``atomic_add(.., 0)``, re-zeroes the workspace and the counter for the
+        next call, and applies bias/ReLU/cast. No memset node, no second kernel, CUDA-graph safe.
+        """
+        tile = tl.program_id(0)
+        sp = tl.program_id(1)
+        bgrp = tl.program_id(2)
+        r = tl.arange(0, ROW_TILE)
+        kk = tl.arange(0, BLOCK_K)
+        ci = tl.arange(0, MAXC)
+        bb = bgrp * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_ok = bb < B
+        code_mask = (1 << CODE_SHIFT) - 1
+        base = tile * n_chunks
+        # chunk starts and the tile's end in one vector load; the two scalars hit the same lines, in parallel
+        bp = tl.load(block_ptr_ptr + base + ci, mask=ci <= n_chunks, other=2147483647)
+        start = tl.load(block_ptr_ptr + base)
+        end = tl.load(block_ptr_ptr + base + n_chunks)
+        n_steps = (end - start) // ROW_TILE
+        per = tl.cdiv(tl.cdiv(n_steps, SPLIT), BLOCK_K) * BLOCK_K
+        s_lo = sp * per
+        s_hi = tl.minimum(n_steps, s_lo + per)
+        acc = tl.zeros([BLOCK_K, ROW_TILE, BLOCK_B], dtype=tl.float32)
+        s_cur = s_lo + kk
+        m_cur = s_cur < s_hi
+        e_cur = tl.load(entries_ptr + start + s_cur[:, None] * ROW_TILE + r[None, :], mask=m_cur[:, None], other=0)
+        for s0 in range(s_lo, s_hi, BLOCK_K):
+            s_nxt = s0 + BLOCK_K + kk
+            m_nxt = s_nxt < s_hi
+            e_nxt = tl.load(entries_ptr + start + s_nxt[:, None] * ROW_TILE + r[None, :], mask=m_nxt[:, None], other=0)
+            pos = start + s_cur * ROW_TILE
+            chunk = tl.sum((bp[None, :] <= pos[:, None]).to(tl.int32), axis=1) - 1  # [BLOCK_K]
+            e = e_cur.to(tl.int32)
+            if ENTRY16:
+                e = e & 0xFFFF
+            code = e & code_mask
+            col = (chunk * chunk_size)[:, None] + (e >> CODE_SHIFT)
+            emask = m_cur[:, None]
+            w = tl.where(emask, tl.load(codebook_ptr + code), 0.0)
+            xv = tl.load(
+                x_ptr + col[:, :, None] * stride_xk + bb[None, None, :] * stride_xb,
+                mask=emask[:, :, None] & b_ok[None, None, :],
+                other=0.0,
+            )
+            acc += w[:, :, None] * xv.to(tl.float32)
+            e_cur = e_nxt
+            s_cur = s_nxt
+            m_cur = m_nxt
+        res = tl.sum(acc, axis=0)  # [ROW_TILE, BLOCK_B]
+        rows = tile * ROW_TILE + r
+        omask = (rows[:, None] < N) & b_ok[None, :]
+        yoff = bb[None, :] * N + rows[:, None]
+        if SPLIT > 1:
+            tl.atomic_add(ws_ptr + yoff, res, mask=omask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial is issued before the arrival is published (release)
+            cidx = tile * tl.num_programs(2) + bgrp
+            arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                # read the finished sum at the coherence point (an atomic, not a possibly stale L1 line), then
+                # re-zero the workspace and the counter for the next call (visible at the kernel boundary)
+                res = tl.atomic_add(ws_ptr + yoff, tl.zeros_like(res), mask=omask, sem="relaxed")
+                tl.store(ws_ptr + yoff, tl.zeros_like(res), mask=omask)
+                tl.store(cnt_ptr + cidx, 0)
+                if HAS_BIAS:
+                    res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+                if RELU:
+                    res = tl.maximum(res, 0.0)
+                tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
+        else:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            if RELU:
+                res = tl.maximum(res, 0.0)
+            tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
+
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
 _TUNED: dict[tuple, dict[str, Any]] = {}
+_MAX_FLAT_CHUNKS = 64  # block pointers of one row tile held in registers by the flat kernel
+# Split-K workspaces of the flat kernel, per device: fp32 partial sums and int32 arrival counters. They are zero
+# between calls (the last program of every row tile re-zeroes its part), so no memset is launched. Calls on ONE
+# stream are safe (each call finishes before the next starts); concurrent calls on several streams are not, so
+# ``eie_linear_triton`` falls back to split=1 when it cannot use the shared buffers (see _workspace).
+_WS: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def _can_use_workspace(x: Tensor) -> bool:
+    """False while tracing (dynamo, or inductor lowering the triton_op with fake/functional tensors).
+
+    The shared workspace is a real tensor outside the traced program; handing it to a traced kernel fails
+    (measured on the H200: inductor raised "Please convert all Tensors to FakeTensors"), so traced calls use
+    ``split=1``, which needs no workspace.
+    """
+    if type(x) is not torch.Tensor:  # FakeTensor, FunctionalTensor, other tracing subclasses
+        return False
+    if getattr(torch.compiler, "is_compiling", lambda: False)():
+        return False
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode((x,)) is None
+
+
+def _workspace(device: torch.device, n_ws: int, n_cnt: int) -> tuple[Tensor, Tensor] | None:
+    key = str(device)
+    ws = _WS.get(key)
+    if ws is not None and ws[0].numel() >= n_ws and ws[1].numel() >= n_cnt:
+        return ws
+    # Never allocate while a CUDA graph is being captured (the buffer would live in the graph's private pool).
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    old_ws, old_cnt = ws if ws is not None else (None, None)
+    n_ws = max(n_ws, 0 if old_ws is None else old_ws.numel(), 1 << 16)
+    n_cnt = max(n_cnt, 0 if old_cnt is None else old_cnt.numel(), 1 << 12)
+    ws = (torch.zeros(n_ws, dtype=torch.float32, device=device), torch.zeros(n_cnt, dtype=torch.int32, device=device))
+    _WS[key] = ws
+    return ws
 
 
 def _tune_key(
@@ -554,7 +710,9 @@ def choose_config(
 
     Keys: ``block_b`` (batch columns per program), ``block_k`` (ELL steps per iteration), ``chunks_per_prog``
     (``n_chunks`` or more = one launch with the epilogue fused), ``num_warps``, ``transpose_x`` (gather from ``x.T``
-    so that a column's batch values are adjacent), ``skip_zero_chunks``. A configuration recorded by
+    so that a column's batch values are adjacent), ``skip_zero_chunks`` (two-kernel design only), ``kernel``
+    (``"flat"``: one launch per layer, see ``_eie_flat_kernel``; ``"split"``: partial sums + reduce kernel) and
+    ``split`` (flat kernel: programs per row tile, combined with fp32 atomics). A configuration recorded by
     :func:`autotune` for ``tuned_key`` wins over the heuristic; ``overrides`` win over both.
     """
     n_tiles = -(-out_features // row_tile)
@@ -575,6 +733,22 @@ def choose_config(
         "transpose_x": batch >= 4,
         "skip_zero_chunks": False,
     }
+    # The one-launch flat kernel (see _eie_flat_kernel) wherever the tile's block pointers fit a register vector.
+    # Split-K over a tile's steps so that the layer spreads over about 4 programs per SM (132 SMs on an H200).
+    # Measured on the H200 (bench/RESULTS.md): the flat kernel wins at batch 1-16, the two-kernel design at 64.
+    flat = n_chunks + 1 <= _MAX_FLAT_CHUNKS and batch <= 16
+    if overrides and "kernel" not in overrides and {"chunks_per_prog", "skip_zero_chunks"} & set(overrides):
+        flat = False  # options of the two-kernel design ask for it
+    steps_per_tile = (n_entries or 0) / max(n_tiles * row_tile, 1)
+    split = 1
+    if flat:
+        block_k = max(1, 2048 // (row_tile * block_b))
+        cfg["block_k"] = block_k
+        cfg["num_warps"] = 4
+        want = max(1, -(-528 // max(n_tiles, 1)))
+        split = int(max(1, min(want, 16, steps_per_tile // max(block_k, 1))))
+    cfg["kernel"] = "flat" if flat else "split"
+    cfg["split"] = split
     if tuned_key is not None and tuned_key in _TUNED:
         cfg.update(_TUNED[tuned_key])
     if overrides:
@@ -587,6 +761,21 @@ def choose_config(
 
 def _candidates(batch: int, n_chunks: int, row_tile: int) -> list[dict[str, Any]]:
     out = []
+    if n_chunks + 1 <= _MAX_FLAT_CHUNKS:
+        bb = 1 if batch <= 1 else min(_next_pow2(batch), 16)
+        for acc in (1024, 2048, 4096):
+            bk = max(1, acc // (row_tile * bb))
+            for split in (1, 2, 4, 8, 16):
+                out.append(
+                    {
+                        "kernel": "flat",
+                        "split": split,
+                        "block_b": bb,
+                        "block_k": bk,
+                        "num_warps": 4 if acc <= 2048 else 8,
+                        "transpose_x": batch >= 4,
+                    }
+                )
     cpps = sorted({1, 2, 4, n_chunks}) if n_chunks > 1 else [1]
     if batch <= 1:
         for bk in (16, 32, 64, 128):
@@ -599,6 +788,7 @@ def _candidates(batch: int, n_chunks: int, row_tile: int) -> list[dict[str, Any]
                         "block_k": bk,
                         "chunks_per_prog": cpp,
                         "num_warps": 4 if row_tile * bk <= 2048 else 8,
+                        "kernel": "split",
                     }
                 )
         return out
@@ -613,6 +803,7 @@ def _candidates(batch: int, n_chunks: int, row_tile: int) -> list[dict[str, Any]
                         "chunks_per_prog": min(cpp, n_chunks),
                         "num_warps": 4 if acc <= 1024 else 8,
                         "transpose_x": True,
+                        "kernel": "split",
                     }
                 )
     return out
@@ -793,8 +984,43 @@ def eie_linear_triton(
     else:
         xs = x
         stride_xb, stride_xk = in_features, 1
-    fused = n_groups == 1
     has_bias = bias is not None
+    if cfg["kernel"] == "flat" and n_chunks + 1 <= _MAX_FLAT_CHUNKS and not cfg["skip_zero_chunks"]:
+        split = max(1, int(cfg.get("split", 1)))
+        ws = None
+        if split > 1 and _can_use_workspace(x):
+            ws = _workspace(x.device, B * out_features, n_tiles * n_bgroups)
+        if ws is None:
+            split = 1
+            ws = (codebook, block_ptr)  # never touched when SPLIT == 1
+        launch(_eie_flat_kernel)[(n_tiles, split, n_bgroups)](
+            xs,
+            entries,
+            block_ptr,
+            codebook,
+            bias if has_bias else codebook,
+            y,
+            ws[0],
+            ws[1],
+            B,
+            out_features,
+            n_chunks,
+            chunk,
+            stride_xb,
+            stride_xk,
+            ROW_TILE=row_tile,
+            CODE_SHIFT=code_shift,
+            ENTRY16=entries.dtype == torch.int16,
+            BLOCK_K=bk,
+            BLOCK_B=bb,
+            MAXC=_next_pow2(n_chunks + 1),
+            SPLIT=split,
+            HAS_BIAS=has_bias,
+            RELU=bool(relu),
+            num_warps=int(cfg["num_warps"]),
+        )
+        return y
+    fused = n_groups == 1
     bias_arg = bias if has_bias else codebook  # any valid pointer; never read when HAS_BIAS is False
     if fused:
         out, stride_og, stride_ob = y, 0, out_features

@@ -1,0 +1,556 @@
+"""``TrainedQuantization``: k-means weight sharing once, then fine-tune the shared weights [DC §3]."""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch import Tensor, nn
+
+from dc_lightning.quantization import (
+    ASSIGN,
+    CODEBOOK,
+    INITS,
+    _get_mask,
+    bits_for_layers,
+    check_bits,
+    codebook_grad,
+    codebook_segments,
+    decode_weight,
+    get_codebook,
+    quantize_layer,
+)
+from dc_lightning.utils import DEFAULT_TARGET_TYPES, select_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Layer:
+    """Per-layer fine-tuning state (rebuilt from the model's buffers; nothing here is saved)."""
+
+    name: str
+    module: nn.Module
+    k: int
+    segments: tuple[Tensor, Tensor] | None = None
+    mask_version: int = -1
+
+
+class TrainedQuantization(Callback):
+    r"""Share weights by 1-D k-means once, then fine-tune the shared weights (centroids) [DC §3].
+
+    **Clustering.** At the start of epoch ``start_epoch`` every target layer's surviving weights (``weight_mask``
+    True, or all entries of an unpruned layer) are clustered into ``2**bits`` centroids with
+    :func:`dc_lightning.quantization.kmeans_1d` (default init ``"linear"``, the paper's choice [DC §3.2]). The layer
+    gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8, ``weight.shape``) and
+    its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the callback starts one epoch
+    after the last round of a :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the
+    same trainer, or at epoch 0 without one.
+
+    **Fine-tuning** [DC §3.3, eq. 3, Fig. 3]. Assignments stay fixed; each centroid's gradient is the sum of its
+    member weights' gradients, ∂L/∂C_k = Σ_ij ∂L/∂W_ij · 1(I_ij = k). The centroids follow the trainer's optimizer:
+    for every trainer optimizer the callback owns a *codebook optimizer* of the same class over the codebooks of the
+    layers that optimizer trains, with one param group per source group, copying that group's hyper-parameters
+    (momentum, betas, eps, ...) and re-reading them before every step, so LR schedulers apply; ``lr`` is scaled by
+    ``lr_scale`` and ``weight_decay`` is replaced by ``codebook_weight_decay`` (default 0: decaying a centroid
+    shrinks every member weight at once, which [DC] does not describe). Mechanism, per trainer optimizer:
+
+    * a torch step pre-hook wraps Lightning's closure, so that *after* backward, DDP all-reduce, AMP unscaling,
+      ``on_before_optimizer_step`` (where MagnitudePruning masks gradients) and gradient clipping, but *before* the
+      parameter update, the codebook gradients are computed, the codebook optimizer steps, and the quantized weights'
+      ``.grad`` is set to None so the trainer's optimizer leaves them alone (SGD/Adam skip params without grad).
+      Without a closure (AMP's GradScaler runs it earlier and calls ``step()`` bare) the update runs in the pre-hook
+      directly. When the GradScaler skips a step (inf/NaN), ``optimizer.step`` is not called, so the codebooks do not
+      move either; non-finite codebook gradients also skip the codebook step.
+    * a step post-hook rewrites every quantized weight as ``where(mask, codebook[assign], 0)`` exactly, so after
+      every optimizer step each layer has at most ``2**bits`` distinct values and pruned weights are exactly 0.0,
+      whatever order this and the pruning callback's hooks run in.
+
+    **Resume and DDP.** Placeholder buffers are registered in ``setup`` (before a checkpoint is restored); the
+    ``clustered`` flag, the resolved start epoch and the codebook optimizers' state are in ``state_dict``, so a run
+    resumed after clustering continues bit-for-bit and does not cluster again. Clustering is deterministic and its
+    result is broadcast from rank 0 under ``torch.distributed``; codebook gradients are summed in a fixed order (no
+    atomics), so every rank holds identical codebooks. Placeholders that are still all zeros at ``teardown``
+    (fit ended before clustering) are removed again so that the model does not look quantized.
+
+    Args:
+        bits: bits per shared-weight index: an int for all target layers, or ``{pattern: bits}`` (fnmatch on the
+            qualified layer names; last match wins). Default None = the paper's 8 bits for conv layers and 5 bits
+            for fc layers [DC §5]. 1..8.
+        init: centroid initialisation, ``"linear"`` (default), ``"density"`` or ``"random"`` [DC §3.2].
+        include: fnmatch patterns of target layers (default: every Linear/Conv layer with a weight).
+        exclude: fnmatch patterns of layers never quantized.
+        start_epoch: epoch at whose start the layers are clustered; None = after pruning (see above).
+        lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group, > 0.
+        codebook_weight_decay: weight decay of the codebook optimizer, >= 0.
+        refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans_1d`); False runs the
+            paper's plain Lloyd iterations from ``init``.
+        max_iter: Lloyd iterations at most, >= 1.
+        seed: seed of the ``"random"`` init (the same on every rank).
+        types: module types considered.
+        verbose: print a per-layer table (rich) on rank 0 after clustering.
+        log_histograms: with a ``WandbLogger``, log each layer's weight histogram before and after clustering
+            (the view of [DC] Figs. 4/5).
+
+    Raises:
+        ValueError: a bad argument (the message names it and the valid values); in ``setup``, a pattern that matches
+            no layer or a bit width outside 1..8 for a named layer.
+
+    Example::
+
+        from dc_lightning import MagnitudePruning, TrainedQuantization
+
+        trainer = Trainer(max_epochs=30, callbacks=[
+            MagnitudePruning(densities={"*": 0.3, "model.classifier.*": 0.09}, rounds=3),
+            TrainedQuantization(),          # 8 bits conv / 5 bits fc, starts after the last pruning round
+        ])
+        trainer.fit(module, datamodule)
+    """
+
+    def __init__(
+        self,
+        bits: int | Mapping[str, int] | None = None,
+        init: str = "linear",
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        start_epoch: int | None = None,
+        lr_scale: float = 1.0,
+        codebook_weight_decay: float = 0.0,
+        refine: bool = True,
+        max_iter: int = 300,
+        seed: int = 0,
+        types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
+        verbose: bool = True,
+        log_histograms: bool = True,
+    ) -> None:
+        if isinstance(bits, Mapping):
+            if not bits:
+                raise ValueError(
+                    "TrainedQuantization: bits is an empty mapping; give an int in 1..8 or {pattern: bits}"
+                )
+            bits = {str(p): check_bits(b, f"TrainedQuantization: bits[{p!r}]") for p, b in bits.items()}
+        elif bits is not None:
+            check_bits(bits, "TrainedQuantization: bits")
+        if init not in INITS:
+            raise ValueError(f"TrainedQuantization: init must be one of {INITS}, got {init!r} ('linear' = [DC §3.2])")
+        if start_epoch is not None and (
+            isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
+        ):
+            raise ValueError(f"TrainedQuantization: start_epoch must be None or an int >= 0, got {start_epoch!r}")
+        if not _is_real(lr_scale) or not (0 < lr_scale < math.inf):
+            raise ValueError(f"TrainedQuantization: lr_scale must be a finite number > 0, got {lr_scale!r}")
+        if not _is_real(codebook_weight_decay) or not (0 <= codebook_weight_decay < math.inf):
+            raise ValueError(
+                "TrainedQuantization: codebook_weight_decay must be a finite number >= 0, "
+                f"got {codebook_weight_decay!r}"
+            )
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"TrainedQuantization: max_iter must be an int >= 1, got {max_iter!r}")
+        self.bits = bits
+        self.init = init
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.start_epoch = start_epoch
+        self.lr_scale = float(lr_scale)
+        self.codebook_weight_decay = float(codebook_weight_decay)
+        self.refine = bool(refine)
+        self.max_iter = max_iter
+        self.seed = int(seed)
+        self.types = types
+        self.verbose = verbose
+        self.log_histograms = log_histograms
+
+        self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
+        self._layers: dict[str, nn.Module] = {}
+        self._bits: dict[str, int] = {}
+        self._clustered = False
+        self._start: int | None = None
+        self._placeholders = False
+        self._hooks: list[Any] = []
+        # per trainer optimizer index: (that optimizer, its codebook optimizer, layers, source group of each cb group)
+        self._cb_opts: dict[int, tuple[torch.optim.Optimizer, torch.optim.Optimizer, list[_Layer], list[int]]] = {}
+        self._pending_opt_state: dict[int, dict] | None = None
+        self._skipped_steps = 0
+
+    # ------------------------------------------------------------------------------------------- public API
+
+    @property
+    def clustered(self) -> bool:
+        """True once the layers carry their codebooks (after clustering, or restored from a checkpoint)."""
+        return self._clustered
+
+    @property
+    def layer_bits(self) -> dict[str, int]:
+        """``{layer: bits}`` of the target layers (after ``setup``)."""
+        return dict(self._bits)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Codebook steps skipped because a codebook gradient was not finite."""
+        return self._skipped_steps
+
+    def codebook_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The codebook optimizers, one per trainer optimizer that trains a quantized layer (after clustering)."""
+        return [e[1] for e in self._cb_opts.values()]
+
+    # --------------------------------------------------------------------------------------- Lightning hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before checkpoint restore and DDP wrapping: placeholders of the right shape let a checkpoint's codebooks load
+        self._layers = select_layers(
+            pl_module, self.include, self.exclude, types=self.types, what="TrainedQuantization"
+        )
+        self._bits = bits_for_layers(self._layers, self.bits, field="TrainedQuantization.bits")
+        for name, module in self._layers.items():
+            k = 2 ** self._bits[name]
+            got = get_codebook(module)
+            if got is not None and got[0].numel() == k and tuple(got[1].shape) == tuple(module.weight.shape):
+                continue  # already quantized with this size (e.g. by quantize_model): keep it
+            if got is not None:
+                rank_zero_warn(
+                    f"TrainedQuantization: layer {name!r} has a codebook of {got[0].numel()} entries but bits="
+                    f"{self._bits[name]} asks for {k}; replacing it"
+                )
+            w = module.weight
+            module.register_buffer(CODEBOOK, torch.zeros(k, dtype=torch.float32, device=w.device))
+            module.register_buffer(ASSIGN, torch.zeros(w.shape, dtype=torch.uint8, device=w.device))
+            self._placeholders = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the model is on its device and the optimizers exist; a checkpoint's buffers and our state are loaded
+        self._remove_hooks()
+        for opt in trainer.optimizers:
+            self._hooks.append(opt.register_step_pre_hook(self._pre_step))
+            self._hooks.append(opt.register_step_post_hook(self._post_step))
+        if self._clustered:
+            self._build_codebook_optimizers(trainer)
+            self._rewrite_weights()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None:  # resolved once, after any restore, and saved with the state
+            self._start = self._resolve_start(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._clustered and self._start is not None and trainer.current_epoch >= self._start:
+            self._cluster(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._clustered:
+            rank_zero_warn(
+                f"TrainedQuantization: training ended at epoch {trainer.current_epoch} before the start epoch "
+                f"{self._start}; no layer was quantized. Raise max_epochs or lower start_epoch."
+            )
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        if self._clustered or not self._placeholders:
+            return
+        # a model without codebooks must not look quantized: drop placeholders that nothing filled (a checkpoint
+        # loaded for validate/test fills them with real, non-zero codebooks, which stay)
+        for module in self._layers.values():
+            got = get_codebook(module)
+            if got is not None and not bool(got[0].any()):
+                module._buffers.pop(CODEBOOK, None)
+                module._buffers.pop(ASSIGN, None)
+        self._placeholders = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "clustered": self._clustered,
+            "start_epoch": self._start,
+            "bits": dict(self._bits),
+            "codebook_optimizers": {i: e[1].state_dict() for i, e in self._cb_opts.items()},
+            "skipped_steps": self._skipped_steps,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_bits = state_dict.get("bits") or {}
+        for name, b in saved_bits.items():
+            if name in self._bits and self._bits[name] != b:
+                raise ValueError(
+                    f"TrainedQuantization: the checkpoint quantized layer {name!r} with {b} bits, this callback asks "
+                    f"for {self._bits[name]}; use the same bits to resume"
+                )
+        self._clustered = bool(state_dict["clustered"])
+        self._start = state_dict.get("start_epoch")
+        self._skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._pending_opt_state = {int(i): s for i, s in state_dict.get("codebook_optimizers", {}).items()}
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _resolve_start(self, trainer: pl.Trainer) -> int:
+        if self.start_epoch is not None:
+            return self.start_epoch
+        pruning = _find_pruning(trainer)
+        if pruning is None:
+            return 0
+        start = int(pruning.last_round_epoch(trainer)) + 1
+        rank_zero_info(f"TrainedQuantization: clustering at the start of epoch {start} (after the last pruning round)")
+        return start
+
+    @torch.no_grad()
+    def _cluster(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruning = _find_pruning(trainer)
+        if pruning is not None and not getattr(pruning, "finished", True):
+            rank_zero_warn(
+                "TrainedQuantization: clustering while MagnitudePruning still has rounds to go; later rounds zero "
+                "more weights but the codebooks are not re-fitted"
+            )
+        before: dict[str, Tensor] = {}
+        for name, module in self._layers.items():
+            mask = _get_mask(module)
+            w = module.weight.detach()
+            if self.log_histograms:
+                before[name] = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
+            self.summary[name] = quantize_layer(
+                module,
+                self._bits[name],
+                init=self.init,
+                max_iter=self.max_iter,
+                seed=self.seed,
+                name=name,
+                refine=self.refine,
+            )
+        _broadcast_codebooks(self._layers.values())  # float noise must not make ranks disagree
+        self._rewrite_weights()
+        self._clustered = True
+        self._placeholders = False
+        self._build_codebook_optimizers(trainer)
+
+        metrics = {f"compression/{n}/bits": float(b) for n, b in self._bits.items()}
+        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.log_histograms:
+            _log_histograms(trainer, self._layers, before, step)
+        if rank_zero_only.rank == 0:
+            log.info("TrainedQuantization: clustered %d layers at epoch %d", len(self._layers), trainer.current_epoch)
+        if self.verbose:
+            _print_table(self.summary, f"TrainedQuantization (epoch {trainer.current_epoch})")
+
+    def _build_codebook_optimizers(self, trainer: pl.Trainer) -> None:
+        """One codebook optimizer per trainer optimizer, same class, one group per source param group."""
+        owner: dict[int, tuple[int, int]] = {}
+        for oi, opt in enumerate(trainer.optimizers):
+            for gi, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    owner.setdefault(id(p), (oi, gi))
+        plan: dict[int, dict[int, list[_Layer]]] = {}
+        frozen = []
+        for name, module in self._layers.items():
+            hit = owner.get(id(module.weight))
+            if hit is None:
+                frozen.append(name)
+                continue
+            plan.setdefault(hit[0], {}).setdefault(hit[1], []).append(_Layer(name, module, 2 ** self._bits[name]))
+        if frozen:
+            rank_zero_warn(
+                f"TrainedQuantization: the weights of {frozen} are in no optimizer; their codebooks stay fixed"
+            )
+        self._cb_opts = {}
+        for oi, groups in plan.items():
+            src = trainer.optimizers[oi]
+            layers, cb_group, param_groups = [], [], []
+            for gi, group_layers in groups.items():
+                hp = self._hyper_params(src.param_groups[gi])
+                param_groups.append({"params": [get_codebook(lay.module)[0] for lay in group_layers], **hp})
+                for lay in group_layers:
+                    layers.append(lay)
+                    cb_group.append(gi)
+            try:
+                cb_opt = type(src)(param_groups, **src.defaults)
+            except TypeError:  # an optimizer whose defaults are not its constructor arguments
+                cb_opt = type(src)(param_groups)
+            self._cb_opts[oi] = (src, cb_opt, layers, list(groups))
+        if self._pending_opt_state is not None:
+            for oi, state in self._pending_opt_state.items():
+                if oi in self._cb_opts:
+                    self._cb_opts[oi][1].load_state_dict(state)
+            self._pending_opt_state = None
+
+    def _hyper_params(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        hp = {k: v for k, v in group.items() if k != "params"}
+        hp["lr"] = group["lr"] * self.lr_scale
+        if "weight_decay" in hp:
+            hp["weight_decay"] = self.codebook_weight_decay
+        return hp
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self._clustered:
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:  # grads are ready (e.g. AMP's GradScaler ran the closure before step())
+            self._update_codebooks(optimizer)
+            return None
+
+        # Lightning runs forward/backward inside optimizer.step(closure): update right after the closure returns
+        def closure_then_codebooks() -> Any:
+            out = closure()
+            self._update_codebooks(optimizer)
+            return out
+
+        if "closure" in kwargs:
+            kwargs = {**kwargs, "closure": closure_then_codebooks}
+        else:
+            args = (closure_then_codebooks, *args[1:])
+        return args, kwargs
+
+    @torch.no_grad()
+    def _update_codebooks(self, optimizer: torch.optim.Optimizer) -> None:
+        entry = self._entry_for(optimizer)
+        if entry is None:
+            return
+        cb_opt, layers, src_groups = entry
+        grads = []
+        for lay in layers:
+            w = lay.module.weight
+            cb, assign = get_codebook(lay.module)
+            if w.grad is None:
+                cb.grad = None
+                continue
+            mask = _get_mask(lay.module)
+            version = -1 if mask is None else mask._version
+            if lay.segments is None or version != lay.mask_version:  # assignments fixed; masks may tighten
+                lay.segments = codebook_segments(assign, mask, lay.k)
+                lay.mask_version = version
+            cb.grad = codebook_grad(w.grad, assign, mask, lay.k, segments=lay.segments)  # [DC eq. 3]
+            grads.append(cb.grad)
+            w.grad = None  # the trainer's optimizer must not move a shared weight on its own
+        if not grads:
+            return
+        if not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self._skipped_steps += 1
+            rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
+        else:
+            for cb_group, gi in zip(cb_opt.param_groups, src_groups, strict=True):
+                cb_group.update(self._hyper_params(optimizer.param_groups[gi]))  # follows LR schedulers
+            cb_opt.step()
+        cb_opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._clustered:
+            return
+        entry = self._entry_for(optimizer)
+        if entry is not None:
+            for lay in entry[1]:
+                lay.module.weight.copy_(decode_weight(lay.module))
+
+    def _entry_for(
+        self, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.optim.Optimizer, list[_Layer], list[int]] | None:
+        for src, cb_opt, layers, src_groups in self._cb_opts.values():
+            if src is optimizer:
+                return cb_opt, layers, src_groups
+        return None
+
+    @torch.no_grad()
+    def _rewrite_weights(self) -> None:
+        for module in self._layers.values():
+            module.weight.copy_(decode_weight(module))
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _find_pruning(trainer: pl.Trainer) -> Any:
+    """The trainer's MagnitudePruning callback (or any callback with ``last_round_epoch``), else None."""
+    try:
+        from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
+    except ImportError:
+        MagnitudePruning = None  # noqa: N806
+    for cb in trainer.callbacks:
+        if (MagnitudePruning is not None and isinstance(cb, MagnitudePruning)) or callable(
+            getattr(cb, "last_round_epoch", None)
+        ):
+            return cb
+    return None
+
+
+def _broadcast_codebooks(modules: Iterable[nn.Module]) -> None:
+    """Rank 0's codebooks and assignments on every rank (a no-op outside ``torch.distributed``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for module in modules:
+        cb, assign = get_codebook(module)
+        dist.broadcast(cb, src=0)
+        dist.broadcast(assign, src=0)  # gloo and NCCL both broadcast uint8
+
+
+def _log_histograms(
+    trainer: pl.Trainer, layers: Mapping[str, nn.Module], before: Mapping[str, Tensor], step: int
+) -> None:
+    """Weight histograms before/after clustering to every WandbLogger ([DC] Figs. 4/5)."""
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError:  # pragma: no cover - part of lightning
+        return
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not wandb_loggers or rank_zero_only.rank != 0:
+        return
+    try:
+        import wandb
+    except ImportError:
+        rank_zero_warn("TrainedQuantization(log_histograms=True): wandb is not installed; no histograms logged")
+        return
+    payload = {}
+    for name, module in layers.items():
+        mask = _get_mask(module)
+        w = module.weight.detach()
+        after = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
+        for tag, values in (("before", before[name]), ("after", after)):
+            if values.numel() == 0:
+                continue
+            lo, hi = float(values.min()), float(values.max())
+            if hi <= lo:
+                hi = lo + 1e-12
+            counts = torch.histc(values, bins=512, min=lo, max=hi)
+            edges = torch.linspace(lo, hi, 513)
+            payload[f"quantization/{name}/{tag}"] = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in wandb_loggers:
+            lg.experiment.log({**payload, "trainer/global_step": step})
+
+
+@rank_zero_only
+def _print_table(summary: Mapping[str, Mapping[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("layer", "weights", "members", "bits", "centroids used", "WCSS"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, row in summary.items():
+        table.add_row(
+            name,
+            f"{row['weights']:,}",
+            f"{row['members']:,}",
+            str(row["bits"]),
+            f"{row['centroids_used']}/{2 ** row['bits']}",
+            f"{row['wcss']:.4g}",
+        )
+    Console(stderr=True).print(table)
