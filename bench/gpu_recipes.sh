@@ -4,7 +4,7 @@
 # benchmarks and the EIE module checks (torch.compile, CUDA graphs). Run from the repository root on the device
 # machine (torch/Lightning/Triton preinstalled; Hydra, omegaconf, rich, safetensors carried as wheels in .whl/;
 # Fashion-MNIST carried in .carry/fashion-mnist):
-#     bash bench/gpu_recipes.sh          (RECIPES="vgg16 alexnet"; BUDGET=570 seconds; SMOKE=1 for a CPU dry run)
+#     bash bench/gpu_recipes.sh   (RECIPES="vgg16 alexnet"; BUDGET=570 s; BENCH=0 skips the benchmarks; SMOKE=1: CPU dry run)
 # Steps run in priority order while the time budget lasts; $OUT/results.tgz is refreshed after every step (run logs,
 # summaries, reports, benchmark CSV/JSON; no checkpoints), so a run cut short still returns what it finished.
 set -uo pipefail
@@ -46,7 +46,7 @@ for recipe in ${RECIPES:-vgg16 alexnet}; do
   [ "${SMOKE:-0}" = 1 ] || step "latency_$recipe" 60 python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" \
     --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
 done
-if [ "${SMOKE:-0}" != 1 ]; then
+if [ "${SMOKE:-0}" != 1 ] && [ "${BENCH:-1}" = 1 ]; then
   step kmeans_cuda 60 python3 bench/bench_kmeans.py --device cuda --no-sklearn --out "$R/kmeans_cuda"
   step prune_cuda 90 python3 bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256 \
     --out "$R/prune_cuda"
