@@ -13,6 +13,7 @@ from dc_lightning.config import RECIPES, build_datamodule, build_module, build_t
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train import train  # noqa: E402
+from conftest import needs_fashion_mnist  # noqa: E402
 
 # network input each recipe needs from FakeData (AlexNet needs >= 63 px to survive its strided stem)
 SMOKE = {
@@ -76,3 +77,61 @@ def test_smoke_baseline(recipe, tmp_path):
     assert summary["seconds"]["baseline"] > 0
     ckpt = torch.load(tmp_path / "checkpoints" / "baseline.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["name"] == recipe
+
+
+def _pipeline_overrides(tmp_path, *extra):
+    return ["logger=none", "trainer=cpu", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+            f"output_dir={tmp_path}", *extra]
+
+
+@needs_fashion_mnist
+def test_lenet300_pipeline_reduced_schedule(tmp_path):
+    """The default recipe end to end on real Fashion-MNIST with a short schedule: compression ratio and accuracy."""
+    cfg = compose("lenet300", _pipeline_overrides(
+        tmp_path, "pipeline.baseline.epochs=2", "pipeline.prune.epochs=2", "pipeline.prune.rounds=1",
+        "pipeline.quantize.epochs=1", "data.download=false"))
+    summary = train(cfg)
+    acc = summary["accuracy"]
+    assert acc["baseline"]["acc1"] > 0.84
+    assert acc["reloaded"]["acc1"] > 0.80
+    # the reloaded file evaluates exactly like the in-memory quantized model (same weights, bit for bit)
+    assert acc["reloaded"]["acc1"] == pytest.approx(acc["quantize"]["acc1"], abs=1e-9)
+    total = summary["report"]["total"]
+    assert total["ratio_pqh"] > 30 and total["ratio_pq"] > 25
+    assert {r["name"]: round(r["kept_pct"]) for r in summary["report"]["layers"]} == {
+        "model.ip1": 8, "model.ip2": 9, "model.ip3": 26}
+    assert (tmp_path / "model.dcz").is_file() and (tmp_path / "report.md").is_file()
+    assert "paper" in (tmp_path / "report.md").read_text()
+    # a later run can start at any stage from the previous stage's checkpoint
+    out2 = tmp_path / "again"
+    cfg2 = compose("lenet300", _pipeline_overrides(
+        out2, "stage=quantize", f"pruned_ckpt={tmp_path}/checkpoints/prune.ckpt", "pipeline.quantize.epochs=1",
+        "data.download=false"))
+    again = train(cfg2)
+    assert set(again["seconds"]) == {"quantize", "export", "evaluate"}
+    assert again["accuracy"]["reloaded"]["acc1"] > 0.80
+
+
+def test_stage_needs_checkpoint(tmp_path):
+    cfg = compose("lenet5", _pipeline_overrides(tmp_path, "data=fake", "stage=prune"))
+    with pytest.raises(ValueError, match="baseline_ckpt"):
+        train(cfg)
+    cfg = compose("lenet5", _pipeline_overrides(tmp_path, "data=fake", "stage=nonsense"))
+    with pytest.raises(ValueError, match="valid stages"):
+        train(cfg)
+
+
+def test_imagenet_shapes_every_stage(tmp_path):
+    """ImageNet readiness: the AlexNet recipe's ImageNet schedule on FakeData with 224 px, 1000 classes."""
+    cfg = compose("alexnet", _pipeline_overrides(
+        tmp_path, "data=fake", "data.image_size=224", "data.num_classes=1000", "data.num_samples=8",
+        "data.batch_size=4", "data.eval_batch_size=4", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "pipeline.baseline.epochs=1", "pipeline.prune.epochs=2",
+        "pipeline.prune.rounds=1", "pipeline.quantize.epochs=1"))
+    imagenet = compose("alexnet", ["data=imagenet", "data.root=/nonexistent"])
+    assert imagenet.pipeline.prune.lr_scale == pytest.approx(0.01) and imagenet.data.image_size == 224
+    summary = train(cfg)
+    kept = {r["name"]: r["kept_pct"] for r in summary["report"]["layers"]}
+    assert kept["model.classifier.1"] == pytest.approx(9, abs=0.01)  # fc6 at [DC] Table 4's 9%
+    assert summary["report"]["total"]["ratio_pq"] > 20
+    assert set(summary["seconds"]) == {"baseline", "prune", "quantize", "export", "evaluate"}
