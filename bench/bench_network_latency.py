@@ -29,7 +29,7 @@ def half_except(model: nn.Module, keep: tuple[type, ...]) -> nn.Module:
     for mod in model.modules():
         if isinstance(mod, keep):
             continue
-        for name, p in list(mod.named_parameters(recurse=False)):
+        for _, p in list(mod.named_parameters(recurse=False)):
             p.data = p.data.half()
         for name, b in list(mod.named_buffers(recurse=False)):
             if b.is_floating_point():

@@ -582,7 +582,7 @@ def quantize_layer(
     max_iter: int = 300,
     seed: int = 0,
     name: str = "layer",
-    refine: bool = True,
+    refine: bool = False,
 ) -> dict[str, Any]:
     """Cluster one layer's weights into ``2**bits`` shared weights, attach the codebook and rewrite the weight.
 
@@ -596,7 +596,9 @@ def quantize_layer(
         max_iter: Lloyd iterations at most.
         seed: seed for ``init="random"``.
         name: the layer's name, for error messages.
-        refine: split/merge refinement, see :func:`kmeans_1d`.
+        refine: split/merge refinement, see :func:`kmeans_1d`. Default False: the paper's procedure (Lloyd from
+            ``init``), which keeps centroids on the rare large weights and leaves a more skewed code distribution
+            for Huffman coding (trained LeNet-300-100 recipe: 37.0x vs 35.6x with refinement, top-1 within 0.2 pt).
 
     Returns:
         ``{"bits", "weights", "members", "centroids_used", "wcss"}`` for reports.
@@ -636,7 +638,7 @@ def quantize_model(
     max_iter: int = 300,
     seed: int = 0,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
-    refine: bool = True,
+    refine: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
@@ -650,7 +652,8 @@ def quantize_model(
         max_iter: Lloyd iterations at most.
         seed: seed for ``init="random"``.
         types: module types considered.
-        refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False = the paper's plain Lloyd.
+        refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
+            plain Lloyd from ``init``.
 
     Returns:
         ``{layer: {"bits", "weights", "members", "centroids_used", "wcss"}}``.

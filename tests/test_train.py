@@ -12,8 +12,9 @@ from dc_lightning.config import RECIPES, build_datamodule, build_module, build_t
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from train import train  # noqa: E402
 from conftest import needs_fashion_mnist  # noqa: E402
+
+from train import train  # noqa: E402
 
 # network input each recipe needs from FakeData (AlexNet needs >= 63 px to survive its strided stem)
 SMOKE = {

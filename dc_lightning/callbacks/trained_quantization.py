@@ -92,8 +92,8 @@ class TrainedQuantization(Callback):
         start_epoch: epoch at whose start the layers are clustered; None = after pruning (see above).
         lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group, > 0.
         codebook_weight_decay: weight decay of the codebook optimizer, >= 0.
-        refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans_1d`); False runs the
-            paper's plain Lloyd iterations from ``init``.
+        refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans_1d`); False
+            (default) runs the paper's plain Lloyd iterations from ``init``.
         max_iter: Lloyd iterations at most, >= 1.
         seed: seed of the ``"random"`` init (the same on every rank).
         types: module types considered.
@@ -125,7 +125,7 @@ class TrainedQuantization(Callback):
         start_epoch: int | None = None,
         lr_scale: float = 1.0,
         codebook_weight_decay: float = 0.0,
-        refine: bool = True,
+        refine: bool = False,
         max_iter: int = 300,
         seed: int = 0,
         types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
