@@ -34,6 +34,13 @@ from dc_lightning.utils import DEFAULT_TARGET_TYPES, select_layers
 log = logging.getLogger(__name__)
 
 
+#: optimizers whose step size does not grow with the gradient's magnitude (see "How the codebook LR is chosen")
+_SCALE_INVARIANT = tuple(
+    getattr(torch.optim, n) for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
+    if hasattr(torch.optim, n)
+)
+
+
 @dataclass
 class _Layer:
     """Per-layer fine-tuning state (rebuilt from the model's buffers; nothing here is saved)."""
@@ -43,6 +50,7 @@ class _Layer:
     k: int
     segments: tuple[Tensor, Tensor] | None = None
     mask_version: int = -1
+    lr_factor: float = 1.0  # this layer's codebook LR relative to the weights' (lr_scale, or "auto")
 
 
 class TrainedQuantization(Callback):
@@ -59,10 +67,19 @@ class TrainedQuantization(Callback):
     **Fine-tuning** [DC §3.3, eq. 3, Fig. 3]. Assignments stay fixed; each centroid's gradient is the sum of its
     member weights' gradients, ∂L/∂C_k = Σ_ij ∂L/∂W_ij · 1(I_ij = k). The centroids follow the trainer's optimizer:
     for every trainer optimizer the callback owns a *codebook optimizer* of the same class over the codebooks of the
-    layers that optimizer trains, with one param group per source group, copying that group's hyper-parameters
-    (momentum, betas, eps, ...) and re-reading them before every step, so LR schedulers apply; ``lr`` is scaled by
-    ``lr_scale`` and ``weight_decay`` is replaced by ``codebook_weight_decay`` (default 0: decaying a centroid
-    shrinks every member weight at once, which [DC] does not describe). Mechanism, per trainer optimizer:
+    layers that optimizer trains, with one param group per layer, copying the hyper-parameters of the group that
+    trains the layer's weight (momentum, betas, eps, ...) and re-reading them before every step, so LR schedulers
+    apply; ``weight_decay`` is replaced by ``codebook_weight_decay`` (default 0: decaying a centroid shrinks every
+    member weight at once, which [DC] does not describe).
+
+    **How the codebook LR is chosen.** ``lr = lr_scale x`` the weights' current LR. A centroid's gradient is a *sum*
+    over its members, so with SGD its step grows with the cluster size: [DC] gives no LR, and at the weights' LR a
+    VGG-16 fc6 centroid (~128K members) moved far enough in one epoch to collapse the model (recipes/vgg16). The
+    default ``lr_scale="auto"`` divides the LR, per layer, by the mean number of members per used centroid when the
+    optimizer's step scales with the gradient (SGD and any optimizer not listed as scale-invariant): a centroid then
+    takes the mean of its members' would-be steps. Adam, AdamW, Adamax, NAdam, RAdam, RMSprop and Adagrad normalise
+    the step by the gradient's magnitude, so "auto" leaves their LR unchanged. A number gives the same factor to every
+    layer (``1.0`` = the literal weights' LR). Mechanism, per trainer optimizer:
 
     * a torch step pre-hook wraps Lightning's closure, so that *after* backward, DDP all-reduce, AMP unscaling,
       ``on_before_optimizer_step`` (where MagnitudePruning masks gradients) and gradient clipping, but *before* the
@@ -90,7 +107,8 @@ class TrainedQuantization(Callback):
         include: fnmatch patterns of target layers (default: every Linear/Conv layer with a weight).
         exclude: fnmatch patterns of layers never quantized.
         start_epoch: epoch at whose start the layers are clustered; None = after pruning (see above).
-        lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group, > 0.
+        lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group: a number > 0,
+            or ``"auto"`` (default; 1 / mean members per centroid for SGD-like optimizers, 1 for Adam-like ones).
         codebook_weight_decay: weight decay of the codebook optimizer, >= 0.
         refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans_1d`); False
             (default) runs the paper's plain Lloyd iterations from ``init``.
@@ -123,7 +141,7 @@ class TrainedQuantization(Callback):
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
         start_epoch: int | None = None,
-        lr_scale: float = 1.0,
+        lr_scale: float | str = "auto",
         codebook_weight_decay: float = 0.0,
         refine: bool = False,
         max_iter: int = 300,
@@ -146,8 +164,10 @@ class TrainedQuantization(Callback):
             isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
         ):
             raise ValueError(f"TrainedQuantization: start_epoch must be None or an int >= 0, got {start_epoch!r}")
-        if not _is_real(lr_scale) or not (0 < lr_scale < math.inf):
-            raise ValueError(f"TrainedQuantization: lr_scale must be a finite number > 0, got {lr_scale!r}")
+        if lr_scale != "auto" and (not _is_real(lr_scale) or not (0 < lr_scale < math.inf)):
+            raise ValueError(
+                f"TrainedQuantization: lr_scale must be 'auto' or a finite number > 0, got {lr_scale!r}"
+            )
         if not _is_real(codebook_weight_decay) or not (0 <= codebook_weight_decay < math.inf):
             raise ValueError(
                 "TrainedQuantization: codebook_weight_decay must be a finite number >= 0, "
@@ -160,7 +180,7 @@ class TrainedQuantization(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.start_epoch = start_epoch
-        self.lr_scale = float(lr_scale)
+        self.lr_scale = lr_scale if lr_scale == "auto" else float(lr_scale)
         self.codebook_weight_decay = float(codebook_weight_decay)
         self.refine = bool(refine)
         self.max_iter = max_iter
@@ -365,25 +385,38 @@ class TrainedQuantization(Callback):
             src = trainer.optimizers[oi]
             layers, cb_group, param_groups = [], [], []
             for gi, group_layers in groups.items():
-                hp = self._hyper_params(src.param_groups[gi])
-                param_groups.append({"params": [get_codebook(lay.module)[0] for lay in group_layers], **hp})
-                for lay in group_layers:
+                for lay in group_layers:  # one codebook param group per layer: the LR factor is per layer
+                    lay.lr_factor = self._lr_factor(src, lay)
+                    hp = self._hyper_params(src.param_groups[gi], lay.lr_factor)
+                    param_groups.append({"params": [get_codebook(lay.module)[0]], **hp})
                     layers.append(lay)
                     cb_group.append(gi)
             try:
                 cb_opt = type(src)(param_groups, **src.defaults)
             except TypeError:  # an optimizer whose defaults are not its constructor arguments
                 cb_opt = type(src)(param_groups)
-            self._cb_opts[oi] = (src, cb_opt, layers, list(groups))
+            self._cb_opts[oi] = (src, cb_opt, layers, cb_group)
         if self._pending_opt_state is not None:
             for oi, state in self._pending_opt_state.items():
                 if oi in self._cb_opts:
                     self._cb_opts[oi][1].load_state_dict(state)
             self._pending_opt_state = None
 
-    def _hyper_params(self, group: Mapping[str, Any]) -> dict[str, Any]:
+    def _lr_factor(self, optimizer: torch.optim.Optimizer, lay: _Layer) -> float:
+        """Codebook LR / weights' LR for one layer: ``lr_scale``, or with ``"auto"`` see the class docstring."""
+        if self.lr_scale != "auto":
+            return float(self.lr_scale)
+        if isinstance(optimizer, _SCALE_INVARIANT):  # Adam-type steps do not grow with the gradient's size
+            return 1.0
+        cb, assign = get_codebook(lay.module)
+        mask = _get_mask(lay.module)
+        members = int(assign.numel() if mask is None else mask.sum())
+        used = int(torch.unique(assign if mask is None else assign[mask]).numel()) if members else 1
+        return 1.0 / max(members / max(used, 1), 1.0)
+
+    def _hyper_params(self, group: Mapping[str, Any], lr_factor: float) -> dict[str, Any]:
         hp = {k: v for k, v in group.items() if k != "params"}
-        hp["lr"] = group["lr"] * self.lr_scale
+        hp["lr"] = group["lr"] * lr_factor
         if "weight_decay" in hp:
             hp["weight_decay"] = self.codebook_weight_decay
         return hp
@@ -435,8 +468,8 @@ class TrainedQuantization(Callback):
             self._skipped_steps += 1
             rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
         else:
-            for cb_group, gi in zip(cb_opt.param_groups, src_groups, strict=True):
-                cb_group.update(self._hyper_params(optimizer.param_groups[gi]))  # follows LR schedulers
+            for cb_group, gi, lay in zip(cb_opt.param_groups, src_groups, layers, strict=True):
+                cb_group.update(self._hyper_params(optimizer.param_groups[gi], lay.lr_factor))  # follows schedulers
             cb_opt.step()
         cb_opt.zero_grad(set_to_none=True)
 

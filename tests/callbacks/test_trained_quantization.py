@@ -174,6 +174,31 @@ def test_centroid_update_is_eq3_with_the_scheduled_lr():
             torch.testing.assert_close(r["after"][name], expected, rtol=0, atol=1e-7)
 
 
+def test_auto_lr_divides_sgd_by_members_per_centroid_and_leaves_adam():
+    """lr_scale="auto": SGD-like -> LR / (members per used centroid) per layer; Adam-like -> the weights' LR."""
+    pl.seed_everything(1)
+    module = Module("plain", lr=0.2)
+    prune_by_hand(module, 0.6)
+    q = TrainedQuantization(bits=4, start_epoch=0, verbose=False)  # "auto" is the default
+    rec = RecordStep(q)
+    trainer(1, [q, rec]).fit(module, loader())
+    for r in rec.records:
+        for name, (cb, grad, assign, mask) in r["layers"].items():
+            members = int(mask.sum())
+            used = int(assign[mask].unique().numel())
+            g = codebook_grad(grad, assign, mask, cb.numel())
+            expected = cb - r["lr"] * used / members * g
+            torch.testing.assert_close(r["after"][name], expected, rtol=0, atol=1e-7)
+    assert any(int(m.sum()) > 2 * 16 for *_, m in rec.records[0]["layers"].values())  # the factor is not ~1
+    adam = TrainedQuantization(bits=4, start_epoch=0, verbose=False)
+    mod2 = Module("adam")
+    prune_by_hand(mod2, 0.6)
+    trainer(1, [adam]).fit(mod2, loader())
+    (_, cb_opt, layers, _), = adam._cb_opts.values()
+    assert [lay.lr_factor for lay in layers] == [1.0] * 3
+    assert all(g["lr"] == pytest.approx(0.005) for g in cb_opt.param_groups)  # Module("adam") uses lr * 0.1
+
+
 def test_start_after_pruning_and_zeros_with_magnitude_pruning():
     mp = pytest.importorskip("dc_lightning.callbacks.magnitude_pruning")
     pl.seed_everything(2)
