@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dc_lightning.utils import console as rich_console
+
 __all__ = ["LayerStats", "Report", "cli_inspect", "compression_report"]
 
 _ITEM = {
@@ -287,7 +289,6 @@ class Report:
 
     def print(self, console: Any = None) -> None:
         """Render the table with ``rich`` (to ``console``, default a new stdout console)."""
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"Compression report {self.source}".strip())
@@ -295,7 +296,7 @@ class Report:
             table.add_column(h, justify="left" if h == "layer" else "right")
         for r in self._rows():
             table.add_row(*self._cells(r), style="bold" if r is self.total else None)
-        (console or Console()).print(table)
+        (console or rich_console()).print(table)
 
     def plot(self, path: str | os.PathLike) -> Path:
         """PNG bar chart of bytes per layer after pruning, +quantization, +Huffman (DC Fig. 1 stages)."""

@@ -43,6 +43,7 @@ from torch import nn
 
 from dc_lightning.pruning import check_densities, get_mask, magnitude_mask
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, atomic_write, select_layers
+from dc_lightning.utils import console as rich_console
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,6 @@ def cli_sensitivity(argv: list[str]) -> int:
     suggestion = suggest_densities(rows, args.max_drop)
     with atomic_write(Path(args.out) / "suggested_densities.json", "w") as f:
         json.dump({"max_drop": args.max_drop, "densities": suggestion}, f, indent=2)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"sensitivity of {args.ckpt} (top-1 %, one layer pruned at a time)")
@@ -292,6 +292,6 @@ def cli_sensitivity(argv: list[str]) -> int:
     for layer in dict.fromkeys(r["layer"] for r in rows):
         acc = {r["density"]: r["accuracy"] for r in rows if r["layer"] == layer}
         table.add_row(layer, *(f"{acc[d]:.2f}" for d in densities), f"{suggestion[layer]:g}")
-    Console().print(table)
-    Console().print(f"wrote {paths['csv']}, {paths['png']} and {Path(args.out) / 'suggested_densities.json'}")
+    rich_console().print(table)
+    rich_console().print(f"wrote {paths['csv']}, {paths['png']} and {Path(args.out) / 'suggested_densities.json'}")
     return 0

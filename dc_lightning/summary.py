@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dc_lightning.utils import atomic_write
+from dc_lightning.utils import console as rich_console
 
 
 def _paper_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -69,7 +70,7 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any], console: Console | N
 
     if rank_zero_only.rank != 0:
         return
-    console = console or Console()
+    console = console or rich_console()
     table = Table(title=f"{cfg.recipe_name}: accuracy and wall time per stage")
     for col in ("stage", "top-1", "seconds"):
         table.add_column(col)

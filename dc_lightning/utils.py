@@ -131,3 +131,12 @@ def instantiate(cfg: Any, **kwargs: Any) -> Any:
     from hydra.utils import instantiate as _instantiate
 
     return _instantiate(cfg, **kwargs)
+
+
+def console(stderr: bool = False):
+    """A rich Console for tables: the terminal's width, or 160 columns when output is not a terminal (logs, CI),
+    where rich would otherwise truncate the paper's wide per-layer tables to 80 columns."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=160)

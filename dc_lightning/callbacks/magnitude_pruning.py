@@ -31,6 +31,7 @@ from dc_lightning.pruning import (
     resolve_targets,
 )
 from dc_lightning.utils import DEFAULT_TARGET_TYPES
+from dc_lightning.utils import console as rich_console
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +474,6 @@ def _broadcast_mask(mask: Tensor) -> Tensor:
 
 @rank_zero_only
 def _print_table(rows: list[dict], total: float, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -491,4 +491,4 @@ def _print_table(rows: list[dict], total: float, title: str) -> None:
         "",
         style="bold",
     )
-    Console().print(table)
+    rich_console().print(table)

@@ -30,6 +30,7 @@ from dc_lightning.quantization import (
     quantize_layer,
 )
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, select_layers
+from dc_lightning.utils import console as rich_console
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +572,6 @@ def _log_histograms(
 
 @rank_zero_only
 def _print_table(summary: Mapping[str, Mapping[str, Any]], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -586,4 +586,4 @@ def _print_table(summary: Mapping[str, Mapping[str, Any]], title: str) -> None:
             f"{row['centroids_used']}/{2 ** row['bits']}",
             f"{row['wcss']:.4g}",
         )
-    Console(stderr=True).print(table)
+    rich_console(stderr=True).print(table)
