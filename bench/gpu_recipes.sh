@@ -43,7 +43,7 @@ for recipe in ${RECIPES:-vgg16 alexnet}; do
   step "$recipe" "${LIMIT[$recipe]}" python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
     output_dir="$R/$recipe" hydra.run.dir="$R/$recipe/hydra" "${EXTRA[@]}"
   [ -f "$R/$recipe/model.dcz" ] || continue
-  [ "${SMOKE:-0}" = 1 ] || step "latency_$recipe" 60 python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" \
+  [ "${SMOKE:-0}" = 1 ] || step "latency_$recipe" 150 python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" \
     --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
 done
 if [ "${SMOKE:-0}" != 1 ] && [ "${BENCH:-1}" = 1 ]; then
