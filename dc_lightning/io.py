@@ -282,17 +282,38 @@ class _Payload:
         return sec
 
     def add_stream(self, s: huffman.HuffmanStream) -> dict:
+        lengths = s.lengths.astype(np.uint8)
+        if lengths.size > 1 and (lengths == lengths[0]).all():  # a fixed-width code: one length for all symbols
+            lengths = lengths[:1]
         return {
             "n": int(s.count),
             "nbits": int(s.nbits),
             "chunk": int(s.chunk),
-            "lengths": self.add(s.lengths.astype(np.uint8)),
+            "lengths": self.add(lengths),
             "sync": self.add(s.sync.astype("<u2")),
             "data": self.add(s.data),
         }
 
     def array(self) -> np.ndarray:
         return np.frombuffer(b"".join(self.parts), dtype=np.uint8).copy() if self.size else np.zeros(0, np.uint8)
+
+
+def _code_stream(symbols: np.ndarray, alphabet: int, max_len: int, chunk: int) -> huffman.HuffmanStream:
+    """Huffman-code ``symbols``, or code them at a fixed width when that is smaller.
+
+    A Huffman stream stores one code length per symbol of the alphabet (256 bytes for an 8-bit codebook), which costs
+    more than it saves on tiny layers (LeNet-5's conv1: 330 weights). A fixed-width code is the canonical code whose
+    lengths are all ``ceil(log2(alphabet))``; its length table is stored as a single byte (see ``_Payload.add_stream``),
+    and readers decode it exactly like any other canonical code.
+    """
+    coded = huffman.encode(symbols, alphabet_size=alphabet, max_len=max_len, chunk=chunk)
+    width = max(1, math.ceil(math.log2(alphabet)))
+    if width > max_len or not symbols.size:
+        return coded
+    fixed_bytes = (symbols.size * width + 7) // 8 + 1  # data + the one-byte length table (same sync table)
+    if fixed_bytes < coded.data.size + alphabet:
+        return huffman.encode(symbols, np.full(alphabet, width, np.uint8), chunk=chunk)
+    return coded
 
 
 def _encode_layer(
@@ -368,7 +389,7 @@ def _encode_layer(
             codebook_dtype=codebook_dtype,
             codebook=pay.add(cbs.astype("<" + cbs.dtype.str[1:])),
         )
-        rec["code"] = pay.add_stream(huffman.encode(codes, alphabet_size=k, max_len=max_len, chunk=chunk))
+        rec["code"] = pay.add_stream(_code_stream(codes, k, max_len, chunk))
     else:
         if not has_mask:
             raise AssertionError("layer without mask or codebook is not a compressed layer")
@@ -380,7 +401,7 @@ def _encode_layer(
     if has_mask:
         gaps = encode_gaps(pos, index_bits)
         rec.update(index_bits=index_bits, nnz=int(pos.size), n_fill=int(gaps.size - pos.size))
-        rec["gap"] = pay.add_stream(huffman.encode(gaps, alphabet_size=1 << index_bits, max_len=max_len, chunk=chunk))
+        rec["gap"] = pay.add_stream(_code_stream(gaps, 1 << index_bits, max_len, chunk))
     else:
         rec.update(index_bits=None, nnz=R * C, n_fill=0, gap=None)
     arr = pay.array()
@@ -597,6 +618,8 @@ def _stream(payload: np.ndarray, rec: Any, alphabet: int, what: str) -> huffman.
     if not isinstance(rec, dict):
         raise CorruptFileError(f"{what}: stream record missing")
     lengths = _section(payload, rec.get("lengths"), what + ".lengths")
+    if lengths.size == 1 and alphabet > 1:  # a fixed-width code stores its one length once
+        lengths = np.full(alphabet, lengths[0], dtype=np.uint8)
     if lengths.size != alphabet:
         raise CorruptFileError(f"{what}: {lengths.size} code lengths for an alphabet of {alphabet}")
     sync_b = _section(payload, rec.get("sync"), what + ".sync")

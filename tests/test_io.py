@@ -443,3 +443,26 @@ def test_cli_export_lightning_checkpoint(tmp_path):
     assert_same_state(lin, rebuilt)
     assert read_compressed(tmp_path / "x.dcz").layers[""].index_bits == 4
     assert cli_export([str(tmp_path / "x.ckpt"), str(tmp_path / "y.dcz")]) == 2  # no --model-class
+
+
+def test_fixed_width_fallback_for_tiny_layers(tmp_path):
+    """A tiny 8-bit layer: the 256-byte code-length table would outweigh Huffman's gain, so the codes go fixed-width
+    with a one-byte table; the file still round-trips bit for bit."""
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 10, bias=False)
+    mask = torch.rand(10, 20) < 0.7
+    cb = torch.linspace(-1, 1, 256)
+    assign = torch.randint(0, 256, (10, 20), dtype=torch.uint8)
+    lin.register_buffer("weight_mask", mask)
+    lin.register_buffer("weight_codebook", cb)
+    lin.register_buffer("weight_assign", assign)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(mask, cb[assign.long()], 0.0))
+    rep = save_compressed(lin, tmp_path / "t.dcz", index_bits=5)
+    (row,) = rep.layers
+    nnz = int(mask.sum())
+    assert row.weight_bits_pqh == pytest.approx(8.0)  # fixed width, not a Huffman code
+    # payload: codebook (1 KiB) + 1-byte table + nnz bytes of codes + gap stream; far below a 256-byte table
+    assert row.size_pqh_bytes < 1024 + nnz + 256
+    back = load_compressed(tmp_path / "t.dcz", model=nn.Linear(20, 10, bias=False))
+    assert torch.equal(back.weight, lin.weight)

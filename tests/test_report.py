@@ -38,13 +38,15 @@ def test_hand_checked_columns(tmp_path):
     assert row.size_p_bytes == pytest.approx(179 / 8)
     assert row.size_pq_bytes == pytest.approx(187 / 8)
     assert row.cr_pq_pct == pytest.approx(100 * 187 / 8 / 400)
-    # Huffman: codes {0: 3, 1: 1} -> 1 bit each; gaps {7: 13, 0: 2, 4: 1, 1: 1} -> 1, 2, 3, 3 bits = 23 bits
-    assert row.weight_bits_pqh == pytest.approx(1.0)
-    assert row.index_bits_pqh == pytest.approx(23 / 4)
-    # payload: codebook 16 + code lengths 4 + sync 2 + 1 data byte + gap lengths 8 + sync 2 + 3 data bytes = 36
-    assert row.size_pqh_bytes == 36
-    assert row.cr_pqh_pct == pytest.approx(9.0)
-    assert rep.total.ratio_pqh == pytest.approx(400 / 36)
+    # Huffman would code the codes {0: 3, 1: 1} in 1 bit each (4 bits) and the gaps {7: 13, 0: 2, 4: 1, 1: 1} in
+    # 23 bits, but its length tables (4 and 8 bytes) outweigh that: both streams go fixed-width (2 and 3 bits) with a
+    # one-byte table, 1 + 1 and 7 + 1 bytes instead of 1 + 4 and 3 + 8
+    assert row.weight_bits_pqh == pytest.approx(2.0)
+    assert row.index_bits_pqh == pytest.approx(17 * 3 / 4)
+    # payload: codebook 16 + code table 1 + sync 2 + 1 data byte + gap table 1 + sync 2 + 7 data bytes = 30
+    assert row.size_pqh_bytes == 30
+    assert row.cr_pqh_pct == pytest.approx(7.5)
+    assert rep.total.ratio_pqh == pytest.approx(400 / 30)
     assert rep.other is None
 
 
@@ -61,16 +63,16 @@ def test_model_and_file_reports_agree(tmp_path):
     assert dense.kind == "dense" and dense.cr_pqh_pct == pytest.approx(100.0)
     tot = rep_path.total
     assert tot.size_dense_bytes == 4 * (100 + 30 + 3)
-    assert tot.size_pqh_bytes == 36 + 120 + 12
+    assert tot.size_pqh_bytes == 30 + 120 + 12
 
 
 def test_renderings(tmp_path, capsys):
     rep = save_compressed(hand_layer(), tmp_path / "h.dcz", index_bits=3)
     md = rep.to_markdown()
     assert md.splitlines()[0].startswith("| layer | #W | W% (P)")
-    assert "| 9.00% (11.1x) |" in md
+    assert "| 7.50% (13.3x) |" in md
     doc = json.loads(rep.to_json())
-    assert doc["layers"][0]["fillers"] == 13 and doc["total"]["ratio_pqh"] == pytest.approx(400 / 36)
+    assert doc["layers"][0]["fillers"] == 13 and doc["total"]["ratio_pqh"] == pytest.approx(400 / 30)
     png = rep.plot(tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep.print()
@@ -99,6 +101,6 @@ def test_log_wandb_with_fake_run(tmp_path):
         experiment = Run()
 
     rep.log_wandb(Logger())
-    assert calls["log"]["compression/ratio"] == pytest.approx(400 / 36)
+    assert calls["log"]["compression/ratio"] == pytest.approx(400 / 30)
     assert calls["log"]["compression/report"].columns[0] == "layer"
     assert calls["artifact"].type == "report"
