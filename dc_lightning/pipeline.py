@@ -109,8 +109,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"stage: {cfg.stage!r} is not among this run's stages {stages}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "config.yaml", "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    previous = out / "config.yaml"
+    if previous.is_file() and previous.read_text() != resolved and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"output_dir: {str(out)!r} holds another run (its config.yaml differs from this one); its checkpoints "
+            "and compressed file would be overwritten. Pick another output_dir, or pass overwrite=true"
+        )
+    with atomic_write(previous, "w") as f:
+        f.write(resolved)
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)

@@ -136,3 +136,15 @@ def test_imagenet_shapes_every_stage(tmp_path):
     assert kept["model.classifier.1"] == pytest.approx(9, abs=0.01)  # fc6 at [DC] Table 4's 9%
     assert summary["report"]["total"]["ratio_pq"] > 20
     assert set(summary["seconds"]) == {"baseline", "prune", "quantize", "export", "evaluate"}
+
+
+def test_refuses_to_overwrite_another_run(tmp_path):
+    base = _pipeline_overrides(tmp_path, "data=fake", "stages=[baseline]", "pipeline.baseline.epochs=1",
+                               "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                               "trainer.limit_test_batches=1")
+    train(compose("lenet300", base))
+    before = (tmp_path / "checkpoints" / "baseline.ckpt").read_bytes()
+    with pytest.raises(FileExistsError, match="holds another run"):
+        train(compose("lenet300", [*base, "seed=1"]))
+    assert (tmp_path / "checkpoints" / "baseline.ckpt").read_bytes() == before  # nothing was touched
+    train(compose("lenet300", [*base, "seed=1", "overwrite=true"]))  # explicit consent
