@@ -1019,7 +1019,10 @@ def cli_export(argv: list[str] | None = None) -> int:
         builder=builder,
         overwrite=args.overwrite,
     )
-    print(f"wrote {args.out}: {report.file_bytes} bytes, {report.total.ratio_pqh:.1f}x smaller than dense fp32")
+    print(
+        f"wrote {args.out}: {report.file_bytes:,} bytes, {report.ratio_file:.1f}x smaller than the dense fp32 "
+        f"parameters (weights alone, [DC]'s accounting: P+Q+H {report.total.ratio_pqh:.1f}x)"
+    )
     return 0
 
 
