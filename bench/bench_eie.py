@@ -241,38 +241,14 @@ def run_layers(batches, floor, out_dir: Path, providers_sel=None) -> list[dict]:
             ours_fn = provs["ours"][0]
             rec["ours_eager"] = bench_us(lambda f=ours_fn, x=x32: f(x))  # includes Python/launch overhead
 
-            def fn_2k(x, p=packed, bias=bias, n_out=n_out, n_in=n_in):  # the previous two-kernel design
-                return E.eie_linear_triton(
-                    x,
-                    p.entries,
-                    p.block_ptr,
-                    p.codebook,
-                    bias,
-                    n_out,
-                    n_in,
-                    p.row_tile,
-                    p.chunk,
-                    p.code_shift,
-                    config={"kernel": "split"},
-                )
+            def fn_2k(x, p=packed, bias=bias):  # the previous two-kernel design
+                return E.eie_linear_triton(*p.op_args(x, bias), config={"kernel": "split"})
 
             rec["ours_2k"] = graph_us(fn_2k, x32)
             if B == 1:
 
-                def fn_skip(x, p=packed, bias=bias, n_out=n_out, n_in=n_in):
-                    return E.eie_linear_triton(
-                        x,
-                        p.entries,
-                        p.block_ptr,
-                        p.codebook,
-                        bias,
-                        n_out,
-                        n_in,
-                        p.row_tile,
-                        p.chunk,
-                        p.code_shift,
-                        config={"skip_zero_chunks": True},
-                    )
+                def fn_skip(x, p=packed, bias=bias):
+                    return E.eie_linear_triton(*p.op_args(x, bias), config={"skip_zero_chunks": True})
 
                 rec["ours_skipzero"] = graph_us(fn_skip, x32)
             if DEV == "cuda":
@@ -392,19 +368,7 @@ def run_stacks(batches, out_dir: Path, energy_s: float = 1.5) -> list[dict]:
         def ours(x, layers=layers):
             for L in layers:
                 p = L["p"]
-                x = E.eie_linear(
-                    x,
-                    p.entries,
-                    p.block_ptr,
-                    p.codebook,
-                    L["bias"],
-                    p.out_features,
-                    p.in_features,
-                    p.row_tile,
-                    p.chunk,
-                    p.code_shift,
-                    L["relu"],
-                )
+                x = E.eie_linear(*p.op_args(x, L["bias"], L["relu"]))
             return x
 
         def dense16(x, layers=layers):
@@ -583,20 +547,8 @@ def run_sweep(out_dir: Path, layers=("VGG-6", "Alex-7", "Alex-8", "NT-Wd"), batc
             for rt, ch, cfg in configs:
                 p = packs[(rt, ch)]
 
-                def fn(x=x, p=p, n_out=n_out, n_in=n_in, cfg=cfg):
-                    return E.eie_linear_triton(
-                        x,
-                        p.entries,
-                        p.block_ptr,
-                        p.codebook,
-                        None,
-                        n_out,
-                        n_in,
-                        p.row_tile,
-                        p.chunk,
-                        p.code_shift,
-                        config=cfg,
-                    )
+                def fn(x=x, p=p, cfg=cfg):
+                    return E.eie_linear_triton(*p.op_args(x), config=cfg)
 
                 try:
                     y = fn()

@@ -67,33 +67,8 @@ def ref_linear(x, rows, cols, codes, codebook, bias, n_out, n_in, relu):
 
 def run_op(p, x, bias, relu, config=None):
     if config is None:
-        return E.eie_linear(
-            x,
-            p.entries,
-            p.block_ptr,
-            p.codebook,
-            bias,
-            p.out_features,
-            p.in_features,
-            p.row_tile,
-            p.chunk,
-            p.code_shift,
-            relu,
-        )
-    return E.eie_linear_triton(
-        x,
-        p.entries,
-        p.block_ptr,
-        p.codebook,
-        bias,
-        p.out_features,
-        p.in_features,
-        p.row_tile,
-        p.chunk,
-        p.code_shift,
-        relu,
-        config=config,
-    )
+        return E.eie_linear(*p.op_args(x, bias, relu))
+    return E.eie_linear_triton(*p.op_args(x, bias, relu), config=config)
 
 
 def layer_checks(batches) -> None:

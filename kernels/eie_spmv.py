@@ -136,6 +136,11 @@ class EIEPacked:
         """Padding entries per real non-zero (0.15 = 15% more entries than non-zeros)."""
         return self.entries.numel() / max(self.nnz, 1) - 1.0
 
+    def op_args(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> tuple:
+        """The positional arguments of ``eie_linear`` / ``eie_linear_triton`` / ``eie_linear_reference`` for ``x``."""
+        return (x, self.entries, self.block_ptr, self.codebook, bias, self.out_features, self.in_features,
+                self.row_tile, self.chunk, self.code_shift, relu)
+
     def to(self, device: torch.device | str) -> EIEPacked:
         return EIEPacked(
             self.entries.to(device),
@@ -837,20 +842,7 @@ def autotune(
         for cfg in _candidates(batch, p.n_chunks, p.row_tile):
 
             def call(cfg=cfg, x=x):
-                return eie_linear_triton(
-                    x,
-                    p.entries,
-                    p.block_ptr,
-                    p.codebook,
-                    bias,
-                    p.out_features,
-                    p.in_features,
-                    p.row_tile,
-                    p.chunk,
-                    p.code_shift,
-                    relu,
-                    config=cfg,
-                )
+                return eie_linear_triton(*p.op_args(x, bias, relu), config=cfg)
 
             try:
                 call()  # compile outside the capture

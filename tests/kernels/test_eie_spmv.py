@@ -161,19 +161,7 @@ def _run_interpreter_cases(out_path: str) -> None:
             row_tile=case.get("row_tile"),
             chunk=case.get("chunk"),
         )
-        args = (
-            x,
-            p.entries,
-            p.block_ptr,
-            p.codebook,
-            bias,
-            p.out_features,
-            p.in_features,
-            p.row_tile,
-            p.chunk,
-            p.code_shift,
-            bool(case.get("relu")),
-        )
+        args = p.op_args(x, bias, bool(case.get("relu")))
         ref = _reference(case, rows, cols, codes, codebook, x, bias)
         errs = []
         for _ in range(case.get("repeat", 1)):  # repeated calls: the flat kernel's workspace must be zero again
@@ -275,19 +263,7 @@ def test_reference_path_matches_float64(dtype: torch.dtype) -> None:
 
 
 def _args(p, x, bias=None):
-    return (
-        x,
-        p.entries,
-        p.block_ptr,
-        p.codebook,
-        bias,
-        p.out_features,
-        p.in_features,
-        p.row_tile,
-        p.chunk,
-        p.code_shift,
-        False,
-    )
+    return p.op_args(x, bias)
 
 
 def test_op_registered_and_cpu_fallback() -> None:
