@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from nets import Nested as Net
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,29 +20,6 @@ from dc_lightning.pruning import get_mask
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 TARGETS = ["model.features.0", "model.seq1d", "model.head.block.0", "model.head.block.4"]
-
-
-class Net(nn.Module):
-    """Nested Conv2d (bias) / Conv1d (no bias) / Linear (bias and not) + BatchNorm, LayerNorm, Embedding, Dropout."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        self.seq1d = nn.Conv1d(8, 6, 3, bias=False)
-        self.emb = nn.Embedding(10, 16)
-        self.head = nn.Module()
-        self.head.block = nn.Sequential(
-            nn.Linear(8 * 6 * 6 + 6 * 6, 64),
-            nn.LayerNorm(64),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(64, 10, bias=False),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 1, 8, 8]
-        a = self.features(x).flatten(1)  # [B, 288]
-        b = self.seq1d(x.squeeze(1)).flatten(1)  # [B, 8, 8] -> [B, 6, 6] -> [B, 36]
-        return self.head.block(torch.cat([a, b], 1)) + self.emb.weight[:, :10].sum(0)
 
 
 class Module(pl.LightningModule):
