@@ -86,7 +86,8 @@ def stage_quantize(cfg: DictConfig, dm, module, resume: str | None) -> pl.Lightn
     q = cfg.pipeline.quantize
     module = module or load_module_checkpoint(cfg, _need(cfg, "pruned_ckpt", "quantize"))
     callback = TrainedQuantization(bits=_plain(q.bits), init=q.init, start_epoch=0,
-                                   lr_scale=q.get("codebook_lr_scale", "auto"), refine=q.get("refine", False))
+                                   lr_scale=q.get("codebook_lr_scale", "auto"), refine=q.get("refine", False),
+                                   max_iter=int(q.get("max_iter", 300)))
     _fit(cfg, _with_lr(module, cfg, q.lr_scale), dm, "quantize", q.epochs, [callback], resume)
     return module
 

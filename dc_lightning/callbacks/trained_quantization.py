@@ -113,7 +113,10 @@ class TrainedQuantization(Callback):
         codebook_weight_decay: weight decay of the codebook optimizer, >= 0.
         refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans_1d`); False
             (default) runs the paper's plain Lloyd iterations from ``init``.
-        max_iter: Lloyd iterations at most, >= 1.
+        max_iter: Lloyd iterations at most, >= 0. ``0`` with ``init="linear"`` keeps the evenly spaced initial
+            centroids (uniform quantization; fine-tuning still trains them): for an entropy-coded (Huffman) file
+            that is the better rate-distortion trade-off, since Lloyd spreads code use evenly and so raises the
+            codes' entropy (measured in recipes/lenet300/README.md).
         seed: seed of the ``"random"`` init (the same on every rank).
         types: module types considered.
         verbose: print a per-layer table (rich) on rank 0 after clustering.
@@ -174,8 +177,8 @@ class TrainedQuantization(Callback):
                 "TrainedQuantization: codebook_weight_decay must be a finite number >= 0, "
                 f"got {codebook_weight_decay!r}"
             )
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"TrainedQuantization: max_iter must be an int >= 1, got {max_iter!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+            raise ValueError(f"TrainedQuantization: max_iter must be an int >= 0, got {max_iter!r}")
         self.bits = bits
         self.init = init
         self.include = list(include) if include is not None else None

@@ -155,6 +155,32 @@ class RecordStep(Callback):
             }
 
 
+def test_max_iter_zero_keeps_the_evenly_spaced_linear_centroids():
+    """max_iter=0: uniform quantization, the codebook starts as linspace(min, max) of each layer's kept weights."""
+    torch.manual_seed(0)
+    module = Module()
+    prune_by_hand(module)
+    kept = {}
+    for name in (CONV, FC1, FC2):
+        m = module.get_submodule(name)
+        kept[name] = m.weight.detach()[m.weight_mask].clone()
+    q = TrainedQuantization(bits=4, max_iter=0, verbose=False, log_histograms=False)
+    check = Check(q)
+    trainer(1, [q, check], limit_train_batches=2).fit(module, loader())
+    for name, w in kept.items():
+        expected = torch.linspace(w.min().item(), w.max().item(), 16)
+        torch.testing.assert_close(check.first_codebooks[name], expected, rtol=0, atol=1e-6)
+    # Lloyd (the default) moves the centroids away from the even spacing on the same weights
+    torch.manual_seed(0)
+    module = Module()
+    prune_by_hand(module)
+    q = TrainedQuantization(bits=4, verbose=False, log_histograms=False)
+    check = Check(q)
+    trainer(1, [q, check], limit_train_batches=2).fit(module, loader())
+    w = kept[FC1]
+    assert not torch.allclose(check.first_codebooks[FC1], torch.linspace(w.min().item(), w.max().item(), 16))
+
+
 def test_centroid_update_is_eq3_with_the_scheduled_lr():
     pl.seed_everything(1)
     module = Module("plain", lr=0.2, sched=True)
@@ -269,7 +295,8 @@ def test_placeholders_removed_when_never_clustered():
         ({"start_epoch": -1}, "start_epoch"),
         ({"lr_scale": 0}, "lr_scale"),
         ({"codebook_weight_decay": -1}, "codebook_weight_decay"),
-        ({"max_iter": 0}, "max_iter"),
+        ({"max_iter": -1}, "max_iter"),
+        ({"max_iter": 2.5}, "max_iter"),
     ],
 )
 def test_bad_arguments(kwargs, match):
