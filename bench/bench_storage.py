@@ -63,7 +63,9 @@ VGG16 = {
 PAPER = {"alexnet": (ALEXNET, 27.0, 35.0, 4), "vgg16": (VGG16, 31.0, 49.0, 5)}
 
 
-def build_compressed(net: str, state_dict: str | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
+def build_compressed(
+    net: str, state_dict: str | None = None, seed: int = 0, max_iter: int = 300
+) -> tuple[nn.Module, dict]:
     """Full-size torchvision ``net`` pruned to the paper's densities and quantized 8 bits conv / 5 bits fc."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models, net)(weights=None)
@@ -86,15 +88,15 @@ def build_compressed(net: str, state_dict: str | None = None, seed: int = 0) -> 
     from dc_lightning.quantization import quantize_model
 
     bits = {k: (8 if k.startswith("features") else 5) for k in table}
-    quantize_model(model, bits=bits, include=list(table))
+    quantize_model(model, bits=bits, include=list(table), max_iter=max_iter)
     times["quantize_s"] = time.perf_counter() - t
     return model, times
 
 
-def run(net: str, state_dict: str | None, index_bits: int | None) -> dict:
+def run(net: str, state_dict: str | None, index_bits: int | None, max_iter: int = 300) -> dict:
     table, pq_paper, pqh_paper, paper_ib = PAPER[net]
     ib = paper_ib if index_bits is None else index_bits
-    model, times = build_compressed(net, state_dict)
+    model, times = build_compressed(net, state_dict, max_iter=max_iter)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{net}.dcz"
     t = time.perf_counter()
@@ -129,6 +131,7 @@ def run(net: str, state_dict: str | None, index_bits: int | None) -> dict:
         "net": net,
         "weights": "trained:" + state_dict if state_dict else "random init (torchvision weights=None)",
         "index_bits": ib,
+        "kmeans_iters": max_iter,
         "ratio_p": round(tot.ratio_p, 2),
         "ratio_pq": round(tot.ratio_pq, 2),
         "paper_ratio_pq": pq_paper,
@@ -192,10 +195,13 @@ def main() -> None:
     p.add_argument("--nets", nargs="+", default=["alexnet", "vgg16"], choices=list(PAPER))
     p.add_argument("--state-dict", default=None, help="trained weights (.safetensors or .pth) for the (single) net")
     p.add_argument("--index-bits", type=int, default=None, help="override the paper's index bits (AlexNet 4, VGG 5)")
+    p.add_argument("--kmeans-iters", type=int, default=300,
+                   help="Lloyd iterations from the linear init (0 = uniform quantization; default 300)")
     args = p.parse_args()
     for net in args.nets:
-        res = run(net, args.state_dict, args.index_bits)
-        print(f"\n## {net} (index bits {res['summary']['index_bits']}, {res['summary']['weights']})\n")
+        res = run(net, args.state_dict, args.index_bits, args.kmeans_iters)
+        print(f"\n## {net} (index bits {res['summary']['index_bits']}, k-means iterations {args.kmeans_iters}, "
+              f"{res['summary']['weights']})\n")
         print(to_markdown(res))
 
 

@@ -4,7 +4,9 @@
 # benchmarks and the EIE module checks (torch.compile, CUDA graphs). Run from the repository root on the device
 # machine (torch/Lightning/Triton preinstalled; Hydra, omegaconf, rich, safetensors carried as wheels in .whl/;
 # Fashion-MNIST carried in .carry/fashion-mnist):
-#     bash bench/gpu_recipes.sh   (RECIPES="vgg16 alexnet"; BUDGET=570 s; BENCH=0 skips the benchmarks; SMOKE=1: CPU dry run)
+#     bash bench/gpu_recipes.sh   (RECIPES="vgg16 alexnet"; BUDGET=570 s; BENCH=0 skips the benchmarks; SMOKE=1: CPU dry run;
+#      LATENCY_ONLY="vgg16=<file.dcz>" times a file written by an earlier call; LLOYD=1 adds a Lloyd k-means quantize
+#      stage from the same pruned checkpoint; LATENCY=0 skips the recipe's own latency step)
 # Steps run in priority order while the time budget lasts; $OUT/results.tgz is refreshed after every step (run logs,
 # summaries, reports, benchmark CSV/JSON; no checkpoints), so a run cut short still returns what it finished.
 set -uo pipefail
@@ -38,23 +40,11 @@ step() {
 }
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, triton, lightning;
 print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)") > "$R/machine.txt" 2>&1
-declare -A SIZE=([alexnet]=64 [vgg16]=32) LIMIT=([alexnet]=150 [vgg16]=210)
-for recipe in ${RECIPES:-vgg16 alexnet}; do
-  step "$recipe" "${LIMIT[$recipe]}" python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
-    output_dir="$R/$recipe" hydra.run.dir="$R/$recipe/hydra" "${EXTRA[@]}"
-  [ -f "$R/$recipe/model.dcz" ] || continue
-  [ "${SMOKE:-0}" = 1 ] || step "latency_$recipe" 150 python3 bench/bench_network_latency.py "$R/$recipe/model.dcz" \
-    --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
-done
-if [ "${SMOKE:-0}" != 1 ] && [ "${BENCH:-1}" = 1 ]; then
-  step kmeans_cuda 60 python3 bench/bench_kmeans.py --device cuda --no-sklearn --out "$R/kmeans_cuda"
-  step prune_cuda 90 python3 bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256 \
-    --out "$R/prune_cuda"
-  step eie_module 60 python3 bench/gpu_eie_suite.py --out "$R/eie_module" --groups module
-fi
-# storage reproduction on the trained dense baselines (magnitude pruning to the tables' densities, no retraining)
-for recipe in ${RECIPES:-vgg16 alexnet}; do
-  [ -f "$R/$recipe/checkpoints/baseline.ckpt" ] || continue
+declare -A SIZE=([alexnet]=64 [vgg16]=32) LIMIT=([alexnet]=240 [vgg16]=480) LAT=([alexnet]=120 [vgg16]=240)
+# storage reproduction on a trained dense baseline (magnitude pruning to the table's densities, no retraining)
+storage() {
+  local recipe=$1
+  [ -f "$R/$recipe/checkpoints/baseline.ckpt" ] || return 0
   python3 - "$R/$recipe/checkpoints/baseline.ckpt" "$R/$recipe/baseline.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import save_file
@@ -63,5 +53,33 @@ save_file({k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startsw
 PY
   step "storage_trained_$recipe" 75 python3 bench/bench_storage.py --nets "$recipe" \
     --state-dict "$R/$recipe/baseline.safetensors"
+  # the same with uniform quantization (no Lloyd iterations): the entropy-coding trade-off
+  step "storage_trained_${recipe}_uniform" 75 python3 bench/bench_storage.py --nets "$recipe" \
+    --state-dict "$R/$recipe/baseline.safetensors" --kmeans-iters 0
+}
+for recipe in ${RECIPES:-vgg16 alexnet}; do
+  step "$recipe" "${LIMIT[$recipe]}" python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
+    output_dir="$R/$recipe" hydra.run.dir="$R/$recipe/hydra" "${EXTRA[@]}"
+  [ -f "$R/$recipe/model.dcz" ] || continue
+  mkdir -p "$OUT/dcz" && cp "$R/$recipe/model.dcz" "$OUT/dcz/$recipe.dcz"   # for a later latency-only call
+  # LLOYD=1: the quantize stage again from the same pruned checkpoint with Lloyd k-means (the paper's clustering)
+  [ "${LLOYD:-0}" = 1 ] && step "${recipe}_lloyd" 120 python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
+    stage=quantize pruned_ckpt="$R/$recipe/checkpoints/prune.ckpt" pipeline.quantize.max_iter=300 \
+    output_dir="$R/${recipe}_lloyd" hydra.run.dir="$R/${recipe}_lloyd/hydra" "${EXTRA[@]}"
+  [ "${SMOKE:-0}" = 1 ] || storage "$recipe"
+  [ "${SMOKE:-0}" = 1 ] || [ "${LATENCY:-1}" = 0 ] || step "latency_$recipe" "${LAT[$recipe]}" python3 bench/bench_network_latency.py \
+    "$R/$recipe/model.dcz" --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
 done
+# latency of files written by an earlier call (LATENCY_ONLY="vgg16=path/to/vgg16.dcz ...")
+for item in ${LATENCY_ONLY:-}; do
+  recipe=${item%%=*}
+  step "latency_$recipe" "${LAT[$recipe]}" python3 bench/bench_network_latency.py "${item#*=}" \
+    --image-size "${SIZE[$recipe]}" --channels 3 --data-root "$DATA" --out "$R/latency_$recipe"
+done
+if [ "${SMOKE:-0}" != 1 ] && [ "${BENCH:-1}" = 1 ]; then
+  step kmeans_cuda 60 python3 bench/bench_kmeans.py --device cuda --no-sklearn --out "$R/kmeans_cuda"
+  step prune_cuda 90 python3 bench/bench_pruning_overhead.py --device cuda --model vgg16 --batch-size 256 \
+    --out "$R/prune_cuda"
+  step eie_module 60 python3 bench/gpu_eie_suite.py --out "$R/eie_module" --groups module
+fi
 pack; ls -la "$OUT"; cat "$R/status.txt"
