@@ -131,6 +131,9 @@ def test_imagenet_shapes_every_stage(tmp_path):
         "pipeline.prune.rounds=1", "pipeline.quantize.epochs=1"))
     imagenet = compose("alexnet", ["data=imagenet", "data.root=/nonexistent"])
     assert imagenet.pipeline.prune.lr_scale == pytest.approx(0.01) and imagenet.data.image_size == 224
+    # ImageNet keeps the paper's k-means; the Fashion-MNIST schedule uses uniform centroids (recipes/alexnet/README.md)
+    assert imagenet.pipeline.quantize.max_iter == 300 and imagenet.pipeline.prune.adjust_dropout
+    assert compose("alexnet", ["data.root=/nonexistent"]).pipeline.quantize.max_iter == 0
     summary = train(cfg)
     kept = {r["name"]: r["kept_pct"] for r in summary["report"]["layers"]}
     assert kept["model.classifier.1"] == pytest.approx(9, abs=0.01)  # fc6 at [DC] Table 4's 9%
