@@ -195,13 +195,19 @@ def main() -> None:
     p.add_argument("--nets", nargs="+", default=["alexnet", "vgg16"], choices=list(PAPER))
     p.add_argument("--state-dict", default=None, help="trained weights (.safetensors or .pth) for the (single) net")
     p.add_argument("--index-bits", type=int, default=None, help="override the paper's index bits (AlexNet 4, VGG 5)")
-    p.add_argument("--kmeans-iters", type=int, default=300,
-                   help="Lloyd iterations from the linear init (0 = uniform quantization; default 300)")
+    p.add_argument(
+        "--kmeans-iters",
+        type=int,
+        default=300,
+        help="Lloyd iterations from the linear init (0 = uniform quantization; default 300)",
+    )
     args = p.parse_args()
     for net in args.nets:
         res = run(net, args.state_dict, args.index_bits, args.kmeans_iters)
-        print(f"\n## {net} (index bits {res['summary']['index_bits']}, k-means iterations {args.kmeans_iters}, "
-              f"{res['summary']['weights']})\n")
+        print(
+            f"\n## {net} (index bits {res['summary']['index_bits']}, k-means iterations {args.kmeans_iters}, "
+            f"{res['summary']['weights']})\n"
+        )
         print(to_markdown(res))
 
 

@@ -91,6 +91,9 @@ EXTENSION = ".dcz"
 SCAN_ORDER = "row-major over weight.reshape(out, -1)"
 #: paper defaults for the relative index [DC §2]: 8 bits for conv, 5 bits for fc
 PAPER_INDEX_BITS = {"conv": 8, "fc": 5}
+#: ``index_bits="auto"``: export tries these relative-index widths per layer and keeps the smallest coded stream
+AUTO = "auto"
+AUTO_INDEX_BITS = tuple(range(2, 11))
 #: a file may not expand (dense state dict) to more than this many times its size, floor 1 GiB (see decompress)
 MAX_DENSE_EXPANSION = 1024
 _MIN_DENSE_CAP = 1 << 30
@@ -244,10 +247,12 @@ def _compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _resolve_index_bits(index_bits: Any, layers: dict[str, nn.Module]) -> dict[str, int]:
+def _resolve_index_bits(index_bits: Any, layers: dict[str, nn.Module]) -> dict[str, int | str]:
     names = list(layers)
     if index_bits is None:
         out = {n: PAPER_INDEX_BITS[_layer_kind(m)] for n, m in layers.items()}
+    elif index_bits == AUTO:
+        out = {n: AUTO for n in names}
     else:
         if isinstance(index_bits, dict) and not names:
             return {}
@@ -256,9 +261,33 @@ def _resolve_index_bits(index_bits: Any, layers: dict[str, nn.Module]) -> dict[s
             if isinstance(v, int) and not isinstance(v, bool) and v == -1:
                 out[n] = PAPER_INDEX_BITS[_layer_kind(layers[n])]
     for n, v in out.items():
+        if v == AUTO:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_INDEX_BITS:
-            raise ValueError(f"index_bits for layer {n!r} is {v!r}; valid: an int in 1..{MAX_INDEX_BITS}")
+            raise ValueError(f"index_bits for layer {n!r} is {v!r}; valid: an int in 1..{MAX_INDEX_BITS} or {AUTO!r}")
     return out
+
+
+def _stream_bytes(s: huffman.HuffmanStream) -> int:
+    """Bytes a stream occupies in the file (data, code-length table, sync table; see ``_Payload.add_stream``)."""
+    lengths = s.lengths
+    table = 1 if lengths.size > 1 and (lengths == lengths[0]).all() else int(lengths.size)
+    return int(s.data.size) + table + 2 * int(s.sync.size)
+
+
+def _gap_stream(
+    pos: np.ndarray, index_bits: int | str, max_len: int, chunk: int
+) -> tuple[int, np.ndarray, huffman.HuffmanStream]:
+    """Relative-index stream of one layer at ``index_bits``, or at the width in AUTO_INDEX_BITS whose coded stream
+    is smallest (``"auto"``; ties go to the narrower width)."""
+    widths = AUTO_INDEX_BITS if index_bits == AUTO else (int(index_bits),)
+    best = None
+    for b in widths:
+        gaps = encode_gaps(pos, b)
+        s = _code_stream(gaps, 1 << b, max_len, chunk)
+        if best is None or _stream_bytes(s) < _stream_bytes(best[2]):
+            best = (b, gaps, s)
+    return best
 
 
 def _check_dtype(value: str, field_name: str) -> str:
@@ -319,7 +348,7 @@ def _code_stream(symbols: np.ndarray, alphabet: int, max_len: int, chunk: int) -
 def _encode_layer(
     name: str,
     m: nn.Module,
-    index_bits: int,
+    index_bits: int | str,
     codebook_dtype: str,
     dense_dtype: str,
     strict: bool,
@@ -399,9 +428,9 @@ def _encode_layer(
         )
         rec["code"] = None
     if has_mask:
-        gaps = encode_gaps(pos, index_bits)
-        rec.update(index_bits=index_bits, nnz=int(pos.size), n_fill=int(gaps.size - pos.size))
-        rec["gap"] = pay.add_stream(_code_stream(gaps, 1 << index_bits, max_len, chunk))
+        width, gaps, stream = _gap_stream(pos, index_bits, max_len, chunk)
+        rec.update(index_bits=width, nnz=int(pos.size), n_fill=int(gaps.size - pos.size))
+        rec["gap"] = pay.add_stream(stream)
     else:
         rec.update(index_bits=None, nnz=R * C, n_fill=0, gap=None)
     arr = pay.array()
@@ -432,7 +461,7 @@ def _builder_record(model: nn.Module, builder: dict | None) -> dict | None:
 def build_file(
     model: nn.Module,
     *,
-    index_bits: int | dict[str, int] | None = None,
+    index_bits: int | str | dict[str, int | str] | None = None,
     codebook_dtype: str = "float32",
     dense_dtype: str = "float32",
     builder: dict | None = None,
@@ -505,7 +534,7 @@ def save_compressed(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    index_bits: int | dict[str, int] | None = None,
+    index_bits: int | str | dict[str, int | str] | None = None,
     codebook_dtype: str = "float32",
     dense_dtype: str = "float32",
     builder: dict | None = None,
@@ -522,7 +551,10 @@ def save_compressed(
         model: the model.
         path: target file (extension ``.dcz`` by convention).
         index_bits: relative-index width: ``None`` = paper default (8 conv, 5 fc [DC §2]), an int for all layers,
-            or ``{fnmatch pattern: int}`` (last matching pattern wins; unmatched layers get the paper default).
+            ``"auto"``, or ``{fnmatch pattern: int or "auto"}`` (last matching pattern wins; unmatched layers get the
+            paper default). ``"auto"`` encodes each layer's relative indices at every width in 2..10 and keeps the
+            one whose Huffman-coded stream (with its tables) is smallest: a wider index needs fewer filler entries,
+            a narrower one a smaller code table. Export then takes up to 9x longer for those layers.
         codebook_dtype: ``"float32"`` (bit-exact) or ``"float16"`` (smaller; weights then change by rounding).
         dense_dtype: storage of plain float32 tensors and of pruned-only kept values: ``"float32"`` or ``"float16"``.
         builder: ``{"callable": "pkg.mod:Name", "kwargs": {...}}`` to rebuild the model; default ``model.dc_builder``,
@@ -970,6 +1002,15 @@ def attach_buffers_from_state_dict(model: nn.Module, state_dict: dict[str, torch
             modules[mod_name].register_buffer(buf, torch.zeros_like(t))
 
 
+def _index_bits_arg(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an int in 1..{MAX_INDEX_BITS} or {AUTO!r}") from None
+
+
 def cli_export(argv: list[str] | None = None) -> int:
     """``dc-lightning export <lightning.ckpt> <out.dcz> [--model-class pkg.mod:Class] [...]``.
 
@@ -981,7 +1022,12 @@ def cli_export(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="Lightning .ckpt file (your own: it is unpickled)")
     p.add_argument("out", help="output .dcz file")
     p.add_argument("--model-class", help="LightningModule class as pkg.module:Class (rebuilt from hyper_parameters)")
-    p.add_argument("--index-bits", type=int, default=None, help="relative-index bits (default: 8 conv / 5 fc)")
+    p.add_argument(
+        "--index-bits",
+        type=_index_bits_arg,
+        default=None,
+        help="relative-index bits: an int, or 'auto' = the smallest file per layer (default: 8 conv / 5 fc)",
+    )
     p.add_argument("--codebook-dtype", default="float32", choices=sorted(_NP_FLOAT))
     p.add_argument("--dense-dtype", default="float32", choices=sorted(_NP_FLOAT))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -156,6 +156,40 @@ def test_index_bits_options(tmp_path):
         save_compressed(net, tmp_path / "b.dcz", codebook_dtype="int8")
 
 
+def test_index_bits_auto_keeps_the_smallest_stream(tmp_path):
+    """``index_bits="auto"`` picks, per layer, the width whose coded relative-index stream is smallest."""
+    net = compressed_tiny_net()
+    auto = save_compressed(net, tmp_path / "auto.dcz", index_bits="auto")
+    cf = read_compressed(tmp_path / "auto.dcz")
+    fixed = {b: read_compressed_sizes(net, tmp_path, b) for b in range(2, 11)}
+    for name, layer in cf.layers.items():
+        if layer.index_bits is None:
+            continue
+        best = min(fixed[b][name] for b in fixed)
+        assert fixed[layer.index_bits][name] == best, (name, layer.index_bits)
+    assert (tmp_path / "auto.dcz").stat().st_size <= min((tmp_path / f"w{b}.dcz").stat().st_size for b in fixed)
+    fresh = tiny_net()
+    load_compressed(tmp_path / "auto.dcz", model=fresh)
+    assert_same_state(net, fresh)
+    assert auto.total.ratio_pqh > 0
+    # per layer, mixed with fixed widths; bad values name the layer and the valid choices
+    save_compressed(net, tmp_path / "mixed.dcz", index_bits={"*": "auto", "0": 6})
+    assert read_compressed(tmp_path / "mixed.dcz").layers["0"].index_bits == 6
+    with pytest.raises(ValueError, match=r"layer '0'.*'automatic'.*'auto'"):
+        save_compressed(net, tmp_path / "bad.dcz", index_bits={"*": 4, "0": "automatic"})
+
+
+def read_compressed_sizes(net: nn.Module, tmp_path, bits: int) -> dict[str, int]:
+    """Bytes of each layer's relative-index stream when the file is written with ``bits``-bit indices."""
+    path = tmp_path / f"w{bits}.dcz"
+    save_compressed(net, path, index_bits=bits)
+    out = {}
+    for name, layer in read_compressed(path).layers.items():
+        if layer.index_bits is not None:
+            out[name] = sum(layer.record["gap"][sec][1] for sec in ("lengths", "sync", "data"))
+    return out
+
+
 def test_fp16_storage_options(tmp_path):
     net = compressed_tiny_net()
     r32 = save_compressed(net, tmp_path / "a.dcz")
@@ -443,6 +477,11 @@ def test_cli_export_lightning_checkpoint(tmp_path):
     assert_same_state(lin, rebuilt)
     assert read_compressed(tmp_path / "x.dcz").layers[""].index_bits == 4
     assert cli_export([str(tmp_path / "x.ckpt"), str(tmp_path / "y.dcz")]) == 2  # no --model-class
+    args = [str(tmp_path / "x.ckpt"), str(tmp_path / "z.dcz"), "--model-class", "torch.nn:Linear"]
+    assert main(["export", *args, "--index-bits", "auto"]) == 0
+    assert 2 <= read_compressed(tmp_path / "z.dcz").layers[""].index_bits <= 10
+    with pytest.raises(SystemExit):  # argparse: "'five': expected an int in 1..12 or 'auto'"
+        main(["export", *args, "--index-bits", "five"])
 
 
 def test_fixed_width_fallback_for_tiny_layers(tmp_path):

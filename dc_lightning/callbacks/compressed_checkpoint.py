@@ -32,7 +32,8 @@ class CompressedCheckpoint(Callback):
         dirpath: folder for the files; default the trainer's log dir (or ``default_root_dir``).
         filename: name of the end-of-fit file (extension ``.dcz`` by convention).
         every_checkpoint: also write a compressed file with every Lightning checkpoint.
-        index_bits: relative-index bits (``None`` = 8 conv / 5 fc [DC §2], an int, or ``{pattern: int}``).
+        index_bits: relative-index bits (``None`` = 8 conv / 5 fc [DC §2], an int, ``"auto"`` = the smallest
+            coded stream per layer, or ``{pattern: int or "auto"}``).
         codebook_dtype: ``"float32"`` (bit-exact) or ``"float16"``.
         dense_dtype: storage of uncompressed float tensors: ``"float32"`` or ``"float16"``.
         strict: passed to ``save_compressed`` (raise if a layer breaks the mask/codebook invariants).
@@ -52,7 +53,7 @@ class CompressedCheckpoint(Callback):
         dirpath: str | os.PathLike | None = None,
         filename: str = "compressed.dcz",
         every_checkpoint: bool = False,
-        index_bits: int | dict[str, int] | None = None,
+        index_bits: int | str | dict[str, int | str] | None = None,
         codebook_dtype: str = "float32",
         dense_dtype: str = "float32",
         strict: bool = True,
@@ -66,9 +67,10 @@ class CompressedCheckpoint(Callback):
             raise ValueError(f"CompressedCheckpoint: dense_dtype={dense_dtype!r}; valid: {list(_DTYPES)}")
         if not isinstance(every_checkpoint, bool):
             raise ValueError(f"CompressedCheckpoint: every_checkpoint={every_checkpoint!r} must be a bool")
-        if index_bits is not None and not isinstance(index_bits, (int, dict)):
+        if index_bits is not None and index_bits != "auto" and not isinstance(index_bits, (int, dict)):
             raise ValueError(
-                f"CompressedCheckpoint: index_bits={index_bits!r}; valid: None, an int in 1..12, or {{pattern: int}}"
+                f"CompressedCheckpoint: index_bits={index_bits!r}; valid: None, an int in 1..12, 'auto', "
+                "or {pattern: int or 'auto'}"
             )
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.filename = filename
