@@ -268,11 +268,17 @@ def _resolve_index_bits(index_bits: Any, layers: dict[str, nn.Module]) -> dict[s
     return out
 
 
+def _stored_lengths(s: huffman.HuffmanStream) -> np.ndarray:
+    """The code-length table as stored: one byte per symbol, or a single byte for a fixed-width code."""
+    lengths = s.lengths.astype(np.uint8)
+    if lengths.size > 1 and (lengths == lengths[0]).all():  # a fixed-width code: one length for all symbols
+        lengths = lengths[:1]
+    return lengths
+
+
 def _stream_bytes(s: huffman.HuffmanStream) -> int:
-    """Bytes a stream occupies in the file (data, code-length table, sync table; see ``_Payload.add_stream``)."""
-    lengths = s.lengths
-    table = 1 if lengths.size > 1 and (lengths == lengths[0]).all() else int(lengths.size)
-    return int(s.data.size) + table + 2 * int(s.sync.size)
+    """Bytes a stream occupies in the file (data, code-length table, uint16 sync table; see ``_Payload.add_stream``)."""
+    return int(s.data.size) + int(_stored_lengths(s).size) + 2 * int(s.sync.size)
 
 
 def _gap_stream(
@@ -311,9 +317,7 @@ class _Payload:
         return sec
 
     def add_stream(self, s: huffman.HuffmanStream) -> dict:
-        lengths = s.lengths.astype(np.uint8)
-        if lengths.size > 1 and (lengths == lengths[0]).all():  # a fixed-width code: one length for all symbols
-            lengths = lengths[:1]
+        lengths = _stored_lengths(s)
         return {
             "n": int(s.count),
             "nbits": int(s.nbits),
