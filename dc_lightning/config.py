@@ -22,6 +22,17 @@ RECIPES = tuple(sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
 COMPRESSION_BUFFERS = ("weight_mask", "weight_codebook", "weight_assign")
 
 
+def _ensure_recipes_importable() -> None:
+    """``conf/train.yaml`` finds the recipes through ``pkg://recipes`` (the repository's ``recipes/`` package).
+    ``python train.py`` has the repository root on ``sys.path``; the ``dc-lightning`` console script and other
+    callers run from elsewhere do not, so put it there (once) before Hydra composes."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("recipes") is None and (REPO_ROOT / "recipes" / "__init__.py").is_file():
+        sys.path.append(str(REPO_ROOT))
+
+
 def compose(recipe: str = "lenet300", overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python train.py recipe=<recipe> <overrides>`` would run, without touching the CLI.
 
@@ -37,6 +48,7 @@ def compose(recipe: str = "lenet300", overrides: Sequence[str] = ()) -> DictConf
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    _ensure_recipes_importable()
     overrides = list(overrides)
     if not any(o.startswith("output_dir=") for o in overrides):
         overrides.append(f"output_dir=outputs/{recipe}/compose")

@@ -1,6 +1,7 @@
 """The Hydra entry point: every recipe composes, instantiates and runs a smoke pipeline on FakeData."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,15 @@ def test_fashion_mnist_recipe_data():
     cfg = compose("alexnet", ["logger=none"])
     assert (cfg.data.image_size, cfg.data.channels) == (64, 3)
     assert compose("lenet300").pipeline.prune.lr_scale == pytest.approx(0.1)
+
+
+def test_compose_from_outside_the_repository(tmp_path):
+    """The dc-lightning console script composes recipes from any folder (recipes/ is not on sys.path there)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "from dc_lightning.config import compose; print(compose('vgg16', ['output_dir=x']).recipe_name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "vgg16"
 
 
 def test_unknown_recipe():
