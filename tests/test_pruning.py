@@ -12,6 +12,7 @@ from nets import Nested
 from torch import nn
 
 from dc_lightning.pruning import (
+    adjust_dropouts_to_masks,
     adjusted_dropout,
     apply_masks,
     attach_mask,
@@ -247,6 +248,17 @@ def test_find_feeding_dropouts():
     assert find_feeding_dropouts(model, ["classifier.3"]) == {"classifier.3": "classifier.2"}
     top = nn.Sequential(nn.Dropout(0.2), nn.Linear(3, 3))
     assert find_feeding_dropouts(top, ["1"]) == {"1": "0"}
+
+
+def test_adjust_dropouts_to_masks():
+    """A model restored from a pruned checkpoint gets the [NIPS §3.2] rates back from its masks."""
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Dropout(0.4), nn.Linear(8, 4)
+    )
+    attach_mask(model[3], torch.rand(8, 8).argsort(1) < 2)  # 16 of 64 kept
+    attach_mask(model[0], torch.ones(8, 8, dtype=torch.bool))  # masked, but fed by nothing
+    assert adjust_dropouts_to_masks(model) == {"2": pytest.approx(0.25)}
+    assert model[2].p == pytest.approx(0.25) and model[4].p == 0.4  # model[5] carries no mask: untouched
 
 
 def test_prune_model_density_within_half_percent_on_odd_sizes():

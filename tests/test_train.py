@@ -151,6 +151,32 @@ def test_imagenet_shapes_every_stage(tmp_path):
     assert set(summary["seconds"]) == {"baseline", "prune", "quantize", "export", "evaluate"}
 
 
+def test_quantize_restart_reapplies_the_dropout_adjustment(tmp_path, monkeypatch):
+    """stage=quantize from a pruned checkpoint retrains with [NIPS] §3.2's rates, as the in-process pipeline does."""
+    import dc_lightning.pipeline as pipeline
+
+    base = _pipeline_overrides(
+        tmp_path, "data=fake", "data.num_samples=16", "data.batch_size=8", "data.eval_batch_size=8",
+        "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "pipeline.baseline.epochs=1", "pipeline.prune.epochs=1", "pipeline.prune.rounds=1",
+        "pipeline.quantize.epochs=1")
+    seen = {}
+    real_fit = pipeline._fit
+
+    def fit(cfg, module, dm, stage, *args):
+        seen[stage] = [m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)]
+        return real_fit(cfg, module, dm, stage, *args)
+
+    monkeypatch.setattr(pipeline, "_fit", fit)
+    train(compose("alexnet", [*base, "stages=[baseline,prune]"]))
+    restarted = train(compose("alexnet", [*base, "stages=[quantize]", "stage=quantize", "overwrite=true",
+                                          f"pruned_ckpt={tmp_path}/checkpoints/prune.ckpt"]))
+    # fc6/fc7 pruned to 9 % ([DC] Table 4): 0.5 * sqrt(0.09) = 0.15, as during pruning
+    assert seen["baseline"] == [0.5, 0.5]
+    assert seen["quantize"] == pytest.approx([0.15, 0.15], abs=1e-3)
+    assert "quantize" in restarted["seconds"]
+
+
 def test_refuses_to_overwrite_another_run(tmp_path):
     base = _pipeline_overrides(tmp_path, "data=fake", "stages=[baseline]", "pipeline.baseline.epochs=1",
                                "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
