@@ -1,7 +1,35 @@
-"""Small models shared by the test files (tests/ is on sys.path through its conftest.py)."""
+"""Small models and training helpers shared by the test files (tests/ is on sys.path through its conftest.py)."""
 
+from typing import Any
+
+import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def toy_loader(n: int = 64, batch_size: int = 16) -> DataLoader:
+    """``n`` fixed random 1x8x8 images with labels in 0..9, unshuffled."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def cpu_trainer(max_epochs: int, callbacks: list, **kw: Any) -> pl.Trainer:
+    """A quiet single-process CPU trainer (no logger, checkpointing, progress bar or sanity check); ``kw`` wins."""
+    settings = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(kw)
+    return pl.Trainer(callbacks=callbacks, **settings)
 
 
 class Nested(nn.Module):

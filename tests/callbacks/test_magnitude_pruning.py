@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from nets import Nested as Net
+from nets import cpu_trainer, toy_loader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
 from dc_lightning.pruning import get_mask
@@ -55,28 +55,6 @@ class NoisySGD(torch.optim.SGD):
             for p in group["params"]:
                 p.add_(torch.randn_like(p) * 1e-3)
         return loss
-
-
-def loader(n: int = 64, batch_size: int = 16) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def trainer(max_epochs: int, callbacks: list, **kw: Any) -> pl.Trainer:
-    kw.setdefault("logger", False)
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
 
 
 def masks(module: pl.LightningModule) -> dict[str, torch.Tensor]:
@@ -157,7 +135,7 @@ def test_unknown_pattern_lists_layer_names():
     for kw in ({"include": ["model.fc6"]}, {"exclude": ["model.head.*.9"]}, {"densities": {"model.fc6": 0.1}}):
         cb = MagnitudePruning(**{"densities": 0.5, **kw}, verbose=False)
         with pytest.raises(ValueError, match="matches no") as err:
-            trainer(1, [cb]).fit(Module(), loader())
+            cpu_trainer(1, [cb]).fit(Module(), toy_loader())
         assert "model.seq1d" in str(err.value) and "model.head.block.4" in str(err.value)
 
 
@@ -171,7 +149,7 @@ def test_densities_reached_and_other_layers_untouched():
     cb = MagnitudePruning(densities={"*": 0.3, "model.head.block.4": 0.5}, prune_epochs=[0, 1], verbose=False)
     checker = ZeroChecker()
     emb_before = module.model.emb.weight.detach().clone()
-    trainer(3, [cb, checker], logger=logger).fit(module, loader())
+    cpu_trainer(3, [cb, checker], logger=logger).fit(module, toy_loader())
     assert cb.finished and cb.rounds_done == 2 and cb.layer_names == TARGETS
     got = {n: float(m.float().mean()) for n, m in masks(module).items()}
     assert set(got) == set(TARGETS)  # BatchNorm, LayerNorm, Embedding got no mask
@@ -196,28 +174,28 @@ def test_densities_reached_and_other_layers_untouched():
 def test_include_exclude_select_layers():
     module = Module()
     cb = MagnitudePruning(densities=0.2, include=["model.head.*"], exclude=["model.head.block.4"], verbose=False)
-    trainer(1, [cb]).fit(module, loader())
+    cpu_trainer(1, [cb]).fit(module, toy_loader())
     assert list(masks(module)) == ["model.head.block.0"]
     module = Module()
     cb = MagnitudePruning(densities=0.2, types=(nn.Conv1d, nn.Conv2d), verbose=False)
-    trainer(1, [cb]).fit(module, loader())
+    cpu_trainer(1, [cb]).fit(module, toy_loader())
     assert list(masks(module)) == ["model.features.0", "model.seq1d"]
 
 
 def test_default_schedule_rule_and_collisions():
     cb = MagnitudePruning(densities=0.2, rounds=3, verbose=False)
-    t = trainer(10, [cb])
+    t = cpu_trainer(10, [cb])
     assert cb.schedule is None
     assert cb.last_round_epoch(t) == 3  # usable before fit (e.g. from another callback's setup)
     assert cb.schedule == ("epoch", [0, 1, 3])  # floor(i * 5 / 3), first half of 10 epochs
     cb = MagnitudePruning(densities=0.2, rounds=4, prune_fraction=1.0, verbose=False)
-    cb.last_round_epoch(trainer(8, [cb]))
+    cb.last_round_epoch(cpu_trainer(8, [cb]))
     assert cb.schedule == ("epoch", [0, 2, 4, 6])
     # more rounds than epochs: rounds collide, the latest due one is applied, the target is still reached
     module = Module()
     cb = MagnitudePruning(densities=0.2, rounds=3, verbose=False)
     with pytest.warns(UserWarning, match="collide"):
-        trainer(2, [cb]).fit(module, loader())
+        cpu_trainer(2, [cb]).fit(module, toy_loader())
     assert cb.finished and len(cb.history) == 1 and cb.history[0]["round"] == 3
     assert all(abs(float(m.float().mean()) - 0.2) <= 0.01 for m in masks(module).values())
 
@@ -231,8 +209,8 @@ def test_prune_steps_schedule_and_last_round_epoch():
             seen.append((trainer.global_step, cb.rounds_done, cb.finished))
 
     cb = MagnitudePruning(densities=0.1, prune_steps=[0, 5, 10], verbose=False)
-    t = trainer(4, [cb, Spy()])  # 4 batches/epoch -> steps 0..15
-    t.fit(module, loader())
+    t = cpu_trainer(4, [cb, Spy()])  # 4 batches/epoch -> steps 0..15
+    t.fit(module, toy_loader())
     assert [h["at"] for h in cb.history] == [0, 5, 10] and [h["unit"] for h in cb.history] == ["step"] * 3
     assert [r for s, r, _ in seen] == [1] * 5 + [2] * 5 + [3] * 6
     assert [f for s, _, f in seen] == [False] * 10 + [True] * 6
@@ -241,15 +219,15 @@ def test_prune_steps_schedule_and_last_round_epoch():
     assert dens[0] > dens[1] > dens[2] and dens[2] == pytest.approx(0.1, abs=0.01)
     # gradient accumulation: 2 optimizer steps per epoch -> step 10 happens in epoch 5
     cb2 = MagnitudePruning(densities=0.1, prune_steps=[0, 5, 10], verbose=False)
-    t2 = trainer(6, [cb2], accumulate_grad_batches=2)
-    t2.fit(Module(), loader())
+    t2 = cpu_trainer(6, [cb2], accumulate_grad_batches=2)
+    t2.fit(Module(), toy_loader())
     assert cb2.last_round_epoch(t2) == 5 and [h["at"] for h in cb2.history] == [0, 5, 10]
 
 
 def test_quality_mode_threshold_grows():
     module = Module()
     cb = MagnitudePruning(quality={"*": 1.0}, prune_epochs=[0, 1, 2], include=["model.head.block.0"], verbose=False)
-    trainer(3, [cb]).fit(module, loader())
+    cpu_trainer(3, [cb]).fit(module, toy_loader())
     thr = [h["layers"][0]["threshold"] for h in cb.history]
     assert thr[0] < thr[1] < thr[2]
     assert cb.history[-1]["layers"][0]["density"] < cb.history[0]["layers"][0]["density"] < 1.0
@@ -264,7 +242,7 @@ def test_never_revive_across_rounds():
             snapshots.append(masks(pl_module))
 
     cb = MagnitudePruning(densities=0.1, prune_epochs=[0, 1, 2], verbose=False)
-    trainer(3, [cb, Snap()]).fit(module, loader())  # Snap runs after the round of its epoch
+    cpu_trainer(3, [cb, Snap()]).fit(module, toy_loader())  # Snap runs after the round of its epoch
     for before, after in zip(snapshots, snapshots[1:], strict=False):
         for name in TARGETS:
             assert not (after[name] & ~before[name]).any(), f"{name} revived connections"
@@ -289,7 +267,7 @@ def test_zeros_stay_zero(optimizer, extra):
     module = Module(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 0.01, weight_decay=0.05)
     checker = ZeroChecker()
     cb = MagnitudePruning(densities=0.25, prune_epochs=[0, 1], verbose=False)
-    trainer(4, [cb, checker], **extra).fit(module, loader(n=224))  # 14 steps/epoch -> 56 steps
+    cpu_trainer(4, [cb, checker], **extra).fit(module, toy_loader(n=224))  # 14 steps/epoch -> 56 steps
     assert checker.checked == 56 and checker.pruned_seen > 0
     for name, m in masks(module).items():
         w = dict(module.named_modules())[name].weight
@@ -304,9 +282,9 @@ def test_remask_after_step_for_other_optimizers(remask):
     checker = ZeroChecker()
     if remask is False:  # the post-step hook is what protects against such an optimizer
         with pytest.raises(AssertionError, match="revived"):
-            trainer(1, [cb, checker]).fit(module, loader())
+            cpu_trainer(1, [cb, checker]).fit(module, toy_loader())
         return
-    trainer(2, [cb, checker]).fit(module, loader())
+    cpu_trainer(2, [cb, checker]).fit(module, toy_loader())
     assert checker.checked == 8 and cb._remask is True
     assert cb._hook_handles == []  # removed at the end of fit
 
@@ -319,7 +297,7 @@ def test_auto_remask_is_off_for_zero_preserving_optimizers():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((cb._remask, len(cb._hook_handles), len(cb._keep)))
 
-    trainer(1, [cb, Spy()]).fit(Module(optimizer="sgd"), loader())
+    cpu_trainer(1, [cb, Spy()]).fit(Module(optimizer="sgd"), toy_loader())
     assert seen == [(False, 0, 4)] * 4
 
 
@@ -330,7 +308,7 @@ def test_without_the_callback_zeros_do_revive():
     module = Module(optimizer="adamw", lr=0.01)
     prune_model(module, densities=0.25)
     with pytest.raises(AssertionError, match="revived"):
-        trainer(1, [ZeroChecker()]).fit(module, loader())
+        cpu_trainer(1, [ZeroChecker()]).fit(module, toy_loader())
 
 
 # ------------------------------------------------------------------------------------------------- dropout
@@ -346,7 +324,7 @@ def test_adjust_dropout_uses_original_rate():
             rates.append(drop.p)
 
     cb = MagnitudePruning(densities=0.25, prune_epochs=[0, 1], adjust_dropout=True, verbose=False)
-    trainer(2, [cb, Spy()]).fit(module, loader())
+    cpu_trainer(2, [cb, Spy()]).fit(module, toy_loader())
     mask = get_mask(module.model.head.block[4])
     mask1 = cb.history[0]["layers"][3]
     assert mask1["layer"] == "model.head.block.4"
@@ -375,13 +353,13 @@ def test_exact_resume(tmp_path):
     pl.seed_everything(7)
     full = Module()
     cb_full = MagnitudePruning(**kw, verbose=False)
-    trainer(6, [cb_full, SeedPerEpoch()]).fit(full, loader())
+    cpu_trainer(6, [cb_full, SeedPerEpoch()]).fit(full, toy_loader())
 
     pl.seed_everything(7)
     part = Module()
     cb_part = MagnitudePruning(**kw, verbose=False)
-    t = trainer(3, [cb_part, SeedPerEpoch()])
-    t.fit(part, loader())
+    t = cpu_trainer(3, [cb_part, SeedPerEpoch()])
+    t.fit(part, toy_loader())
     assert cb_part.rounds_done == 2 and not cb_part.finished
     ckpt = tmp_path / "mid.ckpt"
     t.save_checkpoint(ckpt)
@@ -389,7 +367,7 @@ def test_exact_resume(tmp_path):
     pl.seed_everything(123)  # a different seed: everything must come from the checkpoint
     resumed = Module()  # fresh, dense weights
     cb_res = MagnitudePruning(**kw, verbose=False)
-    trainer(6, [cb_res, SeedPerEpoch()]).fit(resumed, loader(), ckpt_path=str(ckpt))
+    cpu_trainer(6, [cb_res, SeedPerEpoch()]).fit(resumed, toy_loader(), ckpt_path=str(ckpt))
     assert cb_res.finished and [h["at"] for h in cb_res.history] == [0, 2, 4]
     a, b = masks(full), masks(resumed)
     assert set(a) == set(TARGETS) and all(torch.equal(a[n], b[n]) for n in a)
@@ -402,13 +380,13 @@ def test_exact_resume(tmp_path):
 def test_schedule_frozen_in_checkpoint(tmp_path):
     module = Module()
     cb = MagnitudePruning(densities=0.3, rounds=3, verbose=False)
-    t = trainer(10, [cb], max_steps=8)  # schedule [0, 1, 3]; max_steps stops it after 2 epochs of 4 steps
-    t.fit(module, loader())
+    t = cpu_trainer(10, [cb], max_steps=8)  # schedule [0, 1, 3]; max_steps stops it after 2 epochs of 4 steps
+    t.fit(module, toy_loader())
     assert cb.schedule == ("epoch", [0, 1, 3]) and cb.rounds_done == 2
     t.save_checkpoint(tmp_path / "a.ckpt")
     cb2 = MagnitudePruning(densities=0.3, rounds=3, verbose=False)
-    t2 = trainer(4, [cb2])  # a fresh resolution would give floor(i * 2 / 3) = [0, 0, 1]
-    t2.fit(Module(), loader(), ckpt_path=str(tmp_path / "a.ckpt"))
+    t2 = cpu_trainer(4, [cb2])  # a fresh resolution would give floor(i * 2 / 3) = [0, 0, 1]
+    t2.fit(Module(), toy_loader(), ckpt_path=str(tmp_path / "a.ckpt"))
     assert cb2.schedule == ("epoch", [0, 1, 3]) and [h["at"] for h in cb2.history] == [0, 1, 3]
 
 
@@ -457,7 +435,7 @@ def test_ddp_identical_masks(tmp_path):
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    t.fit(Module(), loader())
+    t.fit(Module(), toy_loader())
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0["masks"]) == set(TARGETS) == set(r1["masks"])

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from nets import cpu_trainer, toy_loader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from dc_lightning.callbacks.trained_quantization import TrainedQuantization
 from dc_lightning.quantization import codebook_grad, decode_weight, get_codebook
@@ -45,28 +45,6 @@ class Module(pl.LightningModule):
         if self.sched:
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
         return opt
-
-
-def loader(n: int = 64, batch: int = 16) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
-
-
-def trainer(max_epochs: int, callbacks: list, **kw: Any) -> pl.Trainer:
-    defaults = dict(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    defaults.update(kw)
-    return pl.Trainer(callbacks=callbacks, **defaults)
 
 
 def prune_by_hand(module: Module, density: float = 0.5) -> None:
@@ -115,7 +93,7 @@ def test_shared_weights_zeros_and_moving_centroids(optimizer):
     masks = {n: module.get_submodule(n).weight_mask.clone() for n in (CONV, FC1, FC2)}
     q = TrainedQuantization(bits={"*": 3, FC2: 2}, start_epoch=1, verbose=False)
     check = Check(q)
-    trainer(3, [q, check]).fit(module, loader())
+    cpu_trainer(3, [q, check]).fit(module, toy_loader())
     assert q.clustered and check.steps == 8  # epochs 1 and 2, 4 steps each
     assert q.layer_bits == {CONV: 3, FC1: 3, FC2: 2}
     for name in (CONV, FC1, FC2):
@@ -166,7 +144,7 @@ def test_max_iter_zero_keeps_the_evenly_spaced_linear_centroids():
         kept[name] = m.weight.detach()[m.weight_mask].clone()
     q = TrainedQuantization(bits=4, max_iter=0, verbose=False, log_histograms=False)
     check = Check(q)
-    trainer(1, [q, check], limit_train_batches=2).fit(module, loader())
+    cpu_trainer(1, [q, check], limit_train_batches=2).fit(module, toy_loader())
     for name, w in kept.items():
         expected = torch.linspace(w.min().item(), w.max().item(), 16)
         torch.testing.assert_close(check.first_codebooks[name], expected, rtol=0, atol=1e-6)
@@ -176,7 +154,7 @@ def test_max_iter_zero_keeps_the_evenly_spaced_linear_centroids():
     prune_by_hand(module)
     q = TrainedQuantization(bits=4, verbose=False, log_histograms=False)
     check = Check(q)
-    trainer(1, [q, check], limit_train_batches=2).fit(module, loader())
+    cpu_trainer(1, [q, check], limit_train_batches=2).fit(module, toy_loader())
     w = kept[FC1]
     assert not torch.allclose(check.first_codebooks[FC1], torch.linspace(w.min().item(), w.max().item(), 16))
 
@@ -187,7 +165,7 @@ def test_centroid_update_is_eq3_with_the_scheduled_lr():
     prune_by_hand(module, 0.6)
     q = TrainedQuantization(bits=4, start_epoch=0, lr_scale=0.5, verbose=False)
     rec = RecordStep(q)
-    trainer(2, [q, rec]).fit(module, loader())
+    cpu_trainer(2, [q, rec]).fit(module, toy_loader())
     assert len(rec.records) == 8
     assert [r["lr"] for r in rec.records] == [0.2] * 4 + [0.1] * 4  # StepLR halves after epoch 0
     for r in rec.records:
@@ -207,7 +185,7 @@ def test_auto_lr_divides_sgd_by_members_per_centroid_and_leaves_adam():
     prune_by_hand(module, 0.6)
     q = TrainedQuantization(bits=4, start_epoch=0, verbose=False)  # "auto" is the default
     rec = RecordStep(q)
-    trainer(1, [q, rec]).fit(module, loader())
+    cpu_trainer(1, [q, rec]).fit(module, toy_loader())
     for r in rec.records:
         for name, (cb, grad, assign, mask) in r["layers"].items():
             members = int(mask.sum())
@@ -219,7 +197,7 @@ def test_auto_lr_divides_sgd_by_members_per_centroid_and_leaves_adam():
     adam = TrainedQuantization(bits=4, start_epoch=0, verbose=False)
     mod2 = Module("adam")
     prune_by_hand(mod2, 0.6)
-    trainer(1, [adam]).fit(mod2, loader())
+    cpu_trainer(1, [adam]).fit(mod2, toy_loader())
     (_, cb_opt, layers, _), = adam._cb_opts.values()
     assert [lay.lr_factor for lay in layers] == [1.0] * 3
     assert all(g["lr"] == pytest.approx(0.005) for g in cb_opt.param_groups)  # Module("adam") uses lr * 0.1
@@ -240,7 +218,7 @@ def test_start_after_pruning_and_zeros_with_magnitude_pruning():
             if q.clustered and Epochs.first is None:
                 Epochs.first = trainer.current_epoch
 
-    trainer(4, [pruning, q, Epochs(), check]).fit(module, loader())
+    cpu_trainer(4, [pruning, q, Epochs(), check]).fit(module, toy_loader())
     assert Epochs.first == 2 and check.steps == 8
     assert q.layer_bits == {CONV: 8, FC1: 5, FC2: 5}  # [DC §5]
     for name in (CONV, FC1, FC2):
@@ -255,7 +233,7 @@ def run_resumable(tmp_path, max_epochs: int, ckpt: str | None = None) -> Module:
     module = Module("sgd")
     q = TrainedQuantization(bits=3, start_epoch=1, verbose=False)
     mc = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    trainer(max_epochs, [q, mc], enable_checkpointing=True).fit(module, loader(), ckpt_path=ckpt)
+    cpu_trainer(max_epochs, [q, mc], enable_checkpointing=True).fit(module, toy_loader(), ckpt_path=ckpt)
     return module, q
 
 
@@ -279,7 +257,7 @@ def test_placeholders_removed_when_never_clustered():
     module = Module()
     q = TrainedQuantization(start_epoch=5, verbose=False)
     with pytest.warns(UserWarning, match="before the start epoch"):
-        trainer(1, [q]).fit(module, loader())
+        cpu_trainer(1, [q]).fit(module, toy_loader())
     assert not q.clustered
     assert all(get_codebook(module.get_submodule(n)) is None for n in (CONV, FC1, FC2))
 
@@ -307,7 +285,7 @@ def test_bad_arguments(kwargs, match):
 def test_unknown_pattern_names_layers():
     q = TrainedQuantization(bits={"model.99": 4}, verbose=False)
     with pytest.raises(ValueError, match="model.99"):
-        trainer(1, [q]).fit(Module(), loader())
+        cpu_trainer(1, [q]).fit(Module(), toy_loader())
 
 
 class Metrics(pl.loggers.Logger):
@@ -333,7 +311,7 @@ class Metrics(pl.loggers.Logger):
 def test_bits_are_logged():
     logger = Metrics()
     q = TrainedQuantization(bits={"*": 6, FC2: 2}, verbose=False)
-    trainer(1, [q], logger=logger).fit(Module(), loader())
+    cpu_trainer(1, [q], logger=logger).fit(Module(), toy_loader())
     assert logger.metrics[f"compression/{CONV}/bits"] == 6.0
     assert logger.metrics[f"compression/{FC2}/bits"] == 2.0
 
@@ -368,10 +346,10 @@ class Dump(Callback):
 def test_ddp_identical_codebooks(tmp_path):
     pl.seed_everything(4)
     q = TrainedQuantization(bits=4, start_epoch=1, verbose=False)
-    t = trainer(
+    t = cpu_trainer(
         3, [PerturbRank1(), q, Dump(str(tmp_path))], devices=2, strategy="ddp_spawn", use_distributed_sampler=True
     )
-    t.fit(Module("adam"), loader())
+    t.fit(Module("adam"), toy_loader())
     for tag in ("clustered", "end"):
         r0 = torch.load(tmp_path / f"{tag}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{tag}_rank1.pt", weights_only=True)
@@ -396,7 +374,7 @@ def test_wandb_histograms_before_and_after(tmp_path):
     logged: dict[str, Any] = {}
     logger.experiment.log = lambda data, *a, **k: logged.update(data)
     q = TrainedQuantization(bits=3, verbose=False)
-    trainer(1, [q], logger=logger).fit(Module(), loader())
+    cpu_trainer(1, [q], logger=logger).fit(Module(), toy_loader())
     for name in (CONV, FC1, FC2):
         for tag in ("before", "after"):
             assert type(logged[f"quantization/{name}/{tag}"]).__name__ == "Histogram"
