@@ -104,11 +104,11 @@ def test_lenet300_pipeline_reduced_schedule(tmp_path):
     summary = train(cfg)
     acc = summary["accuracy"]
     assert acc["baseline"]["acc1"] > 0.84
-    assert acc["reloaded"]["acc1"] > 0.85  # measured 87.39 %
+    assert acc["reloaded"]["acc1"] > 0.85  # measured 87.42 %
     # the reloaded file evaluates exactly like the in-memory quantized model (same weights, bit for bit)
     assert acc["reloaded"]["acc1"] == pytest.approx(acc["quantize"]["acc1"], abs=1e-9)
     total = summary["report"]["total"]
-    assert total["ratio_pqh"] > 35 and total["ratio_pq"] > 25  # measured 37.5x / 26.8x (2-core CPU, 2026-11-29)
+    assert total["ratio_pqh"] > 38 and total["ratio_pq"] > 25  # measured 42.5x / 26.8x (2-core CPU, 2026-11-29)
     assert {r["name"]: round(r["kept_pct"]) for r in summary["report"]["layers"]} == {
         "model.ip1": 8, "model.ip2": 9, "model.ip3": 26}
     assert (tmp_path / "model.dcz").is_file() and (tmp_path / "report.md").is_file()
