@@ -123,6 +123,17 @@ def test_lenet300_pipeline_reduced_schedule(tmp_path):
     assert again["accuracy"]["reloaded"]["acc1"] > 0.80
 
 
+@needs_fashion_mnist
+def test_lenet5_recipe_trains_on_a_seed_that_used_to_diverge(tmp_path):
+    """LR 0.05 without warm-up turned LeNet-5's loss to NaN within 50 steps for seed=1; the recipe warms up."""
+    cfg = compose("lenet5", _pipeline_overrides(
+        tmp_path, "seed=1", "stages=[baseline]", "pipeline.baseline.epochs=1", "trainer.limit_train_batches=80",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=4", "data.download=false"))
+    assert cfg.module.warmup_epochs == 1
+    summary = train(cfg)
+    assert summary["accuracy"]["baseline"]["acc1"] > 0.5  # a NaN model scores 10 %
+
+
 def test_stage_needs_checkpoint(tmp_path):
     cfg = compose("lenet5", _pipeline_overrides(tmp_path, "data=fake", "stage=prune"))
     with pytest.raises(ValueError, match="baseline_ckpt"):
