@@ -385,21 +385,27 @@ def adjusted_dropout(p_orig: float, c_io: int, c_ir: int) -> float:
     return float(p_orig) * math.sqrt(c_ir / c_io)
 
 
-def adjust_dropouts_to_masks(model: nn.Module) -> dict[str, float]:
+def adjust_dropouts_to_masks(
+    model: nn.Module, original: dict[str, float] | None = None, dropout_map: dict[str, str] | None = None
+) -> dict[str, float]:
     """Set every ``nn.Dropout`` that feeds a masked ``nn.Linear`` to ``D_o * sqrt(density)`` ([NIPS §3.2]).
 
-    ``D_o`` is the dropout's *current* rate, so call this once, on a model rebuilt from its config (original rates)
-    and loaded from a pruned checkpoint: dropout rates are not part of a ``state_dict``, so a later stage restarted
-    from the checkpoint would otherwise retrain with the unpruned rates. (:class:`MagnitudePruning` with
-    ``adjust_dropout=True`` does this itself while it prunes.) Feeding dropouts are found as in
-    :func:`find_feeding_dropouts`. Returns ``{dropout_name: new_rate}``.
+    ``D_o`` comes from ``original`` (``{dropout_name: rate}``; a dropout missing there records its current rate in
+    it first, so repeated calls keep using the unpruned rate, as :class:`MagnitudePruning` does after every round).
+    Without ``original`` it is the current rate: call that once, on a model rebuilt from its config and loaded from
+    a pruned checkpoint (dropout rates are not part of a ``state_dict``, so a later stage restarted from the
+    checkpoint would otherwise retrain with the unpruned rates). ``dropout_map`` (``{linear_name: dropout_name}``)
+    defaults to :func:`find_feeding_dropouts` over every masked ``nn.Linear``. Returns ``{dropout_name: new_rate}``.
     """
     modules = dict(model.named_modules())
-    masked = [n for n, m in modules.items() if isinstance(m, nn.Linear) and get_mask(m) is not None]
+    if dropout_map is None:
+        masked = [n for n, m in modules.items() if isinstance(m, nn.Linear) and get_mask(m) is not None]
+        dropout_map = find_feeding_dropouts(model, masked)
+    original = {} if original is None else original
     rates = {}
-    for linear_name, drop_name in find_feeding_dropouts(model, masked).items():
+    for linear_name, drop_name in dropout_map.items():
         mask, drop = get_mask(modules[linear_name]), modules[drop_name]
-        drop.p = adjusted_dropout(float(drop.p), mask.numel(), int(mask.sum()))
+        drop.p = adjusted_dropout(original.setdefault(drop_name, float(drop.p)), mask.numel(), int(mask.sum()))
         rates[drop_name] = drop.p
     return rates
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dc_lightning.pruning import (
     _STD_OF,
-    adjusted_dropout,
+    adjust_dropouts_to_masks,
     attach_mask,
     check_densities,
     check_quality,
@@ -450,11 +450,7 @@ class MagnitudePruning(Callback):
                         value.masked_fill_(~mask, 0)
 
     def _apply_dropout(self, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        for linear_name, drop_name in self._dropout_map.items():
-            drop, mask = modules[drop_name], get_mask(modules[linear_name])
-            p_orig = self._dropout_orig.setdefault(drop_name, float(drop.p))
-            drop.p = adjusted_dropout(p_orig, mask.numel(), int(mask.sum()))
+        adjust_dropouts_to_masks(pl_module, self._dropout_orig, self._dropout_map)
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
