@@ -24,13 +24,41 @@ COMPRESSION_BUFFERS = ("weight_mask", "weight_codebook", "weight_assign")
 
 def _ensure_recipes_importable() -> None:
     """``conf/train.yaml`` finds the recipes through ``pkg://recipes`` (the repository's ``recipes/`` package).
-    ``python train.py`` has the repository root on ``sys.path``; the ``dc-lightning`` console script and other
-    callers run from elsewhere do not, so put it there (once) before Hydra composes."""
+    ``python train.py`` puts the repository root first on ``sys.path``; the ``dc-lightning`` console script and other
+    callers run from elsewhere do not, and an unrelated installed package named ``recipes`` would then be found
+    instead of ours. Put the repository root first unless ``import recipes`` already finds this checkout's package.
+
+    Raises:
+        ImportError: a different package named ``recipes`` is already imported in this process (Hydra would read
+            its folder instead of the recipes).
+    """
+    import importlib
     import importlib.util
     import sys
 
-    if importlib.util.find_spec("recipes") is None and (REPO_ROOT / "recipes" / "__init__.py").is_file():
-        sys.path.append(str(REPO_ROOT))
+    ours = REPO_ROOT / "recipes" / "__init__.py"
+    if not ours.is_file():
+        return
+
+    def is_ours(path: str | None) -> bool:
+        return path is not None and Path(path).resolve() == ours.resolve()
+
+    loaded = sys.modules.get("recipes")
+    if loaded is not None:
+        if not is_ours(getattr(loaded, "__file__", None)):
+            raise ImportError(
+                f"recipes: the module imported as 'recipes' is {getattr(loaded, '__file__', None)!r}, not "
+                f"dc_lightning's recipe folder {str(ours.parent)!r}; Hydra would read the wrong configs. Import "
+                "dc_lightning.config before that package, or run from a process that does not import it"
+            )
+        return
+    spec = importlib.util.find_spec("recipes")
+    if spec is None or not is_ours(spec.origin):
+        root = str(REPO_ROOT)
+        if root in sys.path:
+            sys.path.remove(root)
+        sys.path.insert(0, root)
+        importlib.invalidate_caches()
 
 
 def compose(recipe: str = "lenet300", overrides: Sequence[str] = ()) -> DictConfig:

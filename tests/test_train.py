@@ -69,6 +69,25 @@ def test_compose_from_outside_the_repository(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "vgg16"
 
 
+def test_compose_is_not_shadowed_by_another_recipes_package(tmp_path):
+    """An unrelated installed package named ``recipes`` must not replace the repository's recipe folder."""
+    fake = tmp_path / "site" / "recipes"
+    (fake / "lenet300").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "lenet300" / "recipe.yaml").write_text("# @package _global_\nrecipe_name: impostor\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    code = "from dc_lightning.config import compose; print(compose('lenet300', ['output_dir=x']).recipe_name)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "lenet300"
+    # already imported: a clear error instead of silently composing the impostor's configs
+    code = "import recipes; from dc_lightning.config import compose; compose('lenet300', ['output_dir=x'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "not dc_lightning's recipe folder" in out.stderr and str(fake) in out.stderr
+
+
 def test_unknown_recipe():
     with pytest.raises(ValueError, match="valid recipes"):
         compose("resnet")
