@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dc_lightning.io import read_compressed  # noqa: E402
+from dc_lightning.io import CorruptFileError, read_compressed  # noqa: E402
 from dc_lightning.sparse_format import encode_gaps  # noqa: E402
 
 ORDERS = {"oihw": (0, 1, 2, 3), "ihwo": (1, 2, 3, 0), "hwio": (2, 3, 1, 0)}
@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("file", help="a .dcz file written by save_compressed")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
-    f = read_compressed(args.file)
+    try:
+        f = read_compressed(args.file)
+    except (OSError, CorruptFileError) as err:
+        print(f"dcz_stats: cannot read {args.file}: {err}", file=sys.stderr)
+        return 2
     rows = [layer_stats(L) for L in f.layers.values() if L.kind == "pq" and L.nnz]
     if not rows:
         print(f"{args.file}: no pruned + quantized layers", file=sys.stderr)

@@ -72,3 +72,13 @@ def test_file_without_compressed_layers(tmp_path, capsys):
     save_compressed(nn.Sequential(lin), path)
     assert stats.main([str(path)]) == 1
     assert "no pruned + quantized layers" in capsys.readouterr().err
+
+
+def test_unreadable_file(tmp_path, capsys):
+    stats = _load_script()
+    assert stats.main([str(tmp_path / "missing.dcz")]) == 2
+    bad = tmp_path / "bad.dcz"
+    bad.write_bytes(b"not a compressed file")
+    assert stats.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "missing.dcz" in err and "bad.dcz" in err
