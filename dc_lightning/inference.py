@@ -309,7 +309,8 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--limit-batches", type=int, default=None, help="evaluate only this many batches")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=256")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    # intermixed: `predict model.dcz --recipe lenet300 data.root=...` (overrides after the options) must parse
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     from dc_lightning.config import build_datamodule, compose  # lazy: Hydra is heavy
     from dc_lightning.io import load_compressed

@@ -256,7 +256,14 @@ def cli_sensitivity(argv: list[str]) -> int:
     parser.add_argument("--exclude", nargs="*", default=None, help="fnmatch patterns of layers to skip")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=fake data.batch_size=256")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    # `--include model.ip1 data.root=X`: the pattern lists would swallow the overrides that follow them; a layer
+    # name never contains "=", a Hydra override always does
+    for name in ("include", "exclude"):
+        patterns = getattr(args, name)
+        if patterns:
+            setattr(args, name, [p for p in patterns if "=" not in p] or None)
+            args.overrides = [*args.overrides, *(p for p in patterns if "=" in p)]
     if args.max_batches is not None and args.max_batches < 1:
         parser.error(f"--max-batches: {args.max_batches} must be >= 1")
 

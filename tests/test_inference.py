@@ -154,9 +154,12 @@ def test_cli_predict_reports_both_paths(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "dc_lightning.io", fake_io)
     import dc_lightning.config as config
 
-    monkeypatch.setattr(config, "compose", lambda recipe, overrides: {"recipe": recipe})
+    composed = []
+    monkeypatch.setattr(config, "compose", lambda recipe, overrides: composed.append(overrides) or {"recipe": recipe})
     monkeypatch.setattr(config, "build_datamodule", lambda cfg: _DM())
-    rc = cli_predict(["model.dcz", "--recipe", "lenet300", "--device", "cpu"])
+    # overrides may come after the options (they used to be rejected there)
+    rc = cli_predict(["model.dcz", "--recipe", "lenet300", "--device", "cpu", "data.batch_size=8"])
+    assert composed == [["data.batch_size=8"]]
     out = capsys.readouterr().out
     acc = float((model(xs).argmax(1) == ys).float().mean()) * 100
     assert rc == 0

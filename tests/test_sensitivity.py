@@ -173,5 +173,14 @@ def test_cli_sensitivity(tmp_path):
     sugg = json.loads((out / "suggested_densities.json").read_text())
     assert set(sugg["densities"]) == {"model.ip1", "model.ip2", "model.ip3"}
     assert (out / "sensitivity.png").stat().st_size > 0
+    # overrides right after --include are overrides, not layer patterns
+    out2 = tmp_path / "sens2"
+    rc = cli_sensitivity(
+        ["--ckpt", str(tmp_path / "m.ckpt"), "--recipe", "lenet300", "--out", str(out2), "--densities", "0.5",
+         "--max-batches", "1", "--device", "cpu", "--include", "model.ip3", "data=fake", f"output_dir={tmp_path}"]
+    )
+    assert rc == 0
+    with open(out2 / "sensitivity.csv") as f:
+        assert {r["layer"] for r in csv.DictReader(f)} == {"model.ip3"}
     with pytest.raises(SystemExit):
         cli_sensitivity(["--ckpt", "x", "--recipe", "lenet300", "--densities", "1.5"])
