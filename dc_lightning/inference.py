@@ -282,12 +282,18 @@ def to_compressed_inference(
 
 
 @torch.no_grad()
-def _top1(model: nn.Module, loader: Any, device: torch.device, limit: int | None) -> tuple[float, int, Tensor]:
+def _top1(
+    model: nn.Module, loader: Any, device: torch.device, limit: int | None, transform: Any = None
+) -> tuple[float, int, Tensor]:
+    """Top-1 over ``loader``; ``transform(batch)`` runs on the device first (the DataModule's
+    ``on_after_batch_transfer``: the in-memory datasets convert uint8 images to normalised floats there)."""
     correct, total, preds = 0, 0, []
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
         x, y = batch[0].to(device), batch[1].to(device)
+        if transform is not None:
+            x, y = transform((x, y))
         p = model(x).argmax(dim=-1)
         preds.append(p.cpu())
         correct += int((p == y).sum())
@@ -325,8 +331,9 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
 
     dense = load_compressed(args.path).to(device).eval()
     fast = to_compressed_inference(dense, device=device)
-    acc_dense, n, p_dense = _top1(dense, loader, device, args.limit_batches)
-    acc_fast, _, p_fast = _top1(fast, loader, device, args.limit_batches)
+    transform = (lambda b: dm.on_after_batch_transfer(b, 0)) if hasattr(dm, "on_after_batch_transfer") else None
+    acc_dense, n, p_dense = _top1(dense, loader, device, args.limit_batches, transform)
+    acc_fast, _, p_fast = _top1(fast, loader, device, args.limit_batches, transform)
     agree = float((p_dense == p_fast).float().mean()) if n else 1.0
     path_name = "triton" if device.type == "cuda" else "pytorch-reference"
     print(f"{args.path}: {n} {args.split} samples on {device}")

@@ -166,3 +166,34 @@ def test_cli_predict_reports_both_paths(monkeypatch, capsys) -> None:
     assert f"top-1 dense decode         : {acc:.2f}%" in out
     assert f"{acc:.2f}%" in out.split("compressed")[1]
     assert "prediction agreement       : 100.00%" in out
+
+
+def test_cli_predict_on_a_recipe_datamodule(tmp_path, capsys) -> None:
+    """End to end on the recipe's own DataModule, whose uint8 batches are normalised in ``on_after_batch_transfer``:
+    predict used to feed them to the network raw ("Input type (unsigned char) and bias type (float)")."""
+    from dc_lightning.config import build_datamodule, build_module, compose
+    from dc_lightning.io import save_compressed
+    from dc_lightning.pruning import prune_model
+    from dc_lightning.quantization import quantize_model
+
+    overrides = ["data=fake", "data.num_samples=48", f"output_dir={tmp_path}"]
+    cfg = compose("lenet300", overrides)
+    module = build_module(cfg)
+    prune_model(module, densities=0.3)
+    quantize_model(module, bits=4)
+    path = tmp_path / "m.dcz"
+    save_compressed(module, path)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for batch in dm.test_dataloader():
+            x, y = dm.on_after_batch_transfer(batch, 0)
+            correct += int((module(x).argmax(-1) == y).sum())
+            total += int(y.numel())
+    rc = cli_predict([str(path), "--recipe", "lenet300", "--device", "cpu", *overrides])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"{total} test samples on cpu" in out
+    assert f"top-1 dense decode         : {correct / total * 100:.2f}%" in out
