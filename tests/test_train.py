@@ -34,6 +34,10 @@ def test_recipes_listed():
     assert "recipe: alexnet, lenet300, lenet5, vgg16" in out.stdout
 
 
+# recipe densities that differ from the paper's table on purpose (the recipe's README says why)
+DENSITY_DEVIATIONS = {"lenet5": {"model.conv2": 0.20, "model.ip2": 0.50}}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_instantiates(recipe, tmp_path):
     cfg = compose(recipe, ["data=fake", "logger=none", f"output_dir={tmp_path}"])
@@ -49,7 +53,8 @@ def test_recipe_composes_and_instantiates(recipe, tmp_path):
     assert set(densities) <= names, f"{recipe}: densities name layers the model lacks"
     for row in cfg.paper.layers:  # the paper's table points at real layers with the density the recipe uses
         assert row.name in names
-        assert densities[row.name] == pytest.approx(row.kept / 100)
+        expected = DENSITY_DEVIATIONS.get(recipe, {}).get(row.name, row.kept / 100)
+        assert densities[row.name] == pytest.approx(expected)
 
 
 def test_fashion_mnist_recipe_data():
