@@ -63,6 +63,19 @@ VGG16 = {
 PAPER = {"alexnet": (ALEXNET, 27.0, 35.0, 4), "vgg16": (VGG16, 31.0, 49.0, 5)}
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """A torchvision state dict from ``.safetensors``, a plain ``.pth`` state dict, or a Lightning ``.ckpt`` of this
+    project's ClassifierModule (its ``model.``-prefixed weights)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning checkpoint
+        sd = {k[len("model."):]: v for k, v in sd["state_dict"].items() if k.startswith("model.")}
+    return sd
+
+
 def build_compressed(
     net: str, state_dict: str | None = None, seed: int = 0, max_iter: int = 300
 ) -> tuple[nn.Module, dict]:
@@ -70,13 +83,7 @@ def build_compressed(
     torch.manual_seed(seed)
     model = getattr(torchvision.models, net)(weights=None)
     if state_dict:
-        if state_dict.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(state_dict)
-        else:
-            sd = torch.load(state_dict, map_location="cpu", weights_only=True)
-        model.load_state_dict(sd)
+        model.load_state_dict(load_weights(state_dict))
     table = PAPER[net][0]
     times = {}
     t = time.perf_counter()
@@ -193,7 +200,9 @@ def to_markdown(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=["alexnet", "vgg16"], choices=list(PAPER))
-    p.add_argument("--state-dict", default=None, help="trained weights (.safetensors or .pth) for the (single) net")
+    p.add_argument(
+        "--state-dict", default=None, help="trained weights (.safetensors, .pth, Lightning .ckpt) for the (single) net"
+    )
     p.add_argument("--index-bits", type=int, default=None, help="override the paper's index bits (AlexNet 4, VGG 5)")
     p.add_argument(
         "--kmeans-iters",

@@ -7,14 +7,7 @@
 #     SET=3 SEEDS="0 1 2 3 4 5 6 7 8 9" bash bench/gpu_lenet_sweeps.sh   (LeNet-5: denser ip2, with and without conv2)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/sweep_runs}; LIMIT=${LIMIT:-540}; mkdir -p "$OUT" "$R"
-PY=${PYTHON:-python3}
-if [ -d .whl ] && ! "$PY" -c "import hydra, omegaconf, safetensors, rich" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHON="$PY"
-[ -e dc_lightning/kernels ] || ln -sfn ../kernels dc_lightning/kernels
+source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fashion-mnist}
 SEEDS=${SEEDS:-0 1 2 3 4 5 6 7}
 njobs=$(wc -w <<< "$SEEDS")

@@ -11,13 +11,7 @@
 # summaries, reports, benchmark CSV/JSON; no checkpoints), so a run cut short still returns what it finished.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/runs}; BUDGET=${BUDGET:-570}; mkdir -p "$OUT" "$R"
-if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, safetensors, rich" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=disabled PYTHONUNBUFFERED=1
-[ -e dc_lightning/kernels ] || ln -sfn ../kernels dc_lightning/kernels   # no editable install on that machine
+source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fashion-mnist}
 EXTRA=()
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -45,17 +39,11 @@ declare -A SIZE=([alexnet]=64 [vgg16]=32) LIMIT=([alexnet]=240 [vgg16]=480) LAT=
 storage() {
   local recipe=$1
   [ -f "$R/$recipe/checkpoints/baseline.ckpt" ] || return 0
-  python3 - "$R/$recipe/checkpoints/baseline.ckpt" "$R/$recipe/baseline.safetensors" <<'PY'
-import sys, torch
-from safetensors.torch import save_file
-sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
-save_file({k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startswith("model.")}, sys.argv[2])
-PY
   step "storage_trained_$recipe" 75 python3 bench/bench_storage.py --nets "$recipe" \
-    --state-dict "$R/$recipe/baseline.safetensors"
+    --state-dict "$R/$recipe/checkpoints/baseline.ckpt"
   # the same with uniform quantization (no Lloyd iterations): the entropy-coding trade-off
   step "storage_trained_${recipe}_uniform" 75 python3 bench/bench_storage.py --nets "$recipe" \
-    --state-dict "$R/$recipe/baseline.safetensors" --kmeans-iters 0
+    --state-dict "$R/$recipe/checkpoints/baseline.ckpt" --kmeans-iters 0
 }
 for recipe in ${RECIPES:-vgg16 alexnet}; do
   step "$recipe" "${LIMIT[$recipe]}" python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \

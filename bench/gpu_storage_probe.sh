@@ -9,14 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/probe_runs}; LIMIT=${LIMIT:-420}; mkdir -p "$OUT" "$R"
 RECIPE=${RECIPE:-vgg16}; NET=${NET:-$RECIPE}
-PY=${PYTHON:-python3}
-if [ -d .whl ] && ! "$PY" -c "import hydra, omegaconf, safetensors, rich" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=disabled PYTHONUNBUFFERED=1
-[ -e dc_lightning/kernels ] || ln -sfn ../kernels dc_lightning/kernels
+source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fashion-mnist}
 EXTRA=()
 [ "${SMOKE:-0}" = 1 ] && EXTRA=(trainer=cpu trainer.limit_train_batches=2 trainer.limit_val_batches=1
@@ -32,14 +25,8 @@ wait
 for name in "${names[@]}"; do
   ckpt="$R/$name/checkpoints/baseline.ckpt"
   if [ ! -f "$ckpt" ]; then echo "$name: no baseline checkpoint (see $name.log)" | tee -a "$R/status.txt"; continue; fi
-  "$PY" - "$ckpt" "$R/$name/baseline.safetensors" <<'PY'
-import sys, torch
-from safetensors.torch import save_file
-sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)["state_dict"]
-save_file({k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startswith("model.")}, sys.argv[2])
-PY
   if [ "${SMOKE:-0}" = 1 ]; then echo "$name: baseline trained (smoke: storage skipped)" | tee -a "$R/status.txt"; continue; fi
-  timeout 150 "$PY" bench/bench_storage.py --nets "$NET" --state-dict "$R/$name/baseline.safetensors" \
+  timeout 150 "$PY" bench/bench_storage.py --nets "$NET" --state-dict "$ckpt" \
     --kmeans-iters 0 > "$R/storage_$name.log" 2>&1
   echo "$name: storage exit $? ; $(grep -h '│ baseline\|stage baseline done' "$R/$name.log" | tail -2 | tr '\n' ' ')" \
     | tee -a "$R/status.txt"

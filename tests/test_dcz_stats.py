@@ -82,3 +82,4 @@ def test_unreadable_file(tmp_path, capsys):
     assert stats.main([str(bad)]) == 2
     err = capsys.readouterr().err
     assert "missing.dcz" in err and "bad.dcz" in err
+
