@@ -1,0 +1,221 @@
+"""The per-layer compression state: the one module that names, reads, writes and derives the buffers.
+
+A compressed parameter ``<param>`` of a module (``weight`` for ``nn.Linear``/``nn.Conv*``) carries up to three
+buffers beside it (buffers so that ``state_dict()`` and Lightning checkpoints carry them; docs/DESIGN.md):
+
+=====================  ==========  ================  ==============================================================
+buffer                 dtype       shape             meaning
+=====================  ==========  ================  ==============================================================
+``<param>_mask``       bool        ``param.shape``   True = connection kept; the parameter is pruned iff it exists
+``<param>_codebook``   float32     ``[2**bits]``     shared weights; the parameter is quantized iff it exists
+``<param>_assign``     uint8       ``param.shape``   codebook index of every weight (0 and meaningless where pruned)
+=====================  ==========  ================  ==============================================================
+
+Invariants after every optimizer step: ``param[~mask] == 0.0`` exactly, and for a quantized parameter
+``param == where(mask, codebook[assign], 0.0)`` bit for bit. Every other module goes through the helpers below and
+never spells the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ASSIGN",
+    "CODEBOOK",
+    "KINDS",
+    "MASK",
+    "WEIGHT",
+    "buffer_keys",
+    "buffer_name",
+    "get_codebook",
+    "get_mask",
+    "has_compression",
+    "layer_codes",
+    "matrix_shape",
+    "parse_buffer_key",
+    "register_placeholders",
+    "remove_codebook",
+    "set_buffer",
+    "set_codebook",
+    "set_mask",
+    "sparse_coordinates",
+]
+
+WEIGHT = "weight"
+KINDS = ("mask", "codebook", "assign")
+MASK, CODEBOOK, ASSIGN = (f"{WEIGHT}_{k}" for k in KINDS)  # "weight_mask", "weight_codebook", "weight_assign"
+
+
+def buffer_name(kind: str, param: str = WEIGHT) -> str:
+    """``<param>_<kind>`` for ``kind`` in :data:`KINDS` (``buffer_name("mask") == "weight_mask"``).
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`KINDS`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"buffer kind {kind!r} is unknown; valid: {list(KINDS)}")
+    return f"{param}_{kind}"
+
+
+def buffer_keys(prefix: str, param: str = WEIGHT) -> tuple[str, ...]:
+    """The state-dict keys of a parameter's buffers under a module prefix (``"fc1."`` -> ``"fc1.weight_mask"``...)."""
+    return tuple(prefix + buffer_name(k, param) for k in KINDS)
+
+
+def parse_buffer_key(key: str) -> tuple[str, str, str] | None:
+    """``(module name, parameter name, kind)`` of a state-dict key naming a compression buffer, else ``None``.
+
+    ``"classifier.6.weight_mask"`` -> ``("classifier.6", "weight", "mask")``.
+    """
+    module, _, leaf = key.rpartition(".")
+    for kind in KINDS:
+        suffix = "_" + kind
+        if leaf.endswith(suffix) and len(leaf) > len(suffix):
+            return module, leaf[: -len(suffix)], kind
+    return None
+
+
+def get_mask(module: nn.Module, param: str = WEIGHT) -> Tensor | None:
+    """The parameter's bool mask buffer (True = kept), or ``None`` when it is not pruned."""
+    return module._buffers.get(buffer_name("mask", param))
+
+
+def get_codebook(module: nn.Module, param: str = WEIGHT) -> tuple[Tensor, Tensor] | None:
+    """``(codebook, assign)`` of a quantized parameter, or ``None`` when it is not quantized."""
+    cb = module._buffers.get(buffer_name("codebook", param))
+    assign = module._buffers.get(buffer_name("assign", param))
+    if cb is None or assign is None:
+        return None
+    return cb, assign
+
+
+def has_compression(module: nn.Module, param: str = WEIGHT) -> bool:
+    """Whether the parameter carries a mask or a codebook (is stored as a compressed layer)."""
+    return get_mask(module, param) is not None or get_codebook(module, param) is not None
+
+
+@torch.no_grad()
+def set_buffer(module: nn.Module, name: str, value: Tensor) -> Tensor:
+    """Store ``value`` as buffer ``name``: in place when one of the same shape and dtype exists, so tensors that a
+    DDP wrapper, an optimizer hook or a CUDA graph already reference stay valid; registered anew otherwise."""
+    current = module._buffers.get(name)
+    if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+        current.copy_(value)
+        return current
+    module.register_buffer(name, value.detach().clone(), persistent=True)
+    return module._buffers[name]
+
+
+def set_mask(module: nn.Module, mask: Tensor, param: str = WEIGHT) -> Tensor:
+    """Store a bool mask on the parameter's device (validated by the caller: ``pruning.attach_mask``)."""
+    device = getattr(module, param).device
+    return set_buffer(module, buffer_name("mask", param), mask.to(device=device, dtype=torch.bool))
+
+
+def set_codebook(module: nn.Module, codebook: Tensor, assign: Tensor, param: str = WEIGHT) -> None:
+    """Store a float32 codebook and uint8 assignments on the parameter's device (validated by the caller:
+    ``quantization.attach_codebook``)."""
+    device = getattr(module, param).device
+    set_buffer(module, buffer_name("codebook", param), codebook.reshape(-1).to(device=device, dtype=torch.float32))
+    set_buffer(module, buffer_name("assign", param), assign.to(device=device, dtype=torch.uint8))
+
+
+def remove_codebook(module: nn.Module, param: str = WEIGHT) -> None:
+    """Drop the parameter's codebook and assignments (the parameter is then no longer quantized)."""
+    module._buffers.pop(buffer_name("codebook", param), None)
+    module._buffers.pop(buffer_name("assign", param), None)
+
+
+def register_placeholders(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Register the compression buffers that ``state_dict`` holds and ``model`` lacks, so ``load_state_dict`` fits.
+
+    One rule for every caller (checkpoint loading, export from a checkpoint, resume): a missing buffer, or one of
+    another shape, is registered as zeros of the state dict's shape and dtype on the parameter's device; the
+    following ``load_state_dict`` overwrites it. Returns the keys registered.
+
+    Raises:
+        ValueError: a key names a module the model does not have, or a parameter that module does not have.
+    """
+    modules = dict(model.named_modules())
+    added = []
+    for key, value in state_dict.items():
+        parsed = parse_buffer_key(key)
+        if parsed is None:
+            continue
+        layer, param, kind = parsed
+        if layer not in modules:
+            raise ValueError(
+                f"checkpoint key {key!r}: the model has no layer {layer!r} to carry this {kind} buffer "
+                f"(does the checkpoint belong to another model?)"
+            )
+        module = modules[layer]
+        weight = getattr(module, param, None)
+        if not isinstance(weight, Tensor):
+            raise ValueError(f"checkpoint key {key!r}: layer {layer!r} ({type(module).__name__}) has no {param!r}")
+        name = buffer_name(kind, param)
+        current = module._buffers.get(name)
+        if current is None or current.shape != value.shape or current.dtype != value.dtype:
+            module.register_buffer(name, torch.zeros(value.shape, dtype=value.dtype, device=weight.device))
+            added.append(key)
+    return added
+
+
+# ------------------------------------------------------------------------------------------- derived coordinates
+
+
+def matrix_shape(shape: tuple[int, ...] | list[int] | torch.Size) -> tuple[int, int]:
+    """The ``(R, C)`` matrix view of a weight of ``shape``: ``(shape[0], prod(shape[1:]))`` (the stored scan order)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return 1, 1
+    r = shape[0]
+    c = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return r, c
+
+
+def sparse_coordinates(shape: tuple[int, ...], mask: Tensor | np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major ``(rows, cols)`` (int64) of the kept weights of ``weight.reshape(out, -1)``; every position when
+    ``mask`` is ``None``. Row-major is the stored scan order (Caffe's blob order; docs/DESIGN.md)."""
+    R, C = matrix_shape(shape)
+    if mask is None:
+        pos = np.arange(R * C, dtype=np.int64)
+    else:
+        m = mask.detach().cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask)
+        pos = np.flatnonzero(m.astype(bool, copy=False).reshape(-1)).astype(np.int64)
+    return pos // C, pos % C
+
+
+def layer_codes(
+    module: nn.Module, param: str = WEIGHT
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
+    """``(rows, cols, codes, codebook, shape)`` of a quantized parameter, derived from its buffers.
+
+    ``rows``/``cols`` are the row-major coordinates of the kept weights (all of them without a mask), ``codes`` their
+    uint8 codebook indices, ``codebook`` float32. This is the one derivation the exporter, the EIE layout and the
+    kernel packing share.
+
+    Raises:
+        ValueError: the parameter is not quantized, or a buffer's shape differs from the parameter's.
+    """
+    got = get_codebook(module, param)
+    if got is None:
+        raise ValueError(
+            f"{type(module).__name__}.{param} has no {buffer_name('codebook', param)}/{buffer_name('assign', param)} "
+            "buffers: it is not quantized (run TrainedQuantization or quantize_model first)"
+        )
+    codebook, assign = got
+    shape = tuple(getattr(module, param).shape)
+    mask = get_mask(module, param)
+    for name, t in (("assign", assign), ("mask", mask)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"{type(module).__name__}.{buffer_name(name, param)} has shape {tuple(t.shape)}; expected {shape}"
+            )
+    rows, cols = sparse_coordinates(shape, mask)
+    a = assign.detach().cpu().numpy().reshape(matrix_shape(shape))
+    return rows, cols, a[rows, cols], codebook.detach().cpu().float().numpy().reshape(-1), shape
