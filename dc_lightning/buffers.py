@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHT",
     "buffer_keys",
     "buffer_name",
+    "get_buffer",
     "get_codebook",
     "get_mask",
     "has_compression",
@@ -80,33 +81,43 @@ def parse_buffer_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def get_buffer(module: nn.Module, kind: str, param: str = WEIGHT) -> Tensor | None:
+    """The parameter's ``kind`` buffer as it is (no pairing or shape check; the exporter reports broken pairs)."""
+    return module._buffers.get(buffer_name(kind, param))
+
+
 def get_mask(module: nn.Module, param: str = WEIGHT) -> Tensor | None:
     """The parameter's bool mask buffer (True = kept), or ``None`` when it is not pruned."""
-    return module._buffers.get(buffer_name("mask", param))
+    return get_buffer(module, "mask", param)
 
 
 def get_codebook(module: nn.Module, param: str = WEIGHT) -> tuple[Tensor, Tensor] | None:
     """``(codebook, assign)`` of a quantized parameter, or ``None`` when it is not quantized."""
-    cb = module._buffers.get(buffer_name("codebook", param))
-    assign = module._buffers.get(buffer_name("assign", param))
+    cb, assign = get_buffer(module, "codebook", param), get_buffer(module, "assign", param)
     if cb is None or assign is None:
         return None
     return cb, assign
 
 
 def has_compression(module: nn.Module, param: str = WEIGHT) -> bool:
-    """Whether the parameter carries a mask or a codebook (is stored as a compressed layer)."""
-    return get_mask(module, param) is not None or get_codebook(module, param) is not None
+    """Whether the parameter carries a mask or a codebook buffer (is stored as a compressed layer)."""
+    return get_mask(module, param) is not None or get_buffer(module, "codebook", param) is not None
 
 
 @torch.no_grad()
 def set_buffer(module: nn.Module, name: str, value: Tensor) -> Tensor:
     """Store ``value`` as buffer ``name``: in place when one of the same shape and dtype exists, so tensors that a
-    DDP wrapper, an optimizer hook or a CUDA graph already reference stay valid; registered anew otherwise."""
+    DDP wrapper, an optimizer hook or a CUDA graph already reference stay valid; registered anew otherwise.
+
+    Raises:
+        ValueError: ``name`` is already an attribute of ``module`` that is not a buffer (a parameter, a submodule).
+    """
     current = module._buffers.get(name)
     if current is not None and current.shape == value.shape and current.dtype == value.dtype:
         current.copy_(value)
         return current
+    if name not in module._buffers and hasattr(module, name):
+        raise ValueError(f"{type(module).__name__}.{name} exists and is not a buffer; cannot store {name!r} there")
     module.register_buffer(name, value.detach().clone(), persistent=True)
     return module._buffers[name]
 
@@ -138,8 +149,11 @@ def register_placeholders(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
     another shape, is registered as zeros of the state dict's shape and dtype on the parameter's device; the
     following ``load_state_dict`` overwrites it. Returns the keys registered.
 
+    A key ``<layer>.<param>_<kind>`` whose layer exists but has no tensor ``<param>`` is not a compression buffer
+    (an attention module's ``causal_mask``, say) and is left to ``load_state_dict``.
+
     Raises:
-        ValueError: a key names a module the model does not have, or a parameter that module does not have.
+        ValueError: a key names a layer the model does not have (the message names the key and the layer).
     """
     modules = dict(model.named_modules())
     added = []
@@ -156,7 +170,7 @@ def register_placeholders(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
         module = modules[layer]
         weight = getattr(module, param, None)
         if not isinstance(weight, Tensor):
-            raise ValueError(f"checkpoint key {key!r}: layer {layer!r} ({type(module).__name__}) has no {param!r}")
+            continue
         name = buffer_name(kind, param)
         current = module._buffers.get(name)
         if current is None or current.shape != value.shape or current.dtype != value.dtype:

@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+
+from dc_lightning.buffers import register_placeholders
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 RECIPES = tuple(sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
-#: per-layer compression buffers (docs/DESIGN.md) that a checkpoint may hold and a fresh model lacks
-COMPRESSION_BUFFERS = ("weight_mask", "weight_codebook", "weight_assign")
 
 
 def _ensure_recipes_importable() -> None:
@@ -141,29 +140,6 @@ def build_trainer(cfg: DictConfig, stage: str, max_epochs: int, callbacks: Seque
     )
 
 
-def restore_compression_buffers(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Register placeholders for the mask/codebook buffers a state dict holds, so ``load_state_dict`` fits.
-
-    A checkpoint written after pruning holds ``<layer>.weight_mask`` (and after quantization
-    ``weight_codebook``/``weight_assign``) that a freshly built model lacks.
-
-    Raises:
-        ValueError: a buffer key names a layer the model does not have.
-    """
-    modules = dict(model.named_modules())
-    for key, value in state_dict.items():
-        layer, _, name = key.rpartition(".")
-        if name not in COMPRESSION_BUFFERS:
-            continue
-        if layer not in modules:
-            raise ValueError(f"checkpoint: {key!r} belongs to layer {layer!r}, which the model does not have")
-        module = modules[layer]
-        if name not in module._buffers:
-            module.register_buffer(name, torch.empty_like(value, device="cpu"))
-        elif module._buffers[name].shape != value.shape:
-            module._buffers[name] = torch.empty_like(value, device="cpu")
-
-
 def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides: Any):
     """Rebuild the recipe's module and load a Lightning checkpoint's weights (mask/codebook buffers included).
 
@@ -177,6 +153,6 @@ def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides
     # a Lightning checkpoint is the user's own file; weights_only keeps torch.load from running pickled code
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
-    restore_compression_buffers(module, state)
+    register_placeholders(module, state)  # the mask/codebook buffers a fresh model lacks
     module.load_state_dict(state)
     return module

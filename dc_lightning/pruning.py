@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dc_lightning import buffers
+from dc_lightning.buffers import get_mask
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
 
-MASK_NAME = "weight_mask"
 _STD_OF = ("all", "kept")
 _SKIP = object()  # resolve_per_layer default for layers that a {pattern: value} dict does not name
 
@@ -169,16 +170,12 @@ def magnitude_mask(
     return mask, threshold
 
 
-def get_mask(module: nn.Module) -> Tensor | None:
-    """The layer's ``weight_mask`` buffer (bool, True = kept), or None when the layer is not pruned."""
-    return module._buffers.get(MASK_NAME)
-
-
 @torch.no_grad()
 def attach_mask(module: nn.Module, mask: Tensor) -> Tensor:
-    """Register (or update in place) the bool buffer ``weight_mask`` on ``module``; the weight is left untouched.
+    """Register (or update in place) the bool mask buffer of ``module.weight``; the weight is left untouched.
 
-    Updating in place keeps the tensor that a DDP wrapper or an optimizer hook already references.
+    Updating in place keeps the tensor that a DDP wrapper or an optimizer hook already references. The mask is read
+    back with :func:`get_mask` (both are :mod:`dc_lightning.buffers` helpers; this one validates first).
 
     Raises:
         ValueError: the module has no ``weight``, or ``mask`` is not bool of ``weight.shape``.
@@ -191,12 +188,7 @@ def attach_mask(module: nn.Module, mask: Tensor) -> Tensor:
             f"attach_mask: mask must be a bool tensor of shape {tuple(weight.shape)}; "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    current = get_mask(module)
-    if current is not None and current.shape == mask.shape:
-        current.copy_(mask)
-        return current
-    module.register_buffer(MASK_NAME, mask.detach().to(weight.device).clone(), persistent=True)
-    return module._buffers[MASK_NAME]
+    return buffers.set_mask(module, mask)
 
 
 @torch.no_grad()

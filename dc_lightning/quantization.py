@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dc_lightning import buffers
+from dc_lightning.buffers import get_codebook, get_mask
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
 
 __all__ = [
@@ -54,23 +56,11 @@ log = logging.getLogger(__name__)
 INITS = ("linear", "density", "random")
 
 _UNSET = object()  # resolve_per_layer default for layers no {pattern: bits} entry names
-CODEBOOK = "weight_codebook"
-ASSIGN = "weight_assign"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------------
-def _get_mask(module: nn.Module) -> Tensor | None:
-    """The pruning mask of ``module`` (``pruning.get_mask`` when that module exists; the buffer contract otherwise)."""
-    try:
-        from dc_lightning.pruning import get_mask
-    except ImportError:  # pruning.py is optional for quantization
-        mask = getattr(module, "weight_mask", None)
-        return mask if isinstance(mask, Tensor) else None
-    return get_mask(module)
-
-
 def _acc_dtype(device: torch.device) -> torch.dtype:
     # float64 prefix sums keep segment sums exact enough for millions of weights; MPS has no float64
     return torch.float32 if device.type == "mps" else torch.float64
@@ -465,17 +455,6 @@ def _apply_moves(
 # ----------------------------------------------------------------------------------------------------------------------
 # per-layer codebooks
 # ----------------------------------------------------------------------------------------------------------------------
-def _set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
-    cur = getattr(module, name, None)
-    if isinstance(cur, Tensor) and name in module._buffers and cur.shape == value.shape and cur.dtype == value.dtype:
-        with torch.no_grad():
-            cur.copy_(value)  # in place: optimizers holding the tensor keep seeing it
-    else:
-        if hasattr(module, name) and name not in module._buffers:
-            raise ValueError(f"{type(module).__name__}.{name} exists and is not a buffer; cannot attach a codebook")
-        module.register_buffer(name, value)
-
-
 def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None:
     """Store ``codebook`` (→ float32 ``weight_codebook``) and ``assign`` (→ uint8 ``weight_assign``) on ``module``.
 
@@ -499,17 +478,7 @@ def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None
         raise ValueError(
             f"attach_codebook: assignments must lie in [0, {k}), got [{int(assign.min())}, {int(assign.max())}]"
         )
-    _set_buffer(module, CODEBOOK, codebook.to(device=w.device, dtype=torch.float32))
-    _set_buffer(module, ASSIGN, assign.detach().to(device=w.device, dtype=torch.uint8))
-
-
-def get_codebook(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """``(weight_codebook, weight_assign)`` of a quantized layer, or None when the layer is not quantized."""
-    cb = getattr(module, CODEBOOK, None)
-    assign = getattr(module, ASSIGN, None)
-    if not isinstance(cb, Tensor) or not isinstance(assign, Tensor):
-        return None
-    return cb, assign
+    buffers.set_codebook(module, codebook, assign.detach())
 
 
 def decode_weight(module: nn.Module) -> Tensor:
@@ -520,10 +489,12 @@ def decode_weight(module: nn.Module) -> Tensor:
     """
     got = get_codebook(module)
     if got is None:
-        raise ValueError(f"decode_weight: {type(module).__name__} has no {CODEBOOK}/{ASSIGN} buffers")
+        raise ValueError(
+            f"decode_weight: {type(module).__name__} has no {buffers.CODEBOOK}/{buffers.ASSIGN} buffers"
+        )
     cb, assign = got
     w = cb[assign.long()]
-    mask = _get_mask(module)
+    mask = get_mask(module)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
     return w.to(module.weight.dtype)
@@ -609,7 +580,7 @@ def quantize_layer(
     check_bits(bits, f"bits for layer {name!r}")
     k = 2**bits
     w = module.weight
-    mask = _get_mask(module)
+    mask = get_mask(module)
     with torch.no_grad():
         members = w.detach()[mask] if mask is not None else w.detach().reshape(-1).clone()  # not a view: w changes
         c, a = kmeans_1d(members, k, init=init, max_iter=max_iter, seed=seed, refine=refine)

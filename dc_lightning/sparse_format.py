@@ -36,6 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import nn
+
+from dc_lightning import buffers
+from dc_lightning.buffers import matrix_shape
 
 __all__ = [
     "EIELayout",
@@ -62,16 +66,6 @@ def _check_index_bits(index_bits: int) -> int:
     ):
         raise ValueError(f"index_bits={index_bits!r} is invalid; valid: an int in 1..{MAX_INDEX_BITS}")
     return int(index_bits)
-
-
-def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
-    """The ``(R, C)`` matrix view of a weight of ``shape``: ``(shape[0], prod(shape[1:]))``."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 0:
-        return 1, 1
-    r = shape[0]
-    c = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    return r, c
 
 
 def positions_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -251,17 +245,7 @@ def _layer_arrays(obj):
             tuple(obj.shape),
             cb,
         )
-    codebook = getattr(obj, "weight_codebook", None)
-    assign = getattr(obj, "weight_assign", None)
-    if codebook is None or assign is None:
-        raise ValueError(
-            f"{type(obj).__name__} has no weight_codebook/weight_assign buffers; EIE needs a quantized layer"
-        )
-    mask = getattr(obj, "weight_mask", None)
-    a = assign.detach().cpu().numpy()
-    m = np.ones(a.shape, bool) if mask is None else mask.detach().cpu().numpy().astype(bool)
-    pos = positions_from_mask(m)
-    R, C = matrix_shape(a.shape)
-    r, c = positions_to_rows_cols(pos, C)
-    codes = a.reshape(R, -1)[r, c]
-    return r, c, codes, tuple(a.shape), codebook.detach().cpu().float().numpy()
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"expected a decoded layer (rows, cols, codes) or an nn.Module, got {type(obj).__name__}")
+    rows, cols, codes, codebook, shape = buffers.layer_codes(obj)
+    return rows, cols, codes, shape, codebook

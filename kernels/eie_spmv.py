@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dc_lightning.buffers import sparse_coordinates
+
 try:  # Triton is optional: without it (macOS, Windows, minimal CI) only the reference path runs.
     import triton
     import triton.language as tl
@@ -312,11 +314,9 @@ def pack_from_layer_buffers(
     """
     if assign.dim() != 2:
         raise ValueError(f"weight_assign must be 2-D [out, in], got shape {tuple(assign.shape)}")
-    if mask is None:
-        mask = torch.ones(assign.shape, dtype=torch.bool, device=assign.device)
-    if mask.shape != assign.shape:
+    if mask is not None and mask.shape != assign.shape:
         raise ValueError(f"weight_mask shape {tuple(mask.shape)} differs from weight_assign {tuple(assign.shape)}")
-    rows, cols = torch.nonzero(mask.cpu(), as_tuple=True)
+    rows, cols = (torch.from_numpy(t) for t in sparse_coordinates(tuple(assign.shape), mask))
     codes = assign.cpu()[rows, cols].to(torch.int64)
     kwargs.setdefault("device", assign.device)
     return pack(assign.shape[0], assign.shape[1], rows, cols, codes, codebook, **kwargs)

@@ -16,11 +16,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
+from dc_lightning import buffers
+from dc_lightning.buffers import get_mask
 from dc_lightning.quantization import (
-    ASSIGN,
-    CODEBOOK,
     INITS,
-    _get_mask,
     bits_for_layers,
     check_bits,
     codebook_grad,
@@ -244,9 +243,7 @@ class TrainedQuantization(Callback):
                     f"TrainedQuantization: layer {name!r} has a codebook of {got[0].numel()} entries but bits="
                     f"{self._bits[name]} asks for {k}; replacing it"
                 )
-            w = module.weight
-            module.register_buffer(CODEBOOK, torch.zeros(k, dtype=torch.float32, device=w.device))
-            module.register_buffer(ASSIGN, torch.zeros(w.shape, dtype=torch.uint8, device=w.device))
+            buffers.set_codebook(module, torch.zeros(k), torch.zeros(module.weight.shape, dtype=torch.uint8))
             self._placeholders = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,8 +283,7 @@ class TrainedQuantization(Callback):
         for module in self._layers.values():
             got = get_codebook(module)
             if got is not None and not bool(got[0].any()):
-                module._buffers.pop(CODEBOOK, None)
-                module._buffers.pop(ASSIGN, None)
+                buffers.remove_codebook(module)
         self._placeholders = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -335,7 +331,7 @@ class TrainedQuantization(Callback):
             )
         before: dict[str, Tensor] = {}
         for name, module in self._layers.items():
-            mask = _get_mask(module)
+            mask = get_mask(module)
             w = module.weight.detach()
             if self.log_histograms:
                 before[name] = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
@@ -413,7 +409,7 @@ class TrainedQuantization(Callback):
         if isinstance(optimizer, _SCALE_INVARIANT):  # Adam-type steps do not grow with the gradient's size
             return 1.0
         cb, assign = get_codebook(lay.module)
-        mask = _get_mask(lay.module)
+        mask = get_mask(lay.module)
         members = int(assign.numel() if mask is None else mask.sum())
         used = int(torch.unique(assign if mask is None else assign[mask]).numel()) if members else 1
         return 1.0 / max(members / max(used, 1), 1.0)
@@ -458,7 +454,7 @@ class TrainedQuantization(Callback):
             if w.grad is None:
                 cb.grad = None
                 continue
-            mask = _get_mask(lay.module)
+            mask = get_mask(lay.module)
             version = -1 if mask is None else mask._version
             if lay.segments is None or version != lay.mask_version:  # assignments fixed; masks may tighten
                 lay.segments = codebook_segments(assign, mask, lay.k)
@@ -555,7 +551,7 @@ def _log_histograms(
         return
     payload = {}
     for name, module in layers.items():
-        mask = _get_mask(module)
+        mask = get_mask(module)
         w = module.weight.detach()
         after = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
         for tag, values in (("before", before[name]), ("after", after)):
