@@ -109,7 +109,7 @@ def bench_streams() -> list[dict]:
 def bench_vgg() -> dict:
     from bench_storage import build_compressed
 
-    from dc_lightning.io import build_file, read_compressed
+    from dc_lightning.dcz import build_file, read_compressed, read_stream
 
     model, times = build_compressed("vgg16")
     nnz = sum(int(m.weight_mask.sum()) for m in model.modules() if getattr(m, "weight_mask", None) is not None)
@@ -119,13 +119,11 @@ def bench_vgg() -> dict:
     streams = []
     from safetensors.numpy import load
 
-    from dc_lightning.io import _read_header, _stream  # noqa: F401  (stream records -> HuffmanStream)
-
     arrays = load(data)
-    for rec in meta["layers"]:
+    for rec in meta["layers"]:  # stream records -> HuffmanStream, decoded below in one pass
         pay = arrays[rec["tensor"]]
-        streams.append(_stream(pay, rec["code"], rec["k"], "code"))
-        streams.append(_stream(pay, rec["gap"], 1 << rec["index_bits"], "gap"))
+        streams.append(read_stream(pay, rec["code"], rec["k"], "code"))
+        streams.append(read_stream(pay, rec["gap"], 1 << rec["index_bits"], "gap"))
     t_dec, _ = timeit(lambda: huffman.decode_many(streams))
     t_read, _ = timeit(lambda: read_compressed(path), repeat=2)
     return {

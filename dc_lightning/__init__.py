@@ -7,7 +7,22 @@ Everything public is importable from here. Imports are lazy (PEP 562) so that ``
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ imports on first use
+    from dc_lightning.callbacks.compressed_checkpoint import CompressedCheckpoint  # noqa: F401
+    from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning  # noqa: F401
+    from dc_lightning.callbacks.trained_quantization import TrainedQuantization  # noqa: F401
+    from dc_lightning.data import FakeDataModule, FashionMNISTDataModule, ImageFolderDataModule  # noqa: F401
+    from dc_lightning.dcz import CorruptFileError  # noqa: F401
+    from dc_lightning.inference import CompressedLinear, to_compressed_inference  # noqa: F401
+    from dc_lightning.io import load_compressed, save_compressed  # noqa: F401
+    from dc_lightning.models import LeNet5, LeNet300100, alexnet, build_model, vgg16  # noqa: F401
+    from dc_lightning.module import ClassifierModule  # noqa: F401
+    from dc_lightning.pruning import apply_masks, magnitude_mask, prune_model  # noqa: F401
+    from dc_lightning.quantization import kmeans_1d, quantize_model  # noqa: F401
+    from dc_lightning.report import compression_report  # noqa: F401
+    from dc_lightning.sensitivity import sensitivity_analysis  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -36,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     # file format
     "save_compressed": "dc_lightning.io",
     "load_compressed": "dc_lightning.io",
-    "CorruptFileError": "dc_lightning.io",
+    "CorruptFileError": "dc_lightning.dcz",
     "compression_report": "dc_lightning.report",
     "CompressedCheckpoint": "dc_lightning.callbacks.compressed_checkpoint",
     # inference

@@ -36,7 +36,8 @@ from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
 
-_STD_OF = ("all", "kept")
+#: how the standard deviation of the quality threshold is taken (all weights, or the kept ones) [NIPS §4]
+STD_OF = ("all", "kept")
 _SKIP = object()  # resolve_per_layer default for layers that a {pattern: value} dict does not name
 
 
@@ -157,8 +158,8 @@ def magnitude_mask(
         threshold = float(mag.flatten()[order[k - 1]]) if k > 0 else math.inf
     else:
         quality = check_quality(quality, "quality")
-        if std_of not in _STD_OF:
-            raise ValueError(f"magnitude_mask: std_of={std_of!r}; expected one of {list(_STD_OF)}")
+        if std_of not in STD_OF:
+            raise ValueError(f"magnitude_mask: std_of={std_of!r}; expected one of {list(STD_OF)}")
         values = weight.detach().float()
         if std_of == "kept" and current_mask is not None:
             values = values[current_mask]

@@ -34,17 +34,15 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dc_lightning.utils import console as rich_console
 
-__all__ = ["LayerStats", "Report", "cli_inspect", "compression_report"]
+__all__ = ["LayerStats", "Report", "compression_report"]
 
 _ITEM = {
     "float32": 4,
@@ -385,42 +383,18 @@ def compression_report(model_or_path: Any, **save_kwargs: Any) -> Report:
 
         compression_report(model, index_bits=4).print()
     """
-    from dc_lightning import io
+    from dc_lightning.dcz import CorruptFileError, build_file, read_header
 
     if isinstance(model_or_path, (str, os.PathLike)):
         path = str(model_or_path)
         with open(path, "rb") as f:
             data = f.read()
         try:
-            _, meta = io._read_header(data, path)
+            _, meta = read_header(data, path)
             return Report.from_metadata(meta, len(data), path)
-        except io.CorruptFileError:
+        except CorruptFileError:
             raise
         except Exception as e:
-            raise io.CorruptFileError(f"{path}: metadata is inconsistent ({type(e).__name__}: {e})") from None
-    meta, data = io.build_file(model_or_path, **save_kwargs)
+            raise CorruptFileError(f"{path}: metadata is inconsistent ({type(e).__name__}: {e})") from None
+    meta, data = build_file(model_or_path, **save_kwargs)
     return Report.from_metadata(meta, len(data), "<model>")
-
-
-def cli_inspect(argv: list[str] | None = None) -> int:
-    """``dc-lightning inspect <file.dcz> [--json | --markdown]``: print the per-layer compression report."""
-    p = argparse.ArgumentParser(prog="dc-lightning inspect", description=cli_inspect.__doc__)
-    p.add_argument("file")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--json", action="store_true", help="print JSON")
-    g.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = p.parse_args(argv)
-    from dc_lightning.io import CorruptFileError
-
-    try:
-        rep = compression_report(args.file)
-    except (CorruptFileError, FileNotFoundError) as e:
-        print(f"dc-lightning inspect: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(rep.to_json())
-    elif args.markdown:
-        print(rep.to_markdown())
-    else:
-        rep.print()
-    return 0

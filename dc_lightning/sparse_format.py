@@ -183,7 +183,7 @@ def eie_layout(stream_or_layer, num_pe: int = 64, index_bits: int = 4) -> EIELay
     """Derive EIE's interleaved CSC layout from a stored stream or a quantized layer, without re-clustering.
 
     Args:
-        stream_or_layer: a decoded layer from :func:`dc_lightning.io.read_compressed` (anything with ``rows``,
+        stream_or_layer: a decoded layer from :func:`dc_lightning.dcz.read_compressed` (anything with ``rows``,
             ``cols``, ``codes``, ``shape`` and ``codebook`` attributes), or an ``nn.Module`` carrying the
             ``weight_codebook``/``weight_assign`` (and optionally ``weight_mask``) buffers of docs/DESIGN.md.
         num_pe: number of processing elements rows are interleaved over (EIE: 64).

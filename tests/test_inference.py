@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from dc_lightning.inference import CompressedLinear, cli_predict, to_compressed_inference
+from dc_lightning.cli.predict import cli_predict
+from dc_lightning.inference import CompressedLinear, to_compressed_inference
 
 
 def _quantize(linear: nn.Linear, density: float = 0.3, bits: int = 4, seed: int = 0) -> nn.Linear:

@@ -13,10 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import save as st_save
 from torch import nn
 
+from dc_lightning.cli.export import cli_decompress, cli_export
 from dc_lightning.io import (
     CorruptFileError,
-    cli_decompress,
-    cli_export,
     decompress,
     load_compressed,
     read_compressed,

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from dc_lightning.cli.inspect import cli_inspect
 from dc_lightning.io import save_compressed
-from dc_lightning.report import cli_inspect, compression_report
+from dc_lightning.report import compression_report
 
 
 def hand_layer() -> nn.Linear:

@@ -137,8 +137,8 @@ def test_write_sensitivity(tmp_path, trained):
     reason="dc_lightning/config.py not present",
 )
 def test_cli_sensitivity(tmp_path):
+    from dc_lightning.cli.sensitivity import cli_sensitivity
     from dc_lightning.config import build_module, compose
-    from dc_lightning.sensitivity import cli_sensitivity
 
     cfg = compose("lenet300", ["data=fake", f"output_dir={tmp_path}"])
     module = build_module(cfg)

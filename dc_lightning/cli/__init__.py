@@ -1,7 +1,9 @@
 """The ``dc-lightning`` console script.
 
-Each subcommand lives in the module that owns it as ``cli_main(argv: list[str]) -> int``; this file only
-dispatches, so ``dc-lightning --help`` stays fast and imports nothing heavy.
+One module of this package per subcommand (``export.py`` holds ``export`` and ``decompress``), each with a function
+``cli_<name>(argv: list[str]) -> int`` that parses its own arguments and calls the library; the library modules know
+nothing of argparse or Hydra. This file only dispatches, importing the subcommand's module when it runs, so
+``dc-lightning --help`` stays fast and imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "sensitivity": ("dc_lightning.sensitivity", "prune one layer at a time and plot accuracy vs density"),
-    "export": ("dc_lightning.io", "convert a Lightning checkpoint into a compressed .dcz file"),
-    "decompress": ("dc_lightning.io", "write a compressed file's dense weights as a plain safetensors file"),
-    "inspect": ("dc_lightning.report", "print the per-layer compression report of a compressed file"),
-    "predict": ("dc_lightning.inference", "evaluate a compressed file through the EIE inference path"),
+    "sensitivity": ("dc_lightning.cli.sensitivity", "prune one layer at a time and plot accuracy vs density"),
+    "export": ("dc_lightning.cli.export", "convert a Lightning checkpoint into a compressed .dcz file"),
+    "decompress": ("dc_lightning.cli.export", "write a compressed file's dense weights as a plain safetensors file"),
+    "inspect": ("dc_lightning.cli.inspect", "print the per-layer compression report of a compressed file"),
+    "predict": ("dc_lightning.cli.predict", "evaluate a compressed file through the EIE inference path"),
 }
 
 

@@ -1,0 +1,304 @@
+"""The ``.dcz`` container: a plain safetensors file with a versioned JSON document in its metadata.
+
+What this module owns (the codec, :mod:`dc_lightning.dcz.codec`, gives the bytes their meaning):
+
+* the file's identity: safetensors metadata ``format`` (:data:`FORMAT_NAME`), ``format_version``
+  (:data:`FORMAT_VERSION`) and ``dc_lightning``, a JSON document that repeats both and records the scan order;
+* **payloads**: uint8 tensors ``layer.NNNN`` / ``tensor.NNNN``, each with its byte count and sha256 in the document;
+* **sections**: a payload is a concatenation of sections recorded as ``[offset, length]``; a Huffman stream is three
+  sections (code lengths, uint16 sync table, data; :class:`Sections`, :func:`read_stream`);
+* the checks every reader runs before allocating decode buffers (sizes, bounds, checksums), all raising
+  :class:`CorruptFileError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from dc_lightning import huffman
+
+__all__ = [
+    "EXTENSION",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SCAN_ORDER",
+    "CorruptFileError",
+    "Sections",
+    "checked_int",
+    "checked_payload",
+    "checked_shape",
+    "checksum",
+    "little_endian",
+    "load_payloads",
+    "read_header",
+    "read_stream",
+    "section",
+    "stored_floats",
+    "stored_tensor",
+    "stream_bytes",
+    "tensor_bytes",
+    "write_container",
+]
+
+FORMAT_NAME = "dc-lightning-compressed"
+FORMAT_VERSION = 1
+EXTENSION = ".dcz"
+#: the order non-zeros are scanned in (see dc_lightning.sparse_format); recorded in every file and checked on read
+SCAN_ORDER = "row-major over weight.reshape(out, -1)"
+MAX_HEADER = 100 << 20
+
+#: dtypes a plain tensor may have, by the name the document records
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+#: storage dtypes of codebooks and kept values
+NP_FLOAT = {"float32": np.float32, "float16": np.float16}
+
+
+class CorruptFileError(ValueError):
+    """The compressed file cannot be read: truncated, altered (checksum), an unknown format version, a header
+    inconsistent with its payloads, or a layer missing / shaped differently from the model it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """Raw bytes of a tensor (any dtype, bf16 included) as a uint8 array."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().copy() if t.numel() else np.zeros(0, np.uint8)
+
+
+def little_endian(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with an explicit little-endian dtype (the byte order of every stored number)."""
+    return arr.astype("<" + arr.dtype.str[1:])
+
+
+def checksum(arr: np.ndarray) -> str:
+    """The sha256 (hex) recorded for a payload."""
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def _stored_lengths(s: huffman.HuffmanStream) -> np.ndarray:
+    """The code-length table as stored: one byte per symbol, or a single byte for a fixed-width code."""
+    lengths = s.lengths.astype(np.uint8)
+    if lengths.size > 1 and (lengths == lengths[0]).all():  # a fixed-width code: one length for all symbols
+        lengths = lengths[:1]
+    return lengths
+
+
+def stream_bytes(s: huffman.HuffmanStream) -> int:
+    """Bytes a stream occupies in the file: data, code-length table, uint16 sync table (:meth:`Sections.add_stream`)."""
+    return int(s.data.size) + int(_stored_lengths(s).size) + 2 * int(s.sync.size)
+
+
+class Sections:
+    """Accumulates the sections of one payload; each ``add`` returns the section's ``[offset, length]``."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, arr: np.ndarray) -> list[int]:
+        b = np.ascontiguousarray(arr).tobytes()
+        sec = [self.size, len(b)]
+        self.parts.append(b)
+        self.size += len(b)
+        return sec
+
+    def add_stream(self, s: huffman.HuffmanStream) -> dict:
+        """Store a Huffman stream as three sections and return its record (read back by :func:`read_stream`)."""
+        return {
+            "n": int(s.count),
+            "nbits": int(s.nbits),
+            "chunk": int(s.chunk),
+            "lengths": self.add(_stored_lengths(s)),
+            "sync": self.add(s.sync.astype("<u2")),
+            "data": self.add(s.data),
+        }
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(b"".join(self.parts), dtype=np.uint8).copy() if self.size else np.zeros(0, np.uint8)
+
+
+def write_container(payloads: dict[str, np.ndarray], doc: dict) -> bytes:
+    """The file's bytes: the uint8 ``payloads`` as safetensors tensors, ``doc`` as the ``dc_lightning`` metadata."""
+    from safetensors.numpy import save
+
+    return save(
+        payloads,
+        metadata={
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "dc_lightning": json.dumps(doc, separators=(",", ":")),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def read_header(data: bytes, where: str) -> tuple[dict, dict]:
+    """``(tensor index, document)`` of a ``.dcz`` file's bytes, with every size, the format name, the version and
+    the scan order checked (``where`` names the file in errors).
+
+    Raises:
+        CorruptFileError: truncated, not JSON, not this format, or a version or scan order this reader cannot read.
+    """
+    if len(data) < 8:
+        raise CorruptFileError(f"{where}: {len(data)} bytes is too short for a safetensors file (truncated?)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > MAX_HEADER:
+        raise CorruptFileError(f"{where}: header claims {n} bytes but the file holds {len(data) - 8} (truncated?)")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{where}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{where}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict):
+        raise CorruptFileError(f"{where}: no safetensors metadata; not a dc-lightning compressed file")
+    if meta.get("format") != FORMAT_NAME:
+        raise CorruptFileError(f"{where}: format {meta.get('format')!r} is not {FORMAT_NAME!r}")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CorruptFileError(
+            f"{where}: unknown format version {meta.get('format_version')!r}; this reader supports {FORMAT_VERSION}"
+        )
+    try:
+        doc = json.loads(meta["dc_lightning"])
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{where}: dc_lightning metadata is missing or not JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME or doc.get("format_version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{where}: dc_lightning metadata has the wrong format name or version")
+    if doc.get("scan_order") != SCAN_ORDER:
+        raise CorruptFileError(
+            f"{where}: scan_order {doc.get('scan_order')!r} is not supported; this reader supports {SCAN_ORDER!r}"
+        )
+    return header, doc
+
+
+def load_payloads(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors file, by name.
+
+    Raises:
+        CorruptFileError: the safetensors index and the bytes disagree.
+    """
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except Exception as e:
+        raise CorruptFileError(f"{where}: safetensors payload is inconsistent ({e})") from None
+
+
+def checked_payload(payloads: dict[str, np.ndarray], rec: dict, what: str, where: str) -> np.ndarray:
+    """The uint8 payload a record names (``rec["tensor"]``), after checking its size and sha256 against the record.
+
+    Raises:
+        CorruptFileError: missing payload, wrong dtype/shape/size, or a checksum mismatch.
+    """
+    name = rec.get("tensor")
+    if not isinstance(name, str) or name not in payloads:
+        raise CorruptFileError(f"{where}: {what}: payload tensor {name!r} is missing")
+    arr = payloads[name]
+    if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size != checked_int(rec.get("nbytes"), what + ".nbytes"):
+        raise CorruptFileError(f"{where}: {what}: payload {name!r} has the wrong dtype/shape/size")
+    if checksum(arr) != rec.get("sha256"):
+        raise CorruptFileError(f"{where}: {what}: sha256 checksum mismatch (file altered or damaged)")
+    return arr
+
+
+def checked_int(v: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    """``v`` if it is an int in ``[lo, hi]`` (bools excluded).
+
+    Raises:
+        CorruptFileError: otherwise (the message names the field ``what``).
+    """
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise CorruptFileError(f"{what} = {v!r} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def checked_shape(v: Any, what: str) -> tuple[int, ...]:
+    """A recorded shape: a list of at most 8 non-negative dims whose product is at most ``2**48``.
+
+    Raises:
+        CorruptFileError: otherwise.
+    """
+    if not isinstance(v, list) or len(v) > 8:
+        raise CorruptFileError(f"{what}: shape {v!r} is not a list of at most 8 dims")
+    shape = tuple(checked_int(d, what + ".shape", 0, 1 << 40) for d in v)
+    if math.prod(shape) > (1 << 48):
+        raise CorruptFileError(f"{what}: shape {shape} is implausibly large")
+    return shape
+
+
+def section(payload: np.ndarray, sec: Any, what: str) -> np.ndarray:
+    """The bytes of section ``sec = [offset, length]`` of ``payload``.
+
+    Raises:
+        CorruptFileError: ``sec`` is malformed or lies outside the payload.
+    """
+    if not isinstance(sec, list) or len(sec) != 2:
+        raise CorruptFileError(f"{what}: section must be [offset, length], got {sec!r}")
+    off, n = checked_int(sec[0], what + ".offset"), checked_int(sec[1], what + ".length")
+    if off + n > payload.size:
+        raise CorruptFileError(f"{what}: section [{off}, {off + n}) lies outside its {payload.size}-byte payload")
+    return payload[off : off + n]
+
+
+def read_stream(payload: np.ndarray, rec: Any, alphabet: int, what: str) -> huffman.HuffmanStream:
+    """The Huffman stream a record of :meth:`Sections.add_stream` describes, over an alphabet of ``alphabet``
+    symbols (not decoded: :func:`dc_lightning.huffman.decode_many` decodes many streams in one pass).
+
+    Raises:
+        CorruptFileError: a missing record, a section out of bounds, or a code-length table of the wrong size.
+    """
+    if not isinstance(rec, dict):
+        raise CorruptFileError(f"{what}: stream record missing")
+    lengths = section(payload, rec.get("lengths"), what + ".lengths")
+    if lengths.size == 1 and alphabet > 1:  # a fixed-width code stores its one length once
+        lengths = np.full(alphabet, lengths[0], dtype=np.uint8)
+    if lengths.size != alphabet:
+        raise CorruptFileError(f"{what}: {lengths.size} code lengths for an alphabet of {alphabet}")
+    sync_b = section(payload, rec.get("sync"), what + ".sync")
+    if sync_b.size % 2:
+        raise CorruptFileError(f"{what}: sync table has an odd byte count")
+    return huffman.HuffmanStream(
+        data=section(payload, rec.get("data"), what + ".data"),
+        nbits=checked_int(rec.get("nbits"), what + ".nbits"),
+        count=checked_int(rec.get("n"), what + ".n"),
+        lengths=lengths,
+        sync=sync_b.view("<u2").astype(np.uint16),
+        chunk=checked_int(rec.get("chunk"), what + ".chunk", 1, (1 << 16) - 1),
+    )
+
+
+def stored_floats(raw: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Little-endian ``float32``/``float16`` bytes (a codebook, kept values) as float32 numbers."""
+    return raw.view("<" + np.dtype(NP_FLOAT[dtype_name]).str[1:]).astype(np.float32)
+
+
+def stored_tensor(raw: np.ndarray, shape: tuple[int, ...], stored: str, src: str) -> torch.Tensor:
+    """A plain tensor from its stored bytes: ``stored`` dtype on disk, converted back to its ``src`` dtype."""
+    dtype = DTYPES[stored]
+    t = torch.frombuffer(bytearray(raw.tobytes()), dtype=dtype) if raw.size else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).to(DTYPES[src])

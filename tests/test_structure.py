@@ -1,0 +1,267 @@
+"""The package's shape, checked from the source (nothing is imported): no import cycles, no private names imported
+across modules, the per-layer buffer names spelled in ``dc_lightning/buffers.py`` only, subcommands only in
+``dc_lightning/cli/``, and the editor view of the public API (``TYPE_CHECKING`` block) equal to the lazy map.
+
+The import graph covers ``dc_lightning/**/*.py`` and ``kernels/*.py`` (installed as ``dc_lightning.kernels``) and
+counts every import statement, also those inside functions (a lazy import still ties two modules together), but not
+those under ``if TYPE_CHECKING:`` (never executed) and not the implicit import of a parent package.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = "dc_lightning"
+BUFFERS = f"{PKG}.buffers"
+#: the buffer names of docs/DESIGN.md; only dc_lightning/buffers.py may spell them in code
+BUFFER_NAME = re.compile(r"weight_(mask|codebook|assign)")
+#: a string that *is* a buffer name or a state-dict key of one ("weight_mask", "fc1.weight_mask", ".weight_assign")
+BUFFER_KEY = re.compile(r"[\w.]*(?<![A-Za-z0-9])weight_(mask|codebook|assign)")
+#: modules that hold algorithms, the file format or inference: no argparse, no Hydra, no dc_lightning.config
+LIBRARY = (
+    "buffers",
+    "pruning",
+    "quantization",
+    "huffman",
+    "sparse_format",
+    "dcz",
+    "io",
+    "report",
+    "inference",
+    "sensitivity",
+    "kernels",
+)
+FRAMEWORK_IMPORTS = ("argparse", "hydra", "omegaconf", f"{PKG}.config")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "kernels":  # kernels/ ships as dc_lightning.kernels (pyproject package-dir)
+        parts = [PKG, *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, tuple[Path, ast.Module]]:
+    files = [p for p in (ROOT / PKG).rglob("*.py") if "kernels" not in p.relative_to(ROOT / PKG).parts]
+    files += sorted((ROOT / "kernels").glob("*.py"))
+    return {_module_name(p): (p, ast.parse(p.read_text(), str(p))) for p in sorted(files)}
+
+
+SOURCES = _sources()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk_runtime(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:``."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def _resolve_from(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    is_pkg = SOURCES[module][0].name == "__init__.py"
+    base = module.split(".")
+    base = base if is_pkg else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports(module: str) -> list[tuple[str, list[str], int]]:
+    """``(imported module, names taken from it, line)`` for every runtime import statement of ``module``."""
+    out = []
+    for node in _walk_runtime(SOURCES[module][1]):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((_resolve_from(module, node), [a.name for a in node.names], node.lineno))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """Internal import edges: ``from pkg import sub`` names the submodule ``pkg.sub`` when that is a module."""
+    graph: dict[str, set[str]] = {m: set() for m in SOURCES}
+    for module in SOURCES:
+        for target, names, _ in _imports(module):
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in SOURCES]
+            graph[module].update(subs)
+            if target in SOURCES and (not names or len(subs) < len(names)):
+                graph[module].add(target)
+        graph[module].discard(module)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n) :] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first.value))
+    return ids
+
+
+def _in(module: str, group: str) -> bool:
+    return module == f"{PKG}.{group}" or module.startswith(f"{PKG}.{group}.")
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+
+def test_the_scan_sees_the_package() -> None:
+    assert {f"{PKG}.buffers", f"{PKG}.io", f"{PKG}.dcz.codec", f"{PKG}.cli", f"{PKG}.kernels.eie_spmv"} <= set(SOURCES)
+    graph = _graph()
+    assert f"{PKG}.buffers" in graph[f"{PKG}.pruning"]  # `from dc_lightning import buffers` is an edge
+    assert f"{PKG}.dcz.container" in graph[f"{PKG}.dcz.codec"]
+
+
+def test_the_checks_catch_what_they_look_for() -> None:
+    """The detectors themselves, on small graphs and snippets (so a green run means something)."""
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+    for text, hit in [
+        ('x = "weight_mask"', True),
+        ('k = f"{name}.weight_assign"', True),
+        ("getattr(m, 'weight_codebook', None)", True),
+        ("m.weight_mask.sum()", True),
+        ('raise ValueError("weights outside the mask")', False),
+        ('hp["codebook_weight_decay"] = 0', False),
+    ]:
+        assert bool(_buffer_name_uses(ast.parse(text))) is hit, text
+
+
+def test_no_import_cycle() -> None:
+    cycle = _find_cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    """``from dc_lightning.x import _name`` and ``x._name`` on an imported dc_lightning module are both refused."""
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        aliases: set[str] = set()  # local names bound to dc_lightning modules
+        for target, names, line in _imports(module):
+            if not target.startswith(PKG):
+                continue
+            for n in names:
+                if f"{target}.{n}" in SOURCES:
+                    aliases.add(n)
+                elif n.startswith("_") and not n.startswith("__"):
+                    bad.append(f"{path.name}:{line} imports {n} from {target}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases.update(a.asname for a in node.names if a.asname and a.name.startswith(PKG))
+        for node in _walk_runtime(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not bad, bad
+
+
+def _buffer_name_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    docs = _docstrings(tree)
+    hits = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            if BUFFER_KEY.fullmatch(node.value.strip()):
+                hits.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.Attribute) and BUFFER_NAME.fullmatch(node.attr):
+            hits.append((node.lineno, "." + node.attr))
+    return hits
+
+
+def test_buffer_names_are_spelled_in_buffers_only() -> None:
+    """Code outside dc_lightning/buffers.py neither writes a buffer name as a string nor reads one as an attribute
+    (messages and docstrings may mention them)."""
+    bad = [
+        f"{path.name}:{line} {what}"
+        for module, (path, tree) in SOURCES.items()
+        if module != BUFFERS
+        for line, what in _buffer_name_uses(tree)
+    ]
+    assert not bad, bad
+
+
+def test_subcommands_live_in_the_cli_package() -> None:
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        if _in(module, "cli"):
+            continue
+        bad += [
+            f"{path.name}:{n.lineno} defines {n.name}"
+            for n in tree.body
+            if isinstance(n, ast.FunctionDef) and n.name.startswith("cli_")
+        ]
+        if any(_in(module, group) for group in LIBRARY):
+            bad += [
+                f"{path.name}:{line} imports {target}"
+                for target, _, line in _imports(module)
+                if any(target == f or target.startswith(f + ".") for f in FRAMEWORK_IMPORTS)
+            ]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("module", [f"{PKG}.cli.{m}" for m in ("export", "inspect", "predict", "sensitivity")])
+def test_each_subcommand_module_exists(module: str) -> None:
+    assert module in SOURCES
+
+
+def test_type_checking_block_matches_the_lazy_map() -> None:
+    """Editors see (``if TYPE_CHECKING:``) exactly the names ``__getattr__`` serves, from the same modules."""
+    _, tree = SOURCES[PKG]
+    exports = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id == "_EXPORTS"
+    )
+    block = next(n for n in tree.body if isinstance(n, ast.If) and _is_type_checking(n))
+    seen = {a.asname or a.name: n.module for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert seen == exports
