@@ -88,14 +88,14 @@ def _resolve_from(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _imports(module: str) -> list[tuple[str, list[str], int]]:
+def _imports(module: str, tree: ast.Module | None = None) -> list[tuple[str, list[ast.alias], int]]:
     """``(imported module, names taken from it, line)`` for every runtime import statement of ``module``."""
     out = []
-    for node in _walk_runtime(SOURCES[module][1]):
+    for node in _walk_runtime(SOURCES[module][1] if tree is None else tree):
         if isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            out.append((_resolve_from(module, node), [a.name for a in node.names], node.lineno))
+            out.append((_resolve_from(module, node), node.names, node.lineno))
     return out
 
 
@@ -104,7 +104,7 @@ def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in SOURCES}
     for module in SOURCES:
         for target, names, _ in _imports(module):
-            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in SOURCES]
+            subs = [f"{target}.{a.name}" for a in names if f"{target}.{a.name}" in SOURCES]
             graph[module].update(subs)
             if target in SOURCES and (not names or len(subs) < len(names)):
                 graph[module].add(target)
@@ -171,6 +171,15 @@ def test_the_checks_catch_what_they_look_for() -> None:
         ('hp["codebook_weight_decay"] = 0', False),
     ]:
         assert bool(_buffer_name_uses(ast.parse(text))) is hit, text
+    for text, hit in [
+        ("from dc_lightning.io import _read_header", True),
+        ("from dc_lightning import io\nio._stream(1)", True),
+        ("from dc_lightning.kernels import eie_spmv as E\nE._auto_chunk(1)", True),
+        ("import dc_lightning.io as dio\ndio._MASK", True),
+        ("from dc_lightning import __version__, io\nio.save_compressed", False),
+        ("import numpy as np\nnp._private", False),
+    ]:
+        assert bool(_private_uses(f"{PKG}.probe", ast.parse(text))) is hit, text
 
 
 def test_no_import_cycle() -> None:
@@ -180,30 +189,32 @@ def test_no_import_cycle() -> None:
 
 def test_no_private_name_crosses_a_module() -> None:
     """``from dc_lightning.x import _name`` and ``x._name`` on an imported dc_lightning module are both refused."""
-    bad = []
-    for module, (path, tree) in SOURCES.items():
-        aliases: set[str] = set()  # local names bound to dc_lightning modules
-        for target, names, line in _imports(module):
-            if not target.startswith(PKG):
-                continue
-            for n in names:
-                if f"{target}.{n}" in SOURCES:
-                    aliases.add(n)
-                elif n.startswith("_") and not n.startswith("__"):
-                    bad.append(f"{path.name}:{line} imports {n} from {target}")
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                aliases.update(a.asname for a in node.names if a.asname and a.name.startswith(PKG))
-        for node in _walk_runtime(tree):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name)
-                and node.value.id in aliases
-                and node.attr.startswith("_")
-                and not node.attr.startswith("__")
-            ):
-                bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    bad = [f"{path.name}:{where}" for module, (path, tree) in SOURCES.items() for where in _private_uses(module, tree)]
     assert not bad, bad
+
+
+def _private_uses(module: str, tree: ast.Module) -> list[str]:
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    bad = []
+    aliases: set[str] = set()  # local names bound to dc_lightning modules
+    for target, names, line in _imports(module, tree):
+        if not target.startswith(PKG):
+            continue
+        for a in names:
+            if f"{target}.{a.name}" in SOURCES:
+                aliases.add(a.asname or a.name)
+            elif private(a.name):
+                bad.append(f"{line} imports {a.name} from {target}")
+    for node in _walk_runtime(tree):
+        if isinstance(node, ast.Import):
+            aliases.update(a.asname for a in node.names if a.asname and a.name.startswith(PKG))
+    for node in _walk_runtime(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if private(node.attr):
+                bad.append(f"{node.lineno} uses {node.value.id}.{node.attr}")
+    return bad
 
 
 def _buffer_name_uses(tree: ast.AST) -> list[tuple[int, str]]:
