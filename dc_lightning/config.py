@@ -165,7 +165,7 @@ def restore_compression_buffers(model: nn.Module, state_dict: dict[str, torch.Te
 
 
 def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides: Any):
-    """Rebuild the recipe's module and load a Lightning checkpoint's weights (mask/codebook buffers included).
+    """Rebuild the recipe's module and load a Lightning checkpoint (mask/codebook buffers and dropout rates included).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -179,4 +179,5 @@ def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides
     state = ckpt.get("state_dict", ckpt)
     restore_compression_buffers(module, state)
     module.load_state_dict(state)
+    module.on_load_checkpoint(ckpt)  # as Lightning's load_from_checkpoint: what the state_dict lacks (dropout rates)
     return module

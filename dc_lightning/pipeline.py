@@ -86,11 +86,6 @@ def stage_quantize(cfg: DictConfig, dm, module, resume: str | None) -> pl.Lightn
     q = cfg.pipeline.quantize
     if module is None:
         module = load_module_checkpoint(cfg, _need(cfg, "pruned_ckpt", "quantize"))
-        if cfg.pipeline.prune.get("adjust_dropout", False):
-            from dc_lightning.pruning import adjust_dropouts_to_masks
-
-            # the prune stage's [NIPS] §3.2 rates are not in the checkpoint: re-derive them from the masks
-            adjust_dropouts_to_masks(module)
     callback = TrainedQuantization(bits=_plain(q.bits), init=q.init, start_epoch=0,
                                    lr_scale=q.get("codebook_lr_scale", "auto"), refine=q.get("refine", False),
                                    max_iter=int(q.get("max_iter", 300)))
