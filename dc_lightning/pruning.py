@@ -64,6 +64,17 @@ def check_quality(value: Any, field: str = "quality") -> float | dict[str, float
     return _check_values(value, field, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
 
 
+def check_std_of(value: Any, field: str = "std_of") -> str:
+    """Validate the quality mode's std basis: ``"all"`` weights (pruned ones count as 0) or the ``"kept"`` ones.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if value not in _STD_OF:
+        raise ValueError(f"{field}={value!r}; expected one of {list(_STD_OF)}")
+    return value
+
+
 def _check_values(value: Any, field: str, ok: Any, valid: str) -> float | dict[str, float]:
     if isinstance(value, Mapping):  # also accepts OmegaConf DictConfig
         if not value:
@@ -156,8 +167,7 @@ def magnitude_mask(
         threshold = float(mag.flatten()[order[k - 1]]) if k > 0 else math.inf
     else:
         quality = check_quality(quality, "quality")
-        if std_of not in _STD_OF:
-            raise ValueError(f"magnitude_mask: std_of={std_of!r}; expected one of {list(_STD_OF)}")
+        check_std_of(std_of, "magnitude_mask: std_of")
         values = weight.detach().float()
         if std_of == "kept" and current_mask is not None:
             values = values[current_mask]

@@ -17,11 +17,11 @@ from torch import Tensor, nn
 
 from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, print_table
 from dc_lightning.pruning import (
-    _STD_OF,
     adjust_dropouts_to_masks,
     attach_mask,
     check_densities,
     check_quality,
+    check_std_of,
     find_feeding_dropouts,
     geometric_schedule,
     get_mask,
@@ -171,8 +171,7 @@ class MagnitudePruning(Callback):
             rounds = len(pts)
         if not isinstance(prune_fraction, numbers.Real) or not 0.0 < prune_fraction <= 1.0:
             raise ValueError(f"MagnitudePruning: prune_fraction={prune_fraction!r}; expected a number in (0, 1]")
-        if std_of not in _STD_OF:
-            raise ValueError(f"MagnitudePruning: std_of={std_of!r}; expected one of {list(_STD_OF)}")
+        check_std_of(std_of, "MagnitudePruning: std_of")
         self.rounds = int(rounds)
         self.prune_fraction = float(prune_fraction)
         self.include = list(include) if include is not None else None

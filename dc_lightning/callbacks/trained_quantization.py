@@ -189,7 +189,7 @@ class TrainedQuantization(Callback):
         self.refine = bool(refine)
         self.max_iter = max_iter
         self.seed = int(seed)
-        self.types = types
+        self.types = tuple(types)  # a list from a config node works as well
         self.verbose = verbose
         self.log_histograms = log_histograms
 
