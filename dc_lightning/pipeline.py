@@ -146,7 +146,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     summary: dict[str, Any] = {"recipe": cfg.recipe_name, "output_dir": str(out), "accuracy": {}, "seconds": {}}
     module = None
-    path = Path(cfg.compressed_file) if cfg.get("compressed_file") else out / cfg.pipeline.export.callback.filename
+    writer = cfg.pipeline.export.callback  # the file the export stage writes and the evaluate stage reads
+    path = Path(cfg.get("compressed_file") or Path(writer.get("dirpath") or out) / writer.filename)
     todo = stages[stages.index(cfg.stage):]
     for i, stage in enumerate(todo):
         resume = cfg.get("resume_ckpt") if i == 0 else None
