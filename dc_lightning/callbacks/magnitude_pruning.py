@@ -462,4 +462,3 @@ class MagnitudePruning(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
-

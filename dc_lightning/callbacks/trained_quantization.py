@@ -569,4 +569,3 @@ def _log_histograms(
         warnings.simplefilter("ignore")
         for lg in wandb_loggers:
             lg.experiment.log({**payload, "trainer/global_step": step})
-
