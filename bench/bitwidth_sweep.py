@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dc_lightning.config import build_datamodule, compose, load_module_checkpoint
-    from dc_lightning.pipeline import _test, stage_quantize
+    from dc_lightning.pipeline import measure_accuracy, stage_quantize
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -47,15 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     pruned = load_module_checkpoint(cfg, args.pruned_ckpt)
     rows.append({"experiment": "table6", "conv_bits": 32, "fc_bits": 32, "init": "-",
-                 "top1": _test(cfg, pruned, dm, "pruned")["acc1"], "seconds": 0.0})
+                 "top1": measure_accuracy(cfg, pruned, dm, "pruned")["acc1"], "seconds": 0.0})
     runs = [("table6", c, f, "linear") for c, f in ((8, 5), (8, 4), (4, 2))]
     runs += [("fig8", 8, f, init) for init in args.inits for f in args.fc_bits]
     for exp, conv_bits, fc_bits, init in runs:
         t0 = time.perf_counter()
-        cfg = compose("lenet5", [*base, f"pipeline.quantize.bits={{model.conv*: {conv_bits}, model.ip*: {fc_bits}}}",
-                                 f"pipeline.quantize.init={init}"])
+        bits = f"pipeline.quantize.callback.bits={{model.conv*: {conv_bits}, model.ip*: {fc_bits}}}"
+        cfg = compose("lenet5", [*base, bits, f"pipeline.quantize.callback.init={init}"])
         module = stage_quantize(cfg, dm, load_module_checkpoint(cfg, args.pruned_ckpt), None)
-        acc = _test(cfg, module, dm, "bits")["acc1"]
+        acc = measure_accuracy(cfg, module, dm, "bits")["acc1"]
         rows.append({"experiment": exp, "conv_bits": conv_bits, "fc_bits": fc_bits, "init": init, "top1": acc,
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{exp} conv {conv_bits} fc {fc_bits} {init:8s} top-1 {100 * acc:.2f}%", flush=True)

@@ -13,12 +13,12 @@ SEEDS=${SEEDS:-0 1 2 3 4 5 6 7}
 njobs=$(wc -w <<< "$SEEDS")
 COMMON=(data.root="$DATA" trainer.enable_progress_bar=false)
 [ "${SMOKE:-0}" = 1 ] && COMMON+=(trainer.accelerator=cpu trainer.limit_train_batches=2 trainer.limit_val_batches=1
-  trainer.limit_test_batches=1 pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.rounds=1
+  trainer.limit_test_batches=1 pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.callback.rounds=1
   pipeline.quantize.epochs=1)
 # LeNet-5 settings spelled out (the recipe has changed since these sweeps ran; their reference "recipe" rows are
 # Table 3's, now the variant table3). A dict override replaces the recipe's bits only after deleting them (~ then +).
-dens() { echo "pipeline.prune.densities={model.conv1:0.66,model.conv2:$1,model.ip1:0.08,model.ip2:$2}"; }
-bits() { echo "~pipeline.quantize.bits;+pipeline.quantize.bits={model.conv1:8,model.conv2:8,model.ip1:$1,model.ip2:5}"; }
+dens() { echo "pipeline.prune.callback.densities={model.conv1:0.66,model.conv2:$1,model.ip1:0.08,model.ip2:$2}"; }
+bits() { echo "~pipeline.quantize.callback.bits;+pipeline.quantize.callback.bits={model.conv1:8,model.conv2:8,model.ip1:$1,model.ip2:5}"; }
 table3="table3=$(dens 0.12 0.19);$(bits 5)"
 lenet5() {  # lenet5 NAME VARIANT...: one LeNet-5 sweep in the background
   local name=$1; shift
@@ -33,7 +33,7 @@ if [ "${SET:-1}" = 1 ]; then
   # LeNet-300-100: Table 2's ip1 8 % at 6 bits (the recipe) vs ip1 10 % at 5 bits (same file size)
   timeout "$LIMIT" "$PY" bench/seed_sweep.py --recipe lenet300 --seeds $SEEDS --jobs "$njobs" --out "$OUT/lenet300" \
     --runs "$R/lenet300" --variant recipe \
-    --variant "ip1_10pct_5bit=pipeline.prune.densities={model.ip1:0.10,model.ip2:0.09,model.ip3:0.26};pipeline.quantize.bits=5" \
+    --variant "ip1_10pct_5bit=pipeline.prune.callback.densities={model.ip1:0.10,model.ip2:0.09,model.ip3:0.26};pipeline.quantize.callback.bits=5" \
     -- "${COMMON[@]}" > "$OUT/lenet300.log" 2>&1 &
 elif [ "${SET}" = 2 ]; then
   # LeNet-5: conv2 (the layer the sensitivity sweep blames with ip1) at 20 / 25 % instead of 12 %, paid for by 4-bit

@@ -16,7 +16,7 @@ DATA=${DATA:-$PWD/.carry/fashion-mnist}
 EXTRA=()
 if [ "${SMOKE:-0}" = 1 ]; then
   EXTRA=(trainer=cpu trainer.limit_train_batches=2 trainer.limit_val_batches=1 trainer.limit_test_batches=1
-         pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.rounds=1 pipeline.quantize.epochs=1
+         pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.callback.rounds=1 pipeline.quantize.epochs=1
          data.batch_size=16 data.eval_batch_size=16)
 fi
 pack() { tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
@@ -52,7 +52,7 @@ for recipe in ${RECIPES:-vgg16 alexnet}; do
   mkdir -p "$OUT/dcz" && cp "$R/$recipe/model.dcz" "$OUT/dcz/$recipe.dcz"   # for a later latency-only call
   # LLOYD=1: the quantize stage again from the same pruned checkpoint with Lloyd k-means (the paper's clustering)
   [ "${LLOYD:-0}" = 1 ] && step "${recipe}_lloyd" 120 python3 train.py recipe="$recipe" logger=csv data.root="$DATA" \
-    stage=quantize pruned_ckpt="$R/$recipe/checkpoints/prune.ckpt" pipeline.quantize.max_iter=300 \
+    stage=quantize pruned_ckpt="$R/$recipe/checkpoints/prune.ckpt" pipeline.quantize.callback.max_iter=300 \
     output_dir="$R/${recipe}_lloyd" hydra.run.dir="$R/${recipe}_lloyd/hydra" "${EXTRA[@]}"
   [ "${SMOKE:-0}" = 1 ] || storage "$recipe"
   [ "${SMOKE:-0}" = 1 ] || [ "${LATENCY:-1}" = 0 ] || step "latency_$recipe" "${LAT[$recipe]}" python3 bench/bench_network_latency.py \

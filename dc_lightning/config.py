@@ -141,7 +141,7 @@ def build_trainer(cfg: DictConfig, stage: str, max_epochs: int, callbacks: Seque
 
 
 def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides: Any):
-    """Rebuild the recipe's module and load a Lightning checkpoint's weights (mask/codebook buffers included).
+    """Rebuild the recipe's module and load a Lightning checkpoint (mask/codebook buffers and dropout rates included).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -155,4 +155,5 @@ def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides
     state = ckpt.get("state_dict", ckpt)
     register_placeholders(module, state)  # the mask/codebook buffers a fresh model lacks
     module.load_state_dict(state)
+    module.on_load_checkpoint(ckpt)  # as Lightning's load_from_checkpoint: what the state_dict lacks (dropout rates)
     return module

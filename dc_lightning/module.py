@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dc_lightning.models import build_model
+from dc_lightning.pruning import dropout_rates, set_dropout_rates
 
 SCHEDULERS = ("none", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -101,6 +102,14 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # dropout rates are not in the state_dict, yet MagnitudePruning(adjust_dropout=True) lowers them ([NIPS]
+        # §3.2): the checkpoint carries them, so a stage restarted from it retrains with the pruned rates
+        checkpoint["dropout_rates"] = dropout_rates(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        set_dropout_rates(self, checkpoint.get("dropout_rates", {}))  # absent in checkpoints of older versions
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

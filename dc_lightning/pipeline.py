@@ -10,7 +10,6 @@ wall time per stage) goes to ``<run>/summary.json`` and the per-layer report bes
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,20 +17,51 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from dc_lightning.config import build_datamodule, build_module, build_trainer, load_module_checkpoint
-from dc_lightning.utils import atomic_write
+from dc_lightning.utils import atomic_write, instantiate
 
 log = logging.getLogger(__name__)
 
 STAGES = ("baseline", "prune", "quantize", "export", "evaluate")
 
 
-def _test(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str) -> dict[str, float]:
+def measure_accuracy(
+    cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str
+) -> dict[str, float]:
+    """Test ``module`` on the recipe's test set with a one-off trainer: ``{"acc1": ..., "acc5": ...}``."""
     trainer = build_trainer(cfg, f"{stage}-test", max_epochs=1, logger=False, callbacks=[])
     (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
     return {k.replace("test/", ""): float(v) for k, v in metrics.items() if k.startswith("test/acc")}
+
+
+#: stages that build an object from ``pipeline.<stage>.callback``
+CALLBACK_STAGES = ("prune", "quantize", "export")
+
+
+def build_stage_callback(cfg: DictConfig, stage: str) -> Any:
+    """The object of ``pipeline.<stage>.callback`` (``_target_`` + arguments), built by the one instantiate helper.
+
+    Raises:
+        ValueError: the stage has no ``callback`` node with a ``_target_``, or the class rejects a value.
+        TypeError: the class rejects an argument (e.g. a misspelt name); the message starts with the node's path.
+    """
+    node = cfg.pipeline[stage].get("callback")
+    if not node or "_target_" not in node:
+        raise ValueError(
+            f"pipeline.{stage}.callback: expected a node with _target_ and the class's arguments (conf/train.yaml "
+            f"shows them), got {node!r}"
+        )
+    try:
+        return instantiate(node)
+    except InstantiationException as e:  # Hydra wraps the constructor's own error: re-raise it, with the node's path
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, TypeError)):
+            kind = TypeError if isinstance(cause, TypeError) else ValueError
+            raise kind(f"pipeline.{stage}.callback ({node._target_}): {cause}") from cause
+        raise
 
 
 def _fit(cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str, epochs: int,
@@ -69,37 +99,18 @@ def _with_lr(module: pl.LightningModule, cfg: DictConfig, scale: float) -> pl.Li
 
 
 def stage_prune(cfg: DictConfig, dm, module, resume: str | None) -> pl.LightningModule:
-    from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
-
     p = cfg.pipeline.prune
     module = module or load_module_checkpoint(cfg, _need(cfg, "baseline_ckpt", "prune"))
-    kw = {"densities": _plain(p.densities)} if p.get("quality") is None else {"quality": _plain(p.quality)}
-    callback = MagnitudePruning(**kw, rounds=p.rounds, include=_plain(p.include), exclude=_plain(p.exclude),
-                                adjust_dropout=p.adjust_dropout)
-    _fit(cfg, _with_lr(module, cfg, p.lr_scale), dm, "prune", p.epochs, [callback], resume)
+    _fit(cfg, _with_lr(module, cfg, p.lr_scale), dm, "prune", p.epochs, [build_stage_callback(cfg, "prune")], resume)
     return module
 
 
 def stage_quantize(cfg: DictConfig, dm, module, resume: str | None) -> pl.LightningModule:
-    from dc_lightning.callbacks.trained_quantization import TrainedQuantization
-
     q = cfg.pipeline.quantize
-    if module is None:
-        module = load_module_checkpoint(cfg, _need(cfg, "pruned_ckpt", "quantize"))
-        if cfg.pipeline.prune.get("adjust_dropout", False):
-            from dc_lightning.pruning import adjust_dropouts_to_masks
-
-            # the prune stage's [NIPS] §3.2 rates are not in the checkpoint: re-derive them from the masks
-            adjust_dropouts_to_masks(module)
-    callback = TrainedQuantization(bits=_plain(q.bits), init=q.init, start_epoch=0,
-                                   lr_scale=q.get("codebook_lr_scale", "auto"), refine=q.get("refine", False),
-                                   max_iter=int(q.get("max_iter", 300)))
-    _fit(cfg, _with_lr(module, cfg, q.lr_scale), dm, "quantize", q.epochs, [callback], resume)
+    module = module or load_module_checkpoint(cfg, _need(cfg, "pruned_ckpt", "quantize"))
+    _fit(cfg, _with_lr(module, cfg, q.lr_scale), dm, "quantize", q.epochs, [build_stage_callback(cfg, "quantize")],
+         resume)
     return module
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -107,6 +118,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: an unknown stage, or a start stage whose input checkpoint is not given.
+        ValueError, TypeError: a ``pipeline.<stage>.callback`` node the class rejects (checked before any stage runs).
     """
     stages = list(cfg.stages)
     for s in [*stages, cfg.stage]:
@@ -114,6 +126,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(f"stages: unknown stage {s!r}; valid stages, in order: {list(STAGES)}")
     if cfg.stage not in stages:
         raise ValueError(f"stage: {cfg.stage!r} is not among this run's stages {stages}")
+    for stage in stages[stages.index(cfg.stage):]:  # a bad callback argument fails now, not after hours of training
+        if stage in CALLBACK_STAGES:
+            build_stage_callback(cfg, stage)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
@@ -131,7 +146,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     summary: dict[str, Any] = {"recipe": cfg.recipe_name, "output_dir": str(out), "accuracy": {}, "seconds": {}}
     module = None
-    path = Path(cfg.compressed_file) if cfg.get("compressed_file") else out / cfg.pipeline.export.filename
+    writer = cfg.pipeline.export.callback  # the file the export stage writes and the evaluate stage reads
+    path = Path(cfg.get("compressed_file") or Path(writer.get("dirpath") or out) / writer.filename)
     todo = stages[stages.index(cfg.stage):]
     for i, stage in enumerate(todo):
         resume = cfg.get("resume_ckpt") if i == 0 else None
@@ -148,7 +164,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         elif stage == "evaluate":
             summary["accuracy"]["reloaded"] = evaluate(cfg, dm, path, summary)
         if stage in ("baseline", "prune", "quantize"):
-            summary["accuracy"][stage] = _test(cfg, module, dm, stage)
+            summary["accuracy"][stage] = measure_accuracy(cfg, module, dm, stage)
         summary["seconds"][stage] = round(time.perf_counter() - t0, 1)
         log.info("stage %s done in %.1f s", stage, summary["seconds"][stage])
     from dc_lightning.summary import print_summary, write_summary
@@ -159,11 +175,18 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 
 def export(cfg: DictConfig, module: pl.LightningModule, path: Path) -> dict[str, Any]:
-    """Write the compressed file of ``module``; returns the report as a dict."""
-    from dc_lightning.io import save_compressed
+    """Write the compressed file of ``module`` with ``pipeline.export.callback``; returns the report as a dict.
 
-    report = save_compressed(module, path, index_bits=_plain(cfg.pipeline.export.index_bits), overwrite=True)
-    return report.to_dict() if hasattr(report, "to_dict") else json.loads(report.to_json())
+    Raises:
+        TypeError: the node builds an object without ``write(module, path)`` (use CompressedCheckpoint).
+    """
+    writer = build_stage_callback(cfg, "export")
+    if not callable(getattr(writer, "write", None)):
+        raise TypeError(
+            f"pipeline.export.callback: {cfg.pipeline.export.callback._target_} built a {type(writer).__name__}, which "
+            "has no write(module, path); use dc_lightning.CompressedCheckpoint or a subclass"
+        )
+    return writer.write(module, path).to_dict()
 
 
 def evaluate(cfg: DictConfig, dm, path: Path, summary: dict[str, Any]) -> dict[str, float]:
@@ -178,4 +201,4 @@ def evaluate(cfg: DictConfig, dm, path: Path, summary: dict[str, Any]) -> dict[s
         from dc_lightning.inference import to_compressed_inference
 
         module = to_compressed_inference(module, device="cuda")
-    return _test(cfg, module, dm, "evaluate")
+    return measure_accuracy(cfg, module, dm, "evaluate")

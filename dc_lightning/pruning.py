@@ -396,7 +396,8 @@ def adjust_dropouts_to_masks(
     it first, so repeated calls keep using the unpruned rate, as :class:`MagnitudePruning` does after every round).
     Without ``original`` it is the current rate: call that once, on a model rebuilt from its config and loaded from
     a pruned checkpoint (dropout rates are not part of a ``state_dict``, so a later stage restarted from the
-    checkpoint would otherwise retrain with the unpruned rates). ``dropout_map`` (``{linear_name: dropout_name}``)
+    checkpoint would otherwise retrain with the unpruned rates; a model that saves :func:`dropout_rates` with its
+    checkpoint, as ``ClassifierModule`` does, needs no such call). ``dropout_map`` (``{linear_name: dropout_name}``)
     defaults to :func:`find_feeding_dropouts` over every masked ``nn.Linear``. Returns ``{dropout_name: new_rate}``.
     """
     modules = dict(model.named_modules())
@@ -432,3 +433,41 @@ def find_feeding_dropouts(model: nn.Module, layer_names: Iterable[str]) -> dict[
             if qual in wanted and isinstance(child, nn.Linear) and type(prev) is nn.Dropout:
                 found[qual] = f"{seq_name}.{prev_name}" if seq_name else prev_name
     return found
+
+
+#: the module types whose rate ``p`` :func:`dropout_rates` reads and :func:`set_dropout_rates` writes
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+)
+
+
+def dropout_rates(model: nn.Module) -> dict[str, float]:
+    """``{name: p}`` of every dropout module of ``model``.
+
+    Dropout rates are module state that ``state_dict()`` does not hold, yet pruning changes them ([NIPS §3.2], see
+    :func:`adjust_dropouts_to_masks`): a model saves them beside its weights (``ClassifierModule`` does, in its
+    Lightning checkpoint) and restores them with :func:`set_dropout_rates`, so that a stage restarted from a pruned
+    checkpoint retrains with the rates the pruning left.
+    """
+    return {name: float(m.p) for name, m in model.named_modules() if isinstance(m, DROPOUT_TYPES)}
+
+
+def set_dropout_rates(model: nn.Module, rates: Mapping[str, float]) -> None:
+    """Set the rates ``{name: p}`` (as :func:`dropout_rates` returns them) on the dropout modules of ``model``.
+
+    Raises:
+        ValueError: a name that is not a dropout module of ``model`` (the message lists them), or a rate outside
+            [0, 1]; nothing is set then.
+    """
+    modules = dict(model.named_modules())
+    for name, p in rates.items():
+        module = modules.get(name)
+        if not isinstance(module, DROPOUT_TYPES):
+            raise ValueError(
+                f"dropout rates: {name!r} is not a dropout module of this model; its dropout modules: "
+                f"{sorted(dropout_rates(model))}"
+            )
+        if not _is_number(p) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout rates: {name!r} has rate {p!r}; expected a number in [0, 1]")
+    for name, p in rates.items():  # all checked first: a rejected call changes nothing
+        modules[name].p = float(p)

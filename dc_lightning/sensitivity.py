@@ -7,7 +7,7 @@ densities without retraining, keep every other layer dense, and watch top-1 accu
 Turning a sweep into a recipe: :func:`suggest_densities` gives, per layer, the lowest swept density whose
 accuracy stays within ``max_drop`` percentage points of the dense model. The names are the layers' qualified
 names in the model that was swept; for a checkpoint of :class:`~dc_lightning.module.ClassifierModule` they start
-with ``model.``, which is what a recipe's ``pipeline.prune.densities`` expects::
+with ``model.``, which is what a recipe's ``pipeline.prune.callback.densities`` expects::
 
     rows = sensitivity_analysis(module, dm.val_dataloader(), batch_transform=lambda b: dm.on_after_batch_transfer(b, 0))
     suggest_densities(rows, max_drop=0.5)
@@ -16,7 +16,8 @@ with ``model.``, which is what a recipe's ``pipeline.prune.densities`` expects::
     # recipes/<name>/recipe.yaml
     pipeline:
       prune:
-        densities: {model.ip1: 0.05, model.ip2: 0.1, model.ip3: 0.3}
+        callback:
+          densities: {model.ip1: 0.05, model.ip2: 0.1, model.ip3: 0.3}
 
 The layers interact and retraining recovers accuracy ([NIPS §5]: with retraining accuracy holds down to about
 1/10 of the connections, against 1/3 without), so treat the suggestion as a starting point: layers pruned

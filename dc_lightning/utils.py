@@ -127,9 +127,15 @@ def resolve_per_layer(
 
 
 def instantiate(cfg: Any, **kwargs: Any) -> Any:
-    """The one route from a Hydra config node to an object (``hydra.utils.instantiate`` underneath)."""
+    """The one route from a Hydra config node to an object (``hydra.utils.instantiate`` underneath).
+
+    The object gets plain ``dict``/``list`` arguments, never OmegaConf nodes (``_convert_="all"`` unless the node or
+    a keyword says otherwise), so that it checks, stores and checkpoints them as it would Python values.
+    """
     from hydra.utils import instantiate as _instantiate
 
+    if "_convert_" not in kwargs and not (hasattr(cfg, "get") and cfg.get("_convert_") is not None):
+        kwargs["_convert_"] = "all"
     return _instantiate(cfg, **kwargs)
 
 

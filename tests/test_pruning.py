@@ -16,12 +16,14 @@ from dc_lightning.pruning import (
     adjusted_dropout,
     apply_masks,
     attach_mask,
+    dropout_rates,
     find_feeding_dropouts,
     geometric_schedule,
     get_mask,
     magnitude_mask,
     prune_model,
     quality_schedule,
+    set_dropout_rates,
 )
 
 PRUNABLE = ["features.0", "seq1d", "head.block.0", "head.block.4"]
@@ -277,3 +279,21 @@ def _args(m: nn.Module) -> tuple:
     if isinstance(m, nn.Linear):
         return (m.in_features, m.out_features)
     return (m.in_channels, m.out_channels, m.kernel_size)
+
+
+def test_dropout_rates_round_trip():
+    """Dropout rates are not in a state_dict: dropout_rates/set_dropout_rates carry them (e.g. in a checkpoint)."""
+    def net():
+        return nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Sequential(nn.Dropout2d(0.2), nn.Linear(4, 2)))
+
+    pruned = net()
+    pruned[1].p = 0.15
+    assert dropout_rates(pruned) == {"1": 0.15, "2.0": 0.2}
+    fresh = net()
+    set_dropout_rates(fresh, dropout_rates(pruned))
+    assert fresh[1].p == 0.15 and fresh[2][0].p == 0.2
+    with pytest.raises(ValueError, match=r"'0' is not a dropout module.*\['1', '2.0'\]"):
+        set_dropout_rates(fresh, {"0": 0.1})
+    with pytest.raises(ValueError, match="'2.0' has rate 1.5"):
+        set_dropout_rates(fresh, {"1": 0.3, "2.0": 1.5})
+    assert fresh[1].p == 0.15  # a rejected call writes nothing

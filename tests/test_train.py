@@ -48,7 +48,7 @@ def test_recipe_composes_and_instantiates(recipe, tmp_path):
     assert trainer.max_epochs == 1
     assert module.hparams.model["name"] == recipe
     assert type(dm).__name__ == "FakeDataModule"
-    densities = cfg.pipeline.prune.densities
+    densities = cfg.pipeline.prune.callback.densities
     names = {n for n, _ in module.named_modules()}
     assert set(densities) <= names, f"{recipe}: densities name layers the model lacks"
     for row in cfg.paper.layers:  # the paper's table points at real layers with the density the recipe uses
@@ -123,7 +123,7 @@ def _pipeline_overrides(tmp_path, *extra):
 def test_lenet300_pipeline_reduced_schedule(tmp_path):
     """The default recipe end to end on real Fashion-MNIST with a short schedule: compression ratio and accuracy."""
     cfg = compose("lenet300", _pipeline_overrides(
-        tmp_path, "pipeline.baseline.epochs=2", "pipeline.prune.epochs=2", "pipeline.prune.rounds=1",
+        tmp_path, "pipeline.baseline.epochs=2", "pipeline.prune.epochs=2", "pipeline.prune.callback.rounds=1",
         "pipeline.quantize.epochs=1", "data.download=false"))
     summary = train(cfg)
     acc = summary["accuracy"]
@@ -173,12 +173,12 @@ def test_imagenet_shapes_every_stage(tmp_path):
         tmp_path, "data=fake", "data.image_size=224", "data.num_classes=1000", "data.num_samples=8",
         "data.batch_size=4", "data.eval_batch_size=4", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1", "pipeline.baseline.epochs=1", "pipeline.prune.epochs=2",
-        "pipeline.prune.rounds=1", "pipeline.quantize.epochs=1"))
+        "pipeline.prune.callback.rounds=1", "pipeline.quantize.epochs=1"))
     imagenet = compose("alexnet", ["data=imagenet", "data.root=/nonexistent"])
     assert imagenet.pipeline.prune.lr_scale == pytest.approx(0.01) and imagenet.data.image_size == 224
     # ImageNet keeps the paper's k-means; the Fashion-MNIST schedule uses uniform centroids (recipes/alexnet/README.md)
-    assert imagenet.pipeline.quantize.max_iter == 300 and imagenet.pipeline.prune.adjust_dropout
-    assert compose("alexnet", ["data.root=/nonexistent"]).pipeline.quantize.max_iter == 0
+    assert imagenet.pipeline.quantize.callback.max_iter == 300 and imagenet.pipeline.prune.callback.adjust_dropout
+    assert compose("alexnet", ["data.root=/nonexistent"]).pipeline.quantize.callback.max_iter == 0
     summary = train(cfg)
     kept = {r["name"]: r["kept_pct"] for r in summary["report"]["layers"]}
     assert kept["model.classifier.1"] == pytest.approx(9, abs=0.01)  # fc6 at [DC] Table 4's 9%
@@ -193,7 +193,7 @@ def test_quantize_restart_reapplies_the_dropout_adjustment(tmp_path, monkeypatch
     base = _pipeline_overrides(
         tmp_path, "data=fake", "data.num_samples=16", "data.batch_size=8", "data.eval_batch_size=8",
         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-        "pipeline.baseline.epochs=1", "pipeline.prune.epochs=1", "pipeline.prune.rounds=1",
+        "pipeline.baseline.epochs=1", "pipeline.prune.epochs=1", "pipeline.prune.callback.rounds=1",
         "pipeline.quantize.epochs=1")
     seen = {}
     real_fit = pipeline._fit

@@ -8,11 +8,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from dc_lightning.callbacks.common import log_metrics
+
+if TYPE_CHECKING:
+    from dc_lightning.report import Report
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,14 @@ class CompressedCheckpoint(Callback):
             return self.dirpath
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path):
+    def write(self, pl_module: nn.Module, path: str | os.PathLike) -> Report:
+        """Write ``pl_module`` to ``path`` now with this callback's settings; returns the compression report.
+
+        The hooks call it on rank 0; the pipeline's export stage calls it directly (no trainer needed).
+        """
         from dc_lightning.io import save_compressed
 
+        path = Path(path)
         report = save_compressed(pl_module, path, overwrite=True, **self.save_kwargs)
         self.report, self.last_path = report, path
         rank_zero_info(
@@ -102,21 +113,20 @@ class CompressedCheckpoint(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            report = self._write(trainer, pl_module, self._dir(trainer) / self.filename)
+            report = self.write(pl_module, self._dir(trainer) / self.filename)
             metrics = {
                 "compression/ratio": report.total.ratio_pqh,
                 "compression/ratio_pq": report.total.ratio_pq,
                 "compression/file_bytes": float(report.file_bytes),
             }
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            log_metrics(trainer, metrics, step=trainer.global_step)
         trainer.strategy.barrier("CompressedCheckpoint.on_fit_end")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # called on every rank; only rank 0 writes (atomically), no barrier: ranks may not all reach this hook
         if self.every_checkpoint and trainer.is_global_zero:
             name = f"compressed-epoch={trainer.current_epoch}-step={trainer.global_step}.dcz"
-            self._write(trainer, pl_module, self._dir(trainer) / name)
+            self.write(pl_module, self._dir(trainer) / name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_path": None if self.last_path is None else str(self.last_path)}

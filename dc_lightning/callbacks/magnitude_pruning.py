@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
+from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, print_table
 from dc_lightning.pruning import (
     adjust_dropouts_to_masks,
     attach_mask,
@@ -31,7 +32,6 @@ from dc_lightning.pruning import (
     resolve_targets,
 )
 from dc_lightning.utils import DEFAULT_TARGET_TYPES
-from dc_lightning.utils import console as rich_console
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class MagnitudePruning(Callback):
             else:
                 kw = {"quality": quality_schedule(self._targets[name], self.rounds)[r - 1], "std_of": self.std_of}
             mask, self._thresholds[name] = magnitude_mask(module.weight, current_mask=get_mask(module), **kw)
-            mask = _broadcast_mask(mask)
+            mask = broadcast_from_rank_zero(mask)  # float noise must not make ranks disagree
             attach_mask(module, mask)
             module.weight.masked_fill_(~mask, 0.0)
         self._refresh_cache()
@@ -402,10 +402,7 @@ class MagnitudePruning(Callback):
         metrics = {f"compression/{row['layer']}/density": row["density"] for row in rows}
         metrics["compression/density"] = total
         metrics["compression/prune_round"] = float(r)
-        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        log_metrics(trainer, metrics)
         if rank_zero_only.rank == 0:
             log.info(
                 "MagnitudePruning round %d/%d at %s %d: overall density %.4f",
@@ -416,7 +413,17 @@ class MagnitudePruning(Callback):
                 total,
             )
         if self.verbose:
-            _print_table(rows, total, f"MagnitudePruning round {r}/{self.rounds} ({self._unit} {position})")
+            print_table(
+                f"MagnitudePruning round {r}/{self.rounds} ({self._unit} {position})",
+                ("layer", "weights", "kept", "density", "threshold"),
+                [
+                    (row["layer"], f"{row['weights']:,}", f"{row['kept']:,}", f"{row['density']:.2%}",
+                     f"{row['threshold']:.4g}")
+                    for row in rows
+                ],
+                total=("total", f"{sum(r['weights'] for r in rows):,}", f"{sum(r['kept'] for r in rows):,}",
+                       f"{total:.2%}", ""),
+            )
 
     def _refresh_cache(self) -> None:
         self._keep, self._pruned = [], []
@@ -455,35 +462,3 @@ class MagnitudePruning(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
-
-
-def _broadcast_mask(mask: Tensor) -> Tensor:
-    """Rank 0's mask on every rank (a no-op outside ``torch.distributed``)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return mask
-    buf = mask.to(torch.uint8)  # gloo and NCCL both broadcast uint8
-    dist.broadcast(buf, src=0)
-    return buf.bool()
-
-
-@rank_zero_only
-def _print_table(rows: list[dict], total: float, title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("layer", "weights", "kept", "density", "threshold"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for row in rows:
-        table.add_row(
-            row["layer"], f"{row['weights']:,}", f"{row['kept']:,}", f"{row['density']:.2%}", f"{row['threshold']:.4g}"
-        )
-    table.add_row(
-        "total",
-        f"{sum(r['weights'] for r in rows):,}",
-        f"{sum(r['kept'] for r in rows):,}",
-        f"{total:.2%}",
-        "",
-        style="bold",
-    )
-    rich_console().print(table)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
+from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, logger_step, print_table
 from dc_lightning.quantization import (
     INITS,
     bits_for_layers,
@@ -29,7 +30,6 @@ from dc_lightning.quantization import (
     quantize_layer,
 )
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, select_layers
-from dc_lightning.utils import console as rich_console
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class TrainedQuantization(Callback):
         self.refine = bool(refine)
         self.max_iter = max_iter
         self.seed = int(seed)
-        self.types = types
+        self.types = tuple(types)  # a list from a config node works as well
         self.verbose = verbose
         self.log_histograms = log_histograms
 
@@ -344,22 +344,31 @@ class TrainedQuantization(Callback):
                 name=name,
                 refine=self.refine,
             )
-        _broadcast_codebooks(self._layers.values())  # float noise must not make ranks disagree
+        for module in self._layers.values():  # float noise must not make ranks disagree
+            for tensor in get_codebook(module):  # codebook and assignments, both broadcast in place
+                broadcast_from_rank_zero(tensor)
         self._rewrite_weights()
         self._clustered = True
         self._placeholders = False
         self._build_codebook_optimizers(trainer)
 
         metrics = {f"compression/{n}/bits": float(b) for n, b in self._bits.items()}
-        step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", trainer.global_step)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_metrics(trainer, metrics)
         if self.log_histograms:
-            _log_histograms(trainer, self._layers, before, step)
+            _log_histograms(trainer, self._layers, before, logger_step(trainer))
         if rank_zero_only.rank == 0:
             log.info("TrainedQuantization: clustered %d layers at epoch %d", len(self._layers), trainer.current_epoch)
         if self.verbose:
-            _print_table(self.summary, f"TrainedQuantization (epoch {trainer.current_epoch})")
+            print_table(
+                f"TrainedQuantization (epoch {trainer.current_epoch})",
+                ("layer", "weights", "members", "bits", "centroids used", "WCSS"),
+                [
+                    (name, f"{row['weights']:,}", f"{row['members']:,}", str(row["bits"]),
+                     f"{row['centroids_used']}/{2 ** row['bits']}", f"{row['wcss']:.4g}")
+                    for name, row in self.summary.items()
+                ],
+                stderr=True,
+            )
 
     def _build_codebook_optimizers(self, trainer: pl.Trainer) -> None:
         """One codebook optimizer per trainer optimizer, same class, one group per source param group."""
@@ -522,17 +531,6 @@ def _find_pruning(trainer: pl.Trainer) -> Any:
     return None
 
 
-def _broadcast_codebooks(modules: Iterable[nn.Module]) -> None:
-    """Rank 0's codebooks and assignments on every rank (a no-op outside ``torch.distributed``)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for module in modules:
-        cb, assign = get_codebook(module)
-        dist.broadcast(cb, src=0)
-        dist.broadcast(assign, src=0)  # gloo and NCCL both broadcast uint8
-
-
 def _log_histograms(
     trainer: pl.Trainer, layers: Mapping[str, nn.Module], before: Mapping[str, Tensor], step: int
 ) -> None:
@@ -567,22 +565,3 @@ def _log_histograms(
         warnings.simplefilter("ignore")
         for lg in wandb_loggers:
             lg.experiment.log({**payload, "trainer/global_step": step})
-
-
-@rank_zero_only
-def _print_table(summary: Mapping[str, Mapping[str, Any]], title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("layer", "weights", "members", "bits", "centroids used", "WCSS"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
-    for name, row in summary.items():
-        table.add_row(
-            name,
-            f"{row['weights']:,}",
-            f"{row['members']:,}",
-            str(row["bits"]),
-            f"{row['centroids_used']}/{2 ** row['bits']}",
-            f"{row['wcss']:.4g}",
-        )
-    rich_console(stderr=True).print(table)

@@ -1,0 +1,81 @@
+"""What the compression callbacks share: rank-0 broadcast, the logger step, metrics and per-layer tables.
+
+The callbacks decide *when*; these helpers keep the distributed and reporting details in one place so that every
+callback broadcasts, logs and prints the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from dc_lightning.utils import console
+
+
+def broadcast_from_rank_zero(tensor: Tensor) -> Tensor:
+    """Rank 0's ``tensor`` on every rank (a no-op outside ``torch.distributed``).
+
+    Other dtypes are broadcast in place (the same tensor is returned); a bool tensor goes through a uint8 copy, since
+    gloo and NCCL broadcast uint8 but not bool, and the returned tensor is a new one.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    if tensor.dtype != torch.bool:
+        dist.broadcast(tensor, src=0)
+        return tensor
+    buf = tensor.to(torch.uint8)
+    dist.broadcast(buf, src=0)
+    return buf.bool()
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own ``self.log`` uses for the loggers: optimizer-stepping batches of this fit.
+
+    ``trainer.global_step`` counts the steps of every optimizer; the fit loop's batch counter is what the loggers' x
+    axis is, so compression metrics line up with the training curves.
+    """
+    epoch_loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return getattr(epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """``metrics`` to every logger of ``trainer`` from global rank 0, at ``step`` (default :func:`logger_step`)."""
+    if not trainer.is_global_zero:
+        return
+    step = logger_step(trainer) if step is None else step
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+@rank_zero_only
+def print_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    total: Sequence[str] | None = None,
+    stderr: bool = False,
+) -> None:
+    """A rich table on rank 0: the first column left-aligned (layer names), the others right-aligned (numbers).
+
+    Args:
+        title: the table's title.
+        columns: column headers.
+        rows: one row of formatted cells per layer, ``len(columns)`` each.
+        total: an optional last row, printed bold.
+        stderr: print to stderr instead of stdout.
+    """
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    if total is not None:
+        table.add_row(*total, style="bold")
+    console(stderr=stderr).print(table)
