@@ -134,9 +134,7 @@ def build_providers(rows, cols, codes, codebook, bias, n_in, n_out, packed, relu
     p = packed
 
     def ours(x):
-        return E.eie_linear(
-            x, p.entries, p.block_ptr, p.codebook, bias, n_out, n_in, p.row_tile, p.chunk, p.code_shift, relu
-        )
+        return E.eie_linear(x, p, bias, relu)
 
     act = torch.relu if relu else (lambda t: t)
     return {
@@ -242,13 +240,13 @@ def run_layers(batches, floor, out_dir: Path, providers_sel=None) -> list[dict]:
             rec["ours_eager"] = bench_us(lambda f=ours_fn, x=x32: f(x))  # includes Python/launch overhead
 
             def fn_2k(x, p=packed, bias=bias):  # the previous two-kernel design
-                return E.eie_linear_triton(*p.op_args(x, bias), config={"kernel": "split"})
+                return E.eie_linear_triton(x, p, bias, config={"kernel": "split"})
 
             rec["ours_2k"] = graph_us(fn_2k, x32)
             if B == 1:
 
                 def fn_skip(x, p=packed, bias=bias):
-                    return E.eie_linear_triton(*p.op_args(x, bias), config={"skip_zero_chunks": True})
+                    return E.eie_linear_triton(x, p, bias, config={"skip_zero_chunks": True})
 
                 rec["ours_skipzero"] = graph_us(fn_skip, x32)
             if DEV == "cuda":
@@ -368,7 +366,7 @@ def run_stacks(batches, out_dir: Path, energy_s: float = 1.5) -> list[dict]:
         def ours(x, layers=layers):
             for L in layers:
                 p = L["p"]
-                x = E.eie_linear(*p.op_args(x, L["bias"], L["relu"]))
+                x = E.eie_linear(x, p, L["bias"], L["relu"])
             return x
 
         def dense16(x, layers=layers):
@@ -548,7 +546,7 @@ def run_sweep(out_dir: Path, layers=("VGG-6", "Alex-7", "Alex-8", "NT-Wd"), batc
                 p = packs[(rt, ch)]
 
                 def fn(x=x, p=p, cfg=cfg):
-                    return E.eie_linear_triton(*p.op_args(x), config=cfg)
+                    return E.eie_linear_triton(x, p, config=cfg)
 
                 try:
                     y = fn()

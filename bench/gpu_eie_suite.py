@@ -67,8 +67,8 @@ def ref_linear(x, rows, cols, codes, codebook, bias, n_out, n_in, relu):
 
 def run_op(p, x, bias, relu, config=None):
     if config is None:
-        return E.eie_linear(*p.op_args(x, bias, relu))
-    return E.eie_linear_triton(*p.op_args(x, bias, relu), config=config)
+        return E.eie_linear(x, p, bias, relu)
+    return E.eie_linear_triton(x, p, bias, relu, config=config)
 
 
 def layer_checks(batches) -> None:

@@ -152,19 +152,7 @@ class CompressedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = eie_spmv.eie_linear(
-            x2,
-            self.entries,
-            self.block_ptr,
-            self.codebook,
-            self.bias,
-            self.out_features,
-            self.in_features,
-            self.row_tile,
-            self.chunk,
-            self.code_shift,
-            self.relu,
-        )
+        y = eie_spmv.eie_linear(x2, self.packed(), self.bias, self.relu)
         return y.reshape(*lead, self.out_features)
 
     def autotune(self, batch_sizes: Sequence[int] = (1,), dtype: torch.dtype = torch.float32) -> dict[int, dict]:

@@ -8,6 +8,7 @@ them. Everything else (packing, the reference path, validation, op registration)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -161,14 +162,14 @@ def _run_interpreter_cases(out_path: str) -> None:
             row_tile=case.get("row_tile"),
             chunk=case.get("chunk"),
         )
-        args = p.op_args(x, bias, bool(case.get("relu")))
+        relu = bool(case.get("relu"))
         ref = _reference(case, rows, cols, codes, codebook, x, bias)
         errs = []
         for _ in range(case.get("repeat", 1)):  # repeated calls: the flat kernel's workspace must be zero again
             if case.get("via_op"):
-                y = E.eie_linear(*args)
+                y = E.eie_linear(x, p, bias, relu)
             else:
-                y = E.eie_linear_triton(*args, config=case.get("config"))
+                y = E.eie_linear_triton(x, p, bias, relu, config=case.get("config"))
             errs.append(_rel_err(y, ref))
         results[case["id"]] = {"err": max(errs), "shape": list(y.shape), "dtype": str(y.dtype)}
     Path(out_path).write_text(json.dumps(results))
@@ -198,6 +199,7 @@ def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dic
 # ---------------------------------------------------------------------------------------------------------------
 
 from dc_lightning.kernels import eie_spmv as E  # noqa: E402
+from dc_lightning.kernels import runtime as R  # noqa: E402
 
 
 def _layer(n=50, k=300, density=0.2, bits=4, seed=0):
@@ -251,9 +253,7 @@ def test_reference_path_matches_float64(dtype: torch.dtype) -> None:
     p = E.pack(50, 300, rows, cols, codes, cb)
     x = torch.relu(torch.randn(5, 300)).to(dtype)
     bias = torch.randn(50)
-    y = E.eie_linear_reference(
-        x, p.entries, p.block_ptr, p.codebook, bias, 50, 300, p.row_tile, p.chunk, p.code_shift, relu=True
-    )
+    y = E.eie_linear_reference(x, p, bias, relu=True)
     w = torch.zeros(50, 300, dtype=torch.float64)
     w[rows, cols] = cb.double()[codes]
     ref = torch.relu(x.double() @ w.T + bias.double())
@@ -287,7 +287,7 @@ def test_torch_compile_cpu() -> None:
     rows, cols, codes, cb = _layer(n=20, k=40)
     p = E.pack(20, 40, rows, cols, codes, cb)
     x = torch.randn(2, 40)
-    fn = torch.compile(lambda t: E.eie_linear(*_args(p, t)), backend="eager", fullgraph=True)
+    fn = torch.compile(lambda t: E.eie_linear(t, p), backend="eager", fullgraph=True)
     assert torch.allclose(fn(x), x @ E.decode_dense(p).T, atol=1e-5)
 
 
@@ -311,10 +311,9 @@ def test_validation_errors(mutate, exc, match) -> None:
     p = E.pack(50, 300, rows, cols, codes, cb)
     a = dict(x=torch.randn(3, 300), entries=p.entries, block_ptr=p.block_ptr, codebook=p.codebook, bias=None)
     mutate(a)
+    layer = dataclasses.replace(p, entries=a["entries"], block_ptr=a["block_ptr"], codebook=a["codebook"])
     with pytest.raises(exc, match=match):
-        E.eie_linear(
-            a["x"], a["entries"], a["block_ptr"], a["codebook"], a["bias"], 50, 300, p.row_tile, p.chunk, p.code_shift
-        )
+        E.eie_linear(a["x"], layer, a["bias"])
 
 
 def test_triton_launcher_refuses_cpu_without_interpreter() -> None:
@@ -323,7 +322,7 @@ def test_triton_launcher_refuses_cpu_without_interpreter() -> None:
     rows, cols, codes, cb = _layer()
     p = E.pack(50, 300, rows, cols, codes, cb)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        E.eie_linear_triton(*_args(p, torch.randn(2, 300)))
+        E.eie_linear_triton(torch.randn(2, 300), p)
 
 
 def test_choose_config_rejects_unknown_keys() -> None:
@@ -339,11 +338,11 @@ def test_flat_kernel_workspace_not_used_while_tracing() -> None:
     """Inductor lowers the triton_op with fake tensors: the shared real workspace must not be handed to it."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    assert E._can_use_workspace(torch.zeros(2, 3))
+    assert R.can_use_workspace(torch.zeros(2, 3))
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(torch.zeros(2, 3))
-        assert not E._can_use_workspace(fake)
-        assert not E._can_use_workspace(torch.empty(2, 3))
+        assert not R.can_use_workspace(fake)
+        assert not R.can_use_workspace(torch.empty(2, 3))
 
 
 def test_choose_config_kernels() -> None:

@@ -1,0 +1,404 @@
+"""The EIE sparse layout: a pruned, weight-shared layer as sliced-ELL blocks of ``(column, code)`` entries.
+
+``W`` is a pruned and weight-shared layer (Deep Compression [DC] §2-3, EIE [EIE] §III): every kept weight is an
+index into a small codebook (up to 256 centroids). The stored interchange stream (relative indices + Huffman,
+``dc_lightning.io``) is not what the GPU reads: :func:`pack` re-encodes a layer ONCE, at load time, into a
+*sliced-ELL* layout that the kernels (``eie_kernels``) read with coalesced loads:
+
+* rows are grouped into row tiles of ``row_tile`` rows, columns into chunks of ``chunk`` columns;
+* every (row tile, chunk) block is an ELL block of ``width`` entries per row (``width`` = the longest row of the
+  block inside that chunk; shorter rows are padded), stored column-major so that one step ``k`` of the block is
+  ``row_tile`` consecutive entries;
+* an entry is one 16-bit word ``(local_column << code_shift) | code`` when it fits (4-bit codebooks with chunks up to
+  2048 columns), else a 32-bit word. ``code == 2**bits`` is the padding code; the packed codebook carries a 0.0 in
+  that slot so padding needs no mask;
+* ``block_ptr[t * n_chunks + c]`` is the first entry of block (t, c) (int32, ``n_tiles * n_chunks + 1`` values).
+
+This module owns the layout: :class:`EIEPacked`, :func:`pack` / :func:`pack_from_layer_buffers` / :func:`unpack` /
+:func:`decode_dense`, the argument checks of the launcher (:func:`check_args`) and :func:`eie_linear_reference`, the
+pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.eie_linear``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .runtime import check_activation, check_bias_and_devices
+
+__all__ = [
+    "EIEPacked",
+    "MAX_CODEBOOK",
+    "auto_row_tile",
+    "auto_chunk",
+    "pack",
+    "pack_from_layer_buffers",
+    "unpack",
+    "decode_dense",
+    "check_args",
+    "eie_linear_reference",
+]
+
+MAX_CODEBOOK = 256
+
+
+@dataclass
+class EIEPacked:
+    """A layer in the kernel's sliced-ELL layout (see the module docstring).
+
+    Attributes:
+        entries: int16 or int32 ``[n_entries]``, ``(local_col << code_shift) | code``; padding uses code ``2**bits``.
+        block_ptr: int32 ``[n_tiles * n_chunks + 1]``, start of block (tile, chunk) at ``tile * n_chunks + chunk``.
+        codebook: float32 ``[2**bits + 1]``; the last slot is 0.0 (the padding code).
+        out_features: rows of ``W``.
+        in_features: columns of ``W``.
+        row_tile: rows per tile.
+        chunk: columns per chunk.
+        code_shift: bits of the code field (``bits + 1``).
+        nnz: real (unpadded) non-zeros (-1 when unknown: a layer rebuilt from the op's arguments).
+    """
+
+    entries: Tensor
+    block_ptr: Tensor
+    codebook: Tensor
+    out_features: int
+    in_features: int
+    row_tile: int
+    chunk: int
+    code_shift: int
+    nnz: int = -1
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.out_features // self.row_tile)
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.block_ptr.numel() - 1) // max(self.n_tiles, 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weights (entries + block pointers + codebook)."""
+        return sum(t.numel() * t.element_size() for t in (self.entries, self.block_ptr, self.codebook))
+
+    @property
+    def padding(self) -> float:
+        """Padding entries per real non-zero (0.15 = 15% more entries than non-zeros)."""
+        return self.entries.numel() / max(self.nnz, 1) - 1.0
+
+    def op_args(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> tuple:
+        """The positional arguments of the registered op ``torch.ops.dc_lightning.eie_linear`` for ``x``.
+
+        The op's schema is the only place where the layer travels as a flat argument list; every Python function
+        takes the :class:`EIEPacked` itself.
+        """
+        return (
+            x,
+            self.entries,
+            self.block_ptr,
+            self.codebook,
+            bias,
+            self.out_features,
+            self.in_features,
+            self.row_tile,
+            self.chunk,
+            self.code_shift,
+            relu,
+        )
+
+    @classmethod
+    def from_op_args(
+        cls,
+        entries: Tensor,
+        block_ptr: Tensor,
+        codebook: Tensor,
+        out_features: int,
+        in_features: int,
+        row_tile: int,
+        chunk: int,
+        code_shift: int,
+    ) -> EIEPacked:
+        """Inverse of :meth:`op_args` (the layer part): used inside the registered op."""
+        return cls(
+            entries,
+            block_ptr,
+            codebook,
+            int(out_features),
+            int(in_features),
+            int(row_tile),
+            int(chunk),
+            int(code_shift),
+        )
+
+    def to(self, device: torch.device | str) -> EIEPacked:
+        return EIEPacked(
+            self.entries.to(device),
+            self.block_ptr.to(device),
+            self.codebook.to(device),
+            self.out_features,
+            self.in_features,
+            self.row_tile,
+            self.chunk,
+            self.code_shift,
+            self.nnz,
+        )
+
+
+def auto_row_tile(out_features: int) -> int:
+    # At least ~128 row tiles so that small-output layers (NT-We: 600 rows) still spread over the 132 SMs.
+    rt = 1 << max(0, int(math.log2(max(out_features // 128, 1))))
+    return int(min(max(rt, 8), 32))
+
+
+def auto_chunk(nnz: int, out_features: int, in_features: int, row_tile: int) -> int:
+    # Aim at blocks of about 48 entries per row: long enough that ELL padding (the max of ``row_tile`` roughly
+    # Poisson row lengths) stays near 20%, short enough that a layer splits over thousands of programs.
+    density = nnz / max(out_features * in_features, 1)
+    target = 48.0 / max(density, 1e-6)
+    chunk = 1 << max(0, round(math.log2(target)))
+    return int(min(max(chunk, 256), 2048))
+
+
+def pack(
+    out_features: int,
+    in_features: int,
+    rows: Tensor,
+    cols: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    row_tile: int | None = None,
+    chunk: int | None = None,
+    device: torch.device | str | None = None,
+) -> EIEPacked:
+    """Build the kernel layout of a pruned, weight-shared layer (done once, at load time).
+
+    Args:
+        out_features: rows of ``W`` (``N``).
+        in_features: columns of ``W`` (``K``).
+        rows: integer ``[nnz]`` row index of every kept weight.
+        cols: integer ``[nnz]`` column index of every kept weight. ``(row, col)`` pairs must be unique.
+        codes: integer ``[nnz]`` codebook index of every kept weight.
+        codebook: float ``[n_centroids]`` shared weights, ``1 <= n_centroids <= 256``.
+        row_tile: rows per tile, a power of two in [1, 128]; ``None`` picks 8..32 from ``out_features``.
+        chunk: columns per chunk, a power of two in [16, 65536]; ``None`` picks one from the density.
+        device: where the packed tensors go (default: the device of ``rows``).
+
+    Returns:
+        The packed layer.
+
+    Raises:
+        ValueError: on a bad shape, a bad size, an out-of-range index or code, or duplicate ``(row, col)`` pairs.
+
+    Example::
+
+        >>> packed = pack(2, 3, torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([1, 0]),
+        ...               torch.tensor([-0.5, 0.25]))
+        >>> decode_dense(packed)
+        tensor([[ 0.0000,  0.0000,  0.2500],
+                [-0.5000,  0.0000,  0.0000]])
+    """
+    if int(out_features) < 1 or int(in_features) < 1:
+        raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
+    if row_tile is None:
+        row_tile = auto_row_tile(int(out_features))
+    if row_tile < 1 or row_tile > 128 or row_tile & (row_tile - 1):
+        raise ValueError(f"row_tile must be a power of two in [1, 128], got {row_tile}")
+    codebook = torch.as_tensor(codebook)
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= MAX_CODEBOOK:
+        raise ValueError(f"codebook must be 1-D with 1..{MAX_CODEBOOK} centroids, got shape {tuple(codebook.shape)}")
+    if not codebook.is_floating_point():
+        raise ValueError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
+    rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
+    if not rows.numel() == cols.numel() == codes.numel():
+        raise ValueError(
+            f"rows, cols and codes must have one value per non-zero, got sizes "
+            f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
+        )
+    device = torch.device(device) if device is not None else rows.device
+    rows, cols, codes = rows.cpu(), cols.cpu(), codes.cpu()
+    nnz = rows.numel()
+    n_out, n_in = int(out_features), int(in_features)
+    if nnz:
+        for name, t, hi in (("rows", rows, n_out), ("cols", cols, n_in), ("codes", codes, codebook.numel())):
+            lo_v, hi_v = int(t.min()), int(t.max())
+            if lo_v < 0 or hi_v >= hi:
+                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    if chunk is None:
+        chunk = auto_chunk(nnz, n_out, n_in, row_tile)
+    if chunk < 16 or chunk > 65536 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two in [16, 65536], got {chunk}")
+
+    bits = max(0, math.ceil(math.log2(codebook.numel()))) if codebook.numel() > 1 else 0
+    code_shift = bits + 1  # one spare code (2**bits) marks padding
+    use16 = code_shift + int(math.log2(chunk)) <= 16
+    if not use16 and code_shift + int(math.log2(chunk)) > 31:
+        raise ValueError(f"chunk={chunk} with a {codebook.numel()}-centroid codebook does not fit a 32-bit entry")
+    n_tiles = -(-n_out // row_tile)
+    n_chunks = -(-n_in // chunk)
+
+    tile = rows // row_tile
+    r_in_tile = rows % row_tile
+    chunk_id = cols // chunk
+    # group = (row, chunk); sort by (group, col) so entries of a row inside a chunk are in column order
+    group = rows * n_chunks + chunk_id
+    key = group * n_in + cols
+    key_sorted, order = torch.sort(key)
+    if nnz > 1 and bool((key_sorted[1:] == key_sorted[:-1]).any()):
+        raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
+    counts = torch.bincount(group, minlength=n_tiles * row_tile * n_chunks)  # padded row space
+    width = counts.view(n_tiles, row_tile, n_chunks).amax(dim=1)  # [n_tiles, n_chunks]
+    block_sizes = (width * row_tile).reshape(-1)
+    block_ptr = torch.zeros(block_sizes.numel() + 1, dtype=torch.int64)
+    torch.cumsum(block_sizes, 0, out=block_ptr[1:])
+    total = int(block_ptr[-1])
+    if total >= 2**31:
+        raise ValueError(f"layer too large for int32 block pointers ({total} entries); use a larger row_tile")
+
+    group_start = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=group_start[1:])
+    g_sorted = group[order]
+    k = torch.arange(nnz, dtype=torch.int64) - group_start[g_sorted]  # position inside (row, chunk)
+    blk = tile[order] * n_chunks + chunk_id[order]
+    dest = block_ptr[blk] + k * row_tile + r_in_tile[order]
+    words = torch.full((total,), 1 << bits, dtype=torch.int64)  # padding: local col 0, code 2**bits
+    words[dest] = ((cols[order] % chunk) << code_shift) | codes[order]
+    if use16:
+        words = torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)  # two's complement wrap
+    else:
+        words = words.to(torch.int32)
+    cb = torch.zeros((1 << bits) + 1, dtype=torch.float32)
+    cb[: codebook.numel()] = codebook.detach().to(torch.float32).cpu()
+    return EIEPacked(
+        entries=words.to(device),
+        block_ptr=block_ptr.to(torch.int32).to(device),
+        codebook=cb.to(device),
+        out_features=n_out,
+        in_features=n_in,
+        row_tile=row_tile,
+        chunk=chunk,
+        code_shift=code_shift,
+        nnz=nnz,
+    )
+
+
+def pack_from_layer_buffers(
+    mask: Tensor | None,
+    assign: Tensor,
+    codebook: Tensor,
+    **kwargs: Any,
+) -> EIEPacked:
+    """Pack from the per-layer buffers of docs/DESIGN.md (``weight_mask``, ``weight_assign``, ``weight_codebook``).
+
+    Args:
+        mask: bool ``[out, in]`` (True = kept) or ``None`` (all kept).
+        assign: uint8/int ``[out, in]`` codebook index of every weight.
+        codebook: float32 ``[2**bits]``.
+        **kwargs: forwarded to :func:`pack` (``row_tile``, ``chunk``, ``device``).
+
+    Raises:
+        ValueError: if ``assign`` is not 2-D or ``mask`` has another shape.
+    """
+    if assign.dim() != 2:
+        raise ValueError(f"weight_assign must be 2-D [out, in], got shape {tuple(assign.shape)}")
+    if mask is None:
+        mask = torch.ones(assign.shape, dtype=torch.bool, device=assign.device)
+    if mask.shape != assign.shape:
+        raise ValueError(f"weight_mask shape {tuple(mask.shape)} differs from weight_assign {tuple(assign.shape)}")
+    rows, cols = torch.nonzero(mask.cpu(), as_tuple=True)
+    codes = assign.cpu()[rows, cols].to(torch.int64)
+    kwargs.setdefault("device", assign.device)
+    return pack(assign.shape[0], assign.shape[1], rows, cols, codes, codebook, **kwargs)
+
+
+def _unpack_tensors(p: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, codes) of every stored entry, padding included (padding has code ``2**(code_shift-1)``)."""
+    n_tiles = -(-p.out_features // p.row_tile)
+    n_blocks = p.block_ptr.numel() - 1
+    n_chunks = n_blocks // max(n_tiles, 1)
+    bp = p.block_ptr.to(torch.int64)
+    sizes = bp[1:] - bp[:-1]
+    entries = p.entries
+    dev = entries.device
+    blk = torch.repeat_interleave(torch.arange(n_blocks, device=dev), sizes, output_size=entries.numel())
+    off = torch.arange(entries.numel(), device=dev) - bp[:-1][blk]
+    rows = (blk // max(n_chunks, 1)) * p.row_tile + off % p.row_tile
+    words = entries.to(torch.int64) & 0xFFFF if entries.dtype == torch.int16 else entries.to(torch.int64)
+    cols = (blk % max(n_chunks, 1)) * p.chunk + (words >> p.code_shift)
+    codes = words & ((1 << p.code_shift) - 1)
+    return rows, cols, codes
+
+
+def unpack(packed: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`pack`: ``(rows, cols, codes)`` of the real non-zeros (padding dropped), int64."""
+    rows, cols, codes = _unpack_tensors(packed)
+    keep = codes != (1 << (packed.code_shift - 1))
+    return rows[keep], cols[keep], codes[keep]
+
+
+def decode_dense(packed: EIEPacked) -> Tensor:
+    """The dense float32 ``[out, in]`` weight of a packed layer."""
+    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries scatter-add
+    # 0.0 (their codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped.
+    p = packed
+    rows, cols, codes = _unpack_tensors(p)
+    n_rows = -(-p.out_features // p.row_tile) * p.row_tile
+    n_cols = -(-p.in_features // p.chunk) * p.chunk
+    w = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=p.entries.device)
+    w.index_put_((rows, cols), p.codebook.to(torch.float32)[codes], accumulate=True)
+    return w[: p.out_features, : p.in_features]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch): the oracle of the tests and the CPU fallback
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_args(x: Tensor, packed: EIEPacked, bias: Tensor | None = None) -> None:
+    """Validate shapes, dtypes, devices and contiguity of a call (no data reads: no host sync).
+
+    Raises:
+        TypeError: if ``x`` is not a tensor or not float32/float16/bfloat16.
+        ValueError: on any other mismatch, naming the field, the bad value and what is valid.
+    """
+    p = packed
+    check_activation(x, p.in_features)
+    entries, block_ptr, codebook = p.entries, p.block_ptr, p.codebook
+    if entries.dim() != 1 or entries.dtype not in (torch.int16, torch.int32) or not entries.is_contiguous():
+        raise ValueError(
+            f"entries must be a contiguous 1-D int16 or int32 tensor, got {entries.dtype} shape {tuple(entries.shape)}"
+        )
+    row_tile, chunk, code_shift = p.row_tile, p.chunk, p.code_shift
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 1, got {chunk}")
+    if code_shift + int(math.log2(chunk)) > (16 if entries.dtype == torch.int16 else 31):
+        raise ValueError(f"code_shift={code_shift} and chunk={chunk} do not fit {entries.dtype} entries")
+    if row_tile < 1 or row_tile & (row_tile - 1):
+        raise ValueError(f"row_tile must be a power of two >= 1, got {row_tile}")
+    n_tiles = -(-p.out_features // row_tile)
+    n_chunks = -(-p.in_features // chunk)
+    if block_ptr.dtype != torch.int32 or block_ptr.dim() != 1 or block_ptr.numel() != n_tiles * n_chunks + 1:
+        raise ValueError(
+            f"block_ptr must be int32 with n_tiles*n_chunks+1 = {n_tiles * n_chunks + 1} values, "
+            f"got {block_ptr.dtype} shape {tuple(block_ptr.shape)}"
+        )
+    if codebook.dtype != torch.float32 or codebook.dim() != 1 or codebook.numel() != (1 << (code_shift - 1)) + 1:
+        raise ValueError(
+            f"codebook must be float32 [2**(code_shift-1) + 1] = [{(1 << (code_shift - 1)) + 1}], "
+            f"got {codebook.dtype} shape {tuple(codebook.shape)}"
+        )
+    check_bias_and_devices(x, bias, p.out_features, {"entries": entries, "block_ptr": block_ptr, "codebook": codebook})
+
+
+def eie_linear_reference(x: Tensor, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``; decodes ``W`` densely."""
+    w = decode_dense(packed)
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)

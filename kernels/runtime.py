@@ -1,0 +1,181 @@
+"""What every kernel family of ``dc_lightning.kernels`` shares: the optional Triton import, the interpreter switch,
+the per-device split-K workspace and the CUDA-graph timing harness of the autotuners.
+
+A layout (``eie_layout`` sparse ELL, ``lut_layout`` dense packed codes) owns its data and its PyTorch reference; its
+``*_kernels`` file holds the ``@triton.jit`` code; its launcher file validates, picks a configuration and registers
+the ``torch.library`` op. This module has no layout knowledge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: without it (macOS, Windows, minimal CI) only the reference paths run.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "ACT_DTYPES",
+    "triton",
+    "tl",
+    "interpret_mode",
+    "next_pow2",
+    "can_use_workspace",
+    "workspace",
+    "use_triton",
+    "triton_wrapper",
+    "time_candidates",
+]
+
+log = logging.getLogger(__name__)
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1`` set before ``import triton``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(v: int) -> int:
+    """Smallest power of two >= ``v`` (1 for ``v <= 1``)."""
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether an op implementation should launch Triton for ``x`` (CUDA, or CPU under the interpreter)."""
+    return HAS_TRITON and (x.device.type == "cuda" or (interpret_mode() and x.device.type == "cpu"))
+
+
+def triton_wrapper() -> Any:
+    """``torch.library.wrap_triton`` for launches inside a ``triton_op`` (``None`` under the interpreter)."""
+    if interpret_mode():
+        return None
+    from torch.library import wrap_triton
+
+    return wrap_triton
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split-K workspace: fp32 partial sums and int32 arrival counters, zero between calls
+# --------------------------------------------------------------------------------------------------------------
+
+# Per device. The last program of every output tile re-zeroes its part, so no memset is launched. Calls on ONE
+# stream are safe (each call finishes before the next starts); concurrent calls on several streams are not, so the
+# launchers fall back to split=1 when they cannot use the shared buffers.
+_WS: dict[str, tuple[Tensor, Tensor]] = {}
+
+
+def can_use_workspace(x: Tensor) -> bool:
+    """False while tracing (dynamo, or inductor lowering a triton_op with fake/functional tensors).
+
+    The shared workspace is a real tensor outside the traced program; handing it to a traced kernel fails
+    (measured on the H200: inductor raised "Please convert all Tensors to FakeTensors"), so traced calls use
+    ``split=1``, which needs no workspace.
+    """
+    if type(x) is not torch.Tensor:  # FakeTensor, FunctionalTensor, other tracing subclasses
+        return False
+    if getattr(torch.compiler, "is_compiling", lambda: False)():
+        return False
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode((x,)) is None
+
+
+def workspace(device: torch.device, n_ws: int, n_cnt: int) -> tuple[Tensor, Tensor] | None:
+    """The zeroed ``(fp32 [>= n_ws], int32 [>= n_cnt])`` buffers of ``device``; ``None`` if they would have to be
+    allocated during CUDA-graph capture (the buffer would then live in the graph's private pool)."""
+    key = str(device)
+    ws = _WS.get(key)
+    if ws is not None and ws[0].numel() >= n_ws and ws[1].numel() >= n_cnt:
+        return ws
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    old_ws, old_cnt = ws if ws is not None else (None, None)
+    n_ws = max(n_ws, 0 if old_ws is None else old_ws.numel(), 1 << 16)
+    n_cnt = max(n_cnt, 0 if old_cnt is None else old_cnt.numel(), 1 << 12)
+    ws = (torch.zeros(n_ws, dtype=torch.float32, device=device), torch.zeros(n_cnt, dtype=torch.int32, device=device))
+    _WS[key] = ws
+    return ws
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autotuning harness (CUDA only)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def time_candidates(
+    run: Callable[[dict[str, Any]], Tensor],
+    candidates: Iterable[dict[str, Any]],
+    rep_ms: int = 20,
+    check: Callable[[Tensor], bool] | None = None,
+) -> list[tuple[float, dict[str, Any]]]:
+    """Median µs of ``run(cfg)`` for every candidate, each captured in a CUDA graph (``do_bench`` flushes L2).
+
+    A candidate that fails to compile or launch, or whose output ``check`` rejects, is skipped (logged at DEBUG).
+    Returns ``[(us, cfg), ...]`` in candidate order.
+    """
+    from triton.testing import do_bench
+
+    results = []
+    for cfg in candidates:
+        try:
+            y = run(cfg)  # compile outside the capture
+            if check is not None and not check(y):
+                log.debug("autotune: candidate %s gave a wrong result; skipped", cfg)
+                continue
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run(cfg)
+            results.append((float(do_bench(g.replay, warmup=5, rep=rep_ms, return_mode="median")) * 1e3, cfg))
+        except Exception as err:  # noqa: BLE001 - a candidate that fails to compile or launch is skipped
+            log.debug("autotune: candidate %s failed: %s", cfg, err)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks shared by every layout's launcher (no data reads: no host sync)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_activation(x: Tensor, in_features: int) -> None:
+    """``x`` must be a contiguous 2-D ``[batch, in_features]`` float32/float16/bfloat16 tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [batch, in_features], got shape {tuple(x.shape)}")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"x dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    if x.shape[1] != in_features:
+        raise ValueError(f"x.shape[1] must equal in_features={in_features}, got x of shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"x must be contiguous, got strides {x.stride()} for shape {tuple(x.shape)}; call x.contiguous() first"
+        )
+
+
+def check_bias_and_devices(x: Tensor, bias: Tensor | None, out_features: int, tensors: dict[str, Tensor]) -> None:
+    """``bias`` is ``None`` or a floating-point ``[out_features]``; ``bias`` and ``tensors`` are on ``x``'s device."""
+    if bias is not None and (bias.dim() != 1 or bias.numel() != out_features or not bias.is_floating_point()):
+        raise ValueError(
+            f"bias must be a floating-point [out_features]=[{out_features}] tensor, got "
+            f"{bias.dtype} shape {tuple(bias.shape)}"
+        )
+    if bias is not None:
+        tensors = {**tensors, "bias": bias}
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the layer to x's device")
