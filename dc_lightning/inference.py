@@ -6,7 +6,8 @@
 never a dense weight. On CUDA its forward is the Triton kernel; on the CPU it is the pure-PyTorch reference.
 
 :func:`to_compressed_inference` converts a whole model (or a ``.dcz`` file via ``dc_lightning.io.load_compressed``);
-convolutions keep their decoded dense weights. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
+convolutions keep their decoded dense weights; attention, recurrent layers and embeddings get the modules of
+:mod:`dc_lightning.compressed_modules`. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
 followed by ``ReLU`` inside an ``nn.Sequential`` gets the ReLU fused into the kernel's epilogue.
 
 Example::
@@ -206,27 +207,6 @@ class CompressedLinear(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _has_codebook(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and getattr(module, "weight_codebook", None) is not None
-
-
-def _convert(module: nn.Module, fuse_relu: bool, counter: list[int]) -> None:
-    for name, child in list(module.named_children()):
-        if _has_codebook(child):
-            relu = False
-            if fuse_relu and isinstance(module, nn.Sequential):
-                names = list(module._modules)
-                i = names.index(name)
-                if i + 1 < len(names) and isinstance(module._modules[names[i + 1]], nn.ReLU):
-                    relu = True
-                    # the ReLU's only consumer of the Linear output is the next element: safe to fold in
-                    module._modules[names[i + 1]] = nn.Identity()
-            setattr(module, name, CompressedLinear.from_linear(child, relu=relu))
-            counter[0] += 1
-        else:
-            _convert(child, fuse_relu, counter)
-
-
 def to_compressed_inference(
     model_or_path: nn.Module | str | os.PathLike,
     device: torch.device | str | None = None,
@@ -234,24 +214,40 @@ def to_compressed_inference(
     fuse_relu: bool = True,
     autotune_batches: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
+    exclude: Sequence[str] = (),
+    example_inputs: Any = None,
+    tolerance: float | None = None,
 ) -> nn.Module:
-    """Replace every quantized ``nn.Linear`` by a :class:`CompressedLinear` (on a deep copy).
+    """Replace every compressed layer that can safely be replaced by its compressed inference module (on a copy).
+
+    ``nn.Linear`` (and subclasses) -> :class:`CompressedLinear`; ``nn.MultiheadAttention`` (as a whole), ``nn.LSTM``
+    / ``nn.GRU`` / ``nn.RNN`` and ``nn.Embedding`` -> the modules of :mod:`dc_lightning.compressed_modules`. A layer
+    is converted when one of its weight matrices carries a mask or codebook; it is kept dense, with one log line
+    saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights, it overrides
+    ``forward``, has hooks...; rules in :mod:`dc_lightning.conversion`). Every decision is logged on the
+    ``dc_lightning.inference`` logger.
 
     Args:
-        model_or_path: a model whose Linear layers carry ``weight_codebook``/``weight_assign`` buffers (nested
-            anywhere), or the path of a ``.dcz`` file (read with ``dc_lightning.io.load_compressed``).
+        model_or_path: a model whose layers carry the compression buffers (nested anywhere), or the path of a
+            ``.dcz`` file (read with ``dc_lightning.io.load_compressed``).
         device: where the result goes (default: where the model is).
         fuse_relu: fold an ``nn.ReLU`` that directly follows a converted Linear inside an ``nn.Sequential`` into
             the kernel epilogue (the ReLU becomes ``nn.Identity``).
-        autotune_batches: on CUDA, time the kernel configurations of every converted layer for these batch sizes
+        autotune_batches: on CUDA, time the kernel configurations of every converted Linear for these batch sizes
             (see :meth:`CompressedLinear.autotune`); ``None`` keeps the shape heuristics.
         dtype: activation dtype the autotuning times.
+        exclude: ``fnmatch`` patterns of module names to keep dense (``"decoder"``, ``"encoder.layers.*"``).
+        example_inputs: a sample input (a tensor, a tuple of positional arguments or a dict of keyword arguments):
+            the original and the converted model both run on it and must agree.
+        tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2
+            for float16/bfloat16).
 
     Returns:
-        The converted model in eval mode. Layers without a codebook (convolutions, plain Linear) are unchanged.
+        The converted model in eval mode.
 
     Raises:
         TypeError: if ``model_or_path`` is neither a module nor a path.
+        ValueError: the converted model fails on ``example_inputs`` or its outputs differ beyond ``tolerance``.
     """
     if isinstance(model_or_path, (str, os.PathLike)):
         from dc_lightning.io import load_compressed  # lazy: io imports safetensors and the Huffman codec
@@ -261,21 +257,24 @@ def to_compressed_inference(
         model = copy.deepcopy(model_or_path)
     else:
         raise TypeError(f"model_or_path must be an nn.Module or a path, got {type(model_or_path).__name__}")
+    from dc_lightning import conversion  # lazy: conversion imports this module
+
     if device is not None:
         model = model.to(device)
-    counter = [0]
-    if _has_codebook(model):
-        model = CompressedLinear.from_linear(model)
-        counter[0] = 1
-    else:
-        _convert(model, fuse_relu, counter)
+    model.eval()
+    checked = example_inputs is not None
+    reference = conversion.reference_outputs(model, example_inputs) if checked else None
+    model, decisions = conversion.convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
     if autotune_batches:
         for m in model.modules():
             if isinstance(m, CompressedLinear) and m.entries.is_cuda:
                 m.autotune(autotune_batches, dtype)
-    if counter[0] == 0:
-        log.warning("to_compressed_inference: no nn.Linear with a weight_codebook found; model unchanged")
-    return model.eval()
+    model.eval()
+    if checked:
+        converted = [d.name for d in decisions if d.action == "convert"]
+        err = conversion.check_outputs(model, example_inputs, reference, tolerance, converted)
+        log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------------
