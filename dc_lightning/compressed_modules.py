@@ -594,8 +594,9 @@ class CompressedEmbedding(nn.Module):
 
     Two layouts; :meth:`from_module` keeps the one with fewer bytes:
 
-    * ``"ell"`` (sparse rows): ``cols`` [V, L] (int16, or int32 past 32767 columns) and ``codes`` [V, L] (uint8) of
-      the kept entries of every row, padded to the longest row ``L``, with ``lengths`` [V]. A lookup gathers the
+    * ``"ell"`` (sparse rows): ``cols`` [V, L] (uint8 up to 256 columns, int16 up to 32767, else int32) and
+      ``codes`` [V, L] (uint8) of the kept entries of every row, padded to the longest row ``L``, with ``lengths``
+      [V] (int16, or int32). A lookup gathers the
       requested rows' entries and scatters ``codebook[codes]`` into zeros of shape [N, D]: fixed shapes, so it runs
       under ``torch.compile(fullgraph=True)`` and in CUDA graphs.
     * ``"codes"`` (dense codes): one code per weight, 4 bits (two per byte) when the codebook plus a 0.0 slot for
@@ -655,8 +656,9 @@ class CompressedEmbedding(nn.Module):
         dtype = emb.weight.dtype
         lengths = mask.sum(dim=1)
         width = max(int(lengths.max()) if V else 0, 1)
-        col_dtype = torch.int16 if D <= 32767 else torch.int32
-        ell_bytes = V * width * (1 + col_dtype.itemsize) + V * 4
+        col_dtype = torch.uint8 if D <= 256 else torch.int16 if D <= 32767 else torch.int32
+        len_dtype = torch.int16 if D <= 32767 else torch.int32
+        ell_bytes = V * width * (1 + col_dtype.itemsize) + V * len_dtype.itemsize
         pruned = not bool(mask.all())
         n_codes = codebook.numel() + (1 if pruned else 0)  # slot n-1 = 0.0 for pruned weights
         code_bits = 4 if n_codes <= 16 else 8
@@ -683,7 +685,7 @@ class CompressedEmbedding(nn.Module):
         cols = torch.where(valid, order, 0)
         ell_codes = torch.where(valid, codes.gather(1, order), 0).to(torch.uint8)
         return cls("ell", ell_codes, codebook.to(dtype), num_embeddings=V, embedding_dim=D,
-                   cols=cols.to(col_dtype), lengths=lengths.to(torch.int32), padding_idx=emb.padding_idx,
+                   cols=cols.to(col_dtype), lengths=lengths.to(len_dtype), padding_idx=emb.padding_idx,
                    nnz=int(mask.sum()))
 
     def forward(self, input: Tensor) -> Tensor:
