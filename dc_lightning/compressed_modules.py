@@ -25,7 +25,7 @@ entry point.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,12 @@ def compressed_matrix(
     return CompressedLinear.from_linear(shell)
 
 
-def _projection(module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None) -> nn.Module:
-    """The compressed matrix of ``module.<param>`` when it carries compression buffers, else a dense ``nn.Linear``
-    holding a copy of the (uncompressed) rows."""
-    if buffers.has_compression(module, param):
+def _projection(
+    module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None, dense: bool = False
+) -> nn.Module:
+    """The compressed matrix of ``module.<param>`` when it carries compression buffers (and ``dense`` is False),
+    else a dense ``nn.Linear`` holding a copy of the rows."""
+    if buffers.has_compression(module, param) and not dense:
         return compressed_matrix(module, param, bias, rows)
     w = getattr(module, param).detach()[slice(None) if rows is None else rows]
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
@@ -200,8 +202,15 @@ class CompressedMultiheadAttention(nn.Module):
         self.register_buffer("bias_v", None if bias_v is None else bias_v.detach().clone())
 
     @classmethod
-    def from_module(cls, mha: nn.MultiheadAttention) -> CompressedMultiheadAttention:
+    def from_module(
+        cls, mha: nn.MultiheadAttention, keep_dense: Collection[str] = ()
+    ) -> CompressedMultiheadAttention:
         """Build from an ``nn.MultiheadAttention`` whose weights carry compression buffers (see the class docstring).
+
+        Args:
+            mha: the attention.
+            keep_dense: weights to keep as dense ``nn.Linear`` although compressed (``"in_proj_weight"``,
+                ``"q_proj_weight"``..., ``"out_proj.weight"``).
 
         Raises:
             TypeError: ``mha`` is not an ``nn.MultiheadAttention``.
@@ -213,15 +222,18 @@ class CompressedMultiheadAttention(nn.Module):
         b = mha.in_proj_bias.detach() if mha.in_proj_bias is not None else None
         qkv_bias = [None if b is None else b[i * E : (i + 1) * E] for i in range(3)]
         if mha._qkv_same_embed_dim:
+            dense_in = "in_proj_weight" in keep_dense
             q, k, v = (
-                _projection(mha, "in_proj_weight", qkv_bias[i], slice(i * E, (i + 1) * E)) for i in range(3)
+                _projection(mha, "in_proj_weight", qkv_bias[i], slice(i * E, (i + 1) * E), dense_in) for i in range(3)
             )
         else:
             q, k, v = (
-                _projection(mha, f"{n}_proj_weight", qkv_bias[i]) for i, n in enumerate(("q", "k", "v"))
+                _projection(mha, f"{n}_proj_weight", qkv_bias[i], dense=f"{n}_proj_weight" in keep_dense)
+                for i, n in enumerate(("q", "k", "v"))
             )
         out = mha.out_proj
-        out_proj = _projection(out, "weight", out.bias.detach() if out.bias is not None else None)
+        out_bias = out.bias.detach() if out.bias is not None else None
+        out_proj = _projection(out, "weight", out_bias, dense="out_proj.weight" in keep_dense)
         return cls(
             q,
             k,
@@ -404,8 +416,12 @@ class _CompressedRNNBase(nn.Module):
         return 2 if self.bidirectional else 1
 
     @classmethod
-    def from_module(cls, rnn: nn.RNNBase) -> _CompressedRNNBase:
+    def from_module(cls, rnn: nn.RNNBase, keep_dense: Collection[str] = ()) -> _CompressedRNNBase:
         """Build from the matching ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``.
+
+        Args:
+            rnn: the recurrent layer.
+            keep_dense: weights to keep as dense ``nn.Linear`` although compressed (``"weight_hh_l0"``...).
 
         Raises:
             TypeError: ``rnn`` is not of the matching type.
@@ -420,9 +436,12 @@ class _CompressedRNNBase(nn.Module):
             for sfx in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
                 s = f"l{layer}{sfx}"
                 b_ih, b_hh = (getattr(rnn, f"bias_{k}_{s}").detach() if rnn.bias else None for k in ("ih", "hh"))
-                cell = {"ih": _projection(rnn, f"weight_ih_{s}", b_ih), "hh": _projection(rnn, f"weight_hh_{s}", b_hh)}
+                cell = {
+                    "ih": _projection(rnn, f"weight_ih_{s}", b_ih, dense=f"weight_ih_{s}" in keep_dense),
+                    "hh": _projection(rnn, f"weight_hh_{s}", b_hh, dense=f"weight_hh_{s}" in keep_dense),
+                }
                 if getattr(rnn, "proj_size", 0):
-                    cell["hr"] = _projection(rnn, f"weight_hr_{s}")
+                    cell["hr"] = _projection(rnn, f"weight_hr_{s}", dense=f"weight_hr_{s}" in keep_dense)
                 cells.append(nn.ModuleDict(cell))
         return cls(cells, **cls._config(rnn))
 

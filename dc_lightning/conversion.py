@@ -77,6 +77,7 @@ class Decision:
     action: str
     reason: str
     params: tuple[str, ...] = ()
+    keep_dense: tuple[str, ...] = ()  # compressed weights kept dense inside the converted module (exclude=)
 
 
 # ------------------------------------------------------------------------------------------------ target kinds
@@ -138,7 +139,7 @@ def _forward_reads(cls: type) -> frozenset[tuple[str, str]] | None:
     ``"<parent>[]"`` for an indexed container (``self.layers[0].weight`` -> ``("layers[]", "weight")``) and ``"?"``
     for a local variable. ``None`` when a user class's source is unavailable.
     """
-    methods: dict[str, ast.FunctionDef] = {}
+    methods: dict[str, list[ast.FunctionDef]] = {}  # every definition along the MRO (super() calls reach them)
     for klass in cls.__mro__:
         if _is_torch_class(klass):
             continue
@@ -148,7 +149,7 @@ def _forward_reads(cls: type) -> frozenset[tuple[str, str]] | None:
             return None
         for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                methods.setdefault(node.name, node)
+                methods.setdefault(node.name, []).append(node)
     reads: set[tuple[str, str]] = set()
     todo, done = ["forward"], set()
     while todo:
@@ -156,7 +157,7 @@ def _forward_reads(cls: type) -> frozenset[tuple[str, str]] | None:
         if name in done or name not in methods:
             continue
         done.add(name)
-        for node in ast.walk(methods[name]):
+        for node in (n for fn in methods[name] for n in ast.walk(fn)):
             if isinstance(node, ast.Attribute):
                 if isinstance(node.value, ast.Name) and node.value.id == "self":
                     todo.append(node.attr)  # a method called (or an attribute read) on self: follow if a method
@@ -235,7 +236,9 @@ def plan_conversion(
 
     Args:
         model: the dense model (its layers carry the compression buffers).
-        exclude: ``fnmatch`` patterns of module names to keep dense (``"decoder"``, ``"encoder.layers.*"``).
+        exclude: ``fnmatch`` patterns of module names (``"decoder"``, ``"encoder.layers.*"``) or of parameter names
+            (``"lstm.weight_hh_l0"``, ``"*.self_attn.out_proj.weight"``) to keep dense. An attention or recurrent
+            layer with some weights excluded is converted with those weights dense inside it.
         outputs_checked: the caller compares outputs on example inputs afterwards, so a class whose source is
             unavailable does not block conversion.
 
@@ -254,13 +257,18 @@ def plan_conversion(
         label, base = _kind(m)
         weights = _weights(m)
         compressed = tuple(lbl for owner, p, lbl in weights if buffers.has_compression(owner, p))
+        excluded = tuple(lbl for lbl in compressed if _matches(f"{name}.{lbl}" if name else lbl, exclude))
         reason = _skip_reason(model, name, m, parent, base, weights, exclude, outputs_checked)
+        if not reason and compressed and len(excluded) == len(compressed):
+            reason = f"excluded by pattern {_matches(f'{name}.{excluded[0]}' if name else excluded[0], exclude)!r}"
+        kept = tuple(lbl for lbl in compressed if lbl not in excluded)
         if not compressed:
             decisions.append(Decision(name, label, "dense", "no mask or codebook"))
         elif reason:
             decisions.append(Decision(name, label, "skip", reason, compressed))
         else:
-            decisions.append(Decision(name, label, "convert", "", compressed))
+            note = f"excluded, kept dense inside: {', '.join(excluded)}" if excluded else ""
+            decisions.append(Decision(name, label, "convert", note, kept, excluded))
     inside_converted = [d.name + "." for d in decisions if d.action == "convert"]
     for d in decisions:  # tied weights: say where a dense copy stays alive
         if d.action != "convert" or not d.name:
@@ -282,6 +290,11 @@ def plan_conversion(
     return decisions
 
 
+def _matches(name: str, patterns: Sequence[str]) -> str | None:
+    """The first ``fnmatch`` pattern matching ``name``, or ``None``."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
 def _skip_reason(
     model: nn.Module,
     name: str,
@@ -292,9 +305,9 @@ def _skip_reason(
     exclude: Sequence[str],
     outputs_checked: bool,
 ) -> str:
-    for pattern in exclude:
-        if fnmatch.fnmatchcase(name, pattern):
-            return f"excluded by pattern {pattern!r}"
+    pattern = _matches(name, exclude)
+    if pattern is not None:
+        return f"excluded by pattern {pattern!r}"
     if type(m).forward is not base.forward:
         return f"{type(m).__qualname__} overrides {base.__name__}.forward (the replacement would drop that code)"
     if m._forward_hooks or m._forward_pre_hooks:
@@ -315,7 +328,7 @@ def _skip_reason(
                 "does not read this layer's weights; pass example_inputs to check the outputs instead"
             )
     for owner, p, label in weights:
-        if buffers.has_compression(owner, p):
+        if buffers.has_compression(owner, p) and _matches(f"{name}.{label}" if name else label, exclude) is None:
             why = _packable(owner, p)
             if why:
                 return why.replace(p, label, 1)
@@ -325,12 +338,12 @@ def _skip_reason(
 # ------------------------------------------------------------------------------------------------------ converting
 
 
-def _build(m: nn.Module, relu: bool) -> nn.Module:
+def _build(m: nn.Module, relu: bool, keep_dense: tuple[str, ...]) -> nn.Module:
     if isinstance(m, nn.MultiheadAttention):
-        return CompressedMultiheadAttention.from_module(m)
+        return CompressedMultiheadAttention.from_module(m, keep_dense)
     for base, cls in _RNN_TYPES.items():
         if isinstance(m, base):
-            return cls.from_module(m)
+            return cls.from_module(m, keep_dense)
     if isinstance(m, nn.Embedding):
         return CompressedEmbedding.from_module(m)
     return CompressedLinear.from_linear(m, relu=relu)
@@ -357,7 +370,7 @@ def convert_model(
             nxt = names.index(local) + 1
             relu = nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU)
         try:
-            new = _build(m, relu)
+            new = _build(m, relu, d.keep_dense)
         except ValueError as err:
             d.action, d.reason = "skip", str(err)
             continue

@@ -236,7 +236,8 @@ def to_compressed_inference(
         autotune_batches: on CUDA, time the kernel configurations of every converted Linear for these batch sizes
             (see :meth:`CompressedLinear.autotune`); ``None`` keeps the shape heuristics.
         dtype: activation dtype the autotuning times.
-        exclude: ``fnmatch`` patterns of module names to keep dense (``"decoder"``, ``"encoder.layers.*"``).
+        exclude: ``fnmatch`` patterns of module names (``"decoder"``, ``"encoder.layers.*"``) or parameter names
+            (``"lstm.weight_hh_l0"``, ``"*.out_proj.weight"``) to keep dense.
         example_inputs: a sample input (a tensor, a tuple of positional arguments or a dict of keyword arguments):
             the original and the converted model both run on it and must agree.
         tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2

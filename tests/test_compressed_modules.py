@@ -337,6 +337,30 @@ def test_skips_exclude_overridden_forward_hooks_and_conv(caplog) -> None:
     assert torch.equal(conv(x), model(x))
 
 
+def test_parameter_level_exclude_keeps_those_weights_dense_inside() -> None:
+    model, variants = CASES["mixed"]
+    conv = to_compressed_inference(model, exclude=["attn.out_proj.weight", "lstm.weight_hh_l1_reverse", "head.2.*"])
+    assert isinstance(conv.attn, CompressedMultiheadAttention) and type(conv.attn.out_proj) is nn.Linear
+    assert isinstance(conv.attn.q_proj, CompressedLinear)
+    cells = conv.lstm.cells
+    assert type(cells[3]["hh"]) is nn.Linear and isinstance(cells[3]["ih"], CompressedLinear)
+    assert type(conv.head[2]) is nn.Linear
+    (args, kwargs), = variants.values()
+    with torch.no_grad():
+        assert zoo.rel_err(conv(*args, **kwargs), _dense(model, *args, **kwargs)) <= TOL
+
+
+def test_encoder_with_dense_attention_and_converted_feed_forward_runs_the_slow_path() -> None:
+    """The encoder layer's fused path would read linear1.weight: it must be off although the attention is dense."""
+    model, variants = CASES["encoder_bf"]
+    conv = to_compressed_inference(model, exclude=["layers.*.self_attn"])
+    assert type(conv.layers[0].self_attn) is nn.MultiheadAttention and isinstance(conv.layers[0].linear1,
+                                                                                    CompressedLinear)
+    (src,), _ = variants["plain"]
+    with torch.no_grad():  # torch's fast path enabled (default): the dense attention may use its own fused kernel
+        assert zoo.rel_err(conv(src), model(src)) <= TOL
+
+
 def test_pruned_only_layer_with_too_many_values_is_skipped() -> None:
     lin = nn.Linear(30, 30)
     buffers.set_mask(lin, torch.rand(30, 30) < 0.9)
