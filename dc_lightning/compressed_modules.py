@@ -278,13 +278,16 @@ class CompressedMultiheadAttention(nn.Module):
         if key.shape[:2] != value.shape[:2]:
             raise ValueError(f"key's (S, N) {tuple(key.shape[:2])} differ from value's {tuple(value.shape[:2])}")
         key_padding_mask = _float_mask(key_padding_mask, "key_padding_mask", query.dtype)
-        if is_causal and attn_mask is None:
-            raise ValueError("is_causal=True needs attn_mask as well (torch's convention: it is only a hint)")
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None  # the hint goes to scaled_dot_product_attention as is_causal
+        # attn_mask is tested first: nn.TransformerDecoder derives is_causal from the mask's values, a data-dependent
+        # SymBool under torch.compile, so a compiled graph always applies the mask (the hint only selects a kernel)
+        if attn_mask is None:
+            if is_causal:
+                raise ValueError("is_causal=True needs attn_mask as well (torch's convention: it is only a hint)")
+        elif not torch.compiler.is_compiling() and is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # the hint goes to scaled_dot_product_attention as is_causal (torch does the same)
         else:
             attn_mask = _float_mask(attn_mask, "attn_mask", query.dtype)
-            is_causal = False
+        is_causal = attn_mask is None and bool(is_causal)
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)  # [L, N, E], [S, N, E], [S, N, E]
         S = k.shape[0]
         if attn_mask is not None:

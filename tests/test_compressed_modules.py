@@ -433,7 +433,7 @@ def test_state_dict_roundtrip(case: str) -> None:
         assert zoo.rel_err(other(*args, **kwargs), conv(*args, **kwargs)) == 0.0
 
 
-@pytest.mark.parametrize("case", ["mixed", "encoder_bf", "decoder_sf"])
+@pytest.mark.parametrize("case", ["mixed", "encoder_bf", "decoder_sf", "demo_transformer"])
 def test_fullgraph_trace(case: str) -> None:
     """dynamo traces the converted modules without a graph break (eager backend: no inductor compile on the CPU)."""
     model, variants = CASES[case]
