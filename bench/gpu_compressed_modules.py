@@ -229,6 +229,32 @@ def _check(model: Any, args: tuple, kwargs: dict, ref: Any, tol: float, peer: fl
             "status": "ok" if err <= tol else "MISMATCH"}
 
 
+def full_demo_memory(dev: str, density: float = 0.1, bits: int = 4) -> dict:
+    """Lightning's demo Transformer at its default size (vocab 33278, ninp 200), every weight matrix pruned to
+    ``density`` and quantized to ``bits`` (synthetic codes): bytes the converted model's compressed layers hold, and
+    the device memory the converted and the dense fp16 models take (``torch.cuda.memory_allocated`` deltas)."""
+    from lightning.pytorch.demos import Transformer as DemoTransformer
+
+    from dc_lightning.compressed_modules import compressed_memory
+    from dc_lightning.inference import to_compressed_inference
+
+    model = compress_all(DemoTransformer(dropout=0.0), density=density, bits=bits).eval()
+    conv = to_compressed_inference(model)
+    report = compressed_memory(conv)
+    out = {k: report[k] for k in ("bytes", "dense_fp16_bytes", "ratio")}
+    out["layers"] = len(report["layers"])
+    if dev == "cuda":
+        for key, m in (("device_bytes_converted", conv), ("device_bytes_dense_fp16", copy.deepcopy(model).half())):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            moved = m.to(dev)
+            torch.cuda.synchronize()
+            out[key] = torch.cuda.memory_allocated() - before
+            del moved
+            m.to("cpu")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from dc_lightning.compressed_modules import compressed_memory
     from dc_lightning.inference import to_compressed_inference
@@ -285,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                 record(name, vname, dtype, "eager", check)
                 if dev == "cuda":
                     record(name, vname, dtype, "cuda_graph", functools.partial(check, graph=True))
+                if dtype != torch.float32:  # the fp32 conversion cast afterwards with module.to(dtype)
+                    cast = copy.deepcopy(converted[(name, torch.float32)][0]).to(dtype)
+                    record(name, vname, dtype, "converted_then_cast",
+                           functools.partial(_check, cast, a_d, kw_d, ref, max(TOL[dtype], 2 * peer), peer))
+    try:
+        memory["demo_transformer_full"] = full_demo_memory(dev)
+    except Exception as err:  # recorded like every case
+        memory["demo_transformer_full"] = {"error": f"{type(err).__name__}: {err}"[:400]}
     # compile cost dominates (inductor + Triton): the first variant of every case, the mixed models first
     compile_dtypes = [getattr(torch, s.strip()) for s in args.compile_dtypes.split(",") if s.strip()]
     order = sorted(cases, key=lambda n: (n not in COMPILE_FIRST, COMPILE_FIRST.index(n) if n in COMPILE_FIRST else 0))
@@ -319,7 +353,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r.get('rel_err', float('nan')):.2e} | {r.get('dense_rel_err', float('nan')):.2e} |")
     lines += ["", "| case | compressed bytes | dense fp16 bytes | ratio |", "|---|---|---|---|"]
     for name, m in memory.items():
+        if "error" in m:
+            lines.append(f"| {name} | error: {m['error']} | | |")
+            continue
         lines.append(f"| {name} | {m['bytes']} | {m['dense_fp16_bytes']} | {m['ratio']:.2f}x |")
+    full = memory.get("demo_transformer_full", {})
+    if "device_bytes_converted" in full:
+        conv_b, dense_b = full["device_bytes_converted"], full["device_bytes_dense_fp16"]
+        lines.append(f"\ndemo Transformer (default size, density 0.1, 4 bits): whole converted model {conv_b} B on "
+                     f"the device vs dense fp16 {dense_b} B")
     errors = [r for r in rows if r["status"] not in ("ok", "dense model fails too") and "skipped" not in r["status"]]
     lines += ["", f"{len(rows)} cases, {len(errors)} not ok"]
     for r in errors:
