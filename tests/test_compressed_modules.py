@@ -67,18 +67,26 @@ def _floats(model: nn.Module) -> int:
 
 
 def _assert_no_dense_copy(dense: nn.Module, converted: nn.Module) -> None:
-    """The converted model holds no more floats than the dense model's uncompressed tensors (biases, norms) plus one
-    codebook (+1 padding/zero slot) per packed matrix (in_proj_weight packs as three), and no float tensor of a
-    compressed weight's shape."""
+    """Apart from codebooks (float tensors of at most 257 values other than ``bias`` inside the compressed modules,
+    whatever their layout), the converted model holds no more floats than the dense model's uncompressed tensors
+    (biases, norms), and no float tensor of a compressed weight's shape."""
     weights = _compressed_weights(dense)
     assert weights, "the test model must have compressed weights"
-    allowed, seen = _floats(dense), set()
+    uncompressed, seen = _floats(dense), set()
     for m, pn in weights:
         codebook = buffers.get_codebook(m, pn)[0]
-        allowed -= sum(t.numel() for t in (getattr(m, pn), codebook) if id(t) not in seen)  # tied: counted once
+        uncompressed -= sum(t.numel() for t in (getattr(m, pn), codebook) if id(t) not in seen)  # tied: once
         seen.update((id(getattr(m, pn)), id(codebook)))
-        allowed += (codebook.numel() + 1) * (3 if pn == "in_proj_weight" else 1)
-    assert _floats(converted) <= allowed
+    others = {}
+    for m in converted.modules():
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if not t.is_floating_point():
+                continue
+            if isinstance(m, (CompressedLinear, CompressedEmbedding)) and name != "bias":
+                assert t.numel() <= 257, f"{type(m).__name__}.{name}: {t.numel()} floats is no codebook"
+            else:
+                others[(t.data_ptr(), t.numel())] = t.numel()
+    assert sum(others.values()) <= uncompressed
     shapes = {tuple(getattr(m, pn).shape) for m, pn in weights}
     for name, t in [*converted.named_parameters(), *converted.named_buffers()]:
         assert not (t.is_floating_point() and tuple(t.shape) in shapes), f"{name} is a dense copy of a weight"
