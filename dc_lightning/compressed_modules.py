@@ -234,18 +234,8 @@ class CompressedMultiheadAttention(nn.Module):
         out = mha.out_proj
         out_bias = out.bias.detach() if out.bias is not None else None
         out_proj = _projection(out, "weight", out_bias, dense="out_proj.weight" in keep_dense)
-        return cls(
-            q,
-            k,
-            v,
-            out_proj,
-            num_heads=mha.num_heads,
-            batch_first=mha.batch_first,
-            bias_k=mha.bias_k,
-            bias_v=mha.bias_v,
-            add_zero_attn=mha.add_zero_attn,
-            dropout=mha.dropout,
-        )
+        kw = {a: getattr(mha, a) for a in ("num_heads", "batch_first", "bias_k", "bias_v", "add_zero_attn", "dropout")}
+        return cls(q, k, v, out_proj, **kw)
 
     @property
     def in_proj_bias(self) -> Tensor | None:
