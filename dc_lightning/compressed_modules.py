@@ -502,6 +502,12 @@ class _CompressedRNNBase(nn.Module):
     def _zeros(self, x: Tensor, size: int) -> Tensor:
         return x.new_zeros(self.num_layers * self.num_directions, x.shape[1], size)
 
+    def _check_state(self, h: Tensor, x: Tensor, size: int, name: str) -> Tensor:
+        want = (self.num_layers * self.num_directions, x.shape[1], size)
+        if tuple(h.shape) != want:
+            raise ValueError(f"{type(self).__name__}: {name} must have shape {want}, got {tuple(h.shape)}")
+        return h
+
     def _finish(self, out: Tensor, is_batched: bool) -> Tensor:
         if not is_batched:
             return out.squeeze(1)
@@ -546,6 +552,8 @@ class CompressedLSTM(_CompressedRNNBase):
             h0, c0 = self._zeros(x, self.proj_size or self.hidden_size), self._zeros(x, self.hidden_size)
         else:
             h0, c0 = hx if is_batched else (t.unsqueeze(1) for t in hx)
+            h0 = self._check_state(h0, x, self.proj_size or self.hidden_size, "h0")
+            c0 = self._check_state(c0, x, self.hidden_size, "c0")
         out, h_n, c_n = self._run(x, h0, c0)
         if not is_batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
@@ -555,7 +563,10 @@ class CompressedLSTM(_CompressedRNNBase):
 class _CompressedSingleState(_CompressedRNNBase):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, is_batched = self._prepare(input)
-        h0 = self._zeros(x, self.hidden_size) if hx is None else (hx if is_batched else hx.unsqueeze(1))
+        if hx is None:
+            h0 = self._zeros(x, self.hidden_size)
+        else:
+            h0 = self._check_state(hx if is_batched else hx.unsqueeze(1), x, self.hidden_size, "h0")
         out, h_n, _ = self._run(x, h0, None)
         return self._finish(out, is_batched), (h_n if is_batched else h_n.squeeze(1))
 

@@ -218,6 +218,11 @@ def test_rnn_rejects_packed_sequence_and_flatten_parameters_is_a_noop() -> None:
         lstm(packed)
     with pytest.raises(ValueError, match="input_size=12"):
         lstm(torch.randn(2, 3, 11))
+    with pytest.raises(ValueError, match=r"c0 must have shape \(4, 2, 10\)"):
+        lstm(torch.randn(2, 3, 12), (torch.zeros(4, 2, 10), torch.zeros(4, 2, 9)))
+    gru = to_compressed_inference(CASES["gru"][0])
+    with pytest.raises(ValueError, match=r"h0 must have shape \(4, 3, 10\)"):
+        gru(torch.randn(5, 3, 12), torch.zeros(2, 3, 10))
 
 
 @pytest.mark.parametrize("layout", ["ell", "codes", None])
