@@ -223,7 +223,9 @@ def _named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module
         if _kind(m) is not None:
             yield prefix, m, parent
             return
-        for child_name, child in m.named_children():
+        for child_name, child in m._modules.items():  # not named_children(): it skips a module's second name
+            if child is None:
+                continue
             yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child, m)
 
     yield from walk("", model, None)
@@ -358,6 +360,7 @@ def convert_model(
     """
     decisions = plan_conversion(model, exclude, outputs_checked=outputs_checked)
     converted = []
+    built: dict[tuple, nn.Module] = {}  # a module registered under several names is replaced by ONE new module
     for d in decisions:
         if d.action != "convert":
             continue
@@ -369,11 +372,13 @@ def convert_model(
             names = list(parent._modules)
             nxt = names.index(local) + 1
             relu = nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU)
+        key = (id(m), relu, d.keep_dense)
         try:
-            new = _build(m, relu, d.keep_dense)
+            new = built[key] if key in built else _build(m, relu, d.keep_dense)
         except ValueError as err:
             d.action, d.reason = "skip", str(err)
             continue
+        built[key] = new
         if relu:  # the ReLU's only input is the Linear's output (next element of the Sequential): fold it in
             parent._modules[names[nxt]] = nn.Identity()
         if parent is None:

@@ -328,6 +328,15 @@ def test_shared_parameter_both_converted() -> None:
     assert "shared with out.weight, which stays dense" in plan["emb"].reason
 
 
+def test_a_module_registered_twice_is_replaced_by_one_module() -> None:
+    shared = nn.Linear(6, 6)
+    model = zoo.compress_all(nn.Sequential(shared, nn.Tanh(), shared), seed=12).eval()
+    conv = to_compressed_inference(model)
+    assert isinstance(conv[0], CompressedLinear) and conv[0] is conv[2]
+    x = torch.randn(2, 6)
+    assert torch.equal(conv(x), model(x))
+
+
 def test_skips_exclude_overridden_forward_hooks_and_conv(caplog) -> None:
     model = nn.Sequential(
         nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(8, 8), _Overrides(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
