@@ -18,7 +18,7 @@ Run on a CUDA machine (torch >= 2.4, Triton, Lightning; no Hydra/omegaconf/wandb
 
     OUT=/tmp/out python bench/gpu_compressed_modules.py            # writes $OUT/compressed_modules.{json,md}
 
-``--budget`` (seconds, default 105) bounds the whole run: compile cases (the first variant of each case, fp16 first,
+``--budget`` (seconds, default 90) bounds the whole run: compile cases (the first variant of each case, fp16 first,
 the mixed models first) that would start after it are recorded as skipped.
 """
 
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default: $OUT)")
-    p.add_argument("--budget", type=float, default=105.0, help="seconds; compile cases past it are skipped")
+    p.add_argument("--budget", type=float, default=90.0, help="seconds; compile cases past it are skipped")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (no CUDA graphs; a dry run)")
     p.add_argument("--compile-dtypes", default="float16,float32,bfloat16", help="dtypes compiled, in this order")
     args = p.parse_args(argv)

@@ -46,6 +46,7 @@ from dc_lightning.compressed_modules import (
     CompressedMultiheadAttention,
     CompressedRNN,
     compressed_module_types,
+    param_codes,
 )
 from dc_lightning.inference import CompressedLinear
 
@@ -116,11 +117,10 @@ def _packable(owner: nn.Module, param: str) -> str | None:
     """Why the compressed parameter cannot be packed, or ``None`` when it can."""
     if buffers.get_codebook(owner, param) is not None:
         return None
-    mask = buffers.get_mask(owner, param)
-    values = getattr(owner, param).detach()[mask.to(torch.bool)]
-    n = int(torch.unique(values).numel())
-    if n > 256:
-        return f"{param} is pruned but not quantized and keeps {n} distinct values (at most 256 can be coded)"
+    try:
+        param_codes(owner, param)  # a pruned-only weight: at most 256 distinct kept values
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -333,7 +333,7 @@ def _skip_reason(
         if buffers.has_compression(owner, p) and _matches(f"{name}.{label}" if name else label, exclude) is None:
             why = _packable(owner, p)
             if why:
-                return why.replace(p, label, 1)
+                return why
     return ""
 
 
