@@ -264,7 +264,7 @@ def to_compressed_inference(
         model = model.to(device)
     model.eval()
     checked = example_inputs is not None
-    reference = conversion.reference_outputs(model, example_inputs) if checked else None
+    reference, calls = conversion.reference_outputs(model, example_inputs) if checked else (None, None)
     model, decisions = conversion.convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
     if autotune_batches:
         for m in model.modules():
@@ -273,7 +273,7 @@ def to_compressed_inference(
     model.eval()
     if checked:
         converted = [d.name for d in decisions if d.action == "convert"]
-        err = conversion.check_outputs(model, example_inputs, reference, tolerance, converted)
+        err = conversion.check_outputs(model, example_inputs, reference, tolerance, converted, calls)
         log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
     return model
 

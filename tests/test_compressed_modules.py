@@ -399,12 +399,13 @@ def test_example_inputs_catch_a_reader_the_source_check_cannot_see() -> None:
     assert isinstance(to_compressed_inference(model, exclude=["fc"], example_inputs=torch.randn(2, 6)).fc, nn.Linear)
 
 
-def test_example_inputs_catch_a_numerical_mismatch() -> None:
-    model = zoo.compress_all(nn.Sequential(nn.Linear(6, 6)), seed=10).eval()
+def test_example_inputs_catch_a_numerical_mismatch_and_name_the_layer() -> None:
+    model = zoo.compress_all(nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)), seed=10).eval()
     with torch.no_grad():
-        model[0].weight.add_(0.5 * model[0].weight_mask)  # the weight no longer equals its codebook decode
-    with pytest.raises(ValueError, match="relative L2 error"):
+        model[2].weight.add_(0.5 * model[2].weight_mask)  # the weight no longer equals its codebook decode
+    with pytest.raises(ValueError, match=r"relative L2 error .* Layers that differ on their own inputs: 2 \(") as e:
         to_compressed_inference(model, example_inputs=torch.randn(2, 6))
+    assert "0 (" not in str(e.value)
 
 
 def test_unavailable_source_needs_example_inputs() -> None:
