@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/out/latency")
     args = ap.parse_args(argv)
 
-    from dc_lightning.inference import CompressedLinear, to_compressed_inference
+    from dc_lightning.conversion import to_compressed_inference
+    from dc_lightning.inference import CompressedLinear
     from dc_lightning.io import load_compressed
 
     dense = half_except(load_compressed(args.file).cuda().eval(), ())

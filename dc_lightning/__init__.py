@@ -13,9 +13,10 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.callbacks.compressed_checkpoint import CompressedCheckpoint  # noqa: F401
     from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning  # noqa: F401
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization  # noqa: F401
+    from dc_lightning.conversion import to_compressed_inference  # noqa: F401
     from dc_lightning.data import FakeDataModule, FashionMNISTDataModule, ImageFolderDataModule  # noqa: F401
     from dc_lightning.dcz import CorruptFileError  # noqa: F401
-    from dc_lightning.inference import CompressedLinear, to_compressed_inference  # noqa: F401
+    from dc_lightning.inference import CompressedLinear  # noqa: F401
     from dc_lightning.io import load_compressed, save_compressed  # noqa: F401
     from dc_lightning.models import LeNet5, LeNet300100, alexnet, build_model, vgg16  # noqa: F401
     from dc_lightning.module import ClassifierModule  # noqa: F401
@@ -56,7 +57,7 @@ _EXPORTS: dict[str, str] = {
     "CompressedCheckpoint": "dc_lightning.callbacks.compressed_checkpoint",
     # inference
     "CompressedLinear": "dc_lightning.inference",
-    "to_compressed_inference": "dc_lightning.inference",
+    "to_compressed_inference": "dc_lightning.conversion",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -5,8 +5,10 @@
 ``(column, code)`` entries in sliced-ELL blocks, see ``dc_lightning.kernels.eie_spmv``), the codebook and the bias,
 never a dense weight. On CUDA its forward is the Triton kernel; on the CPU it is the pure-PyTorch reference.
 
-:func:`to_compressed_inference` converts a whole model (or a ``.dcz`` file via ``dc_lightning.io.load_compressed``);
-convolutions keep their decoded dense weights. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
+:func:`dc_lightning.conversion.to_compressed_inference` converts a whole model (or a ``.dcz`` file via
+``dc_lightning.io.load_compressed``);
+convolutions keep their decoded dense weights; attention, recurrent layers and embeddings get the modules of
+:mod:`dc_lightning.compressed_modules`. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
 followed by ``ReLU`` inside an ``nn.Sequential`` gets the ReLU fused into the kernel's epilogue.
 
 Example::
@@ -27,9 +29,7 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +39,7 @@ from dc_lightning import buffers
 from dc_lightning.kernels import eie_spmv
 from dc_lightning.kernels.eie_spmv import EIEPacked, pack
 
-__all__ = ["CompressedLinear", "to_compressed_inference"]
+__all__ = ["CompressedLinear"]
 
 log = logging.getLogger(__name__)
 
@@ -199,75 +199,3 @@ class CompressedLinear(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _has_codebook(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and buffers.get_codebook(module) is not None
-
-
-def _convert(module: nn.Module, fuse_relu: bool, counter: list[int]) -> None:
-    for name, child in list(module.named_children()):
-        if _has_codebook(child):
-            relu = False
-            if fuse_relu and isinstance(module, nn.Sequential):
-                names = list(module._modules)
-                i = names.index(name)
-                if i + 1 < len(names) and isinstance(module._modules[names[i + 1]], nn.ReLU):
-                    relu = True
-                    # the ReLU's only consumer of the Linear output is the next element: safe to fold in
-                    module._modules[names[i + 1]] = nn.Identity()
-            setattr(module, name, CompressedLinear.from_linear(child, relu=relu))
-            counter[0] += 1
-        else:
-            _convert(child, fuse_relu, counter)
-
-
-def to_compressed_inference(
-    model_or_path: nn.Module | str | os.PathLike,
-    device: torch.device | str | None = None,
-    *,
-    fuse_relu: bool = True,
-    autotune_batches: Sequence[int] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """Replace every quantized ``nn.Linear`` by a :class:`CompressedLinear` (on a deep copy).
-
-    Args:
-        model_or_path: a model whose Linear layers carry ``weight_codebook``/``weight_assign`` buffers (nested
-            anywhere), or the path of a ``.dcz`` file (read with ``dc_lightning.io.load_compressed``).
-        device: where the result goes (default: where the model is).
-        fuse_relu: fold an ``nn.ReLU`` that directly follows a converted Linear inside an ``nn.Sequential`` into
-            the kernel epilogue (the ReLU becomes ``nn.Identity``).
-        autotune_batches: on CUDA, time the kernel configurations of every converted layer for these batch sizes
-            (see :meth:`CompressedLinear.autotune`); ``None`` keeps the shape heuristics.
-        dtype: activation dtype the autotuning times.
-
-    Returns:
-        The converted model in eval mode. Layers without a codebook (convolutions, plain Linear) are unchanged.
-
-    Raises:
-        TypeError: if ``model_or_path`` is neither a module nor a path.
-    """
-    if isinstance(model_or_path, (str, os.PathLike)):
-        from dc_lightning.io import load_compressed  # lazy: io imports safetensors and the Huffman codec
-
-        model = load_compressed(model_or_path)
-    elif isinstance(model_or_path, nn.Module):
-        model = copy.deepcopy(model_or_path)
-    else:
-        raise TypeError(f"model_or_path must be an nn.Module or a path, got {type(model_or_path).__name__}")
-    if device is not None:
-        model = model.to(device)
-    counter = [0]
-    if _has_codebook(model):
-        model = CompressedLinear.from_linear(model)
-        counter[0] = 1
-    else:
-        _convert(model, fuse_relu, counter)
-    if autotune_batches:
-        for m in model.modules():
-            if isinstance(m, CompressedLinear) and m.entries.is_cuda:
-                m.autotune(autotune_batches, dtype)
-    if counter[0] == 0:
-        log.warning("to_compressed_inference: no nn.Linear with a %s found; model unchanged", buffers.CODEBOOK)
-    return model.eval()

@@ -198,7 +198,7 @@ def evaluate(cfg: DictConfig, dm, path: Path, summary: dict[str, Any]) -> dict[s
     use_kernels = mode is True or (mode == "auto" and torch.cuda.is_available())
     summary["evaluate_path"] = "triton" if use_kernels else "dense-decode"
     if use_kernels:
-        from dc_lightning.inference import to_compressed_inference
+        from dc_lightning.conversion import to_compressed_inference
 
         module = to_compressed_inference(module, device="cuda")
     return measure_accuracy(cfg, module, dm, "evaluate")

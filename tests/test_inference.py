@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from dc_lightning.cli.predict import cli_predict
-from dc_lightning.inference import CompressedLinear, to_compressed_inference
+from dc_lightning.conversion import to_compressed_inference
+from dc_lightning.inference import CompressedLinear
 
 
 def _quantize(linear: nn.Linear, density: float = 0.3, bits: int = 4, seed: int = 0) -> nn.Linear:

@@ -51,7 +51,7 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     from dc_lightning.config import build_datamodule, compose  # lazy: Hydra is heavy
-    from dc_lightning.inference import to_compressed_inference
+    from dc_lightning.conversion import to_compressed_inference
     from dc_lightning.io import load_compressed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

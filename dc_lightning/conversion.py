@@ -1,0 +1,631 @@
+"""Which layers of a model may run on the compressed inference path, and the conversion itself.
+
+``to_compressed_inference`` (``dc_lightning.inference``) calls :func:`convert_model`. The rules:
+
+* **Targets.** ``nn.Linear`` and subclasses -> ``CompressedLinear``; ``nn.MultiheadAttention`` -> converted as a
+  whole (never its ``out_proj`` alone: the attention reads ``out_proj.weight``); ``nn.LSTM`` / ``nn.GRU`` /
+  ``nn.RNN``; ``nn.Embedding`` (see :mod:`dc_lightning.compressed_modules`). A target is converted when at least one
+  of its weight matrices carries a mask or codebook (:mod:`dc_lightning.buffers`).
+* **Provably safe only.** Replacing a layer removes its dense weight attributes. A layer is skipped, with one log
+  line saying why, when: an ``exclude`` pattern (``fnmatch`` on the module name) matches; its class overrides
+  ``forward`` (the replacement would drop that code); it has forward hooks or parametrizations; its parent is a
+  ``torch`` module other than the containers and the ``nn.Transformer*`` family (which are handled); or the
+  ``forward`` of an enclosing user class (or a method it calls on ``self``) reads one of the attributes the
+  replacement lacks (``self.emb.weight``, ``self.attn.in_proj_weight``, ``getattr(self.fc, "weight")``...). That
+  last check reads the source (``ast``); a class whose source is unavailable blocks the layers below it unless the
+  caller gives ``example_inputs`` (then the comparison of outputs is the proof).
+* **Fast paths.** ``nn.TransformerEncoderLayer`` chooses a fused path that reads the dense weights of its
+  attention and feed-forward layers; on a layer holding a converted module the path is switched off
+  (``activation_relu_or_gelu = 0``: only the fast path reads it; the slow path calls ``self.activation``), and an
+  ``nn.TransformerEncoder`` above it stops converting inputs to nested tensors (``use_nested_tensor = False``).
+* **Tied weights.** A converted layer whose weight is shared with a layer that stays dense is converted (both stay
+  correct); the log line says the dense copy stays alive through the other layer.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import fnmatch
+import functools
+import inspect
+import logging
+import math
+import os
+import textwrap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dc_lightning import buffers
+from dc_lightning.compressed_modules import (
+    CompressedEmbedding,
+    CompressedGRU,
+    CompressedLSTM,
+    CompressedMultiheadAttention,
+    CompressedRNN,
+    compressed_module_types,
+    param_codes,
+)
+from dc_lightning.inference import CompressedLinear
+
+__all__ = [
+    "Decision",
+    "check_outputs",
+    "convert_model",
+    "plan_conversion",
+    "reference_outputs",
+    "to_compressed_inference",
+]
+
+log = logging.getLogger("dc_lightning.inference")
+
+# torch parents whose forward never reads a child's weights (containers), or whose reads are handled below
+_SAFE_TORCH_PARENTS = (
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+_RNN_TYPES = {nn.LSTM: CompressedLSTM, nn.GRU: CompressedGRU, nn.RNN: CompressedRNN}
+
+
+@dataclass
+class Decision:
+    """What happens to one layer. ``action``: ``"convert"``, ``"skip"`` (compressed but kept dense, see
+    ``reason``) or ``"dense"`` (no compression buffer: nothing to convert)."""
+
+    name: str
+    kind: str
+    action: str
+    reason: str
+    params: tuple[str, ...] = ()
+    keep_dense: tuple[str, ...] = ()  # compressed weights kept dense inside the converted module (exclude=)
+
+
+# ------------------------------------------------------------------------------------------------ target kinds
+
+
+def _weights(m: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """``(owner, parameter, label)`` of every weight matrix the replacement of ``m`` would hold in compressed form."""
+    if isinstance(m, nn.MultiheadAttention):
+        names = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [(m, n, n) for n in names] + [(m.out_proj, "weight", "out_proj.weight")]
+    if isinstance(m, nn.RNNBase):
+        return [(m, n, n) for n in m._flat_weights_names if n.startswith("weight_")]
+    return [(m, "weight", "weight")]
+
+
+def _removed_attrs(m: nn.Module) -> set[tuple[str | None, str]]:
+    """``(owner, attribute)`` reads that would break once ``m`` is replaced (owner ``None`` = ``m`` itself)."""
+    if isinstance(m, nn.MultiheadAttention):
+        names = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
+        return {(None, n) for n in names} | {("out_proj", "weight")}
+    if isinstance(m, nn.RNNBase):
+        names = {n for n, _ in m.named_parameters(recurse=False)} | {"_flat_weights", "all_weights"}
+        return {(None, n) for n in names}
+    return {(None, "weight")}
+
+
+def _kind(m: nn.Module) -> tuple[str, type[nn.Module]] | None:
+    """``(label, torch base class)`` of a conversion target, else ``None``."""
+    for base in (nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding, nn.Linear):
+        if isinstance(m, base):
+            return base.__name__, base
+    return None
+
+
+def _packable(owner: nn.Module, param: str) -> str | None:
+    """Why the compressed parameter cannot be packed, or ``None`` when it can."""
+    if buffers.get_codebook(owner, param) is not None:
+        return None
+    try:
+        param_codes(owner, param)  # a pruned-only weight: at most 256 distinct kept values
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+# ------------------------------------------------------------------------------------ static check of the sources
+
+
+def _is_torch_class(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "torch" or cls in (object, nn.Module)
+
+
+@functools.cache
+def _forward_reads(cls: type) -> frozenset[tuple[str, str]] | None:
+    """``(owner, attribute)`` pairs read in ``cls.forward`` and the ``self.<method>()`` calls it makes (transitively).
+
+    ``owner`` is the name of the attribute the value comes from (``self.emb.weight`` -> ``("emb", "weight")``),
+    ``"<parent>[]"`` for an indexed container (``self.layers[0].weight`` -> ``("layers[]", "weight")``) and ``"?"``
+    for a local variable. ``None`` when a user class's source is unavailable.
+    """
+    methods: dict[str, list[ast.FunctionDef]] = {}  # every definition along the MRO (super() calls reach them)
+    for klass in cls.__mro__:
+        if _is_torch_class(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                methods.setdefault(node.name, []).append(node)
+    reads: set[tuple[str, str]] = set()
+    todo, done = ["forward"], set()
+    while todo:
+        name = todo.pop()
+        if name in done or name not in methods:
+            continue
+        done.add(name)
+        for node in (n for fn in methods[name] for n in ast.walk(fn)):
+            if isinstance(node, ast.Attribute):
+                if isinstance(node.value, ast.Name) and node.value.id == "self":
+                    todo.append(node.attr)  # a method called (or an attribute read) on self: follow if a method
+                    continue
+                reads.add((_owner(node.value), node.attr))
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                reads.add((_owner(node.args[0]), node.args[1].value))
+    return frozenset(reads)
+
+
+def _owner(value: ast.AST) -> str:
+    if isinstance(value, ast.Attribute):
+        return value.attr
+    if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Attribute):
+        return value.value.attr + "[]"
+    if isinstance(value, ast.Name) and value.id == "self":
+        return "self"
+    return "?"
+
+
+def _reader(model: nn.Module, name: str, target: nn.Module) -> str | None:
+    """Why an enclosing user class may read a weight attribute of ``target`` (at ``name``), or ``None``.
+
+    Returns ``"unavailable:<class>"`` when a user class's source cannot be read."""
+    parts = name.split(".")
+    removed = _removed_attrs(target)
+    chain = [model] + [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts) - 1)]
+    for ancestor in chain:
+        if _is_torch_class(type(ancestor)):
+            continue
+        reads = _forward_reads(type(ancestor))
+        if reads is None:
+            return f"unavailable:{type(ancestor).__qualname__}"
+        local = parts[-1]
+        owners = {local, "?"}
+        if local.isdigit() and len(parts) >= 2:
+            owners.add(parts[-2] + "[]")
+        for owner, attr in reads:
+            for sub, removed_attr in removed:
+                if attr == removed_attr and (owner in owners if sub is None else owner == sub):
+                    via = f"{owner}.{attr}" if sub is None else f"{sub}.{attr}"
+                    return f"{type(ancestor).__qualname__}.forward reads `{via}`"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+
+
+def _named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+    """``(name, module, parent)`` of every target, not descending into targets (an attention's ``out_proj`` is part
+    of the attention) nor into modules that are already compressed."""
+
+    def walk(prefix: str, m: nn.Module, parent: nn.Module | None) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+        if isinstance(m, compressed_module_types()):
+            return
+        if _kind(m) is not None:
+            yield prefix, m, parent
+            return
+        for child_name, child in m._modules.items():  # not named_children(): it skips a module's second name
+            if child is None:
+                continue
+            yield from walk(f"{prefix}.{child_name}" if prefix else child_name, child, m)
+
+    yield from walk("", model, None)
+
+
+def plan_conversion(
+    model: nn.Module, exclude: Sequence[str] = (), *, outputs_checked: bool = False
+) -> list[Decision]:
+    """Decide, for every conversion target of ``model``, whether it is converted (see the module docstring).
+
+    Args:
+        model: the dense model (its layers carry the compression buffers).
+        exclude: ``fnmatch`` patterns of module names (``"decoder"``, ``"encoder.layers.*"``) or of parameter names
+            (``"lstm.weight_hh_l0"``, ``"*.self_attn.out_proj.weight"``) to keep dense. An attention or recurrent
+            layer with some weights excluded is converted with those weights dense inside it.
+        outputs_checked: the caller compares outputs on example inputs afterwards, so a class whose source is
+            unavailable does not block conversion.
+
+    Returns:
+        One :class:`Decision` per target, in module order, plus one ``"skip"`` per other compressed module (e.g.
+        convolutions: no compressed inference module).
+    """
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    decisions = []
+    holders: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    targets = list(_named_targets(model))
+    for name, m, parent in targets:
+        label, base = _kind(m)
+        weights = _weights(m)
+        compressed = tuple(lbl for owner, p, lbl in weights if buffers.has_compression(owner, p))
+        excluded = tuple(lbl for lbl in compressed if _matches(f"{name}.{lbl}" if name else lbl, exclude))
+        reason = _skip_reason(model, name, m, parent, base, weights, exclude, outputs_checked)
+        if not reason and compressed and len(excluded) == len(compressed):
+            reason = f"excluded by pattern {_matches(f'{name}.{excluded[0]}' if name else excluded[0], exclude)!r}"
+        kept = tuple(lbl for lbl in compressed if lbl not in excluded)
+        if not compressed:
+            decisions.append(Decision(name, label, "dense", "no mask or codebook"))
+        elif reason:
+            decisions.append(Decision(name, label, "skip", reason, compressed))
+        else:
+            note = f"excluded, kept dense inside: {', '.join(excluded)}" if excluded else ""
+            decisions.append(Decision(name, label, "convert", note, kept, excluded))
+    inside_converted = [d.name + "." for d in decisions if d.action == "convert"]
+    for d in decisions:  # tied weights: say where a dense copy stays alive
+        if d.action != "convert" or not d.name:
+            continue
+        for owner, p, _ in _weights(model.get_submodule(d.name)):
+            others = [h for h in holders.get(id(getattr(owner, p)), []) if not h.startswith(tuple(inside_converted))]
+            if others:
+                d.reason = f"{p} is shared with {others[0]}, which stays dense (the dense copy stays alive)"
+    covered = [name for name, _, _ in targets]
+    for name, m in model.named_modules():
+        if any(name == t or not t or name.startswith(t + ".") for t in covered):
+            continue
+        params = tuple(p for p, _ in m.named_parameters(recurse=False) if buffers.has_compression(m, p))
+        if params and not isinstance(m, compressed_module_types()):
+            decisions.append(
+                Decision(name, type(m).__name__, "skip", f"no compressed inference module for {type(m).__name__}",
+                         params)
+            )
+    return decisions
+
+
+def _matches(name: str, patterns: Sequence[str]) -> str | None:
+    """The first ``fnmatch`` pattern matching ``name``, or ``None``."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def _skip_reason(
+    model: nn.Module,
+    name: str,
+    m: nn.Module,
+    parent: nn.Module | None,
+    base: type[nn.Module],
+    weights: list[tuple[nn.Module, str, str]],
+    exclude: Sequence[str],
+    outputs_checked: bool,
+) -> str:
+    pattern = _matches(name, exclude)
+    if pattern is not None:
+        return f"excluded by pattern {pattern!r}"
+    if type(m).forward is not base.forward:
+        return f"{type(m).__qualname__} overrides {base.__name__}.forward (the replacement would drop that code)"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return "it has forward hooks (they would be lost)"
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return "its weights are parametrized (torch.nn.utils.parametrize)"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        return f"max_norm={m.max_norm}: torch renormalises the dense weight in place on lookup"
+    if parent is not None and _is_torch_class(type(parent)) and not isinstance(parent, _SAFE_TORCH_PARENTS):
+        return f"its parent is a {type(parent).__name__}, which may read its weights"
+    reader = _reader(model, name, m)
+    if reader is not None:
+        if not reader.startswith("unavailable:"):
+            return reader
+        if not outputs_checked:
+            return (
+                f"the source of {reader.split(':', 1)[1]} is unavailable, so it cannot be checked that its forward "
+                "does not read this layer's weights; pass example_inputs to check the outputs instead"
+            )
+    for owner, p, label in weights:
+        if buffers.has_compression(owner, p) and _matches(f"{name}.{label}" if name else label, exclude) is None:
+            why = _packable(owner, p)
+            if why:
+                return why
+    return ""
+
+
+# ------------------------------------------------------------------------------------------------------ converting
+
+
+def _build(m: nn.Module, relu: bool, keep_dense: tuple[str, ...]) -> nn.Module:
+    if isinstance(m, nn.MultiheadAttention):
+        return CompressedMultiheadAttention.from_module(m, keep_dense)
+    for base, cls in _RNN_TYPES.items():
+        if isinstance(m, base):
+            return cls.from_module(m, keep_dense)
+    if isinstance(m, nn.Embedding):
+        return CompressedEmbedding.from_module(m)
+    return CompressedLinear.from_linear(m, relu=relu)
+
+
+def convert_model(
+    model: nn.Module, exclude: Sequence[str] = (), *, fuse_relu: bool = True, outputs_checked: bool = False
+) -> tuple[nn.Module, list[Decision]]:
+    """Convert ``model`` IN PLACE by :func:`plan_conversion`'s decisions and log each one.
+
+    Returns ``(model, decisions)``; ``model`` is a new object only when the model itself is a target.
+    """
+    decisions = plan_conversion(model, exclude, outputs_checked=outputs_checked)
+    converted = []
+    built: dict[tuple, nn.Module] = {}  # a module registered under several names is replaced by ONE new module
+    for d in decisions:
+        if d.action != "convert":
+            continue
+        m = model.get_submodule(d.name) if d.name else model
+        parent_name, _, local = d.name.rpartition(".")
+        parent = (model.get_submodule(parent_name) if parent_name else model) if d.name else None
+        relu = False
+        if fuse_relu and isinstance(parent, nn.Sequential) and isinstance(m, nn.Linear):
+            names = list(parent._modules)
+            nxt = names.index(local) + 1
+            relu = nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU)
+        key = (id(m), relu, d.keep_dense)
+        try:
+            new = built[key] if key in built else _build(m, relu, d.keep_dense)
+        except ValueError as err:
+            d.action, d.reason = "skip", str(err)
+            continue
+        built[key] = new
+        if relu:  # the ReLU's only input is the Linear's output (next element of the Sequential): fold it in
+            parent._modules[names[nxt]] = nn.Identity()
+        if parent is None:
+            model = new
+        else:
+            parent._modules[local] = new
+        converted.append(d.name)
+    _fast_paths_off(model, converted)
+    _log(decisions)
+    return model, decisions
+
+
+def _fast_paths_off(model: nn.Module, converted: list[str]) -> None:
+    """Send ``nn.Transformer*`` layers holding a converted module to their slow path (see the module docstring)."""
+    for name, m in model.named_modules():
+        if not any(c.startswith(name + ".") or not name for c in converted):
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer) and m.activation_relu_or_gelu:
+            m.activation_relu_or_gelu = 0
+            log.info("to_compressed_inference: %s: fused fast path off (it reads dense weights)", name or "<model>")
+        if getattr(m, "use_nested_tensor", False) and isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
+            log.info("to_compressed_inference: %s: nested-tensor fast path off (it reads dense weights)", name)
+
+
+def _log(decisions: list[Decision]) -> None:
+    for d in decisions:
+        where = d.name or "<model>"
+        if d.action == "convert":
+            note = f"; {d.reason}" if d.reason else ""
+            log.info("to_compressed_inference: converted %s (%s: %s)%s", where, d.kind, ", ".join(d.params), note)
+        elif d.action == "skip":
+            log.warning("to_compressed_inference: kept %s (%s) dense: %s", where, d.kind, d.reason)
+    dense = [d.name or "<model>" for d in decisions if d.action == "dense"]
+    if dense:
+        shown = ", ".join(dense[:12]) + (f" and {len(dense) - 12} more" if len(dense) > 12 else "")
+        log.info("to_compressed_inference: %d layer(s) without mask or codebook stay as they are: %s",
+                 len(dense), shown)
+    if not any(d.action == "convert" for d in decisions):
+        log.warning("to_compressed_inference: no compressed layer could be converted; model unchanged")
+
+
+# -------------------------------------------------------------------------------------------- checking outputs
+
+
+@contextlib.contextmanager
+def _mha_fast_path(enabled: bool) -> Iterator[None]:
+    """torch's fused attention paths off: the nested-tensor path returns zeros at padded positions, so the slow
+    path is the reference semantics."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    with torch.no_grad(), _mha_fast_path(False):
+        return model(*args, **kwargs)
+
+
+def reference_outputs(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, list[tuple]]]:
+    """The dense model's outputs on ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of
+    keyword arguments), with torch's fused attention fast paths off, and the ``(args, kwargs, output)`` of every call
+    of every conversion target (by module name), so that a mismatch can be traced to a layer."""
+    calls: dict[str, list[tuple]] = {}
+    handles = []
+    for name, m, _ in _named_targets(model):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, _name: str = name) -> None:
+            calls.setdefault(_name, []).append((args, kwargs, out))
+
+        handles.append(m.register_forward_hook(hook, with_kwargs=True))
+    try:
+        return _call(model, example_inputs), calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _leaves(out: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
+    if isinstance(out, dict):
+        for k, v in out.items():
+            yield from _leaves(v, f"{path}[{k!r}]")
+    elif isinstance(out, (tuple, list)):
+        for i, v in enumerate(out):
+            yield from _leaves(v, f"{path}[{i}]")
+    else:
+        yield path, out
+
+
+def _compare(out: Any, reference: Any, tolerance: float | None) -> tuple[float, str | None]:
+    """``(largest relative L2 error, what differs or None)`` between two (nested) outputs."""
+    got, want = dict(_leaves(out)), dict(_leaves(reference))
+    if got.keys() != want.keys():
+        return math.inf, f"output structure changed: {sorted(got)} vs {sorted(want)}"
+    worst = 0.0
+    for key, ref in want.items():
+        new = got[key]
+        if not isinstance(ref, Tensor):
+            continue
+        if not ref.is_floating_point():
+            if not torch.equal(new, ref):
+                return math.inf, f"{key} differs from the original model's"
+            continue
+        tol = tolerance if tolerance is not None else (2e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4)
+        r = ref.double()
+        err = float((new.double() - r).norm() / r.norm().clamp_min(1e-30))
+        worst = max(worst, err)
+        if not err <= tol:
+            return worst, f"{key} differs from the original's: relative L2 error {err:.3g} > tolerance {tol:g}"
+    return worst, None
+
+
+def _culprits(model: nn.Module, converted: Sequence[str], calls: dict[str, list[tuple]], tol: float | None) -> str:
+    """Converted layers whose own outputs differ on the inputs they got in the dense model's run."""
+    found = []
+    for name in converted:
+        layer = model.get_submodule(name) if name else model
+        for args, kwargs, out in calls.get(name, []):
+            try:
+                with torch.no_grad():
+                    problem = _compare(layer(*args, **kwargs), out, tol)[1]
+            except Exception as err:  # a layer failing on its own inputs is a culprit too
+                problem = f"fails: {err!r}"
+            if problem:
+                found.append(f"{name or '<model>'} ({problem})")
+                break
+    return f" Layers that differ on their own inputs: {'; '.join(found)}." if found else ""
+
+
+def check_outputs(
+    model: nn.Module,
+    example_inputs: Any,
+    reference: Any,
+    tolerance: float | None = None,
+    converted: Sequence[str] = (),
+    calls: dict[str, list[tuple]] | None = None,
+) -> float:
+    """Run the converted ``model`` on ``example_inputs`` and compare with ``reference`` (relative L2 error per
+    floating-point output; other outputs must be equal). Returns the largest relative error.
+
+    ``tolerance`` defaults to 1e-4 for float32/float64 outputs and 2e-2 for float16/bfloat16. On a mismatch the
+    converted layers are run on the inputs they got in the dense run (``calls`` of :func:`reference_outputs`) and
+    those whose outputs differ are named in the error.
+
+    Raises:
+        ValueError: the converted model fails on the inputs, or an output differs beyond the tolerance.
+    """
+    hint = (
+        f" Converted layers: {', '.join(c or '<model>' for c in converted) or 'none'}; keep the culprit dense with "
+        "to_compressed_inference(..., exclude=['<name>'])."
+    )
+    try:
+        out = _call(model, example_inputs)
+    except Exception as err:  # any failure of the converted forward is reported as a conversion error
+        raise ValueError(
+            f"to_compressed_inference: the converted model fails on example_inputs: {err!r}.{hint}"
+        ) from err
+    worst, problem = _compare(out, reference, tolerance)
+    if problem:
+        culprits = _culprits(model, converted, calls or {}, tolerance)
+        raise ValueError(f"to_compressed_inference: {problem}.{culprits}{hint}")
+    return worst
+
+
+def to_compressed_inference(
+    model_or_path: nn.Module | str | os.PathLike,
+    device: torch.device | str | None = None,
+    *,
+    fuse_relu: bool = True,
+    autotune_batches: Sequence[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    exclude: Sequence[str] = (),
+    example_inputs: Any = None,
+    tolerance: float | None = None,
+) -> nn.Module:
+    """Replace every compressed layer that can safely be replaced by its compressed inference module (on a copy).
+
+    ``nn.Linear`` (and subclasses) -> :class:`CompressedLinear`; ``nn.MultiheadAttention`` (as a whole), ``nn.LSTM``
+    / ``nn.GRU`` / ``nn.RNN`` and ``nn.Embedding`` -> the modules of :mod:`dc_lightning.compressed_modules`. A layer
+    is converted when one of its weight matrices carries a mask or codebook; it is kept dense, with one log line
+    saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights, it overrides
+    ``forward``, has hooks...; rules in :mod:`dc_lightning.conversion`). Every decision is logged on the
+    ``dc_lightning.inference`` logger.
+
+    Args:
+        model_or_path: a model whose layers carry the compression buffers (nested anywhere), or the path of a
+            ``.dcz`` file (read with ``dc_lightning.io.load_compressed``).
+        device: where the result goes (default: where the model is).
+        fuse_relu: fold an ``nn.ReLU`` that directly follows a converted Linear inside an ``nn.Sequential`` into
+            the kernel epilogue (the ReLU becomes ``nn.Identity``).
+        autotune_batches: on CUDA, time the kernel configurations of every converted Linear for these batch sizes
+            (see :meth:`CompressedLinear.autotune`); ``None`` keeps the shape heuristics.
+        dtype: activation dtype the autotuning times.
+        exclude: ``fnmatch`` patterns of module names (``"decoder"``, ``"encoder.layers.*"``) or parameter names
+            (``"lstm.weight_hh_l0"``, ``"*.out_proj.weight"``) to keep dense.
+        example_inputs: a sample input (a tensor, a tuple of positional arguments or a dict of keyword arguments):
+            the original and the converted model both run on it and must agree.
+        tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2
+            for float16/bfloat16).
+
+    Returns:
+        The converted model in eval mode.
+
+    Raises:
+        TypeError: if ``model_or_path`` is neither a module nor a path.
+        ValueError: the converted model fails on ``example_inputs`` or its outputs differ beyond ``tolerance``.
+    """
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from dc_lightning.io import load_compressed  # lazy: io imports safetensors and the Huffman codec
+
+        model = load_compressed(model_or_path)
+    elif isinstance(model_or_path, nn.Module):
+        model = copy.deepcopy(model_or_path)
+    else:
+        raise TypeError(f"model_or_path must be an nn.Module or a path, got {type(model_or_path).__name__}")
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    checked = example_inputs is not None
+    reference, calls = reference_outputs(model, example_inputs) if checked else (None, None)
+    model, decisions = convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
+    if autotune_batches:
+        for m in model.modules():
+            if isinstance(m, CompressedLinear) and m.entries.is_cuda:
+                m.autotune(autotune_batches, dtype)
+    model.eval()
+    if checked:
+        converted = [d.name for d in decisions if d.action == "convert"]
+        err = check_outputs(model, example_inputs, reference, tolerance, converted, calls)
+        log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
+    return model
+
