@@ -32,7 +32,9 @@ from torch import Tensor, nn
 from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
 
 __all__ = [
+    "CODEBOOK_BACKENDS",
     "INITS",
+    "CodebookStep",
     "attach_codebook",
     "bits_for_layers",
     "check_bits",
@@ -573,6 +575,160 @@ def codebook_grad(
     g = grad.reshape(-1).index_select(0, order).to(acc)
     cs = torch.cat([torch.zeros(1, dtype=acc, device=g.device), g.cumsum(0)])
     return (cs[offsets[1:]] - cs[offsets[:-1]]).float()
+
+
+CODEBOOK_BACKENDS = ("auto", "triton", "reference")
+
+
+class CodebookStep:
+    """The per-step work of codebook fine-tuning for a group of quantized layers: gradients and weight rewrite.
+
+    Assignments are fixed during fine-tuning [DC §3.3], so the grouping of every layer's members by centroid is
+    computed once, when the step is built, and reused until :meth:`stale`. Two backends give the same numbers:
+
+    * ``"triton"``: :mod:`dc_lightning.kernels.codebook_step`: the codebook gradients of all layers of one weight
+      dtype in two launches (a fixed-order float64 segmented sum over the members' gradients), the rewrite
+      ``weight = where(mask, codebook[assign], 0)`` of all layers in one more. Deterministic (no atomics), hence
+      identical on every DDP rank.
+    * ``"reference"``: :func:`codebook_grad` (float64 prefix sums) and :func:`decode_weight`, layer by layer; the
+      CPU path and the tests' oracle.
+
+    ``"auto"`` picks Triton on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) when the weights are contiguous, the
+    reference otherwise. Both are equal up to float64 rounding before the final rounding to float32.
+
+    Args:
+        modules: quantized layers (each with ``weight``, ``weight_codebook``, ``weight_assign``, optional mask).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Raises:
+        ValueError: a bad ``backend``, a layer without codebook, or ``"triton"`` for layers it cannot run on.
+
+    Example::
+
+        step = CodebookStep([model.fc1, model.fc2])
+        grads, finite = step.codebook_grads([model.fc1.weight.grad, model.fc2.weight.grad])
+        ...                                    # move the codebooks with grads (if finite)
+        step.rewrite()                         # weights = where(mask, codebook[assign], 0)
+    """
+
+    def __init__(self, modules: Iterable[nn.Module], backend: str = "auto") -> None:
+        if backend not in CODEBOOK_BACKENDS:
+            raise ValueError(f"CodebookStep: backend must be one of {CODEBOOK_BACKENDS}, got {backend!r}")
+        self.modules = list(modules)
+        for i, m in enumerate(self.modules):
+            if get_codebook(m) is None:
+                raise ValueError(f"CodebookStep: layer {i} ({type(m).__name__}) has no {CODEBOOK}/{ASSIGN} buffers")
+        self._key = self._state_key()
+        self._plans: list[tuple[list[int], Any]] = []  # (layer indices, CodebookPlan) per weight dtype and device
+        self._segments: list[tuple[Tensor, Tensor] | None] = [None] * len(self.modules)
+        self.backend = self._build(backend)
+
+    def _state_key(self) -> list[tuple]:
+        key = []
+        for m in self.modules:
+            cb, assign = get_codebook(m)
+            mask = _get_mask(m)
+            key.append((m.weight, cb, assign, assign._version, mask, -1 if mask is None else mask._version))
+        return key
+
+    def _build(self, backend: str) -> str:
+        if backend == "reference":
+            return backend
+        try:
+            from dc_lightning.kernels import codebook_step as kcs
+        except ImportError as err:  # pragma: no cover - the kernels folder ships with the package
+            if backend == "triton":
+                raise ValueError(f"CodebookStep: backend='triton' but the kernels cannot be imported: {err}") from err
+            return "reference"
+        groups: dict[tuple, list[int]] = {}
+        for i, m in enumerate(self.modules):
+            groups.setdefault((m.weight.device, m.weight.dtype), []).append(i)
+        plans = []
+        try:
+            for (device, _), idx in groups.items():
+                if not kcs.triton_usable(device):
+                    raise ValueError(f"Triton cannot run on {device}")
+                mods = [self.modules[i] for i in idx]
+                plans.append(
+                    (
+                        idx,
+                        kcs.build_plan(
+                            [m.weight.data for m in mods],
+                            [get_codebook(m)[1] for m in mods],
+                            [_get_mask(m) for m in mods],
+                            [get_codebook(m)[0].numel() for m in mods],
+                        ),
+                    )
+                )
+        except ValueError as err:
+            if backend == "triton":
+                raise ValueError(f"CodebookStep: backend='triton' cannot run these layers: {err}") from err
+            return "reference"
+        self._plans = plans
+        return "triton"
+
+    def stale(self) -> bool:
+        """True when a layer's codebook, assignments or mask changed (or were replaced) since the step was built."""
+        key = self._state_key()
+        return len(key) != len(self._key) or any(
+            any(x is not y if isinstance(x, Tensor) or x is None else x != y for x, y in zip(a, b, strict=True))
+            for a, b in zip(key, self._key, strict=True)
+        )
+
+    def codebook_grads(self, grads: list[Tensor | None]) -> tuple[list[Tensor | None], Tensor]:
+        """Every layer's codebook gradient [DC eq. 3] from its weight gradient, and whether all are finite.
+
+        Args:
+            grads: ``∂L/∂W`` per layer (None for a layer without gradient: its codebook gradient is None).
+
+        Returns:
+            ``(codebook grads, finite)``: float32 ``[2**bits]`` per layer (views of one buffer per dtype group with
+            Triton) or None, and a 0-dim bool tensor on the weights' device (no host synchronisation).
+        """
+        if len(grads) != len(self.modules):
+            raise ValueError(f"CodebookStep.codebook_grads: {len(grads)} gradients for {len(self.modules)} layers")
+        out: list[Tensor | None] = [None] * len(self.modules)
+        flags = []
+        if self.backend == "triton":
+            from dc_lightning.kernels.codebook_step import codebook_grads_triton
+
+            for idx, plan in self._plans:
+                if all(grads[i] is None for i in idx):
+                    continue
+                gs = [
+                    torch.zeros_like(self.modules[i].weight) if grads[i] is None else grads[i].contiguous()
+                    for i in idx
+                ]
+                flat = codebook_grads_triton(plan, gs)
+                flags.append(torch.isfinite(flat).all())
+                for j, i in enumerate(idx):
+                    if grads[i] is not None:
+                        out[i] = flat[plan.cb_offsets[j] : plan.cb_offsets[j + 1]]
+        else:
+            for i, (m, g) in enumerate(zip(self.modules, grads, strict=True)):
+                if g is None:
+                    continue
+                cb, assign = get_codebook(m)
+                mask = _get_mask(m)
+                if self._segments[i] is None:
+                    self._segments[i] = codebook_segments(assign, mask, cb.numel())
+                out[i] = codebook_grad(g, assign, mask, cb.numel(), segments=self._segments[i])
+                flags.append(out[i].isfinite().all())
+        device = self.modules[0].weight.device if self.modules else torch.device("cpu")
+        finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+        return out, finite
+
+    @torch.no_grad()
+    def rewrite(self) -> None:
+        """``weight = where(mask, codebook[assign], 0)`` for every layer, bit for bit as :func:`decode_weight`."""
+        if self.backend == "triton":
+            from dc_lightning.kernels.codebook_step import rewrite_triton
+
+            for idx, plan in self._plans:
+                rewrite_triton(plan, [get_codebook(self.modules[i])[0] for i in idx])
+            return
+        for m in self.modules:
+            m.weight.copy_(decode_weight(m))
 
 
 def quantize_layer(

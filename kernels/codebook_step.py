@@ -186,7 +186,7 @@ def build_plan(
             raise ValueError(f"build_plan: layer {i}: k must be an int in 1..256, got {k!r}")
 
     orders, counts = [], []
-    for w, a, m, k in zip(weights, assigns, masks, ks, strict=True):
+    for a, m, k in zip(assigns, masks, ks, strict=True):
         code = _codes(a, m, k)
         cnt = torch.bincount(code, minlength=k + 1)[:k]
         members = int(cnt.sum())
@@ -319,7 +319,7 @@ if HAS_TRITON:
         mask_ptrs,  # int64 [L], 0 = no mask
         numel_ptr,  # int64 [L]
         cb_offset_ptr,  # int32 [L]
-        cb_ptr,  # float32 [G], all codebooks concatenated
+        cb_ptr,  # [G] in the weights' dtype, all codebooks concatenated
         blk_layer_ptr,  # int32 [B]
         blk_start_ptr,  # int64 [B]
         W_DTYPE: tl.constexpr,
@@ -335,9 +335,9 @@ if HAS_TRITON:
         m_addr = tl.load(mask_ptrs + layer)
         if m_addr != 0:
             keep = tl.load(m_addr.to(tl.pointer_type(tl.int8)) + offs, mask=inb, other=0)
-            val = tl.where(keep != 0, val, 0.0)  # +0.0 exactly where pruned
+            val = tl.where(keep != 0, val, tl.zeros_like(val))  # +0.0 exactly where pruned
         w_ptr = tl.load(weight_ptrs + layer).to(tl.pointer_type(W_DTYPE))
-        tl.store(w_ptr + offs, val.to(W_DTYPE), mask=inb)
+        tl.store(w_ptr + offs, val, mask=inb)
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -373,7 +373,10 @@ def codebook_grads_triton(plan: CodebookPlan, grads: Sequence[Tensor]) -> Tensor
             )
     key = [gr.data_ptr() for gr in grads]
     if key != plan._grad_key:  # the caching allocator usually hands back the same blocks: upload only on change
-        plan._grad_ptrs = torch.tensor(key, dtype=torch.int64).to(plan.device)
+        table = torch.tensor(key, dtype=torch.int64)
+        if plan.device.type == "cuda":  # pinned + non_blocking: a pageable copy would wait for the whole stream
+            table = table.pin_memory()
+        plan._grad_ptrs = table.to(plan.device, non_blocking=True)
         plan._grad_key = key
     n_chunks = plan.chunk_start.numel()
     partial = torch.empty(n_chunks, dtype=torch.float64, device=plan.device)
@@ -405,7 +408,8 @@ def rewrite_triton(plan: CodebookPlan, codebooks: Sequence[Tensor]) -> None:
     for i, (cb, k) in enumerate(zip(codebooks, plan.ks, strict=True)):
         if cb.numel() != k or cb.device != plan.device:
             raise ValueError(f"rewrite_triton: codebook {i} has {cb.numel()} entries on {cb.device}, need {k}")
-    cb_all = torch.cat([cb.reshape(-1) for cb in codebooks]).float()
+    # cast on the host (round to nearest even, as decode_weight's .to(dtype)); the kernel only copies values
+    cb_all = torch.cat([cb.reshape(-1) for cb in codebooks]).float().to(plan.weight_dtype)
     n_blocks = plan.blk_layer.numel()
     if n_blocks == 0:
         return
