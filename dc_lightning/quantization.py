@@ -736,7 +736,9 @@ class CodebookStep:
                 out[i] = codebook_grad(g, assign, mask, cb.numel(), segments=self._segments[i])
                 flags.append(out[i].isfinite().all())
         device = self.modules[0].weight.device if self.modules else torch.device("cpu")
-        finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+        if not flags:
+            return out, torch.ones((), dtype=torch.bool, device=device)
+        finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
         return out, finite
 
     @torch.no_grad()
