@@ -251,7 +251,8 @@ def kmeans_1d(
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"kmeans_1d: values contain {int((~torch.isfinite(x)).sum())} non-finite entries (NaN/inf)")
 
-    xs = x.sort().values
+    # NumPy's vectorised sort is several times faster than torch's on the CPU
+    xs = torch.from_numpy(np.sort(x.numpy())) if x.device.type == "cpu" else x.sort().values
     distinct = int((xs[1:] != xs[:-1]).sum()) + 1
     if distinct <= k:  # exact: one centroid per distinct value
         u = torch.unique_consecutive(xs)
