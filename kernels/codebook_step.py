@@ -83,7 +83,8 @@ class CodebookPlan:
 
     Shapes: ``L`` layers, ``G = Σ k_l`` clusters, ``M`` members, ``C`` chunks, ``B`` rewrite blocks. Pointer tables
     hold raw addresses, so the plan keeps references to the tensors it points to (``weights``, ``assigns``,
-    ``masks``) and is only valid while those tensors are the layers' buffers (:meth:`matches`).
+    ``masks``) and is only valid while those tensors are the layers' buffers with unchanged contents (the caller
+    checks: ``quantization.CodebookStep.stale``).
     """
 
     device: torch.device
@@ -105,7 +106,6 @@ class CodebookPlan:
     weights: list[Tensor]
     assigns: list[Tensor]
     masks: list[Tensor | None]
-    versions: list[tuple[int, int]]  # (assign._version, mask._version or -1) at build time
     chunk: int
     block: int
     rewrite_block: int
@@ -115,17 +115,6 @@ class CodebookPlan:
     @property
     def total_k(self) -> int:
         return self.cb_offsets[-1]
-
-    def matches(self, weights: Sequence[Tensor], assigns: Sequence[Tensor], masks: Sequence[Tensor | None]) -> bool:
-        """True when the layers still have these exact tensors, unchanged since the plan was built."""
-        if len(weights) != len(self.weights):
-            return False
-        for i, (w, a, m) in enumerate(zip(weights, assigns, masks, strict=True)):
-            if w is not self.weights[i] or a is not self.assigns[i] or m is not self.masks[i]:
-                return False
-            if (a._version, -1 if m is None else m._version) != self.versions[i]:
-                return False
-        return True
 
 
 def _codes(assign: Tensor, mask: Tensor | None, k: int) -> Tensor:
@@ -237,7 +226,6 @@ def build_plan(
         weights=list(weights),
         assigns=list(assigns),
         masks=list(masks),
-        versions=[(a._version, -1 if m is None else m._version) for a, m in zip(assigns, masks, strict=True)],
         chunk=chunk,
         block=block,
         rewrite_block=rewrite_block,

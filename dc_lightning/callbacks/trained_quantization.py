@@ -85,10 +85,14 @@ class TrainedQuantization(Callback):
       ``.grad`` is set to None so the trainer's optimizer leaves them alone (SGD/Adam skip params without grad).
       Without a closure (AMP's GradScaler runs it earlier and calls ``step()`` bare) the update runs in the pre-hook
       directly. When the GradScaler skips a step (inf/NaN), ``optimizer.step`` is not called, so the codebooks do not
-      move either; non-finite codebook gradients also skip the codebook step.
+      move either; non-finite codebook gradients also skip the codebook step (on a GPU without a host sync: the
+      step is undone on the device; ``skipped_steps`` is read back at epoch end).
     * a step post-hook rewrites every quantized weight as ``where(mask, codebook[assign], 0)`` exactly, so after
       every optimizer step each layer has at most ``2**bits`` distinct values and pruned weights are exactly 0.0,
       whatever order this and the pruning callback's hooks run in.
+    * both go through :class:`~dc_lightning.quantization.CodebookStep`: on CUDA the gradients of all layers of an
+      optimizer take two Triton launches and the rewrite one (one pass over the members' gradients, one over the
+      weights); on the CPU the float64 reference runs layer by layer.
 
     **Resume and DDP.** Placeholder buffers are registered in ``setup`` (before a checkpoint is restored); the
     ``clustered`` flag, the resolved start epoch and the codebook optimizers' state are in ``state_dict``, so a run
