@@ -280,10 +280,9 @@ def kmeans_1d(
                     c = c2
             if sub is not xs_h:
                 c = _lloyd_sorted(xs_h, c, max_iter, tol)
-    c32 = torch.from_numpy(c.astype(np.float32)).to(x.device)
-    bounds = torch.from_numpy(_boundaries(c32.cpu().numpy())).to(x.device)
-    a = torch.searchsorted(bounds, x, right=True)
-    return c32.to(orig_device), a.to(orig_device)
+    c32 = c.astype(np.float32)
+    a = torch.searchsorted(torch.from_numpy(_boundaries(c32)).to(x.device), x, right=True)
+    return torch.from_numpy(c32).to(orig_device), a.to(orig_device)
 
 
 def _wcss_sorted(xs: np.ndarray, c: np.ndarray) -> float:
@@ -616,7 +615,8 @@ class CodebookStep:
       CPU path and the tests' oracle.
 
     ``"auto"`` picks Triton on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) when the weights are contiguous, the
-    reference otherwise. Both are equal up to float64 rounding before the final rounding to float32.
+    reference otherwise (and for good, with a logged warning, if an automatically chosen kernel fails on its first
+    call). Both are equal up to float64 rounding before the final rounding to float32.
 
     Args:
         modules: quantized layers (each with ``weight``, ``weight_codebook``, ``weight_assign``, optional mask).
@@ -643,6 +643,8 @@ class CodebookStep:
         self._key = self._state_key()
         self._plans: list[tuple[list[int], Any]] = []  # (layer indices, CodebookPlan) per weight dtype and device
         self._segments: list[tuple[Tensor, Tensor] | None] = [None] * len(self.modules)
+        self._requested = backend
+        self._triton_ran: set[str] = set()  # Triton calls that have run once (compiled) since auto chose Triton
         self.backend = self._build(backend)
 
     def _state_key(self) -> list[tuple]:
@@ -710,32 +712,7 @@ class CodebookStep:
         if len(grads) != len(self.modules):
             raise ValueError(f"CodebookStep.codebook_grads: {len(grads)} gradients for {len(self.modules)} layers")
         out: list[Tensor | None] = [None] * len(self.modules)
-        flags = []
-        if self.backend == "triton":
-            from dc_lightning.kernels.codebook_step import codebook_grads_triton
-
-            for idx, plan in self._plans:
-                if all(grads[i] is None for i in idx):
-                    continue
-                gs = [
-                    torch.zeros_like(self.modules[i].weight) if grads[i] is None else grads[i].contiguous()
-                    for i in idx
-                ]
-                flat = codebook_grads_triton(plan, gs)
-                flags.append(torch.isfinite(flat).all())
-                for j, i in enumerate(idx):
-                    if grads[i] is not None:
-                        out[i] = flat[plan.cb_offsets[j] : plan.cb_offsets[j + 1]]
-        else:
-            for i, (m, g) in enumerate(zip(self.modules, grads, strict=True)):
-                if g is None:
-                    continue
-                cb, assign = get_codebook(m)
-                mask = _get_mask(m)
-                if self._segments[i] is None:
-                    self._segments[i] = codebook_segments(assign, mask, cb.numel())
-                out[i] = codebook_grad(g, assign, mask, cb.numel(), segments=self._segments[i])
-                flags.append(out[i].isfinite().all())
+        flags = self._first_triton_call("grads", self._grads_triton, self._grads_reference, grads, out)
         device = self.modules[0].weight.device if self.modules else torch.device("cpu")
         if not flags:
             return out, torch.ones((), dtype=torch.bool, device=device)
@@ -745,12 +722,59 @@ class CodebookStep:
     @torch.no_grad()
     def rewrite(self) -> None:
         """``weight = where(mask, codebook[assign], 0)`` for every layer, bit for bit as :func:`decode_weight`."""
-        if self.backend == "triton":
-            from dc_lightning.kernels.codebook_step import rewrite_triton
+        self._first_triton_call("rewrite", self._rewrite_triton, self._rewrite_reference)
 
-            for idx, plan in self._plans:
-                rewrite_triton(plan, [get_codebook(self.modules[i])[0] for i in idx])
-            return
+    def _first_triton_call(self, what: str, triton_fn: Any, reference_fn: Any, *args: Any) -> Any:
+        """Run the Triton variant; if an *automatically chosen* Triton fails on its first call (e.g. a kernel that
+        does not compile for this GPU), log it and continue with the reference for good."""
+        if self.backend != "triton":
+            return reference_fn(*args)
+        if self._requested != "auto" or what in self._triton_ran:
+            return triton_fn(*args)
+        try:
+            result = triton_fn(*args)
+        except Exception as err:  # noqa: BLE001 - any kernel failure: the reference gives the same numbers
+            log.warning("CodebookStep: the Triton %s kernel failed (%r); using the float64 reference", what, err)
+            self.backend = "reference"
+            return reference_fn(*args)
+        self._triton_ran.add(what)
+        return result
+
+    def _grads_triton(self, grads: list[Tensor | None], out: list[Tensor | None]) -> list[Tensor]:
+        from dc_lightning.kernels.codebook_step import codebook_grads_triton
+
+        flags = []
+        for idx, plan in self._plans:
+            if all(grads[i] is None for i in idx):
+                continue
+            gs = [torch.zeros_like(self.modules[i].weight) if grads[i] is None else grads[i].contiguous() for i in idx]
+            flat = codebook_grads_triton(plan, gs)
+            flags.append(torch.isfinite(flat).all())
+            for j, i in enumerate(idx):
+                if grads[i] is not None:
+                    out[i] = flat[plan.cb_offsets[j] : plan.cb_offsets[j + 1]]
+        return flags
+
+    def _grads_reference(self, grads: list[Tensor | None], out: list[Tensor | None]) -> list[Tensor]:
+        flags = []
+        for i, (m, g) in enumerate(zip(self.modules, grads, strict=True)):
+            if g is None:
+                continue
+            cb, assign = get_codebook(m)
+            mask = _get_mask(m)
+            if self._segments[i] is None:
+                self._segments[i] = codebook_segments(assign, mask, cb.numel())
+            out[i] = codebook_grad(g, assign, mask, cb.numel(), segments=self._segments[i])
+            flags.append(out[i].isfinite().all())
+        return flags
+
+    def _rewrite_triton(self) -> None:
+        from dc_lightning.kernels.codebook_step import rewrite_triton
+
+        for idx, plan in self._plans:
+            rewrite_triton(plan, [get_codebook(self.modules[i])[0] for i in idx])
+
+    def _rewrite_reference(self) -> None:
         for m in self.modules:
             m.weight.copy_(decode_weight(m))
 

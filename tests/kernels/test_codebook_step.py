@@ -231,6 +231,26 @@ def test_reference_backend_equals_per_layer_functions() -> None:
     assert all(torch.equal(m.weight.detach(), decode_weight(m)) for m in layers)
 
 
+def test_auto_falls_back_to_reference_when_a_kernel_fails_first(caplog) -> None:
+    from dc_lightning.quantization import CodebookStep
+
+    layers = make_layers(CASES[1], seed=0)
+    grads = [torch.randn(m.weight.shape) for m in layers]
+    want, _ = CodebookStep(layers, backend="reference").codebook_grads(grads)
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this GPU")
+
+    step = CodebookStep(layers, backend="reference")
+    step.backend, step._requested, step._grads_triton = "triton", "auto", broken  # as if auto had picked Triton
+    got, finite = step.codebook_grads(grads)
+    assert step.backend == "reference" and "Triton grads kernel failed" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)) and bool(finite)
+    step.backend, step._requested = "triton", "triton"  # asked for explicitly: the error propagates
+    with pytest.raises(RuntimeError, match="no kernel"):
+        step.codebook_grads(grads)
+
+
 def test_stale_after_mask_or_codes_change() -> None:
     from dc_lightning.quantization import CodebookStep
 
