@@ -643,6 +643,7 @@ class CodebookStep:
         self._key = self._state_key()
         self._plans: list[tuple[list[int], Any]] = []  # (layer indices, CodebookPlan) per weight dtype and device
         self._segments: list[tuple[Tensor, Tensor] | None] = [None] * len(self.modules)
+        self._codes: list[Tensor | None] = [None] * len(self.modules)  # reference rewrite: codes, k where pruned
         self._requested = backend
         self._triton_ran: set[str] = set()  # Triton calls that have run once (compiled) since auto chose Triton
         self.backend = self._build(backend)
@@ -775,8 +776,22 @@ class CodebookStep:
             rewrite_triton(plan, [get_codebook(self.modules[i])[0] for i in idx])
 
     def _rewrite_reference(self) -> None:
-        for m in self.modules:
-            m.weight.copy_(decode_weight(m))
+        # decode_weight as one gather straight into the weight: pruned positions index an appended 0.0 (cached
+        # int32 codes, 4 bytes per weight); falls back to decode_weight for non-contiguous weights
+        for i, m in enumerate(self.modules):
+            cb, assign = get_codebook(m)
+            w = m.weight.data
+            if not w.is_contiguous():
+                w.copy_(decode_weight(m))
+                continue
+            if self._codes[i] is None:
+                mask = _get_mask(m)
+                code = assign.reshape(-1).to(torch.int32)
+                if mask is not None:
+                    code = torch.where(mask.reshape(-1), code, torch.full_like(code, cb.numel()))
+                self._codes[i] = code
+            table = torch.cat([cb.to(w.dtype), torch.zeros(1, dtype=w.dtype, device=w.device)])
+            torch.index_select(table, 0, self._codes[i], out=w.view(-1))
 
 
 def quantize_layer(
