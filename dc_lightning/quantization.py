@@ -248,12 +248,14 @@ def kmeans_1d(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long, device=orig_device)
         return torch.zeros(k, dtype=torch.float32, device=orig_device), empty
-    if not bool(torch.isfinite(x).all()):
+    host = x.device.type == "cpu"  # NumPy's single-threaded sort/compare/search beat torch's on the CPU
+    xs = torch.from_numpy(np.sort(x.numpy())) if host else x.sort().values
+    if not bool(torch.isfinite(xs[[0, -1]]).all()):  # sorted: -inf first, +inf and NaN last
         raise ValueError(f"kmeans_1d: values contain {int((~torch.isfinite(x)).sum())} non-finite entries (NaN/inf)")
-
-    # NumPy's vectorised sort is several times faster than torch's on the CPU
-    xs = torch.from_numpy(np.sort(x.numpy())) if x.device.type == "cpu" else x.sort().values
-    distinct = int((xs[1:] != xs[:-1]).sum()) + 1
+    if host:
+        distinct = int(np.count_nonzero(xs.numpy()[1:] != xs.numpy()[:-1])) + 1
+    else:
+        distinct = int((xs[1:] != xs[:-1]).sum()) + 1
     if distinct <= k:  # exact: one centroid per distinct value
         u = torch.unique_consecutive(xs)
         c = torch.cat([u, u[-1].expand(k - u.numel())])
@@ -281,7 +283,10 @@ def kmeans_1d(
             if sub is not xs_h:
                 c = _lloyd_sorted(xs_h, c, max_iter, tol)
     c32 = c.astype(np.float32)
-    a = torch.searchsorted(torch.from_numpy(_boundaries(c32)).to(x.device), x, right=True)
+    if host:
+        a = torch.from_numpy(np.searchsorted(_boundaries(c32), x.numpy(), side="right").astype(np.int64))
+    else:
+        a = torch.searchsorted(torch.from_numpy(_boundaries(c32)).to(x.device), x, right=True)
     return torch.from_numpy(c32).to(orig_device), a.to(orig_device)
 
 
@@ -303,18 +308,19 @@ def _boundaries(c: np.ndarray) -> np.ndarray:
     return ((c[:-1] + c[1:]) * 0.5).astype(np.float32)
 
 
-def _prefix_sums(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Prefix sums of the sorted values and of their squares, ``[n + 1]`` each (float64).
+def _prefix_sums(xs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Prefix sums of the sorted values and of their squares, ``[n + 1]`` each (float64), and the mean.
 
     The values are centred on their mean first so that Σx² − (Σx)²/m does not cancel catastrophically.
     """
     xd = xs.astype(np.float64)
-    xd -= xd.mean()
+    mean = float(xd.mean())
+    xd -= mean
     s1 = np.zeros(xd.size + 1)
     s2 = np.zeros(xd.size + 1)
     np.cumsum(xd, out=s1[1:])
     np.cumsum(xd * xd, out=s2[1:])
-    return s1, s2
+    return s1, s2, mean
 
 
 def _segments(xs: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -333,11 +339,15 @@ def _sse(s1: np.ndarray, s2: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
     return np.where(m > 0, np.maximum(out, 0.0), 0.0)
 
 
-def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float, s1: np.ndarray | None = None) -> np.ndarray:
-    """Lloyd iterations on sorted float32 ``xs`` from sorted float64 centroids ``c``; returns float64 centroids."""
+def _lloyd_sorted(
+    xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float, s1: np.ndarray | None = None, shift0: float = 0.0
+) -> np.ndarray:
+    """Lloyd iterations on sorted float32 ``xs`` from sorted float64 centroids ``c``; returns float64 centroids.
+
+    ``s1``, ``shift0``: cached ``_prefix_sums(xs)[0]`` and the mean it was centred on.
+    """
     if s1 is None:
-        s1 = _prefix_sums(xs)[0]
-    shift0 = xs.astype(np.float64).mean()  # s1 holds sums of (x - mean)
+        s1, _, shift0 = _prefix_sums(xs)
     span = float(xs[-1]) - float(xs[0])
     prev = None
     for _ in range(max_iter):
@@ -393,11 +403,10 @@ def _split_merge(
     WCSS is kept. The WCSS strictly decreases from round to round, so the search terminates.
     """
     n, k = xs.size, c.size
-    s1, s2 = _prefix_sums(xs)
-    shift0 = xs.astype(np.float64).mean()
+    s1, s2, shift0 = _prefix_sums(xs)
     pos = np.arange(n)
     for _ in range(max_rounds):
-        c = _lloyd_sorted(xs, c, max_iter, round_tol, s1=s1)
+        c = _lloyd_sorted(xs, c, max_iter, round_tol, s1=s1, shift0=shift0)
         edges = _segments(xs, c)
         s, e = edges[:-1], edges[1:]
         cnt = e - s
@@ -408,8 +417,8 @@ def _split_merge(
         # best 2-split of every cluster: split point p in (s_j, e_j), cost sse(s_j, p) + sse(p, e_j); the clusters
         # are contiguous runs of positions, so per-cluster minima are reduceat over their starts
         seg = np.repeat(np.arange(k), cnt)  # cluster of sorted position i, [n]
-        ss, ee = s[seg], e[seg]
-        cost = np.where(pos > ss, _sse(s1, s2, ss, pos) + _sse(s1, s2, pos, ee), np.inf)
+        ss, ee = np.repeat(s, cnt), np.repeat(e, cnt)  # == s[seg], e[seg]
+        cost = np.where(pos > ss, _split_cost(s1, s2, ss, ee, cnt, s, e), np.inf)
         best = np.full(k, np.inf)
         full = np.flatnonzero(cnt > 0)
         best[full] = np.minimum.reduceat(cost, s[full])
@@ -453,14 +462,33 @@ def _split_merge(
             reverse=True,
         )[:trials]
         for _, m, j in cand:
-            trial = _lloyd_sorted(xs, moved([(m, j)]), max_iter, round_tol, s1=s1)
+            trial = _lloyd_sorted(xs, moved([(m, j)]), max_iter, round_tol, s1=s1, shift0=shift0)
             te = _segments(xs, trial)
             if float(_sse(s1, s2, te[:-1], te[1:]).sum()) < total * (1 - 1e-9):
                 c = trial
                 break
         else:
             break
-    return _lloyd_sorted(xs, c, max_iter, 0.0, s1=s1)  # polish to the fixed point
+    return _lloyd_sorted(xs, c, max_iter, 0.0, s1=s1, shift0=shift0)  # polish to the fixed point
+
+
+def _split_cost(
+    s1: np.ndarray, s2: np.ndarray, ss: np.ndarray, ee: np.ndarray, cnt: np.ndarray, s: np.ndarray, e: np.ndarray
+) -> np.ndarray:
+    """``_sse(ss, pos) + _sse(pos, ee)`` for every sorted position ``pos``, the same arithmetic without gathering
+    at ``pos`` (a slice) or at the cluster edges ``ss``/``ee`` (repeats of per-cluster values)."""
+    n = ss.size
+    s1p, s2p = s1[:n], s2[:n]
+    s1a, s2a = np.repeat(s1[s], cnt), np.repeat(s2[s], cnt)
+    s1b, s2b = np.repeat(s1[e], cnt), np.repeat(s2[e], cnt)
+    pos = np.arange(n)
+    m_left = (pos - ss).astype(np.float64)
+    m_right = (ee - pos).astype(np.float64)
+    t = s1p - s1a
+    left = np.where(m_left > 0, np.maximum((s2p - s2a) - t * t / np.maximum(m_left, 1.0), 0.0), 0.0)
+    t = s1b - s1p
+    right = np.where(m_right > 0, np.maximum((s2b - s2p) - t * t / np.maximum(m_right, 1.0), 0.0), 0.0)
+    return left + right
 
 
 def _apply_moves(
