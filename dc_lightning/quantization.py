@@ -198,8 +198,8 @@ def kmeans_1d(
     value farthest from its centroid inside the widest cluster (deterministic; this strictly lowers the WCSS, so the
     iteration still terminates). The sort and the final assignment run on the device of ``values``, the iterations
     on the host in NumPy float64 (a chain of small dependent steps: a GPU launch or host sync per step cost more
-    than the arithmetic; VGG-16's 10.5M kept weights, 16 layers, refined: 5.3 s on a loaded 2-core CPU, most of it
-    the sort). Deterministic for a given ``seed`` (only ``init="random"`` uses it).
+    than the arithmetic; VGG-16's 10.5M kept weights, 16 layers, refined: 1.5 s on a loaded 2-core CPU).
+    Deterministic for a given ``seed`` (only ``init="random"`` uses it).
 
     Plain Lloyd on discrete 1-D data stalls where the values are sparse (a centroid's step becomes smaller than the gap
     to the next value), so from the linear init it keeps too many centroids in the tails: on pruned VGG-16 layers its

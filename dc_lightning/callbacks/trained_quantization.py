@@ -483,29 +483,44 @@ class TrainedQuantization(Callback):
     def _step_unless_nonfinite(self, cb_opt: torch.optim.Optimizer, finite: Tensor, sync: bool | None = None) -> None:
         """Step ``cb_opt`` unless ``finite`` is False, without a host sync where the optimizer state allows it.
 
-        On an accelerator, once every codebook has optimizer state and all of it is floating point on the device
-        (SGD with momentum after its first step, Adam with ``capturable``/``fused``), the step always runs and is
-        undone on the device when ``finite`` is False: parameters and state are restored from a snapshot with one
-        ``where``. Otherwise (the CPU, the first step, Adam's CPU step counters) ``finite`` is read on the host.
-        ``sync`` overrides the choice (default: sync on the CPU only).
+        On an accelerator, when the codebooks and all their optimizer state are tensors of one float dtype on the
+        device (SGD with or without momentum, Adam with ``capturable``/``fused``), the step always runs and is undone
+        on the device when ``finite`` is False: parameters and state are restored from a snapshot with one
+        ``where``. A step that *creates* optimizer state (the first one) reads ``finite`` on the host after it, and
+        so does everything else (the CPU, Adam's CPU step counters). ``sync=True`` forces the host path.
         """
         if sync is None:
             sync = finite.device.type == "cpu"
-        tensors = None if sync else _state_tensors(cb_opt, finite.device)
+        params = [p for group in cb_opt.param_groups for p in group["params"] if p.grad is not None]
+        tensors = None if sync else _state_tensors(cb_opt, params, finite.device)
         if tensors is None:
             if bool(finite):
                 cb_opt.step()
             else:
-                self._skipped_steps += 1
-                rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
+                self._count_skip()
             return
-        before = torch.cat([t.reshape(-1) for t in tensors])
-        cb_opt.step()
-        after = torch.where(finite, torch.cat([t.reshape(-1) for t in tensors]), before)
+        stateless = [p for p in params if not cb_opt.state.get(p)]
         sizes = [t.numel() for t in tensors]
-        torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(after.split(sizes), tensors, strict=True)])
+        before = torch.cat([t.reshape(-1) for t in tensors])
+
+        def restore(flat: Tensor) -> None:
+            torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split(sizes), tensors, strict=True)])
+
+        cb_opt.step()
+        if any(cb_opt.state.get(p) for p in stateless):  # the step created state: undoing that needs the host
+            if not bool(finite):
+                restore(before)
+                for p in stateless:
+                    cb_opt.state.pop(p, None)
+                self._count_skip()
+            return
+        restore(torch.where(finite, torch.cat([t.reshape(-1) for t in tensors]), before))
         skipped = (~finite).to(torch.int64)
         self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped
+
+    def _count_skip(self) -> None:
+        self._skipped_steps += 1
+        rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
 
     def _read_skips(self) -> None:
         """Add the device-side count of skipped codebook steps to ``skipped_steps`` (one host sync)."""
@@ -550,22 +565,15 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _state_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[Tensor] | None:
-    """The codebooks that will step and all their optimizer state, or None unless all of it is one float dtype on
-    ``device`` and every codebook already has state (what a snapshot-and-restore on the device needs)."""
-    tensors = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = optimizer.state.get(p)
-            if not state:
+def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device) -> list[Tensor] | None:
+    """``params`` and all their optimizer state, or None unless all of it is tensors of one float dtype on
+    ``device`` (what a snapshot-and-restore on the device needs)."""
+    tensors = list(params)
+    for p in params:
+        for v in (optimizer.state.get(p) or {}).values():
+            if not isinstance(v, Tensor):
                 return None
-            tensors.append(p)
-            for v in state.values():
-                if not isinstance(v, Tensor):
-                    return None
-                tensors.append(v)
+            tensors.append(v)
     if not tensors or any(t.device != device or t.dtype != tensors[0].dtype for t in tensors):
         return None
     return tensors

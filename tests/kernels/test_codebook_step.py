@@ -290,38 +290,49 @@ def test_bad_arguments_name_the_problem() -> None:
             K.codebook_grads_triton(plan, [w])
 
 
-@pytest.mark.parametrize("nan", [False, True])
-def test_device_side_skip_restores_codebooks_and_momentum(nan: bool) -> None:
-    """The sync-free path: step, then undo on the device when the flag says non-finite (what CUDA runs)."""
-    from dc_lightning.callbacks.trained_quantization import TrainedQuantization
-
-    def opt_after_one_step() -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
-        cbs = [torch.linspace(-1, 1, 4), torch.linspace(0, 2, 8)]
-        opt = torch.optim.SGD([{"params": [cbs[0]], "lr": 0.1}, {"params": [cbs[1]], "lr": 0.2}], momentum=0.9)
+def _codebook_opt(momentum: float, warm: bool, nan: bool) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    """Two codebooks in an SGD of two groups, optionally after one step, with finite or NaN gradients set."""
+    cbs = [torch.linspace(-1, 1, 4), torch.linspace(0, 2, 8)]
+    opt = torch.optim.SGD([{"params": [cbs[0]], "lr": 0.1}, {"params": [cbs[1]], "lr": 0.2}], momentum=momentum)
+    if warm:
         for c in cbs:
             c.grad = torch.ones_like(c)
         opt.step()  # momentum buffers exist from here on
-        for c in cbs:
-            c.grad = torch.full_like(c, float("nan") if nan else 0.5)
-        return opt, cbs
+    for c in cbs:
+        c.grad = torch.full_like(c, float("nan") if nan else 0.5)
+    return opt, cbs
+
+
+def _state(opt: torch.optim.Optimizer, cbs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.clone() for c in cbs] + [v.clone() for c in cbs for v in opt.state.get(c, {}).values()]
+
+
+@pytest.mark.parametrize("momentum,warm", [(0.9, True), (0.9, False), (0.0, True)])
+@pytest.mark.parametrize("nan", [False, True])
+def test_device_side_skip_restores_codebooks_and_state(momentum: float, warm: bool, nan: bool) -> None:
+    """The sync-free path (what CUDA runs): step, then undo on the device when the flag says non-finite; a step
+    that would create optimizer state reads the flag on the host and drops that state."""
+    from dc_lightning.callbacks.trained_quantization import TrainedQuantization
 
     q = TrainedQuantization(verbose=False)
-    opt, cbs = opt_after_one_step()
-    before = [c.clone() for c in cbs] + [opt.state[c]["momentum_buffer"].clone() for c in cbs]
-    finite = torch.tensor(not nan)
-    q._step_unless_nonfinite(opt, finite, sync=False)
-    after = cbs + [opt.state[c]["momentum_buffer"] for c in cbs]
-    ref_opt, ref_cbs = opt_after_one_step()
-    if not nan:
-        ref_opt.step()
-    want = ref_cbs + [ref_opt.state[c]["momentum_buffer"] for c in ref_cbs]
-    assert all(torch.equal(a, w) for a, w in zip(after, want, strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)) == nan
-    if nan:
-        with pytest.warns(UserWarning, match="1 codebook step"):
+    opt, cbs = _codebook_opt(momentum, warm, nan)
+    before = _state(opt, cbs)
+    if nan:  # warned when the flag is read: at once (state created) or when skipped_steps is read
+        with pytest.warns(UserWarning, match="codebook step"):
+            q._step_unless_nonfinite(opt, torch.tensor(False), sync=False)
             assert q.skipped_steps == 1
     else:
+        q._step_unless_nonfinite(opt, torch.tensor(True), sync=False)
         assert q.skipped_steps == 0
+    ref_opt, ref_cbs = _codebook_opt(momentum, warm, nan)
+    if not nan:
+        ref_opt.step()
+    after, want = _state(opt, cbs), _state(ref_opt, ref_cbs)
+    assert len(after) == len(want) and all(torch.equal(a, w) for a, w in zip(after, want, strict=True))
+    if nan:
+        assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    else:
+        assert not torch.equal(after[0], before[0])
 
 
 if __name__ == "__main__":
