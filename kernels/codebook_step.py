@@ -273,7 +273,6 @@ if HAS_TRITON:
         chunk_layer_ptr,  # int32 [C]
         partial_ptr,  # float64 [C]
         GRAD_DTYPE: tl.constexpr,
-        CHUNK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         c = tl.program_id(0)
@@ -283,7 +282,7 @@ if HAS_TRITON:
         g_ptr = tl.load(grad_ptrs + layer).to(tl.pointer_type(GRAD_DTYPE))
         offs = tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in tl.static_range(0, CHUNK, BLOCK):  # fixed trip count: the sum order never depends on the data
+        for i in range(0, n, BLOCK):  # n <= chunk, from the plan: the sum order never depends on the values
             inb = i + offs < n
             pos = tl.load(order_ptr + start + i + offs, mask=inb, other=0)
             acc += tl.load(g_ptr + pos, mask=inb, other=0.0).to(tl.float64)
@@ -377,7 +376,6 @@ def codebook_grads_triton(plan: CodebookPlan, grads: Sequence[Tensor]) -> Tensor
             plan.chunk_layer,
             partial,
             GRAD_DTYPE=_TL_DTYPES[plan.weight_dtype],
-            CHUNK=plan.chunk,
             BLOCK=plan.block,
         )
     out = torch.empty(plan.total_k, dtype=torch.float32, device=plan.device)
