@@ -1,4 +1,4 @@
-"""Fused codebook step of trained quantization [DC §3.3, eq. 3] for many layers at once: two passes, four launches.
+"""Fused codebook step of trained quantization [DC §3.3, eq. 3] for many layers at once: two passes, three launches.
 
 During fine-tuning the assignments are fixed, so everything that depends only on them is computed once per
 clustering (or mask change) into a :class:`CodebookPlan`:
