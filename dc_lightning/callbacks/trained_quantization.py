@@ -21,10 +21,9 @@ from dc_lightning.buffers import get_mask
 from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, logger_step, print_table
 from dc_lightning.quantization import (
     INITS,
+    CodebookStep,
     bits_for_layers,
     check_bits,
-    codebook_grad,
-    codebook_segments,
     decode_weight,
     get_codebook,
     quantize_layer,
@@ -48,8 +47,6 @@ class _Layer:
     name: str
     module: nn.Module
     k: int
-    segments: tuple[Tensor, Tensor] | None = None
-    mask_version: int = -1
     lr_factor: float = 1.0  # this layer's codebook LR relative to the weights' (lr_scale, or "auto")
 
 
@@ -87,10 +84,14 @@ class TrainedQuantization(Callback):
       ``.grad`` is set to None so the trainer's optimizer leaves them alone (SGD/Adam skip params without grad).
       Without a closure (AMP's GradScaler runs it earlier and calls ``step()`` bare) the update runs in the pre-hook
       directly. When the GradScaler skips a step (inf/NaN), ``optimizer.step`` is not called, so the codebooks do not
-      move either; non-finite codebook gradients also skip the codebook step.
+      move either; non-finite codebook gradients also skip the codebook step (on a GPU without a host sync: the
+      step is undone on the device; ``skipped_steps`` is read back at epoch end).
     * a step post-hook rewrites every quantized weight as ``where(mask, codebook[assign], 0)`` exactly, so after
       every optimizer step each layer has at most ``2**bits`` distinct values and pruned weights are exactly 0.0,
       whatever order this and the pruning callback's hooks run in.
+    * both go through :class:`~dc_lightning.quantization.CodebookStep`: on CUDA the gradients of all layers of an
+      optimizer take two Triton launches and the rewrite one (one pass over the members' gradients, one over the
+      weights); on the CPU the float64 reference runs layer by layer.
 
     **Resume and DDP.** Placeholder buffers are registered in ``setup`` (before a checkpoint is restored); the
     ``clustered`` flag, the resolved start epoch and the codebook optimizers' state are in ``state_dict``, so a run
@@ -203,6 +204,8 @@ class TrainedQuantization(Callback):
         self._cb_opts: dict[int, tuple[torch.optim.Optimizer, torch.optim.Optimizer, list[_Layer], list[int]]] = {}
         self._pending_opt_state: dict[int, dict] | None = None
         self._skipped_steps = 0
+        self._nonfinite: Tensor | None = None  # device-side count of skipped codebook steps, read back lazily
+        self._steps: dict[int, tuple[torch.optim.Optimizer, CodebookStep]] = {}  # id(codebook optimizer) -> step
 
     # ------------------------------------------------------------------------------------------- public API
 
@@ -219,6 +222,7 @@ class TrainedQuantization(Callback):
     @property
     def skipped_steps(self) -> int:
         """Codebook steps skipped because a codebook gradient was not finite."""
+        self._read_skips()
         return self._skipped_steps
 
     def codebook_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -286,7 +290,11 @@ class TrainedQuantization(Callback):
                 buffers.remove_codebook(module)
         self._placeholders = False
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read_skips()  # one host sync per epoch instead of one per step
+
     def state_dict(self) -> dict[str, Any]:
+        self._read_skips()
         return {
             "version": 1,
             "clustered": self._clustered,
@@ -307,6 +315,7 @@ class TrainedQuantization(Callback):
         self._clustered = bool(state_dict["clustered"])
         self._start = state_dict.get("start_epoch")
         self._skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._nonfinite = None
         self._pending_opt_state = {int(i): s for i, s in state_dict.get("codebook_optimizers", {}).items()}
 
     # ------------------------------------------------------------------------------------------- internals
@@ -450,46 +459,90 @@ class TrainedQuantization(Callback):
             args = (closure_then_codebooks, *args[1:])
         return args, kwargs
 
+    def _codebook_step(self, cb_opt: torch.optim.Optimizer, layers: list[_Layer], check: bool) -> CodebookStep:
+        """The cached fused step of these layers; rebuilt when stale (``check``) or built for a new optimizer."""
+        cached = self._steps.get(id(cb_opt))
+        if cached is None or cached[0] is not cb_opt or (check and cached[1].stale()):  # assignments fixed; masks
+            cached = (cb_opt, CodebookStep([lay.module for lay in layers]))  # may tighten
+            self._steps[id(cb_opt)] = cached
+        return cached[1]
+
     @torch.no_grad()
     def _update_codebooks(self, optimizer: torch.optim.Optimizer) -> None:
         entry = self._entry_for(optimizer)
         if entry is None:
             return
         cb_opt, layers, src_groups = entry
-        grads = []
-        for lay in layers:
-            w = lay.module.weight
-            cb, assign = get_codebook(lay.module)
-            if w.grad is None:
-                cb.grad = None
-                continue
-            mask = get_mask(lay.module)
-            version = -1 if mask is None else mask._version
-            if lay.segments is None or version != lay.mask_version:  # assignments fixed; masks may tighten
-                lay.segments = codebook_segments(assign, mask, lay.k)
-                lay.mask_version = version
-            cb.grad = codebook_grad(w.grad, assign, mask, lay.k, segments=lay.segments)  # [DC eq. 3]
-            grads.append(cb.grad)
-            w.grad = None  # the trainer's optimizer must not move a shared weight on its own
-        if not grads:
+        step = self._codebook_step(cb_opt, layers, check=True)
+        grads, finite = step.codebook_grads([lay.module.weight.grad for lay in layers])  # [DC eq. 3]
+        if all(g is None for g in grads):
             return
-        if not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
-            self._skipped_steps += 1
-            rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
-        else:
-            for cb_group, gi, lay in zip(cb_opt.param_groups, src_groups, layers, strict=True):
-                cb_group.update(self._hyper_params(optimizer.param_groups[gi], lay.lr_factor))  # follows schedulers
-            cb_opt.step()
+        for lay, g in zip(layers, grads, strict=True):
+            get_codebook(lay.module)[0].grad = g
+            lay.module.weight.grad = None  # the trainer's optimizer must not move a shared weight on its own
+        for cb_group, gi, lay in zip(cb_opt.param_groups, src_groups, layers, strict=True):
+            cb_group.update(self._hyper_params(optimizer.param_groups[gi], lay.lr_factor))  # follows schedulers
+        self._step_unless_nonfinite(cb_opt, finite)
         cb_opt.zero_grad(set_to_none=True)
+
+    def _step_unless_nonfinite(self, cb_opt: torch.optim.Optimizer, finite: Tensor, sync: bool | None = None) -> None:
+        """Step ``cb_opt`` unless ``finite`` is False, without a host sync where the optimizer state allows it.
+
+        On an accelerator, when the codebooks and all their optimizer state are tensors of one float dtype on the
+        device (SGD with or without momentum, Adam with ``capturable``/``fused``), the step always runs and is undone
+        on the device when ``finite`` is False: parameters and state are restored from a snapshot with one
+        ``where``. A step that *creates* optimizer state (the first one) reads ``finite`` on the host after it, and
+        so does everything else (the CPU, Adam's CPU step counters). ``sync=True`` forces the host path.
+        """
+        if sync is None:
+            sync = finite.device.type == "cpu"
+        params = [p for group in cb_opt.param_groups for p in group["params"] if p.grad is not None]
+        tensors = None if sync else _state_tensors(cb_opt, params, finite.device)
+        if tensors is None:
+            if bool(finite):
+                cb_opt.step()
+            else:
+                self._count_skip()
+            return
+        stateless = [p for p in params if not cb_opt.state.get(p)]
+        sizes = [t.numel() for t in tensors]
+        before = torch.cat([t.reshape(-1) for t in tensors])
+
+        def restore(flat: Tensor) -> None:
+            torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split(sizes), tensors, strict=True)])
+
+        cb_opt.step()
+        if any(cb_opt.state.get(p) for p in stateless):  # the step created state: undoing that needs the host
+            if not bool(finite):
+                restore(before)
+                for p in stateless:
+                    cb_opt.state.pop(p, None)
+                self._count_skip()
+            return
+        restore(torch.where(finite, torch.cat([t.reshape(-1) for t in tensors]), before))
+        skipped = (~finite).to(torch.int64)
+        self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped
+
+    def _count_skip(self) -> None:
+        self._skipped_steps += 1
+        rank_zero_warn("TrainedQuantization: non-finite codebook gradient; codebook step skipped")
+
+    def _read_skips(self) -> None:
+        """Add the device-side count of skipped codebook steps to ``skipped_steps`` (one host sync)."""
+        if self._nonfinite is None:
+            return
+        n, self._nonfinite = int(self._nonfinite), None
+        if n:
+            self._skipped_steps += n
+            rank_zero_warn(f"TrainedQuantization: non-finite codebook gradient; {n} codebook step(s) skipped")
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if not self._clustered:
             return
         entry = self._entry_for(optimizer)
-        if entry is not None:
-            for lay in entry[1]:
-                lay.module.weight.copy_(decode_weight(lay.module))
+        if entry is not None:  # all layers of the optimizer in one pass (validated by the pre-step)
+            self._codebook_step(entry[0], entry[1], check=False).rewrite()
 
     def _entry_for(
         self, optimizer: torch.optim.Optimizer
@@ -515,6 +568,20 @@ class TrainedQuantization(Callback):
 
 def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device) -> list[Tensor] | None:
+    """``params`` and all their optimizer state, or None unless all of it is tensors of one float dtype on
+    ``device`` (what a snapshot-and-restore on the device needs)."""
+    tensors = list(params)
+    for p in params:
+        for v in (optimizer.state.get(p) or {}).values():
+            if not isinstance(v, Tensor):
+                return None
+            tensors.append(v)
+    if not tensors or any(t.device != device or t.dtype != tensors[0].dtype for t in tensors):
+        return None
+    return tensors
 
 
 def _find_pruning(trainer: pl.Trainer) -> Any:
