@@ -179,3 +179,54 @@ def check_bias_and_devices(x: Tensor, bias: Tensor | None, out_features: int, te
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the layer to x's device")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split-K epilogue shared by the kernels (Triton device function)
+# --------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def splitk_finish(
+        res,
+        rows,
+        yoff,
+        omask,
+        bias_ptr,
+        y_ptr,
+        ws_ptr,
+        cnt_ptr,
+        cidx,
+        N,
+        SPLIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+    ):
+        """Store one output tile ``res`` ([rows, batch] fp32 partial sums) of a program of a split-K group.
+
+        ``SPLIT == 1``: apply bias/ReLU/cast and store. ``SPLIT > 1``: add the partial into the zeroed workspace
+        with relaxed atomics and bump the tile's arrival counter ``cnt_ptr[cidx]``; the last program to arrive
+        reads the sum back at the coherence point (an atomic add of 0, not a possibly stale L1 line), re-zeroes the
+        workspace and the counter for the next call (visible at the kernel boundary) and applies the epilogue.
+        No memset node, no second kernel, CUDA-graph safe.
+        """
+        if SPLIT > 1:
+            tl.atomic_add(ws_ptr + yoff, res, mask=omask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial is issued before the arrival is published (release)
+            arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                res = tl.atomic_add(ws_ptr + yoff, tl.zeros_like(res), mask=omask, sem="relaxed")
+                tl.store(ws_ptr + yoff, tl.zeros_like(res), mask=omask)
+                tl.store(cnt_ptr + cidx, 0)
+                if HAS_BIAS:
+                    res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+                if RELU:
+                    res = tl.maximum(res, 0.0)
+                tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
+        else:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            if RELU:
+                res = tl.maximum(res, 0.0)
+            tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
