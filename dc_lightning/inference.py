@@ -1,9 +1,10 @@
 """EIE inference path: drop-in modules that multiply straight from the compressed format.
 
 :class:`CompressedLinear` replaces an ``nn.Linear`` that carries a codebook (docs/DESIGN.md buffers
-``weight_mask`` / ``weight_codebook`` / ``weight_assign``). It holds only the packed sparse layout (16-bit
-``(column, code)`` entries in sliced-ELL blocks, see ``dc_lightning.kernels.eie_spmv``), the codebook and the bias,
-never a dense weight. On CUDA its forward is the Triton kernel; on the CPU it is the pure-PyTorch reference.
+``weight_mask`` / ``weight_codebook`` / ``weight_assign``). It holds only a packed layout chosen by density
+(sparse sliced-ELL ``(column, code)`` entries, or dense packed 2-8-bit codes; ``dc_lightning.kernels.layouts``),
+the codebook and the bias, never a dense weight. On CUDA its forward is a Triton kernel; on the CPU it is the
+layout's pure-PyTorch reference.
 
 :func:`to_compressed_inference` converts a whole model (or a ``.dcz`` file via ``dc_lightning.io.load_compressed``);
 convolutions keep their decoded dense weights. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
@@ -38,8 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dc_lightning.kernels import eie_spmv
-from dc_lightning.kernels.eie_spmv import EIEPacked, pack, pack_from_layer_buffers
+from dc_lightning.buffers import get_codebook, get_mask, layer_codes
+from dc_lightning.kernels import layouts
+from dc_lightning.kernels.eie_layout import EIEPacked
+from dc_lightning.kernels.layouts import Packed
+from dc_lightning.kernels.lut_layout import LUTPacked, pack_lut
 
 __all__ = ["CompressedLinear", "to_compressed_inference", "cli_predict"]
 
@@ -49,16 +53,27 @@ _MAX_CENTROIDS = 256
 
 
 class CompressedLinear(nn.Module):
-    """``y = act(x W^T + b)`` with ``W`` kept in the EIE kernel layout (codebook + sparse indices).
+    """``y = act(x W^T + b)`` with ``W`` kept in a GPU layout of its codebook indices (never a dense weight).
 
-    Buffers (saved in ``state_dict``): ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook`` (float32,
-    ``2**bits + 1`` values, the last one 0.0 for padding) and ``bias`` (float32 or absent). The layout's integers
-    travel as extra state.
+    The layout is chosen per layer by density (:func:`dc_lightning.kernels.layouts.choose_layout`; ``extra_repr``
+    says which and why): ``sparse`` (sliced-ELL ``(column, code)`` entries, ``kernels/eie_*``) below 10 %, else
+    ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, tensor-core kernel, ``kernels/lut_*``). A
+    sparse layer can keep a LUT copy too (``batch_packed``), used from ``batch_min`` rows on, where the sparse
+    kernel's per-non-zero gathers of ``x`` lose to decoding once and multiplying on tensor cores.
+
+    Buffers (saved in ``state_dict``): sparse: ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook``
+    (float32, ``2**bits + 1`` values, the last one 0.0 for padding); lut (primary or batch copy): ``lut_codes``,
+    ``lut_mask`` (int32, or absent), ``lut_codebook`` (float32 ``[2**cbits]``); ``bias`` (float32 or absent). The
+    layout's integers travel as extra state.
 
     Args:
-        packed: a layer packed by :func:`dc_lightning.kernels.eie_spmv.pack`.
+        packed: a layer packed by :func:`dc_lightning.kernels.layouts.pack_layer` (or ``eie_spmv.pack`` /
+            ``lut_layout.pack_lut``).
         bias: optional ``[out_features]``.
         relu: apply ReLU in the kernel's epilogue.
+        batch_packed: optional LUT copy of a sparse layer for batches of ``batch_min`` rows or more.
+        batch_min: smallest batch that uses ``batch_packed``.
+        reason: why this layout (shown by ``extra_repr``).
 
     Example::
 
@@ -68,29 +83,63 @@ class CompressedLinear(nn.Module):
         tensor([[1., 0., 2.]])
     """
 
-    def __init__(self, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> None:
+    def __init__(
+        self,
+        packed: Packed,
+        bias: Tensor | None = None,
+        relu: bool = False,
+        *,
+        batch_packed: LUTPacked | None = None,
+        batch_min: int = 8,
+        reason: str = "",
+    ) -> None:
         super().__init__()
+        self.layout = layouts.layout_of(packed).value
+        if batch_packed is not None and (self.layout != "sparse" or not isinstance(batch_packed, LUTPacked)):
+            raise ValueError(
+                f"batch_packed must be a LUTPacked copy of a sparse layer, got {type(batch_packed).__name__} for a "
+                f"{self.layout} layer"
+            )
+        if int(batch_min) < 1:
+            raise ValueError(f"batch_min must be >= 1, got {batch_min}")
         self.in_features = packed.in_features
         self.out_features = packed.out_features
-        self.row_tile = packed.row_tile
-        self.chunk = packed.chunk
-        self.code_shift = packed.code_shift
         self.nnz = packed.nnz
         self.relu = bool(relu)
-        self.register_buffer("entries", packed.entries)
-        self.register_buffer("block_ptr", packed.block_ptr)
-        self.register_buffer("codebook", packed.codebook)
+        self.batch_min = int(batch_min) if batch_packed is not None else 0
+        self.reason = reason
+        device = packed.codebook.device
+        if isinstance(packed, EIEPacked):
+            self.row_tile, self.chunk, self.code_shift = packed.row_tile, packed.chunk, packed.code_shift
+            self.register_buffer("entries", packed.entries)
+            self.register_buffer("block_ptr", packed.block_ptr)
+            self.register_buffer("codebook", packed.codebook)
+        lut = packed if isinstance(packed, LUTPacked) else batch_packed
+        self.lut_cbits = lut.cbits if lut is not None else 0
+        if lut is not None:
+            self.register_buffer("lut_codes", lut.codes)
+            self.register_buffer("lut_mask", lut.mask)
+            self.register_buffer("lut_codebook", lut.codebook)
         if bias is not None:
             if bias.numel() != packed.out_features:
                 raise ValueError(f"bias has {bias.numel()} values, expected out_features={packed.out_features}")
-            self.register_buffer("bias", bias.detach().reshape(-1).to(torch.float32).to(packed.entries.device))
+            self.register_buffer("bias", bias.detach().reshape(-1).to(torch.float32).to(device))
         else:
             self.register_buffer("bias", None)
 
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, relu: bool = False, row_tile: int | None = None, chunk: int | None = None
+        cls,
+        linear: nn.Linear,
+        *,
+        relu: bool = False,
+        row_tile: int | None = None,
+        chunk: int | None = None,
+        layout: str = "auto",
+        batch_layout: str | None = "lut",
+        batch_min: int = 8,
+        sparse_below: float = layouts.SPARSE_BELOW,
     ) -> CompressedLinear:
         """Build from an ``nn.Linear``.
 
@@ -101,28 +150,35 @@ class CompressedLinear(nn.Module):
         Args:
             linear: the layer.
             relu: fuse a following ReLU into the kernel.
-            row_tile: rows per tile of the packed layout (``None``: 8..32 from ``out_features``).
-            chunk: columns per chunk (``None``: chosen from the density).
+            row_tile: rows per tile of the sparse layout (``None``: 8..32 from ``out_features``; ignored by lut).
+            chunk: columns per chunk of the sparse layout (``None``: chosen from the density; ignored by lut).
+            layout: ``"auto"`` (by density, see :func:`dc_lightning.kernels.layouts.choose_layout`), ``"sparse"``
+                or ``"lut"``.
+            batch_layout: ``"lut"``: a sparse layer also keeps a LUT copy for batches of ``batch_min`` rows or
+                more; ``None``: it does not (least memory).
+            batch_min: smallest batch that uses the LUT copy.
+            sparse_below: density below which ``"auto"`` picks the sparse layout.
 
         Raises:
             TypeError: if ``linear`` is not an ``nn.Linear``.
-            ValueError: if the layer has no codebook and more than 256 distinct non-zero values.
+            ValueError: if the layer has no codebook and more than 256 distinct non-zero values, or on a bad
+                ``layout`` / ``batch_layout``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        mask = getattr(linear, "weight_mask", None)
-        codebook = getattr(linear, "weight_codebook", None)
-        assign = getattr(linear, "weight_assign", None)
+        if batch_layout not in (None, "lut"):
+            raise ValueError(f"batch_layout must be 'lut' or None, got {batch_layout!r}")
         bias = linear.bias.detach() if linear.bias is not None else None
         device = linear.weight.device
-        if codebook is not None and assign is not None:
-            packed = pack_from_layer_buffers(mask, assign, codebook, row_tile=row_tile, chunk=chunk, device=device)
+        if get_codebook(linear) is not None:
+            rows, cols, codes, centroids, _ = layer_codes(linear)
+            rows, cols, codes, centroids = (torch.from_numpy(a) for a in (rows, cols, codes, centroids))
         else:
             w = linear.weight.detach().to(torch.float32)
+            mask = get_mask(linear)
             keep = mask.to(torch.bool) if mask is not None else w != 0
             rows, cols = torch.nonzero(keep.cpu(), as_tuple=True)
-            values = w.cpu()[rows, cols]
-            centroids, codes = torch.unique(values, return_inverse=True)
+            centroids, codes = torch.unique(w.cpu()[rows, cols], return_inverse=True)
             if centroids.numel() > _MAX_CENTROIDS:
                 raise ValueError(
                     f"layer {linear} has no weight_codebook and {centroids.numel()} distinct non-zero weights; the "
@@ -130,10 +186,15 @@ class CompressedLinear(nn.Module):
                 )
             if centroids.numel() == 0:
                 centroids = torch.zeros(1)
-            packed = pack(
-                w.shape[0], w.shape[1], rows, cols, codes, centroids, row_tile=row_tile, chunk=chunk, device=device
-            )
-        return cls(packed, bias=bias, relu=relu)
+        n_out, n_in = linear.out_features, linear.in_features
+        packed, why = layouts.pack_layer(
+            n_out, n_in, rows, cols, codes, centroids, layout, device=device, sparse_below=sparse_below,
+            sparse_options={"row_tile": row_tile, "chunk": chunk},
+        )  # fmt: skip
+        batch_packed = None
+        if isinstance(packed, EIEPacked) and batch_layout == "lut":
+            batch_packed = pack_lut(n_out, n_in, rows, cols, codes, centroids, device=device)
+        return cls(packed, bias=bias, relu=relu, batch_packed=batch_packed, batch_min=batch_min, reason=why)
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -145,8 +206,14 @@ class CompressedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = eie_spmv.eie_linear(x2, self.packed(), self.bias, self.relu)
+        y = layouts.linear(x2, self.path(x2.shape[0]), self.bias, self.relu)
         return y.reshape(*lead, self.out_features)
+
+    def path(self, batch: int) -> Packed:
+        """The packed layer a batch of ``batch`` rows runs on (the LUT copy from ``batch_min`` rows on)."""
+        if self.batch_min and batch >= self.batch_min:
+            return self.lut_packed()
+        return self.packed()
 
     def autotune(self, batch_sizes: Sequence[int] = (1,), dtype: torch.dtype = torch.float32) -> dict[int, dict]:
         """Time the kernel's launch configurations for these batch sizes once and remember the fastest (CUDA only).
@@ -154,40 +221,64 @@ class CompressedLinear(nn.Module):
         The choice is keyed by the layer's shapes and the activation dtype, so it also applies inside
         ``torch.compile`` and CUDA graphs captured later. Returns ``{batch: config}``.
         """
-        return eie_spmv.autotune(self.packed(), tuple(int(b) for b in batch_sizes), dtype, self.bias, self.relu)
+        out = {}
+        for b in (int(b) for b in batch_sizes):
+            out.update(layouts.autotune(self.path(b), (b,), dtype, self.bias, self.relu))
+        return out
 
     def dense_weight(self) -> Tensor:
         """The decoded float32 ``[out, in]`` weight (for checks; forward never builds it on CUDA)."""
-        return eie_spmv.decode_dense(self.packed())
+        return layouts.decode_dense(self.packed())
 
-    def packed(self) -> EIEPacked:
+    @property
+    def device(self) -> torch.device:
+        return self.lut_codebook.device if self.layout == "lut" else self.codebook.device
+
+    def packed(self) -> Packed:
+        """The primary packed layer (views of this module's buffers)."""
+        if self.layout == "lut":
+            return self.lut_packed()
         return EIEPacked(
-            self.entries,
-            self.block_ptr,
-            self.codebook,
-            self.out_features,
-            self.in_features,
-            self.row_tile,
-            self.chunk,
-            self.code_shift,
+            self.entries, self.block_ptr, self.codebook, self.out_features, self.in_features, self.row_tile,
+            self.chunk, self.code_shift, self.nnz,
+        )  # fmt: skip
+
+    def lut_packed(self) -> LUTPacked:
+        """The LUT layer (the primary one, or a sparse layer's batch copy).
+
+        Raises:
+            ValueError: if this layer holds no LUT layout.
+        """
+        if not self.lut_cbits:
+            raise ValueError(f"this {self.layout} layer holds no lut layout (built with batch_layout=None)")
+        return LUTPacked(
+            self.lut_codes, self.lut_mask, self.lut_codebook, self.out_features, self.in_features, self.lut_cbits,
             self.nnz,
-        )
+        )  # fmt: skip
 
-    def get_extra_state(self) -> dict[str, int]:
-        return {
-            k: int(getattr(self, k))
-            for k in ("in_features", "out_features", "row_tile", "chunk", "code_shift", "nnz", "relu")
-        }
+    _STATE = ("in_features", "out_features", "row_tile", "chunk", "code_shift", "nnz", "relu", "lut_cbits",
+              "batch_min")  # fmt: skip
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def get_extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: int(getattr(self, k)) for k in self._STATE if hasattr(self, k)}
+        state["layout"] = self.layout
+        return state
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
-            setattr(self, k, bool(v) if k == "relu" else int(v))
+            setattr(self, k, bool(v) if k == "relu" else (str(v) if k == "layout" else int(v)))
 
     def extra_repr(self) -> str:
-        bits = self.code_shift - 1
+        if self.layout == "sparse":
+            layout = f"layout=sparse, codebook_bits={self.code_shift - 1}"
+        else:
+            layout = f"layout=lut, code_bits={self.lut_cbits}, bitmap={self.lut_mask is not None}"
+        if self.batch_min:
+            layout += f", batch>={self.batch_min}: lut code_bits={self.lut_cbits} bitmap={self.lut_mask is not None}"
+        why = f", why='{self.reason}'" if self.reason else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-            f"codebook_bits={bits}, bias={self.bias is not None}, relu={self.relu}"
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, {layout}, "
+            f"bias={self.bias is not None}, relu={self.relu}{why}"
         )
 
 
@@ -259,7 +350,7 @@ def to_compressed_inference(
         _convert(model, fuse_relu, counter)
     if autotune_batches:
         for m in model.modules():
-            if isinstance(m, CompressedLinear) and m.entries.is_cuda:
+            if isinstance(m, CompressedLinear) and m.device.type == "cuda":
                 m.autotune(autotune_batches, dtype)
     if counter[0] == 0:
         log.warning("to_compressed_inference: no nn.Linear with a weight_codebook found; model unchanged")
