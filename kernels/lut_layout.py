@@ -176,7 +176,8 @@ def pack_lut(
             f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
         )
     device = torch.device(device) if device is not None else rows.device
-    rows, cols, codes = rows.cpu(), cols.cpu(), codes.cpu()
+    # built where the layer goes: a 4096 x 11008 layer is 45M positions, seconds on a CPU core, milliseconds on a GPU
+    rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
     ncb, nnz = codebook.numel(), rows.numel()
     if nnz:
         for name, t, hi in (("rows", rows, n_out), ("cols", cols, n_in), ("codes", codes, ncb)):
@@ -197,23 +198,24 @@ def pack_lut(
     pw = 32 // cbits
     g_cols = WORDS_PER_GROUP * pw
     k_pad = -(-n_in // g_cols) * g_cols
-    full = torch.full((n_out, k_pad), 0 if bitmap or dense else ncb, dtype=torch.int64)  # padding: a 0.0 or any code
+    fill = 0 if bitmap or dense else ncb  # pruned and padding positions: a 0.0 (zero code), or any code (bitmap)
+    full = torch.full((n_out, k_pad), fill, dtype=torch.int64, device=device)
     lin = rows * k_pad + cols
     if nnz > 1 and torch.unique(lin).numel() != nnz:
         raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
     full.view(-1)[lin] = codes
     # [n, g, s, j] -> word [n, g, j] = sum_s code << (s * cbits)
-    shifts = (torch.arange(pw, dtype=torch.int64) * cbits).view(1, 1, pw, 1)
+    shifts = (torch.arange(pw, dtype=torch.int64, device=device) * cbits).view(1, 1, pw, 1)
     words = (full.view(n_out, -1, pw, WORDS_PER_GROUP) << shifts).sum(dim=2).reshape(n_out, -1)
+    del full
     mask = None
     if bitmap:
-        kept = torch.zeros(n_out * k_pad, dtype=torch.int64)
+        kept = torch.zeros(n_out * k_pad, dtype=torch.int64, device=device)
         kept[lin] = 1
-        bitw = (kept.view(n_out, -1, 32) << torch.arange(32, dtype=torch.int64)).sum(dim=2)
-        mask = _to_int32(bitw).to(device)
-    cb = torch.zeros(1 << cbits, dtype=torch.float32)
-    cb[:ncb] = codebook.detach().to(torch.float32).cpu()
-    return LUTPacked(_to_int32(words).to(device), mask, cb.to(device), n_out, n_in, int(cbits), nnz)
+        mask = _to_int32((kept.view(n_out, -1, 32) << torch.arange(32, dtype=torch.int64, device=device)).sum(dim=2))
+    cb = torch.zeros(1 << cbits, dtype=torch.float32, device=device)
+    cb[:ncb] = codebook.detach().to(device=device, dtype=torch.float32)
+    return LUTPacked(_to_int32(words), mask, cb, n_out, n_in, int(cbits), nnz)
 
 
 def decode_dense_lut(packed: LUTPacked) -> Tensor:

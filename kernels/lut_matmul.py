@@ -90,21 +90,21 @@ def choose_lut_config(
 
 
 def lut_candidates(batch: int, packed: LUTPacked) -> list[dict[str, Any]]:
-    """Configurations :func:`autotune_lut` times for one layer and batch (a few dozen)."""
+    """Configurations :func:`autotune_lut` times for one layer and batch (at most 24)."""
     out = []
     decodes = (0, 1) if packed.cbits <= 4 else (0,)
     n_groups = packed.n_groups
     if batch <= 4:
         bbs, dots = [next_pow2(max(batch, 1))], [False]
     else:
-        bbs, dots = sorted({max(16, min(next_pow2(batch), b)) for b in (16, 32, 64)}), [True]
+        bbs, dots = sorted({16, max(16, min(next_pow2(batch), 64))}), [True]
     for use_dot in dots:
         for bb in bbs:
             for bn in (32, 64, 128) if use_dot else (16, 32, 64):
                 if not use_dot and bn * 32 * bb > 8192:
                     continue
                 n_tiles = -(-packed.out_features // bn) * -(-max(batch, 1) // bb)
-                for per_sm in (2, 4, 8):
+                for per_sm in (2, 6):
                     split = int(max(1, min(-(-per_sm * _SMS // n_tiles), 64, n_groups)))
                     for dec in decodes:
                         cfg = {"block_n": bn, "block_b": bb, "use_dot": use_dot, "decode": dec, "split": split}

@@ -1,0 +1,512 @@
+"""Issue 16 benchmark: compressed layouts (sparse ELL, dense packed-code LUT on tensor cores) vs dense and int4 peers.
+
+One command, one process, every provider side by side in the same run:
+
+* EIE's nine layers [EIE Table III] (random masks at the paper's densities, 4-bit codebooks, ReLU-like inputs) at
+  batch 1/4/16/64 in fp16 and batch 1 in fp32; transformer decode shapes (4096x4096, 11008x4096, 4096x11008 as
+  out x in) at 10/30/50/100 % density, 4-bit, batch 1 and 16 in fp16; the AlexNet and VGG-16 FC6-8 stacks.
+* providers: ``sparse`` (EIE sliced-ELL kernels), ``lut`` (packed codes + tensor cores), ``ours`` (what
+  ``CompressedLinear`` runs by default: layout by density, a sparse layer's LUT copy from batch 8), their autotuned
+  variants (``*_tuned``), dense fp16 / bf16 cuBLAS, int4 weight-only (``_weight_int4pack_mm``, group 128, bf16),
+  torch CSR fp16 (cuSPARSE) and 2:4 semi-structured fp16 at batch >= 16 (on a 2:4-pruned copy of the weight: a
+  speed peer only).
+* timing: each provider captured in ONE CUDA graph that rotates through enough copies of the layer to exceed the
+  60 MB L2 (every call reads its weights from HBM, as in a network pass, no launch gaps); median of 15 replays,
+  divided by the copies. Floor = bytes moved (weights + x + y) / measured copy bandwidth + one graph node.
+* correctness: every provider's output vs a float64 dense product of the same weights, every shape/batch/dtype.
+* autotuning: the layers' kernels are tuned once per batch (the chosen configs are written to ``configs.json``).
+
+A time budget (``--budget-s``) orders the work: layers, then transformer shapes, then autotuning + re-timing, then
+stacks; what does not fit is recorded as skipped. Results are rewritten after every phase under ``--out`` (default
+``$OUT``): ``layers.csv``, ``results.json``, ``configs.json``, ``summary.md``, ``speedup.png``.
+
+Run on the GPU machine from the repository root (no install needed)::
+
+    python bench/bench_eie_layouts.py --out $OUT
+
+``--smoke`` runs the plumbing on the CPU under the Triton interpreter (tiny layers, wall-clock timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _kernels_shim() -> None:
+    """Make ``dc_lightning.kernels`` importable from a plain checkout (the package maps it to ``kernels/``)."""
+    import dc_lightning
+
+    if importlib.util.find_spec("dc_lightning.kernels") is not None:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "dc_lightning.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["dc_lightning.kernels"] = mod
+    spec.loader.exec_module(mod)
+    dc_lightning.kernels = mod
+
+
+_kernels_shim()
+
+from bench_eie import EIE_LAYERS, STACKS, make_int4  # noqa: E402
+
+from dc_lightning.kernels import eie_spmv, layouts, lut_matmul  # noqa: E402
+from dc_lightning.kernels.eie_layout import pack  # noqa: E402
+from dc_lightning.kernels.lut_layout import pack_lut  # noqa: E402
+
+TRANSFORMER = [("T-4096x4096", 4096, 4096), ("T-11008x4096", 4096, 11008), ("T-4096x11008", 11008, 4096)]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+OURS = ("sparse", "lut", "sparse_tuned", "lut_tuned")
+BATCH_MIN = 8  # CompressedLinear's default: a sparse layer runs its LUT copy from this batch on
+
+
+def default_path(layout: str, batch: int) -> str:
+    """What CompressedLinear runs by default: the layer's layout, a sparse layer's LUT copy from BATCH_MIN on."""
+    return "lut" if layout == "lut" or batch >= BATCH_MIN else "sparse"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dev = "cpu" if args.smoke else "cuda"
+        self.t0 = time.time()
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.configs: list[dict] = []
+        self.failures: list[dict] = []
+        self.skipped: list[str] = []
+        self.stacks: list[dict] = []
+        self.env = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if self.dev == "cuda" else "cpu (interpreter smoke)",
+        }
+        try:
+            import triton
+
+            self.env["triton"] = triton.__version__
+        except ImportError:
+            self.env["triton"] = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def left(self) -> float:
+        return self.args.budget_s - (time.time() - self.t0)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def fail(self, where: str, err: BaseException) -> None:
+        self.failures.append({"where": where, "error": f"{type(err).__name__}: {err}"[:500]})
+        self.log(f"FAILED {where}: {type(err).__name__}: {str(err)[:200]}")
+        if self.args.verbose:
+            traceback.print_exc()
+
+    def time_graph(self, calls: list) -> float:
+        """µs per call: the calls (one per weight copy) captured in one CUDA graph, median of replays / copies."""
+        if self.dev == "cpu":
+            t = time.perf_counter()
+            for c in calls:
+                c()
+            return (time.perf_counter() - t) * 1e6 / len(calls)
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        for _ in range(3):
+            g.replay()
+        times = []
+        for _ in range(15):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / len(calls))
+        del g
+        return statistics.median(times)
+
+    def copies(self, weight_bytes: int) -> int:
+        if self.dev == "cpu":
+            return 2
+        return int(min(max(2, math.ceil(self.args.l2_mb * 2e6 / max(weight_bytes, 1))), 256))
+
+    def floor_setup(self) -> None:
+        if self.dev == "cpu":
+            self.bw, self.node_us = 1e11, 1.0
+            return
+        n = 1 << 28  # 256 MB copy
+        a = torch.empty(n, dtype=torch.uint8, device="cuda")
+        b = torch.empty_like(a)
+        us = self.time_graph([lambda a=a, b=b: b.copy_(a)] * 4)
+        self.bw = 2 * n / (us * 1e-6)
+        z = torch.zeros(1, device="cuda")
+        self.node_us = self.time_graph([lambda: z.add_(1)] * 256)
+        self.env.update(copy_bw_tb_s=self.bw / 1e12, graph_node_us=self.node_us)
+        self.log(f"copy {self.bw / 1e12:.2f} TB/s (read+write), one graph node {self.node_us:.2f} us")
+        del a, b
+
+    # ------------------------------------------------------------------------------------------------------
+    def make_layer(self, n_in: int, n_out: int, density: float, seed: int) -> dict:
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+        mask = torch.rand(n_out, n_in, generator=g, device=self.dev) < density
+        rows, cols = mask.nonzero(as_tuple=True)
+        del mask
+        codes = torch.randint(0, 16, (rows.numel(),), generator=g, device=self.dev)
+        codebook = torch.randn(16, generator=g, device=self.dev) * 0.05
+        bias = torch.randn(n_out, generator=g, device=self.dev) * 0.01
+        # the sparse packer sorts on the CPU: skip it for big dense-ish layers, which get the lut layout anyway
+        sp = pack(n_out, n_in, rows, cols, codes, codebook, device=self.dev) if rows.numel() <= 20e6 else None
+        lut = pack_lut(n_out, n_in, rows, cols, codes, codebook, device=self.dev)
+        # nominal density: a random mask at exactly 10 % must not flip the layout from run to run
+        layout, why = layouts.choose_layout(n_out, n_in, round(density * n_out * n_in), 16)
+        w = torch.zeros(n_out, n_in, dtype=torch.float32, device=self.dev)
+        w[rows, cols] = codebook[codes]
+        return {"n_in": n_in, "n_out": n_out, "density": density, "nnz": rows.numel(), "sparse": sp, "lut": lut,
+                "layout": layout.value, "why": why, "w": w, "bias": bias}  # fmt: skip
+
+    def providers(self, L: dict, batch: int, dtype: torch.dtype, relu: bool = False) -> dict:
+        """name -> (factory(copy) -> fn(x), input dtype, weight bytes, exact); ``relu``: ours fuse it, peers add one."""
+        act = torch.relu if relu else (lambda t: t)
+        w, bias = L["w"], L["bias"]
+        sp, lut = L["sparse"], L["lut"]
+        default = default_path(L["layout"], batch)
+
+        def clone(p):
+            return dataclasses.replace(p, **{f.name: getattr(p, f.name).clone() for f in dataclasses.fields(p)
+                                             if isinstance(getattr(p, f.name), torch.Tensor)})  # fmt: skip
+
+        def ours(kind):
+            p0 = sp if kind == "sparse" else lut
+            op = eie_spmv.eie_linear if kind == "sparse" else lut_matmul.lut_linear
+
+            def factory(i):
+                p = p0 if i == 0 else clone(p0)
+                return lambda x: op(x, p, bias, relu)
+
+            return factory, dtype, p0.nbytes, True
+
+        out = {k: ours(k) for k in ("sparse", "lut") if L[k] is not None}
+        out["ours"] = ours(default)
+        if self.dev == "cpu":
+            return out
+        w16, wbf = w.half(), w.bfloat16()
+        b16, bbf = bias.half(), bias.bfloat16()
+
+        def dense(m0, b0):
+            def factory(i):
+                m = m0 if i == 0 else m0.clone()
+                return lambda x: act(F.linear(x, m, b0))
+
+            return factory, m0.dtype, m0.nbytes, True
+
+        out["dense_fp16"] = dense(w16, b16)
+        out["dense_bf16"] = dense(wbf, bbf)
+        if dtype == torch.float32:
+            out["dense_fp32"] = dense(w, bias)
+
+        def int4(i):
+            fn = make_int4(w)
+            return lambda x: act(fn(x) + bbf)
+
+        out["int4_bf16"] = (int4, torch.bfloat16, w.numel() // 2 + w.numel() // 128 * 4, False)
+
+        def csr(i):
+            m = w16.to_sparse_csr()
+            return lambda x: act((m @ x.t()).t() + b16)
+
+        out["csr_fp16"] = (csr, torch.float16, L["nnz"] * 6 + 4 * L["n_out"], True)
+        if batch >= 16:
+
+            def semi(i):
+                from torch.sparse import to_sparse_semi_structured
+
+                v = w16.view(w16.shape[0], -1, 4)
+                keep = v.abs().argsort(dim=-1, descending=True)[..., :2]
+                pruned = torch.zeros_like(v).scatter(-1, keep, v.gather(-1, keep)).view_as(w16)
+                m = to_sparse_semi_structured(pruned)
+                return lambda x: act(F.linear(x, m, b16))
+
+            out["semi24_fp16"] = (semi, torch.float16, w16.nbytes // 2 + w16.nbytes // 8, False)
+        return out
+
+    def measure_layer(self, name: str, L: dict, batch: int, dtype: torch.dtype, only: tuple | None = None,
+                      tag: str = "") -> None:  # fmt: skip
+        g = torch.Generator(device=self.dev).manual_seed(batch)
+        x32 = torch.randn(batch, L["n_in"], generator=g, device=self.dev).abs()
+        x32 = torch.where(torch.rand(x32.shape, generator=g, device=self.dev) < 0.4, x32, 0.0)
+        ref = (x32.double() @ L["w"].double().T + L["bias"].double()).float()
+        for prov, (factory, in_dtype, wbytes, exact) in self.providers(L, batch, dtype).items():
+            if prov == "ours" or (only is not None and prov not in only):
+                continue  # "ours" is one of sparse / lut (default_path); the stacks time it
+            rec = {"layer": name, "out": L["n_out"], "in": L["n_in"], "density": L["density"], "batch": batch,
+                   "dtype": str(dtype).replace("torch.", ""), "provider": prov + tag,
+                   "layout": L["layout"]}  # fmt: skip
+            try:
+                x = x32.to(in_dtype if prov not in OURS else dtype)
+                fns = [factory(i) for i in range(self.copies(wbytes))]
+                y = fns[0](x)
+                err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+                io = x.numel() * x.element_size() + y.numel() * y.element_size()
+                rec.update(rel_err=err, weight_bytes=int(wbytes), bytes=int(wbytes + io))
+                rec["ok"] = bool(err <= TOL[x.dtype]) if exact else None
+                if rec["ok"] is False:
+                    self.failures.append({"where": f"{name} B={batch} {prov}{tag}", "error": f"rel err {err:.2e}"})
+                rec["us"] = self.time_graph([lambda f=f, x=x: f(x) for f in fns])
+                rec["floor_us"] = self.node_us + rec["bytes"] / self.bw * 1e6
+                del fns
+            except Exception as err:  # noqa: BLE001 - one provider failing must not stop the run
+                self.fail(f"{name} B={batch} {rec['dtype']} {prov}{tag}", err)
+                rec["error"] = f"{type(err).__name__}: {err}"[:300]
+            self.rows.append(rec)
+        if self.dev == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------------------
+    def layer_set(self) -> list[tuple[str, int, int, float]]:
+        if self.args.smoke:  # chained shapes: the smoke run also builds the "tiny" stack
+            return [("tiny-4%", 300, 40, 0.04), ("tiny-25%", 40, 33, 0.25), ("tiny-100%", 33, 20, 1.0)]
+        return [(n, i, o, d) for n, i, o, d, _, _ in EIE_LAYERS]
+
+    def transformer_set(self) -> list[tuple[str, int, int, float]]:
+        if self.args.smoke:
+            return [("T-tiny@30%", 256, 48, 0.3)]
+        return [(f"{n}@{int(d * 100)}%", i, o, d) for n, o, i in TRANSFORMER for d in (0.1, 0.3, 0.5, 1.0)]
+
+    def run_layers(self, layer_set, batches, fp32_b1: bool, phase: str) -> dict:
+        built = {}
+        for li, (name, n_in, n_out, dens) in enumerate(layer_set):
+            if self.left() < 30:
+                self.skipped.append(f"{phase}: {name} and later (budget)")
+                break
+            try:
+                L = self.make_layer(n_in, n_out, dens, seed=li)
+            except Exception as err:  # noqa: BLE001
+                self.fail(f"{name} pack", err)
+                continue
+            built[name] = L
+            sp_mb = L["sparse"].nbytes / 1e6 if L["sparse"] is not None else float("nan")
+            self.log(f"{phase} {name} {n_out}x{n_in} d={dens} nnz={L['nnz']} layout={L['layout']} "
+                     f"sparse {sp_mb:.2f} MB lut {L['lut'].nbytes / 1e6:.2f} MB ({L['why']})")  # fmt: skip
+            for b in batches:
+                self.measure_layer(name, L, b, torch.float16)
+            if fp32_b1:
+                self.measure_layer(name, L, 1, torch.float32)
+            self.write()
+        return built
+
+    def autotune(self, built: dict, batches) -> None:
+        for name, L in built.items():
+            for b in batches:
+                if self.left() < 60:
+                    self.skipped.append(f"autotune: {name} B={b} and later (budget)")
+                    return
+                kinds = ["lut"] + (["sparse"] if default_path(L["layout"], b) == "sparse" else [])
+                for kind in kinds:
+                    try:
+                        t = time.time()
+                        if kind == "lut":
+                            got = lut_matmul.autotune_lut(L["lut"], (b,), torch.float16, L["bias"], rep_ms=5)
+                        else:
+                            got = eie_spmv.autotune(L["sparse"], (b,), torch.float16, L["bias"], rep_ms=5)
+                        cfg = got.get(b)
+                        self.configs.append({"layer": name, "batch": b, "kind": kind, "config": cfg,
+                                             "tune_s": round(time.time() - t, 1)})  # fmt: skip
+                        self.log(f"tuned {name} B={b} {kind}: {cfg}")
+                    except Exception as err:  # noqa: BLE001
+                        self.fail(f"autotune {name} B={b} {kind}", err)
+                self.measure_layer(name, L, b, torch.float16, only=tuple(kinds), tag="_tuned")
+            self.write()
+
+    def run_stacks(self, built: dict, batches) -> None:
+        """FC6 -> ReLU -> FC7 -> ReLU -> FC8, one graph per provider rotating through copies of the whole stack."""
+        stacks = {"tiny": [n for n, *_ in self.layer_set()]} if self.args.smoke else STACKS
+        for stack, names in stacks.items():
+            if not all(n in built for n in names):
+                self.skipped.append(f"stack {stack}: layers not built")
+                continue
+            Ls = [built[n] for n in names]
+            for b in batches:
+                if self.left() < 20:
+                    self.skipped.append(f"stack {stack} B={b} and later (budget)")
+                    return
+                x = torch.randn(b, Ls[0]["n_in"], device=self.dev).abs().half()
+                for prov in ("ours",) if self.args.smoke else ("ours", "dense_fp16", "int4_bf16"):
+                    try:
+                        per_layer = [self.providers(L, b, torch.float16, relu=j < len(Ls) - 1)[prov]
+                                     for j, L in enumerate(Ls)]  # fmt: skip
+                        copies = self.copies(sum(p[2] for p in per_layer))
+                        chains = [[p[0](i) for p in per_layer] for i in range(copies)]
+                        xi = x.to(per_layer[0][1])
+
+                        def run(chain, xi=xi):
+                            h = xi
+                            for fn in chain:
+                                h = fn(h)
+                            return h
+
+                        us = self.time_graph([lambda c=c, run=run: run(c) for c in chains])
+                        self.stacks.append({"stack": stack, "batch": b, "provider": prov, "us": us, "copies": copies})
+                        del chains
+                    except Exception as err:  # noqa: BLE001
+                        self.fail(f"stack {stack} B={b} {prov}", err)
+            self.write()
+
+    # ------------------------------------------------------------------------------------------------------
+    def write(self) -> None:
+        keys = ["layer", "out", "in", "density", "layout", "batch", "dtype", "provider", "us", "floor_us", "bytes",
+                "weight_bytes", "rel_err", "ok", "error"]  # fmt: skip
+        with open(self.out / "layers.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            wr.writeheader()
+            wr.writerows(self.rows)
+        doc = {"env": self.env, "args": vars(self.args), "rows": self.rows, "stacks": self.stacks,
+               "configs": self.configs, "failures": self.failures, "skipped": self.skipped}  # fmt: skip
+        (self.out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
+        (self.out / "configs.json").write_text(json.dumps(self.configs, indent=1, default=str))
+        (self.out / "summary.md").write_text(self.summary())
+
+    def table(self) -> dict:
+        t: dict = {}
+        for r in self.rows:
+            if "us" in r:
+                t.setdefault((r["layer"], r["batch"], r["dtype"]), {})[r["provider"]] = r
+        return t
+
+    def ours(self, layer: str, b: int, ps: dict) -> tuple[str, float]:
+        """The default path's name and time (its tuned time when the autotune phase measured it)."""
+        layout = next(iter(ps.values()))["layout"]
+        path = default_path(layout, b)
+        for k in (path + "_tuned", path):
+            if k in ps:
+                return k, ps[k]["us"]
+        return path, float("nan")
+
+    def summary(self) -> str:
+        t = self.table()
+        lines = [f"# bench_eie_layouts ({self.env['date']}, {self.env['device']}, torch {self.env['torch']}, "
+                 f"triton {self.env['triton']})", "",
+                 "µs per call (CUDA graph rotating through copies > L2, median of 15 replays). ours = what "
+                 f"CompressedLinear runs by default (layout by density; a sparse layer's LUT copy from batch "
+                 f"{BATCH_MIN}; tuned configs when the autotune phase ran); best = fastest of our kernels; "
+                 "floor = bytes / copy bandwidth + one graph node.", "",
+                 "| layer | B | dtype | layout | ours | ours path | best | best path | dense fp16 | dense bf16 | int4 "
+                 "| csr | 2:4 | floor | ours/floor | ours x fp16 | ours x int4 | checks |",
+                 "|" + "---|" * 18]  # fmt: skip
+        geo: dict = {}
+        for (layer, b, dt), ps in t.items():
+            mine = {k: v["us"] for k, v in ps.items() if k in OURS}
+            if not mine:
+                continue
+            best_k = min(mine, key=mine.get)
+            path, ours = self.ours(layer, b, ps)
+
+            def us(k, ps=ps):
+                return ps[k]["us"] if k in ps else float("nan")
+
+            fl = ps[path]["floor_us"] if path in ps else float("nan")
+            ok = all(v.get("ok") is not False for v in ps.values())
+            x16, x4 = us("dense_fp16") / ours, us("int4_bf16") / ours
+            geo.setdefault((b, dt, layer.startswith("T-")), []).append((x16, us("dense_fp16") / mine[best_k]))
+            lines.append(f"| {layer} | {b} | {dt} | {ps[path]['layout'] if path in ps else '?'} | {ours:.2f} "
+                         f"| {path} | {mine[best_k]:.2f} | {best_k} | {us('dense_fp16'):.2f} | {us('dense_bf16'):.2f} "
+                         f"| {us('int4_bf16'):.2f} | {us('csr_fp16'):.2f} | {us('semi24_fp16'):.2f} | {fl:.2f} "
+                         f"| {ours / fl:.2f} | {x16:.2f} | {x4:.2f} | {'ok' if ok else 'FAIL'} |")  # fmt: skip
+        lines += ["", "Geomean speed-up vs dense fp16 (ours / best of ours):", ""]
+        for (b, dt, tr), v in sorted(geo.items()):
+            g1, g2 = (math.exp(sum(math.log(max(p[i], 1e-9)) for p in v) / len(v)) for i in (0, 1))
+            lines.append(f"- {'transformer' if tr else 'EIE'} B={b} {dt}: {g1:.2f}x / {g2:.2f}x over {len(v)} layers")
+        if self.stacks:
+            lines += ["", "| stack | B | provider | µs per batch |", "|---|---|---|---|"]
+            lines += [f"| {s['stack']} | {s['batch']} | {s['provider']} | {s['us']:.2f} |" for s in self.stacks]
+        lines += ["", f"failures: {len(self.failures)}", *[f"- {f['where']}: {f['error']}" for f in self.failures]]
+        lines += ["", f"skipped: {len(self.skipped)}", *[f"- {s}" for s in self.skipped]]
+        return "\n".join(lines) + "\n"
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t = self.table()
+        layers = sorted({k[0] for k in t if not k[0].startswith("T-")}, key=lambda s: s)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for layer in layers:
+            bs = sorted(b for (la, b, dt) in t if la == layer and dt == "float16")
+            ys = []
+            for b in bs:
+                ps = t[(layer, b, "float16")]
+                ys.append(ps["dense_fp16"]["us"] / self.ours(layer, b, ps)[1] if "dense_fp16" in ps else float("nan"))
+            if any(y == y for y in ys):  # NaN != NaN: a layer without a dense peer is left out
+                ax.plot(bs, ys, marker="o", label=layer)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("speed-up of ours vs dense fp16 (fp16, per layer)")
+        ax.legend(fontsize=7)
+        fig.savefig(self.out / "speedup.png", dpi=120, bbox_inches="tight")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this many seconds")
+    ap.add_argument("--l2-mb", type=float, default=60.0)
+    ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny layers (plumbing only)")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    bench = Bench(args)
+    bench.log(f"env {bench.env}")
+    try:
+        bench.floor_setup()
+    except Exception as err:  # noqa: BLE001
+        bench.fail("floor setup", err)
+        bench.bw, bench.node_us = 4.0e12, 1.0
+    batches = (1, 3) if args.smoke else (1, 4, 16, 64)
+    eie = bench.run_layers(bench.layer_set(), batches, fp32_b1=True, phase="eie")
+    tr = bench.run_layers(bench.transformer_set(), (1, 16), fp32_b1=False, phase="transformer")
+    if not args.no_tune and not args.smoke:
+        bench.autotune(eie, (1, 16, 64))
+        bench.autotune(tr, (1, 16))
+    bench.run_stacks(eie, (1, 3) if args.smoke else (1, 16, 64))
+    bench.write()
+    try:
+        bench.plot()
+    except Exception as err:  # noqa: BLE001
+        bench.fail("plot", err)
+    bench.write()
+    print(bench.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
