@@ -345,7 +345,7 @@ class Bench:
                 self.measure_layer(name, L, b, torch.float16, only=tuple(kinds), tag="_tuned")
             self.write()
 
-    def run_stacks(self, built: dict, batches) -> None:
+    def run_stacks(self, built: dict, batches, tag: str = "") -> None:
         """FC6 -> ReLU -> FC7 -> ReLU -> FC8, one graph per provider rotating through copies of the whole stack."""
         stacks = {"tiny": [n for n, *_ in self.layer_set()]} if self.args.smoke else STACKS
         for stack, names in stacks.items():
@@ -358,7 +358,8 @@ class Bench:
                     self.skipped.append(f"stack {stack} B={b} and later (budget)")
                     return
                 x = torch.randn(b, Ls[0]["n_in"], device=self.dev).abs().half()
-                for prov in ("ours",) if self.args.smoke else ("ours", "dense_fp16", "int4_bf16"):
+                provs = ("ours",) if self.args.smoke or tag else ("ours", "dense_fp16", "int4_bf16")
+                for prov in provs:
                     try:
                         per_layer = [self.providers(L, b, torch.float16, relu=j < len(Ls) - 1)[prov]
                                      for j, L in enumerate(Ls)]  # fmt: skip
@@ -373,11 +374,69 @@ class Bench:
                             return h
 
                         us = self.time_graph([lambda c=c, run=run: run(c) for c in chains])
-                        self.stacks.append({"stack": stack, "batch": b, "provider": prov, "us": us, "copies": copies})
+                        self.stacks.append({"stack": stack, "batch": b, "provider": prov + tag, "us": us,
+                                            "copies": copies})  # fmt: skip
                         del chains
                     except Exception as err:  # noqa: BLE001
                         self.fail(f"stack {stack} B={b} {prov}", err)
             self.write()
+
+    def compile_check(self) -> None:
+        """``torch.compile(fullgraph=True)`` and CUDA-graph replay of a CompressedLinear stack holding every path
+        (sparse layer + its LUT batch copy, bitmap LUT, dense LUT), vs eager and float64."""
+        from torch import nn
+
+        from dc_lightning.inference import CompressedLinear
+
+        def quantized(n_in, n_out, density, seed):
+            g = torch.Generator(device=self.dev).manual_seed(seed)
+            lin = nn.Linear(n_in, n_out, device=self.dev)
+            cb = torch.randn(16, generator=g, device=self.dev) * 0.05
+            assign = torch.randint(0, 16, (n_out, n_in), generator=g, device=self.dev, dtype=torch.uint8)
+            mask = torch.rand(n_out, n_in, generator=g, device=self.dev) < density
+            for k, v in (("weight_mask", mask), ("weight_codebook", cb), ("weight_assign", assign)):
+                lin.register_buffer(k, v)
+            with torch.no_grad():
+                lin.weight.copy_(cb[assign.long()] * mask)
+            return lin
+
+        dims = [(96, 64, 0.05), (64, 48, 0.3), (48, 40, 1.0)] if self.args.smoke else \
+            [(4096, 4096, 0.04), (4096, 1000, 0.25), (1000, 512, 1.0)]  # fmt: skip
+        lins = [quantized(i, o, d, s) for s, (i, o, d) in enumerate(dims)]
+        model = nn.Sequential(*[CompressedLinear.from_linear(m, relu=j < 2) for j, m in enumerate(lins)]).eval()
+        self.env["compile_check_model"] = repr(model)
+        compiled = torch.compile(model, fullgraph=True, backend="eager" if self.args.smoke else "inductor")
+        for b in (1, 16):
+            rec = {"batch": b}
+            try:
+                x = torch.randn(b, dims[0][0], device=self.dev).abs().half()
+                ref = x.double()
+                for j, m in enumerate(lins):
+                    ref = ref @ m.weight.double().T + m.bias.double()
+                    ref = torch.relu(ref) if j < 2 else ref
+                eager, comp = model(x), compiled(x)
+                scale = ref.norm().item()
+                rec["eager_err"] = ((eager.double() - ref).norm() / scale).item()
+                rec["compiled_err"] = ((comp.double() - ref).norm() / scale).item()
+                if self.dev == "cuda":
+                    static = x.clone()
+                    g = torch.cuda.CUDAGraph()
+                    compiled(static)
+                    with torch.cuda.graph(g):
+                        out = compiled(static)
+                    static.copy_(x.flip(0))
+                    g.replay()
+                    ref2 = model(x.flip(0))
+                    rec["graph_replay_err"] = ((out.double() - ref2.double()).norm() / ref2.double().norm()).item()
+                rec["ok"] = all(v <= 3e-3 for k, v in rec.items() if k.endswith("_err"))
+                if not rec["ok"]:
+                    self.failures.append({"where": f"compile check B={b}", "error": str(rec)})
+            except Exception as err:  # noqa: BLE001
+                self.fail(f"compile check B={b}", err)
+                rec["error"] = f"{type(err).__name__}: {err}"[:300]
+            self.env.setdefault("compile_check", []).append(rec)
+            self.log(f"compile check {rec}")
+        self.write()
 
     # ------------------------------------------------------------------------------------------------------
     def write(self) -> None:
@@ -478,7 +537,7 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
-    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this many seconds")
     ap.add_argument("--l2-mb", type=float, default=60.0)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny layers (plumbing only)")
@@ -492,12 +551,18 @@ def main(argv=None) -> int:
         bench.fail("floor setup", err)
         bench.bw, bench.node_us = 4.0e12, 1.0
     batches = (1, 3) if args.smoke else (1, 4, 16, 64)
+    stack_batches = (1, 3) if args.smoke else (1, 16, 64)
     eie = bench.run_layers(bench.layer_set(), batches, fp32_b1=True, phase="eie")
+    bench.run_stacks(eie, stack_batches)
+    try:
+        bench.compile_check()
+    except Exception as err:  # noqa: BLE001
+        bench.fail("compile check", err)
     tr = bench.run_layers(bench.transformer_set(), (1, 16), fp32_b1=False, phase="transformer")
     if not args.no_tune and not args.smoke:
         bench.autotune(eie, (1, 16, 64))
+        bench.run_stacks(eie, stack_batches, tag="_tuned")
         bench.autotune(tr, (1, 16))
-    bench.run_stacks(eie, (1, 3) if args.smoke else (1, 16, 64))
     bench.write()
     try:
         bench.plot()

@@ -1,7 +1,8 @@
 """The ``@triton.jit`` kernel of the dense packed-code layout (``lut_layout``); launched by ``lut_matmul``.
 
 :func:`lut_matmul_kernel`: a program owns ``BLOCK_N`` output rows x ``BLOCK_B`` batch rows and a range of column
-groups (split-K: ``SPLIT`` programs per output tile, combined by ``runtime.splitk_finish``). Per group it loads the
+groups (split-K: ``n_split`` programs per output tile, combined by ``runtime.splitk_finish``; a run-time
+value, so one compiled kernel serves every split). Per group it loads the
 ``[BLOCK_N, 32]`` code words once and decodes them slice by slice (``PW = 32 // CBITS`` slices of 32 columns):
 shift + mask gives the codes, the codebook (held in registers, ``DECODE=1``: ``tl.gather``; ``DECODE=0``: a
 ``tl.load`` from the 1 KB table, which stays in L1) gives the weights, the bitmap word of the slice zeroes the
@@ -36,13 +37,13 @@ if HAS_TRITON:
         K,
         n_groups,
         groups_per_split,
+        n_split,
         CBITS: tl.constexpr,
         HAS_MASK: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_B: tl.constexpr,
         USE_DOT: tl.constexpr,
         DECODE: tl.constexpr,
-        SPLIT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         RELU: tl.constexpr,
     ):
@@ -97,4 +98,4 @@ if HAS_TRITON:
         omask = r_ok[:, None] & b_ok[None, :]
         yoff = bb[None, :] * N + rows[:, None]
         cidx = tile * tl.num_programs(2) + bgrp
-        splitk_finish(res, rows, yoff, omask, bias_ptr, y_ptr, ws_ptr, cnt_ptr, cidx, N, SPLIT, HAS_BIAS, RELU)
+        splitk_finish(res, rows, yoff, omask, bias_ptr, y_ptr, ws_ptr, cnt_ptr, cidx, N, n_split, HAS_BIAS, RELU)

@@ -199,11 +199,14 @@ if HAS_TRITON:
         cnt_ptr,
         cidx,
         N,
-        SPLIT: tl.constexpr,
+        SPLIT,
         HAS_BIAS: tl.constexpr,
         RELU: tl.constexpr,
     ):
         """Store one output tile ``res`` ([rows, batch] fp32 partial sums) of a program of a split-K group.
+
+        ``SPLIT`` (programs per tile) may be a constexpr (the branch is then resolved at compile time) or a run-time
+        value (both branches compiled; Triton specialises a 1 anyway).
 
         ``SPLIT == 1``: apply bias/ReLU/cast and store. ``SPLIT > 1``: add the partial into the zeroed workspace
         with relaxed atomics and bump the tile's arrival counter ``cnt_ptr[cidx]``; the last program to arrive
