@@ -58,6 +58,7 @@ if HAS_TRITON:
         bb = bgrp * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = bb < B
         j = tl.arange(0, 32)
+        jbit = (1 << j).to(tl.int32)  # bit j of a bitmap word: column j of the slice (bit 31 wraps to INT_MIN)
         n_words = n_groups * 32
         n_mwords = n_groups * PW
         if DECODE == 1:
@@ -79,7 +80,7 @@ if HAS_TRITON:
                     w = tl.load(codebook_ptr + code)
                 if HAS_MASK:
                     mw = tl.load(mask_ptr + rows * n_mwords + g * PW + s, mask=r_ok, other=0)
-                    w = tl.where(((mw[:, None] >> j[None, :]) & 1) != 0, w, 0.0)
+                    w = tl.where((mw[:, None] & jbit[None, :]) != 0, w, 0.0)
                 cols = g * G + s * 32 + j
                 xt = tl.load(
                     x_ptr + bb[None, :] * K + cols[:, None], mask=b_ok[None, :] & (cols[:, None] < K), other=0.0
