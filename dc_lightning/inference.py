@@ -219,11 +219,27 @@ class CompressedLinear(nn.Module):
         """Time the kernel's launch configurations for these batch sizes once and remember the fastest (CUDA only).
 
         The choice is keyed by the layer's shapes and the activation dtype, so it also applies inside
-        ``torch.compile`` and CUDA graphs captured later. Returns ``{batch: config}``.
+        ``torch.compile`` and CUDA graphs captured later. A sparse layer with a LUT batch copy times both paths at
+        every batch size and moves ``batch_min`` to the smallest tuned batch from which the LUT copy wins at every
+        larger tuned batch. Returns ``{batch: config}`` (each with its median ``"us"`` and its ``"path"``).
         """
-        out = {}
-        for b in (int(b) for b in batch_sizes):
-            out.update(layouts.autotune(self.path(b), (b,), dtype, self.bias, self.relu))
+        out: dict[int, dict] = {}
+        lut_wins: dict[int, bool] = {}
+        for b in sorted({int(b) for b in batch_sizes}):
+            paths = [self.packed()] + ([self.lut_packed()] if self.batch_min else [])
+            timed = []
+            for p in paths:
+                got = layouts.autotune(p, (b,), dtype, self.bias, self.relu).get(b)
+                if got is not None:
+                    timed.append({**got, "path": layouts.layout_of(p).value})
+            if timed:
+                best = min(timed, key=lambda c: c["us"])
+                out[b] = best
+                lut_wins[b] = best["path"] == "lut"
+        if self.batch_min and len(lut_wins) == len(set(int(b) for b in batch_sizes)) and lut_wins:
+            tuned = sorted(lut_wins)
+            switch = next((b for i, b in enumerate(tuned) if all(lut_wins[c] for c in tuned[i:])), tuned[-1] + 1)
+            self.batch_min = int(switch)
         return out
 
     def dense_weight(self) -> Tensor:

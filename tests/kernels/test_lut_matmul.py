@@ -356,5 +356,31 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
         CompressedLinear.from_linear(lin, batch_layout="bitmap")
 
 
+def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
+    """CompressedLinear.autotune times both paths of a sparse layer and switches where the LUT copy wins."""
+    layer = CompressedLinear.from_linear(_quantized_linear(density=0.05), batch_min=8)
+    us = {("sparse", 1): 5.0, ("lut", 1): 7.0, ("sparse", 4): 9.0, ("lut", 4): 8.0, ("sparse", 16): 30.0,
+          ("lut", 16): 10.0, ("sparse", 64): 90.0, ("lut", 64): 12.0}  # fmt: skip
+    calls = []
+
+    def fake_autotune(packed, batch_sizes, dtype, bias, relu):
+        path = layouts.layout_of(packed).value
+        calls.append((path, batch_sizes))
+        return {b: {"us": us[(path, b)], "block_n": 1} for b in batch_sizes}
+
+    monkeypatch.setattr(layouts, "autotune", fake_autotune)
+    got = layer.autotune((64, 1, 16, 4), torch.float16)
+    assert layer.batch_min == 4
+    assert {b: c["path"] for b, c in got.items()} == {1: "sparse", 4: "lut", 16: "lut", 64: "lut"}
+    assert len(calls) == 8
+    us[("lut", 4)] = 10.0  # sparse wins at 4 again: the switch moves to 16
+    layer.autotune((1, 4, 16, 64), torch.float16)
+    assert layer.batch_min == 16
+    lut_only = CompressedLinear.from_linear(_quantized_linear(density=0.5))
+    calls.clear()
+    assert lut_only.autotune((1,), torch.float16)[1]["path"] == "lut" and calls == [("lut", (1,))]
+    assert lut_only.batch_min == 0
+
+
 if __name__ == "__main__":
     _run_interpreter_cases(sys.argv[1])
