@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import check_activation, check_bias_and_devices
+from .runtime import check_activation, check_bias_and_devices, check_coordinates
 
 __all__ = [
     "LUTPacked",
@@ -163,27 +163,13 @@ def pack_lut(
         ValueError: on a bad shape, an out-of-range index or code, duplicate pairs, or codes that do not fit
             ``cbits`` (with the zero code when there is no bitmap and positions are pruned).
     """
-    n_out, n_in = int(out_features), int(in_features)
-    if n_out < 1 or n_in < 1:
-        raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
-    codebook = torch.as_tensor(codebook)
-    if codebook.dim() != 1 or not codebook.is_floating_point():
-        raise ValueError(f"codebook must be a 1-D float tensor, got {codebook.dtype} shape {tuple(codebook.shape)}")
-    rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
-    if not rows.numel() == cols.numel() == codes.numel():
-        raise ValueError(
-            f"rows, cols and codes must have one value per non-zero, got sizes "
-            f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
-        )
+    n_out, n_in, rows, cols, codes, codebook = check_coordinates(
+        out_features, in_features, rows, cols, codes, codebook, MAX_CODEBOOK
+    )
     device = torch.device(device) if device is not None else rows.device
     # built where the layer goes: a 4096 x 11008 layer is 45M positions, seconds on a CPU core, milliseconds on a GPU
     rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
     ncb, nnz = codebook.numel(), rows.numel()
-    if nnz:
-        for name, t, hi in (("rows", rows, n_out), ("cols", cols, n_in), ("codes", codes, ncb)):
-            lo_v, hi_v = int(t.min()), int(t.max())
-            if lo_v < 0 or hi_v >= hi:
-                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
     dense = nnz == n_out * n_in
     auto_bits, auto_bitmap = lut_encoding(ncb, dense)
     bitmap = auto_bitmap if bitmap is None else bool(bitmap)

@@ -20,8 +20,9 @@ from .lut_layout import LUTPacked, check_lut_args, lut_linear_reference
 from .runtime import (
     HAS_TRITON,
     can_use_workspace,
-    interpret_mode,
+    launcher,
     next_pow2,
+    register_op,
     time_candidates,
     triton_wrapper,
     use_triton,
@@ -140,11 +141,7 @@ def lut_linear_triton(
         ValueError, TypeError: on bad arguments (see :func:`lut_layout.check_lut_args`).
     """
     check_lut_args(x, packed, bias)
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use lut_linear_reference or the lut_linear op")
-    if x.device.type != "cuda" and not interpret_mode():
-        raise RuntimeError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
-    launch = wrap if wrap is not None else (lambda k: k)
+    launch = launcher(x, wrap, "lut_linear")
     p = packed
     B, N = x.shape[0], p.out_features
     y = torch.empty((B, N), dtype=x.dtype, device=x.device)
@@ -258,28 +255,12 @@ def _lut_linear_impl(
     return lut_linear_reference(x, p, bias, relu)
 
 
-_OP_NAME = "dc_lightning::lut_linear"
+def _lut_linear_fake(x, codes, mask, codebook, bias, out_features, in_features, cbits, relu):
+    check_lut_args(x, LUTPacked(codes, mask, codebook, out_features, in_features, cbits), bias)
+    return x.new_empty((x.shape[0], out_features))
 
 
-def _register() -> Any:
-    if getattr(torch.library, "triton_op", None) is not None and HAS_TRITON and not interpret_mode():
-        return torch.library.triton_op(_OP_NAME, mutates_args=())(_lut_linear_impl)
-    op = torch.library.custom_op(_OP_NAME, mutates_args=())(_lut_linear_impl)
-
-    @op.register_fake
-    def _(x, codes, mask, codebook, bias, out_features, in_features, cbits, relu):
-        check_lut_args(x, LUTPacked(codes, mask, codebook, out_features, in_features, cbits), bias)
-        return x.new_empty((x.shape[0], out_features))
-
-    return op
-
-
-try:
-    _lut_linear_op = _register()
-except RuntimeError as err:  # pragma: no cover - module reloaded in the same process: reuse the registered op
-    if "already" not in str(err):
-        raise
-    _lut_linear_op = None
+_lut_linear_op = register_op("dc_lightning::lut_linear", _lut_linear_impl, _lut_linear_fake)
 
 
 def lut_linear(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:

@@ -37,7 +37,12 @@ __all__ = [
     "workspace",
     "use_triton",
     "triton_wrapper",
+    "launcher",
     "time_candidates",
+    "register_op",
+    "check_coordinates",
+    "check_activation",
+    "check_bias_and_devices",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,19 @@ def next_pow2(v: int) -> int:
 def use_triton(x: Tensor) -> bool:
     """Whether an op implementation should launch Triton for ``x`` (CUDA, or CPU under the interpreter)."""
     return HAS_TRITON and (x.device.type == "cuda" or (interpret_mode() and x.device.type == "cpu"))
+
+
+def launcher(x: Tensor, wrap: Any, op: str) -> Callable[[Any], Any]:
+    """``kernel -> launchable`` for a launcher called with ``x`` (``wrap``: ``wrap_triton`` inside a triton_op).
+
+    Raises:
+        RuntimeError: if Triton is missing, or ``x`` is on the CPU without the interpreter.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(f"triton is not installed; use {op}_reference or the {op} op")
+    if x.device.type != "cuda" and not interpret_mode():
+        raise RuntimeError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+    return wrap if wrap is not None else (lambda k: k)
 
 
 def triton_wrapper() -> Any:
@@ -147,8 +165,62 @@ def time_candidates(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Argument checks shared by every layout's launcher (no data reads: no host sync)
+# torch.library registration and argument checks shared by every layout
 # --------------------------------------------------------------------------------------------------------------
+
+
+def register_op(name: str, impl: Callable[..., Tensor], fake: Callable[..., Tensor]) -> Any:
+    """Register ``impl`` as the ``torch.library`` op ``name`` (no mutated arguments).
+
+    With Triton on a GPU build it is a ``triton_op`` (inductor sees the kernels it launches through
+    ``wrap_triton``); under the interpreter or without Triton a ``custom_op`` whose ``fake`` gives the output's
+    shape and dtype. A module reloaded in the same process gets ``None`` and keeps the registered op.
+    """
+    try:
+        if getattr(torch.library, "triton_op", None) is not None and HAS_TRITON and not interpret_mode():
+            return torch.library.triton_op(name, mutates_args=())(impl)
+        op = torch.library.custom_op(name, mutates_args=())(impl)
+        op.register_fake(fake)
+        return op
+    except RuntimeError as err:  # pragma: no cover - module reloaded in the same process
+        if "already" not in str(err):
+            raise
+        return None
+
+
+def check_coordinates(
+    out_features: int, in_features: int, rows: Tensor, cols: Tensor, codes: Tensor, codebook: Tensor,
+    max_codebook: int = 256,
+) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Validate the coordinates and codes of a layer's kept weights before a layout packs them.
+
+    Returns ``(out_features, in_features, rows, cols, codes, codebook)``: ints, three 1-D int64 tensors, the 1-D
+    float codebook (each on the device it came on).
+
+    Raises:
+        ValueError: on an empty shape, a codebook that is not 1-D float with ``1..max_codebook`` centroids,
+            coordinate tensors of different sizes or a row, column or code out of range.
+    """
+    if int(out_features) < 1 or int(in_features) < 1:
+        raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
+    codebook = torch.as_tensor(codebook)
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= max_codebook:
+        raise ValueError(f"codebook must be 1-D with 1..{max_codebook} centroids, got shape {tuple(codebook.shape)}")
+    if not codebook.is_floating_point():
+        raise ValueError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
+    rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
+    if not rows.numel() == cols.numel() == codes.numel():
+        raise ValueError(
+            f"rows, cols and codes must have one value per non-zero, got sizes "
+            f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
+        )
+    if rows.numel():
+        limits = (("rows", rows, out_features), ("cols", cols, in_features), ("codes", codes, codebook.numel()))
+        for name, t, hi in limits:
+            lo_v, hi_v = int(t.min()), int(t.max())
+            if lo_v < 0 or hi_v >= hi:
+                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    return int(out_features), int(in_features), rows, cols, codes, codebook
 
 
 def check_activation(x: Tensor, in_features: int) -> None:

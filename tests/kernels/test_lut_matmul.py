@@ -12,17 +12,16 @@ import dataclasses
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import reference, rel_err, run_interpreter_child
 from torch import nn
 
 HERE = Path(__file__).resolve()
-REPO = HERE.parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -68,23 +67,6 @@ def _make_case(case: dict):
     return rows, cols, codes, codebook, x, bias
 
 
-def _reference(case: dict, rows, cols, codes, codebook, x, bias) -> torch.Tensor:
-    w = torch.zeros(case["n"], case["k"], dtype=torch.float64)
-    w[rows, cols] = codebook.double()[codes]
-    y = x.double() @ w.T
-    if bias is not None:
-        y = y + bias.double()
-    return torch.relu(y) if case.get("relu") else y
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(y).all():
-        return float("inf")
-    diff = (y.double() - ref).norm().item()
-    scale = ref.norm().item()
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-
-
 def _linear_module(case: dict, rows, cols, codes, codebook, bias) -> nn.Linear:
     lin = nn.Linear(case["k"], case["n"], bias=bias is not None)
     assign = torch.zeros(case["n"], case["k"], dtype=torch.uint8)
@@ -112,7 +94,7 @@ def _run_interpreter_cases(out_path: str) -> None:
     for case in CASES:
         rows, cols, codes, codebook, x, bias = _make_case(case)
         relu = bool(case.get("relu"))
-        ref = _reference(case, rows, cols, codes, codebook, x, bias)
+        ref = reference(case, rows, cols, codes, codebook, x, bias)
         errs, path = [], "lut"
         for _ in range(case.get("repeat", 1)):  # repeated calls: the split-K workspace must be zero again
             if case.get("via") == "module":
@@ -125,7 +107,7 @@ def _run_interpreter_cases(out_path: str) -> None:
                     y = M.lut_linear(x, p, bias, relu)
                 else:
                     y = M.lut_linear_triton(x, p, bias, relu, config=case.get("config"))
-            errs.append(_rel_err(y, ref))
+            errs.append(rel_err(y, ref))
         results[case["id"]] = {"err": max(errs), "shape": list(y.shape), "dtype": str(y.dtype), "path": path}
     Path(out_path).write_text(json.dumps(results))
 
@@ -140,11 +122,7 @@ def layouts_name(packed) -> str:
 def interpreter_results(tmp_path_factory) -> dict:
     if not HAS_TRITON:
         pytest.skip("triton not installed")
-    out = tmp_path_factory.mktemp("lut_interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(HERE), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreter_child(HERE, tmp_path_factory.mktemp("lut_interp") / "results.json")
 
 
 EXPECTED_PATH = {
@@ -224,7 +202,7 @@ def test_pack_lut_rejects_bad_input() -> None:
         L.pack_lut(30, 300, torch.tensor([1, 1]), torch.tensor([2, 2]), torch.tensor([0, 1]), cb)
     with pytest.raises(ValueError, match=r"cbits=4 cannot hold 17 codes"):
         L.pack_lut(30, 300, rows, cols, codes, cb, cbits=4, bitmap=False)
-    with pytest.raises(ValueError, match="codebook must have 1..256"):
+    with pytest.raises(ValueError, match="codebook must be 1-D with 1..256"):
         L.pack_lut(30, 300, rows, cols, codes % 2, torch.randn(300))
 
 
