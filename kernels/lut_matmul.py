@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 LUT_TUNED: dict[tuple, dict[str, Any]] = {}  # lut_tune_key(...) -> config recorded by autotune_lut
 _SMS = 132  # H200 streaming multiprocessors: the split-K target is a few programs per SM
 _KEYS = ("block_n", "block_b", "use_dot", "decode", "split", "num_warps", "num_stages")
+# The default decode of the tensor-core path is tl.gather from the codebook held in registers (probe on the H200,
+# gpu-kernels.md: twice the throughput of a tl.load per weight). Should a Triton build fail to compile it, the
+# first eager launch falls back to tl.load and this flag keeps later defaults there.
+_GATHER_FAILED: list[str] = []
 
 
 def lut_tune_key(batch: int, packed: LUTPacked, dtype: torch.dtype) -> tuple:
@@ -65,6 +69,7 @@ def choose_lut_config(
         ValueError: on an unknown key in ``overrides``.
     """
     use_dot = batch > 4
+    gather = use_dot and packed.cbits <= 4 and not _GATHER_FAILED
     block_b = max(16, min(next_pow2(batch), 64)) if use_dot else next_pow2(max(batch, 1))
     block_n = 64 if use_dot else max(16, 128 // block_b)
     n_tiles = -(-packed.out_features // block_n) * -(-max(batch, 1) // block_b)
@@ -74,7 +79,7 @@ def choose_lut_config(
         "block_n": block_n,
         "block_b": block_b,
         "use_dot": use_dot,
-        "decode": 0,
+        "decode": 1 if gather else 0,
         "split": split,
         "num_warps": 4,
         "num_stages": 2,
@@ -159,7 +164,7 @@ def lut_linear_triton(
     if ws is None:
         split, per = 1, p.n_groups
         ws = (p.codebook, p.codes)  # never touched when SPLIT == 1
-    launch(lut_matmul_kernel)[(n_tiles, split, n_bgroups)](
+    args = (
         x,
         p.codes,
         p.mask if p.mask is not None else p.codes,
@@ -174,17 +179,29 @@ def lut_linear_triton(
         p.n_groups,
         per,
         split,
+    )
+    meta = dict(
         CBITS=p.cbits,
         HAS_MASK=p.mask is not None,
         BLOCK_N=bn,
         BLOCK_B=bb,
         USE_DOT=bool(cfg["use_dot"]),
-        DECODE=int(cfg["decode"]),
         HAS_BIAS=bias is not None,
         RELU=bool(relu),
         num_warps=int(cfg["num_warps"]),
         num_stages=int(cfg["num_stages"]),
     )
+    grid = (n_tiles, split, n_bgroups)
+    decode = int(cfg["decode"])
+    if decode == 1 and not (config and "decode" in config) and type(x) is torch.Tensor:
+        try:  # the default gather decode, eager: a compile failure falls back (see _GATHER_FAILED)
+            launch(lut_matmul_kernel)[grid](*args, DECODE=1, **meta)
+            return y
+        except Exception as err:  # noqa: BLE001 - any compiler error: the tl.load decode always compiles
+            _GATHER_FAILED.append(f"{type(err).__name__}: {err}"[:300])
+            log.warning("lut_linear: the tl.gather decode failed (%s); using tl.load from now on", _GATHER_FAILED[-1])
+            decode = 0
+    launch(lut_matmul_kernel)[grid](*args, DECODE=decode, **meta)
     return y
 
 

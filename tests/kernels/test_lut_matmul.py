@@ -48,6 +48,7 @@ CASES = [
     _case("dot_b2", 20, 40, batch=2, config={"use_dot": True, "block_b": 16}),
     _case("block_b32_b33", 20, 130, batch=33, config={"block_b": 32}),
     _case("op_path", 21, 70, batch=3, bias=True, relu=True, via="op"),
+    _case("gather_fails_falls_back", 21, 300, batch=16, bias=True, via="broken_gather"),
     _case("module_sparse_b1", 40, 300, density=0.05, batch=1, bias=True, via="module"),
     _case("module_sparse_batch_copy_b16", 40, 300, density=0.05, batch=16, bias=True, via="module"),
     _case("module_lut_b3", 40, 300, density=0.5, batch=3, relu=True, via="module"),
@@ -105,11 +106,41 @@ def _run_interpreter_cases(out_path: str) -> None:
                 p = L.pack_lut(case["n"], case["k"], rows, cols, codes, codebook, bitmap=case.get("bitmap"))
                 if case.get("via") == "op":
                     y = M.lut_linear(x, p, bias, relu)
+                elif case.get("via") == "broken_gather":
+                    y, path = _with_broken_gather(M, x, p, bias, relu)
                 else:
                     y = M.lut_linear_triton(x, p, bias, relu, config=case.get("config"))
             errs.append(rel_err(y, ref))
         results[case["id"]] = {"err": max(errs), "shape": list(y.shape), "dtype": str(y.dtype), "path": path}
     Path(out_path).write_text(json.dumps(results))
+
+
+def _with_broken_gather(M, x, p, bias, relu):
+    """The default (gather) decode made to fail at launch: the launcher must fall back to tl.load once."""
+    real = M.lut_matmul_kernel
+    decodes = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args, **meta):
+                decodes.append(meta["DECODE"])
+                if meta["DECODE"] == 1:
+                    raise RuntimeError("simulated compiler failure")
+                return real[grid](*args, **meta)
+
+            return run
+
+    M.lut_matmul_kernel = Broken()
+    try:
+        assert M.choose_lut_config(x.shape[0], p, x.dtype)["decode"] == 1
+        y = M.lut_linear_triton(x, p, bias, relu)
+        assert M.choose_lut_config(x.shape[0], p, x.dtype)["decode"] == 0  # remembered
+        y2 = M.lut_linear_triton(x, p, bias, relu)
+    finally:
+        M.lut_matmul_kernel = real
+        M._GATHER_FAILED.clear()
+    assert torch.equal(y, y2)
+    return y, "lut" if decodes == [1, 0, 0] else f"decodes {decodes}"
 
 
 def layouts_name(packed) -> str:
