@@ -71,7 +71,9 @@ def choose_lut_config(
     use_dot = batch > 4
     gather = use_dot and packed.cbits <= 4 and not _GATHER_FAILED
     block_b = max(16, min(next_pow2(batch), 64)) if use_dot else next_pow2(max(batch, 1))
-    block_n = 64 if use_dot else max(16, 128 // block_b)
+    # A program re-reads its [block_b, K] slab of x from L2 once per row tile: at batch 64 and 64-row tiles that
+    # is as many bytes as a dense fp16 weight (VGG-6: 205 MB), so large batches take 128-row tiles.
+    block_n = (128 if block_b >= 32 else 64) if use_dot else max(16, 128 // block_b)
     n_tiles = -(-packed.out_features // block_n) * -(-max(batch, 1) // block_b)
     want = max(1, -(-4 * _SMS // n_tiles))
     split = int(max(1, min(want, 32, packed.n_groups)))
@@ -81,7 +83,7 @@ def choose_lut_config(
         "use_dot": use_dot,
         "decode": 1 if gather else 0,
         "split": split,
-        "num_warps": 4,
+        "num_warps": 8 if block_n * block_b > 4096 else 4,
         "num_stages": 2,
     }
     cfg.update(LUT_TUNED.get(lut_tune_key(batch, packed, dtype), {}))
