@@ -77,7 +77,8 @@ from dc_lightning.kernels import eie_spmv, layouts, lut_matmul  # noqa: E402
 from dc_lightning.kernels.eie_layout import pack  # noqa: E402
 from dc_lightning.kernels.lut_layout import pack_lut  # noqa: E402
 
-TRANSFORMER = [("T-4096x4096", 4096, 4096), ("T-11008x4096", 4096, 11008), ("T-4096x11008", 11008, 4096)]
+# name, out_features, in_features (LLaMA-7B attention projection, MLP up/gate, MLP down)
+TRANSFORMER = [("T-4096x4096", 4096, 4096), ("T-11008x4096", 11008, 4096), ("T-4096x11008", 4096, 11008)]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 OURS = ("sparse", "lut", "sparse_tuned", "lut_tuned")
 BATCH_MIN = 8  # CompressedLinear's default: a sparse layer runs its LUT copy from this batch on
