@@ -6,7 +6,8 @@ value, so one compiled kernel serves every split). Per group it loads the
 ``[BLOCK_N, 32]`` code words once and decodes them slice by slice (``PW = 32 // CBITS`` slices of 32 columns):
 shift + mask gives the codes, the codebook (held in registers, ``DECODE=1``: ``tl.gather``; ``DECODE=0``: a
 ``tl.load`` from the 1 KB table, which stays in L1) gives the weights, the bitmap word of the slice zeroes the
-pruned ones. Every weight is decoded once per program and reused across the whole batch tile:
+pruned ones (with ``DECODE=1`` on the tensor-core path the register codebook is converted to the activation dtype
+once, so no weight is converted). Every weight is decoded once per program and reused across the whole batch tile:
 
 * ``USE_DOT``: the ``[BLOCK_N, 32]`` weight slice times the ``[32, BLOCK_B]`` activation slice on tensor cores
   (``tl.dot``, fp32 accumulation; fp16/bf16 operands in the activation dtype, fp32 activations as IEEE fp32);
@@ -63,6 +64,8 @@ if HAS_TRITON:
         n_mwords = n_groups * PW
         if DECODE == 1:
             cb = tl.load(codebook_ptr + tl.arange(0, NCB))
+            if USE_DOT:  # the tensor-core operand dtype: convert 2**CBITS values once, not every weight
+                cb = cb.to(x_ptr.dtype.element_ty)
             cb2 = tl.broadcast_to(cb[None, :], (BLOCK_N, NCB))
         if USE_DOT:
             acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
@@ -80,7 +83,7 @@ if HAS_TRITON:
                     w = tl.load(codebook_ptr + code)
                 if HAS_MASK:
                     mw = tl.load(mask_ptr + rows * n_mwords + g * PW + s, mask=r_ok, other=0)
-                    w = tl.where((mw[:, None] & jbit[None, :]) != 0, w, 0.0)
+                    w = tl.where((mw[:, None] & jbit[None, :]) != 0, w, tl.zeros_like(w))
                 cols = g * G + s * 32 + j
                 xt = tl.load(
                     x_ptr + bb[None, :] * K + cols[:, None], mask=b_ok[None, :] & (cols[:, None] < K), other=0.0

@@ -61,7 +61,8 @@ def choose_lut_config(
     """Launch configuration from shapes only.
 
     Keys: ``block_n`` (output rows per program), ``block_b`` (batch rows per program), ``use_dot`` (tensor cores;
-    needs ``block_b >= 16``), ``decode`` (0: codebook ``tl.load``, 1: ``tl.gather`` from registers), ``split``
+    needs ``block_b >= 16``), ``decode`` (0: codebook ``tl.load``, 1: ``tl.gather`` from registers, the default
+    with tensor cores and codes of up to 4 bits), ``split``
     (programs per output tile over the column groups), ``num_warps``, ``num_stages``. A configuration recorded by
     :func:`autotune_lut` wins over the heuristic; ``overrides`` win over both.
 
