@@ -553,7 +553,7 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
-    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="stop starting new work after this many seconds")
     ap.add_argument("--l2-mb", type=float, default=60.0)
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--tune-sparse", action="store_true", help="also autotune the sparse kernels (slow: compiles)")
