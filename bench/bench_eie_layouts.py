@@ -576,8 +576,8 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001
         bench.fail("compile check", err)
     tr = bench.run_layers(bench.transformer_set(), (1, 16), fp32_b1=False, phase="transformer")
-    if not args.no_tune and not args.smoke:
-        bench.autotune(eie, (16, 64, 1))
+    if not args.no_tune:  # smoke: the tuning flow on the interpreter (timings meaningless)
+        bench.autotune(eie, (3, 1) if args.smoke else (16, 64, 1))
         bench.run_stacks(eie, stack_batches, tag="_tuned")
         bench.autotune(tr, (1, 16))
     bench.write()

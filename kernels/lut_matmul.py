@@ -20,6 +20,7 @@ from .lut_layout import LUTPacked, check_lut_args, lut_linear_reference
 from .runtime import (
     HAS_TRITON,
     can_use_workspace,
+    interpret_mode,
     launcher,
     next_pow2,
     register_op,
@@ -223,10 +224,10 @@ def autotune_lut(
     Returns ``{batch: config}`` with the median time under ``"us"``.
 
     Raises:
-        RuntimeError: if the layer is not on a CUDA device or Triton is missing.
+        RuntimeError: if the layer is not on a CUDA device (the interpreter aside) or Triton is missing.
     """
-    if not HAS_TRITON or packed.codes.device.type != "cuda":
-        raise RuntimeError("autotune_lut needs Triton and a packed layer on a CUDA device")
+    if not HAS_TRITON or (packed.codes.device.type != "cuda" and not interpret_mode()):
+        raise RuntimeError("autotune_lut needs Triton and a packed layer on a CUDA device (or the interpreter)")
     p = packed
     best = {}
     tol = 1e-4 if dtype == torch.float32 else 1e-2
