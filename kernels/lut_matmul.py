@@ -77,7 +77,8 @@ def choose_lut_config(
     # is as many bytes as a dense fp16 weight (VGG-6: 205 MB), so large batches take 128-row tiles.
     block_n = (128 if block_b >= 32 else 64) if use_dot else max(16, 128 // block_b)
     n_tiles = -(-packed.out_features // block_n) * -(-max(batch, 1) // block_b)
-    want = max(1, -(-4 * _SMS // n_tiles))
+    # Split-K to about 4 programs per SM, 2 at batch >= 32 (each split adds B x block_n fp32 atomics per tile)
+    want = max(1, -(-(2 if batch >= 32 else 4) * _SMS // n_tiles))
     split = int(max(1, min(want, 32, packed.n_groups)))
     cfg = {
         "block_n": block_n,
@@ -100,7 +101,7 @@ def choose_lut_config(
 
 
 def lut_candidates(batch: int, packed: LUTPacked) -> list[dict[str, Any]]:
-    """Configurations :func:`autotune_lut` times for one layer and batch (at most 24)."""
+    """Configurations :func:`autotune_lut` times for one layer and batch (at most 48; 12 compiled variants)."""
     out = []
     decodes = (0, 1) if packed.cbits <= 4 else (0,)
     n_groups = packed.n_groups
@@ -114,7 +115,7 @@ def lut_candidates(batch: int, packed: LUTPacked) -> list[dict[str, Any]]:
                 if not use_dot and bn * 32 * bb > 8192:
                     continue
                 n_tiles = -(-packed.out_features // bn) * -(-max(batch, 1) // bb)
-                for per_sm in (2, 6):
+                for per_sm in (1, 2, 4, 8):  # split is a run-time argument: no compile per value
                     split = int(max(1, min(-(-per_sm * _SMS // n_tiles), 64, n_groups)))
                     for dec in decodes:
                         cfg = {"block_n": bn, "block_b": bb, "use_dot": use_dot, "decode": dec, "split": split}
