@@ -1,5 +1,6 @@
 """What every kernel family of ``dc_lightning.kernels`` shares: the optional Triton import, the interpreter switch,
-the per-device split-K workspace and the CUDA-graph timing harness of the autotuners.
+the per-device split-K workspace and its ``@triton.jit`` epilogue, the CUDA-graph timing harness of the
+autotuners, the ``torch.library`` registration and the argument checks common to every layout.
 
 A layout (``eie_layout`` sparse ELL, ``lut_layout`` dense packed codes) owns its data and its PyTorch reference; its
 ``*_kernels`` file holds the ``@triton.jit`` code; its launcher file validates, picks a configuration and registers
