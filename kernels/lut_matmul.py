@@ -194,8 +194,9 @@ def lut_linear_triton(
         HAS_BIAS=bias is not None,
         RELU=bool(relu),
         num_warps=int(cfg["num_warps"]),
-        num_stages=int(cfg["num_stages"]),
     )
+    if type(x) is torch.Tensor:  # eager; a traced call (inductor) keeps Triton's default stages
+        meta["num_stages"] = int(cfg["num_stages"])
     grid = (n_tiles, split, n_bgroups)
     decode = int(cfg["decode"])
     if decode == 1 and not (config and "decode" in config) and type(x) is torch.Tensor:
