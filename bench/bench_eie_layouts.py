@@ -82,6 +82,7 @@ TRANSFORMER = [("T-4096x4096", 4096, 4096), ("T-11008x4096", 11008, 4096), ("T-4
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 OURS = ("sparse", "lut", "sparse_tuned", "lut_tuned")
 BATCH_MIN = 8  # CompressedLinear's default: a sparse layer runs its LUT copy from this batch on
+DUAL_BELOW = 0.3  # CompressedLinear's default: a lut layer below this density keeps a sparse copy
 
 
 def default_path(layout: str, batch: int) -> str:
@@ -353,6 +354,13 @@ class Bench:
                 self.measure_layer(name, L, b, torch.float16, only=tuple(kinds), tag="_tuned")
             self.write()
 
+    def stack_path(self, name: str, batch: int, prov: str) -> str:
+        """The provider a stack uses for a layer: after tuning, ours = the layout CompressedLinear would pick."""
+        if prov != "ours" or not any(r.get("provider", "").endswith("_tuned") for r in self.rows):
+            return prov
+        ps = self.table().get((name, batch, "float16"))
+        return self.ours(name, batch, ps)[0].removesuffix("_tuned") if ps else prov
+
     def run_stacks(self, built: dict, batches, tag: str = "") -> None:
         """FC6 -> ReLU -> FC7 -> ReLU -> FC8, one graph per provider rotating through copies of the whole stack."""
         stacks = {"tiny": [n for n, *_ in self.layer_set()]} if self.args.smoke else STACKS
@@ -369,8 +377,10 @@ class Bench:
                 provs = ("ours",) if self.args.smoke or tag else ("ours", "dense_fp16", "int4_bf16")
                 for prov in provs:
                     try:
-                        per_layer = [self.providers(L, b, torch.float16, relu=j < len(Ls) - 1)[prov]
-                                     for j, L in enumerate(Ls)]  # fmt: skip
+                        per_layer = [
+                            self.providers(L, b, torch.float16, relu=j < len(Ls) - 1)[self.stack_path(n, b, prov)]
+                            for j, (n, L) in enumerate(zip(names, Ls, strict=True))
+                        ]
                         copies = self.copies(sum(p[2] for p in per_layer))
                         chains = [[p[0](i) for p in per_layer] for i in range(copies)]
                         xi = x.to(per_layer[0][1])
@@ -470,8 +480,10 @@ class Bench:
     def ours(self, layer: str, b: int, ps: dict) -> tuple[str, float]:
         """What CompressedLinear runs: after tuning the faster of the paths the module holds (its ``autotune``
         moves a sparse layer's switch to where the LUT copy wins), before it the default path."""
-        layout = next(iter(ps.values()))["layout"]
-        held = ("lut",) if layout == "lut" else ("sparse", "lut")
+        first = next(iter(ps.values()))
+        layout = first["layout"]
+        # CompressedLinear.from_linear: a lut layer below 30 % density keeps a sparse copy too
+        held = ("lut",) if layout == "lut" and first["density"] >= DUAL_BELOW else ("sparse", "lut")
         if any(k + "_tuned" in ps for k in held):
             got = {}
             for k in held:
@@ -490,8 +502,9 @@ class Bench:
                  f"triton {self.env['triton']})", "",
                  "µs per call (CUDA graph rotating through copies > L2, median of 15 replays). ours = what "
                  f"CompressedLinear runs: untuned, its layout by density (a sparse layer's LUT copy from batch "
-                 f"{BATCH_MIN}); tuned, the faster of the paths it holds; best = fastest of all our kernels "
-                 "(sparse* for a lut layer is not held by the module); floor = bytes / copy bw + one graph node.", "",
+                 f"{BATCH_MIN}); tuned, the faster of the layouts it holds (a lut layer below {DUAL_BELOW:.0%} "
+                 "density keeps a sparse copy); best = fastest of all our kernels; floor = bytes / copy bw + one "
+                 "graph node.", "",
                  "| layer | B | dtype | layout | ours | ours path | best | best path | dense fp16 | dense bf16 | int4 "
                  "| csr | 2:4 | floor | ours/floor | ours x fp16 | ours x int4 | checks |",
                  "|" + "---|" * 18]  # fmt: skip

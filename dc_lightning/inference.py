@@ -55,25 +55,28 @@ _MAX_CENTROIDS = 256
 class CompressedLinear(nn.Module):
     """``y = act(x W^T + b)`` with ``W`` kept in a GPU layout of its codebook indices (never a dense weight).
 
-    The layout is chosen per layer by density (:func:`dc_lightning.kernels.layouts.choose_layout`; ``extra_repr``
-    says which and why): ``sparse`` (sliced-ELL ``(column, code)`` entries, ``kernels/eie_*``) below 10 %, else
-    ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, tensor-core kernel, ``kernels/lut_*``). A
-    sparse layer can keep a LUT copy too (``batch_packed``), used from ``batch_min`` rows on, where the sparse
-    kernel's per-non-zero gathers of ``x`` lose to decoding once and multiplying on tensor cores.
+    Two layouts (``dc_lightning.kernels.layouts``): ``sparse`` (sliced-ELL ``(column, code)`` entries,
+    ``kernels/eie_*``: fewest bytes, CUDA-core gathers of ``x`` per non-zero) and ``lut`` (dense packed 2-8-bit
+    codes plus a bitmap or a zero code, ``kernels/lut_*``: decodes each weight once and multiplies the batch tile on
+    tensor cores). A layer holds one or both; with both, batches of ``batch_min`` rows or more run the LUT layout and
+    smaller ones the sparse layout. :meth:`from_linear` chooses by density
+    (:func:`dc_lightning.kernels.layouts.choose_layout`): below 10 % sparse plus a LUT copy from batch 8; from 10 %
+    to 30 % LUT plus a sparse copy (``batch_min=1``: the copy serves only if :meth:`autotune` finds it faster at
+    small batches); above, LUT only. ``extra_repr`` says what the layer holds and why.
 
     Buffers (saved in ``state_dict``): sparse: ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook``
-    (float32, ``2**bits + 1`` values, the last one 0.0 for padding); lut (primary or batch copy): ``lut_codes``,
-    ``lut_mask`` (int32, or absent), ``lut_codebook`` (float32 ``[2**cbits]``); ``bias`` (float32 or absent). The
-    layout's integers travel as extra state.
+    (float32, ``2**bits + 1`` values, the last one 0.0 for padding); lut: ``lut_codes``, ``lut_mask`` (int32, or
+    absent), ``lut_codebook`` (float32 ``[2**cbits]``); ``bias`` (float32 or absent). The layouts' integers travel
+    as extra state.
 
     Args:
         packed: a layer packed by :func:`dc_lightning.kernels.layouts.pack_layer` (or ``eie_spmv.pack`` /
             ``lut_layout.pack_lut``).
         bias: optional ``[out_features]``.
         relu: apply ReLU in the kernel's epilogue.
-        batch_packed: optional LUT copy of a sparse layer for batches of ``batch_min`` rows or more.
-        batch_min: smallest batch that uses ``batch_packed``.
-        reason: why this layout (shown by ``extra_repr``).
+        alternate: optional copy of the same weights in the other layout.
+        batch_min: with both layouts, the smallest batch that runs the LUT layout.
+        reason: why these layouts (shown by ``extra_repr``).
 
     Example::
 
@@ -89,16 +92,20 @@ class CompressedLinear(nn.Module):
         bias: Tensor | None = None,
         relu: bool = False,
         *,
-        batch_packed: LUTPacked | None = None,
+        alternate: Packed | None = None,
         batch_min: int = 8,
         reason: str = "",
     ) -> None:
         super().__init__()
-        self.layout = layouts.layout_of(packed).value
-        if batch_packed is not None and (self.layout != "sparse" or not isinstance(batch_packed, LUTPacked)):
+        kinds = [layouts.layout_of(p) for p in (packed, alternate) if p is not None]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"alternate must be in the other layout than packed, got two {kinds[0].value} layers")
+        if alternate is not None and (alternate.out_features, alternate.in_features) != (
+            packed.out_features, packed.in_features,
+        ):  # fmt: skip
             raise ValueError(
-                f"batch_packed must be a LUTPacked copy of a sparse layer, got {type(batch_packed).__name__} for a "
-                f"{self.layout} layer"
+                f"alternate is {alternate.out_features}x{alternate.in_features}, packed "
+                f"{packed.out_features}x{packed.in_features}: they must hold the same weights"
             )
         if int(batch_min) < 1:
             raise ValueError(f"batch_min must be >= 1, got {batch_min}")
@@ -106,15 +113,17 @@ class CompressedLinear(nn.Module):
         self.out_features = packed.out_features
         self.nnz = packed.nnz
         self.relu = bool(relu)
-        self.batch_min = int(batch_min) if batch_packed is not None else 0
+        self.batch_min = int(batch_min) if alternate is not None else 0
         self.reason = reason
         device = packed.codebook.device
-        if isinstance(packed, EIEPacked):
-            self.row_tile, self.chunk, self.code_shift = packed.row_tile, packed.chunk, packed.code_shift
-            self.register_buffer("entries", packed.entries)
-            self.register_buffer("block_ptr", packed.block_ptr)
-            self.register_buffer("codebook", packed.codebook)
-        lut = packed if isinstance(packed, LUTPacked) else batch_packed
+        sparse = next((p for p in (packed, alternate) if isinstance(p, EIEPacked)), None)
+        lut = next((p for p in (packed, alternate) if isinstance(p, LUTPacked)), None)
+        self.code_shift = 0
+        if sparse is not None:
+            self.row_tile, self.chunk, self.code_shift = sparse.row_tile, sparse.chunk, sparse.code_shift
+            self.register_buffer("entries", sparse.entries)
+            self.register_buffer("block_ptr", sparse.block_ptr)
+            self.register_buffer("codebook", sparse.codebook)
         self.lut_cbits = lut.cbits if lut is not None else 0
         if lut is not None:
             self.register_buffer("lut_codes", lut.codes)
@@ -137,9 +146,10 @@ class CompressedLinear(nn.Module):
         row_tile: int | None = None,
         chunk: int | None = None,
         layout: str = "auto",
-        batch_layout: str | None = "lut",
-        batch_min: int = 8,
+        alternate: bool = True,
+        batch_min: int | None = None,
         sparse_below: float = layouts.SPARSE_BELOW,
+        dual_below: float = 0.3,
     ) -> CompressedLinear:
         """Build from an ``nn.Linear``.
 
@@ -150,24 +160,24 @@ class CompressedLinear(nn.Module):
         Args:
             linear: the layer.
             relu: fuse a following ReLU into the kernel.
-            row_tile: rows per tile of the sparse layout (``None``: 8..32 from ``out_features``; ignored by lut).
-            chunk: columns per chunk of the sparse layout (``None``: chosen from the density; ignored by lut).
+            row_tile: rows per tile of the sparse layout (``None``: 8..32 from ``out_features``).
+            chunk: columns per chunk of the sparse layout (``None``: chosen from the density).
             layout: ``"auto"`` (by density, see :func:`dc_lightning.kernels.layouts.choose_layout`), ``"sparse"``
-                or ``"lut"``.
-            batch_layout: ``"lut"``: a sparse layer also keeps a LUT copy for batches of ``batch_min`` rows or
-                more; ``None``: it does not (least memory).
-            batch_min: smallest batch that uses the LUT copy.
+                or ``"lut"``: the layout of batch 1.
+            alternate: also keep the other layout where it can win: a sparse layer a LUT copy for large batches,
+                a LUT layer below ``dual_below`` density a sparse copy for small ones. ``False``: least memory.
+            batch_min: with both layouts, the smallest batch on the LUT layout (``None``: 8 for a sparse layer,
+                1 for a LUT layer, whose sparse copy then waits for :meth:`autotune`).
             sparse_below: density below which ``"auto"`` picks the sparse layout.
+            dual_below: density below which a LUT layer keeps a sparse copy (with ``alternate``).
 
         Raises:
             TypeError: if ``linear`` is not an ``nn.Linear``.
             ValueError: if the layer has no codebook and more than 256 distinct non-zero values, or on a bad
-                ``layout`` / ``batch_layout``.
+                ``layout``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if batch_layout not in (None, "lut"):
-            raise ValueError(f"batch_layout must be 'lut' or None, got {batch_layout!r}")
         bias = linear.bias.detach() if linear.bias is not None else None
         device = linear.weight.device
         if get_codebook(linear) is not None:
@@ -187,14 +197,21 @@ class CompressedLinear(nn.Module):
             if centroids.numel() == 0:
                 centroids = torch.zeros(1)
         n_out, n_in = linear.out_features, linear.in_features
+        sparse_options = {"row_tile": row_tile, "chunk": chunk}
         packed, why = layouts.pack_layer(
             n_out, n_in, rows, cols, codes, centroids, layout, device=device, sparse_below=sparse_below,
-            sparse_options={"row_tile": row_tile, "chunk": chunk},
+            sparse_options=sparse_options,
         )  # fmt: skip
-        batch_packed = None
-        if isinstance(packed, EIEPacked) and batch_layout == "lut":
-            batch_packed = pack_lut(n_out, n_in, rows, cols, codes, centroids, device=device)
-        return cls(packed, bias=bias, relu=relu, batch_packed=batch_packed, batch_min=batch_min, reason=why)
+        other = None
+        if alternate and isinstance(packed, EIEPacked):
+            other = pack_lut(n_out, n_in, rows, cols, codes, centroids, device=device)
+        elif alternate and rows.numel() < dual_below * n_out * n_in:
+            other = layouts.pack_layer(
+                n_out, n_in, rows, cols, codes, centroids, "sparse", device=device, sparse_options=sparse_options
+            )[0]
+        if batch_min is None:
+            batch_min = 8 if isinstance(packed, EIEPacked) else 1
+        return cls(packed, bias=bias, relu=relu, alternate=other, batch_min=batch_min, reason=why)
 
     # ----------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -210,63 +227,75 @@ class CompressedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def path(self, batch: int) -> Packed:
-        """The packed layer a batch of ``batch`` rows runs on (the LUT copy from ``batch_min`` rows on)."""
-        if self.batch_min and batch >= self.batch_min:
-            return self.lut_packed()
-        return self.packed()
+        """The packed layer a batch of ``batch`` rows runs on."""
+        if self.code_shift and self.lut_cbits:
+            return self.lut_packed() if batch >= self.batch_min else self.sparse_packed()
+        return self.lut_packed() if self.lut_cbits else self.sparse_packed()
+
+    @property
+    def layout(self) -> str:
+        """The layout batch 1 runs on (``"sparse"`` or ``"lut"``)."""
+        return layouts.layout_of(self.path(1)).value
 
     def autotune(self, batch_sizes: Sequence[int] = (1,), dtype: torch.dtype = torch.float32) -> dict[int, dict]:
         """Time the kernel's launch configurations for these batch sizes once and remember the fastest (CUDA only).
 
         The choice is keyed by the layer's shapes and the activation dtype, so it also applies inside
-        ``torch.compile`` and CUDA graphs captured later. A sparse layer with a LUT batch copy times both paths at
-        every batch size and moves ``batch_min`` to the smallest tuned batch from which the LUT copy wins at every
-        larger tuned batch. Returns ``{batch: config}`` (each with its median ``"us"`` and its ``"path"``).
+        ``torch.compile`` and CUDA graphs captured later. A layer holding both layouts times both at every batch
+        size and moves ``batch_min`` to the smallest tuned batch from which the LUT layout wins at every larger
+        tuned batch. Returns ``{batch: config}`` (each with its median ``"us"`` and its ``"path"``).
         """
+        both = bool(self.code_shift and self.lut_cbits)
+        paths = [self.sparse_packed(), self.lut_packed()] if both else [self.path(1)]
+        batches = sorted({int(b) for b in batch_sizes})
         out: dict[int, dict] = {}
-        lut_wins: dict[int, bool] = {}
-        for b in sorted({int(b) for b in batch_sizes}):
-            paths = [self.packed()] + ([self.lut_packed()] if self.batch_min else [])
+        for b in batches:
             timed = []
             for p in paths:
                 got = layouts.autotune(p, (b,), dtype, self.bias, self.relu).get(b)
                 if got is not None:
                     timed.append({**got, "path": layouts.layout_of(p).value})
             if timed:
-                best = min(timed, key=lambda c: c["us"])
-                out[b] = best
-                lut_wins[b] = best["path"] == "lut"
-        if self.batch_min and len(lut_wins) == len(set(int(b) for b in batch_sizes)) and lut_wins:
-            tuned = sorted(lut_wins)
-            switch = next((b for i, b in enumerate(tuned) if all(lut_wins[c] for c in tuned[i:])), tuned[-1] + 1)
-            self.batch_min = int(switch)
+                out[b] = min(timed, key=lambda c: c["us"])
+        if both and len(out) == len(batches) and batches:
+            lut_wins = {b: out[b]["path"] == "lut" for b in batches}
+            i = next((i for i in range(len(batches)) if all(lut_wins[c] for c in batches[i:])), len(batches))
+            self.batch_min = batches[i] if i < len(batches) else batches[-1] + 1
         return out
 
     def dense_weight(self) -> Tensor:
         """The decoded float32 ``[out, in]`` weight (for checks; forward never builds it on CUDA)."""
-        return layouts.decode_dense(self.packed())
+        return layouts.decode_dense(self.path(1))
 
     @property
     def device(self) -> torch.device:
-        return self.lut_codebook.device if self.layout == "lut" else self.codebook.device
+        return (self.lut_codebook if self.lut_cbits else self.codebook).device
 
     def packed(self) -> Packed:
-        """The primary packed layer (views of this module's buffers)."""
-        if self.layout == "lut":
-            return self.lut_packed()
+        """The packed layer batch 1 runs on (views of this module's buffers)."""
+        return self.path(1)
+
+    def sparse_packed(self) -> EIEPacked:
+        """The sparse layout.
+
+        Raises:
+            ValueError: if this layer holds no sparse layout.
+        """
+        if not self.code_shift:
+            raise ValueError("this layer holds no sparse layout (built as lut without a sparse copy)")
         return EIEPacked(
             self.entries, self.block_ptr, self.codebook, self.out_features, self.in_features, self.row_tile,
             self.chunk, self.code_shift, self.nnz,
         )  # fmt: skip
 
     def lut_packed(self) -> LUTPacked:
-        """The LUT layer (the primary one, or a sparse layer's batch copy).
+        """The LUT layout.
 
         Raises:
             ValueError: if this layer holds no LUT layout.
         """
         if not self.lut_cbits:
-            raise ValueError(f"this {self.layout} layer holds no lut layout (built with batch_layout=None)")
+            raise ValueError("this layer holds no lut layout (built as sparse with alternate=False)")
         return LUTPacked(
             self.lut_codes, self.lut_mask, self.lut_codebook, self.out_features, self.in_features, self.lut_cbits,
             self.nnz,
@@ -275,26 +304,28 @@ class CompressedLinear(nn.Module):
     _STATE = ("in_features", "out_features", "row_tile", "chunk", "code_shift", "nnz", "relu", "lut_cbits",
               "batch_min")  # fmt: skip
 
-    def get_extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {k: int(getattr(self, k)) for k in self._STATE if hasattr(self, k)}
-        state["layout"] = self.layout
-        return state
+    def get_extra_state(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in self._STATE if hasattr(self, k)}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, int]) -> None:
         for k, v in state.items():
-            setattr(self, k, bool(v) if k == "relu" else (str(v) if k == "layout" else int(v)))
+            if k in self._STATE:
+                setattr(self, k, bool(v) if k == "relu" else int(v))
 
     def extra_repr(self) -> str:
-        if self.layout == "sparse":
-            layout = f"layout=sparse, codebook_bits={self.code_shift - 1}"
+        parts = []
+        if self.code_shift:
+            parts.append(f"sparse codebook_bits={self.code_shift - 1}")
+        if self.lut_cbits:
+            parts.append(f"lut code_bits={self.lut_cbits} bitmap={self.lut_mask is not None}")
+        if len(parts) == 2:
+            held = f"layouts=[{', '.join(parts)}], lut from batch {self.batch_min}"
         else:
-            layout = f"layout=lut, code_bits={self.lut_cbits}, bitmap={self.lut_mask is not None}"
-        if self.batch_min:
-            layout += f", batch>={self.batch_min}: lut code_bits={self.lut_cbits} bitmap={self.lut_mask is not None}"
+            held = f"layouts=[{parts[0]}]"
         why = f", why='{self.reason}'" if self.reason else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, {layout}, "
-            f"bias={self.bias is not None}, relu={self.relu}{why}"
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"layout={self.layout}, {held}, bias={self.bias is not None}, relu={self.relu}{why}"
         )
 
 

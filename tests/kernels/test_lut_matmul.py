@@ -52,6 +52,7 @@ CASES = [
     _case("module_sparse_b1", 40, 300, density=0.05, batch=1, bias=True, via="module"),
     _case("module_sparse_batch_copy_b16", 40, 300, density=0.05, batch=16, bias=True, via="module"),
     _case("module_lut_b3", 40, 300, density=0.5, batch=3, relu=True, via="module"),
+    _case("module_dual_b2", 40, 300, density=0.2, batch=2, bias=True, via="module"),
 ]
 
 
@@ -160,6 +161,7 @@ EXPECTED_PATH = {
     "module_sparse_b1": "sparse",
     "module_sparse_batch_copy_b16": "lut",
     "module_lut_b3": "lut",
+    "module_dual_b2": "lut",
 }
 
 
@@ -347,9 +349,9 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
     lin = _quantized_linear(density=0.05)
     layer = CompressedLinear.from_linear(lin, batch_min=4)
     assert layouts.layout_of(layer.path(3)).value == "sparse" and layouts.layout_of(layer.path(4)).value == "lut"
-    assert "batch>=4: lut" in repr(layer)
+    assert "layouts=[sparse codebook_bits=4, lut code_bits=4 bitmap=True], lut from batch 4" in repr(layer)
     assert torch.equal(layouts.decode_dense(layer.path(4)), layouts.decode_dense(layer.path(1)))
-    lean = CompressedLinear.from_linear(lin, batch_layout=None)
+    lean = CompressedLinear.from_linear(lin, alternate=False)
     assert lean.batch_min == 0 and "lut_codes" not in dict(lean.named_buffers())
     with pytest.raises(ValueError, match="holds no lut layout"):
         lean.lut_packed()
@@ -361,8 +363,11 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
     for batch in (1, 5):
         x = torch.randn(batch, 200)
         assert torch.equal(clone(x), layer(x))
-    with pytest.raises(ValueError, match="batch_layout must be 'lut' or None"):
-        CompressedLinear.from_linear(lin, batch_layout="bitmap")
+    with pytest.raises(ValueError, match="alternate must be in the other layout than packed"):
+        CompressedLinear(layer.sparse_packed(), alternate=lean.sparse_packed())
+    with pytest.raises(ValueError, match="they must hold the same weights"):
+        other = CompressedLinear.from_linear(_quantized_linear(k=100), layout="lut", alternate=False)
+        CompressedLinear(layer.sparse_packed(), alternate=other.lut_packed())
 
 
 def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
@@ -385,6 +390,11 @@ def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
     us[("lut", 4)] = 10.0  # sparse wins at 4 again: the switch moves to 16
     layer.autotune((1, 4, 16, 64), torch.float16)
     assert layer.batch_min == 16
+    dual = CompressedLinear.from_linear(_quantized_linear(density=0.2))  # 10-30 %: lut + a sparse copy
+    assert dual.batch_min == 1 and dual.layout == "lut"
+    us.update({("sparse", 1): 5.0, ("lut", 1): 7.0, ("lut", 4): 8.0})
+    dual.autotune((1, 4), torch.float16)
+    assert dual.batch_min == 4 and dual.layout == "sparse"  # the copy now serves batch 1-3
     lut_only = CompressedLinear.from_linear(_quantized_linear(density=0.5))
     calls.clear()
     assert lut_only.autotune((1,), torch.float16)[1]["path"] == "lut" and calls == [("lut", (1,))]
