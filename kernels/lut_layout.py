@@ -133,8 +133,9 @@ class LUTPacked:
 
 
 def _to_int32(words: Tensor) -> Tensor:
-    """int64 holding unsigned 32-bit patterns -> int32 with the same bits (two's complement wrap)."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    """int64 holding 32-bit patterns (possibly offset by multiples of 2**32) -> int32 with the same low 32 bits."""
+    low = words & 0xFFFFFFFF
+    return torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
 
 
 def pack_lut(
@@ -185,23 +186,26 @@ def pack_lut(
     g_cols = WORDS_PER_GROUP * pw
     k_pad = -(-n_in // g_cols) * g_cols
     fill = 0 if bitmap or dense else ncb  # pruned and padding positions: a 0.0 (zero code), or any code (bitmap)
-    full = torch.full((n_out, k_pad), fill, dtype=torch.int64, device=device)
-    lin = rows * k_pad + cols
-    if nnz > 1 and torch.unique(lin).numel() != nnz:
+    if nnz > 1 and torch.unique(rows * n_in + cols).numel() != nnz:
         raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
-    full.view(-1)[lin] = codes
-    # [n, g, s, j] -> word [n, g, j] = sum_s code << (s * cbits)
-    shifts = (torch.arange(pw, dtype=torch.int64, device=device) * cbits).view(1, 1, pw, 1)
-    words = (full.view(n_out, -1, pw, WORDS_PER_GROUP) << shifts).sum(dim=2).reshape(n_out, -1)
-    del full
+    # Scatter straight into the words (no [out, in] code matrix): every word starts as `fill` in all its slots and
+    # each kept weight adds (code - fill) << (slice * cbits) to its word; the fields are disjoint, so the int64 sums
+    # are the final bit patterns, truncated to int32 at the end.
+    n_words = k_pad // pw
+    pattern = sum(fill << (s * cbits) for s in range(pw))
+    words = torch.full((n_out * n_words,), pattern, dtype=torch.int64, device=device)
+    word = rows * n_words + (cols // g_cols) * WORDS_PER_GROUP + cols % WORDS_PER_GROUP
+    shift = ((cols % g_cols) // WORDS_PER_GROUP) * cbits
+    words.index_put_((word,), (codes - fill) << shift, accumulate=True)
     mask = None
     if bitmap:
-        kept = torch.zeros(n_out * k_pad, dtype=torch.int64, device=device)
-        kept[lin] = 1
-        mask = _to_int32((kept.view(n_out, -1, 32) << torch.arange(32, dtype=torch.int64, device=device)).sum(dim=2))
+        bits = torch.zeros(n_out * (k_pad // 32), dtype=torch.int64, device=device)
+        bits.index_put_((rows * (k_pad // 32) + cols // 32,), torch.ones_like(cols) << (cols % 32), accumulate=True)
+        mask = _to_int32(bits.view(n_out, -1))
+    words = _to_int32(words.view(n_out, n_words))
     cb = torch.zeros(1 << cbits, dtype=torch.float32, device=device)
     cb[:ncb] = codebook.detach().to(device=device, dtype=torch.float32)
-    return LUTPacked(_to_int32(words), mask, cb, n_out, n_in, int(cbits), nnz)
+    return LUTPacked(words, mask, cb, n_out, n_in, int(cbits), nnz)
 
 
 def decode_dense_lut(packed: LUTPacked) -> Tensor:
