@@ -260,6 +260,27 @@ class Bench:
             out["semi24_fp16"] = (semi, torch.float16, w16.nbytes // 2 + w16.nbytes // 8, False)
         return out
 
+    def check_only(self, name: str, L: dict, batch: int, dtype: torch.dtype) -> None:
+        """Our kernels' outputs vs float64 in ``dtype`` (no timing): bf16 coverage at a small compile cost."""
+        g = torch.Generator(device=self.dev).manual_seed(batch)
+        x = torch.randn(batch, L["n_in"], generator=g, device=self.dev).abs().to(dtype)
+        ref = x.double() @ L["w"].double().T + L["bias"].double()
+        for prov, (factory, _, _, _) in self.providers(L, batch, dtype).items():
+            if prov not in OURS:
+                continue
+            rec = {"layer": name, "batch": batch, "dtype": str(dtype).replace("torch.", ""), "provider": prov,
+                   "layout": L["layout"], "density": L["density"], "check_only": True}  # fmt: skip
+            try:
+                y = factory(0)(x)
+                rec["rel_err"] = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                rec["ok"] = bool(rec["rel_err"] <= TOL[dtype])
+                if not rec["ok"]:
+                    self.failures.append({"where": f"{name} B={batch} {prov} {dtype}", "error": str(rec["rel_err"])})
+            except Exception as err:  # noqa: BLE001
+                self.fail(f"{name} B={batch} {rec['dtype']} {prov} (check)", err)
+                rec["error"] = f"{type(err).__name__}: {err}"[:300]
+            self.rows.append(rec)
+
     def measure_layer(self, name: str, L: dict, batch: int, dtype: torch.dtype, only: tuple | None = None,
                       tag: str = "") -> None:  # fmt: skip
         g = torch.Generator(device=self.dev).manual_seed(batch)
@@ -322,6 +343,8 @@ class Bench:
                 self.measure_layer(name, L, b, torch.float16)
             if fp32_b1:
                 self.measure_layer(name, L, 1, torch.float32)
+                for b in (1, 16) if not self.args.smoke else ():  # the interpreter's tl.dot mis-reads bf16
+                    self.check_only(name, L, b, torch.bfloat16)
             self.write()
         return built
 
