@@ -620,7 +620,7 @@ def to_compressed_inference(
     model, decisions = convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
     if autotune_batches:
         for m in model.modules():
-            if isinstance(m, CompressedLinear) and m.entries.is_cuda:
+            if isinstance(m, CompressedLinear) and m.device.type == "cuda":
                 m.autotune(autotune_batches, dtype)
     model.eval()
     if checked:

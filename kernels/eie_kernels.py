@@ -24,6 +24,7 @@ from .runtime import HAS_TRITON, tl, triton
 __all__ = ["eie_spmm_kernel", "eie_reduce_kernel", "eie_flat_kernel"]
 
 if HAS_TRITON:
+    from .runtime import splitk_finish
 
     @triton.jit
     def eie_spmm_kernel(
@@ -236,25 +237,5 @@ if HAS_TRITON:
         rows = tile * ROW_TILE + r
         omask = (rows[:, None] < N) & b_ok[None, :]
         yoff = bb[None, :] * N + rows[:, None]
-        if SPLIT > 1:
-            tl.atomic_add(ws_ptr + yoff, res, mask=omask, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial is issued before the arrival is published (release)
-            cidx = tile * tl.num_programs(2) + bgrp
-            arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                # read the finished sum at the coherence point (an atomic, not a possibly stale L1 line), then
-                # re-zero the workspace and the counter for the next call (visible at the kernel boundary)
-                res = tl.atomic_add(ws_ptr + yoff, tl.zeros_like(res), mask=omask, sem="relaxed")
-                tl.store(ws_ptr + yoff, tl.zeros_like(res), mask=omask)
-                tl.store(cnt_ptr + cidx, 0)
-                if HAS_BIAS:
-                    res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-                if RELU:
-                    res = tl.maximum(res, 0.0)
-                tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
-        else:
-            if HAS_BIAS:
-                res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-            if RELU:
-                res = tl.maximum(res, 0.0)
-            tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
+        cidx = tile * tl.num_programs(2) + bgrp
+        splitk_finish(res, rows, yoff, omask, bias_ptr, y_ptr, ws_ptr, cnt_ptr, cidx, N, SPLIT, HAS_BIAS, RELU)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import check_activation, check_bias_and_devices
+from .runtime import check_activation, check_bias_and_devices, check_coordinates
 
 __all__ = [
     "EIEPacked",
@@ -203,32 +203,16 @@ def pack(
         tensor([[ 0.0000,  0.0000,  0.2500],
                 [-0.5000,  0.0000,  0.0000]])
     """
-    if int(out_features) < 1 or int(in_features) < 1:
-        raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
-    if row_tile is None:
-        row_tile = auto_row_tile(int(out_features))
-    if row_tile < 1 or row_tile > 128 or row_tile & (row_tile - 1):
+    if row_tile is not None and (row_tile < 1 or row_tile > 128 or row_tile & (row_tile - 1)):
         raise ValueError(f"row_tile must be a power of two in [1, 128], got {row_tile}")
-    codebook = torch.as_tensor(codebook)
-    if codebook.dim() != 1 or not 1 <= codebook.numel() <= MAX_CODEBOOK:
-        raise ValueError(f"codebook must be 1-D with 1..{MAX_CODEBOOK} centroids, got shape {tuple(codebook.shape)}")
-    if not codebook.is_floating_point():
-        raise ValueError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
-    rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
-    if not rows.numel() == cols.numel() == codes.numel():
-        raise ValueError(
-            f"rows, cols and codes must have one value per non-zero, got sizes "
-            f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
-        )
+    n_out, n_in, rows, cols, codes, codebook = check_coordinates(
+        out_features, in_features, rows, cols, codes, codebook, MAX_CODEBOOK
+    )
+    if row_tile is None:
+        row_tile = auto_row_tile(n_out)
     device = torch.device(device) if device is not None else rows.device
     rows, cols, codes = rows.cpu(), cols.cpu(), codes.cpu()
     nnz = rows.numel()
-    n_out, n_in = int(out_features), int(in_features)
-    if nnz:
-        for name, t, hi in (("rows", rows, n_out), ("cols", cols, n_in), ("codes", codes, codebook.numel())):
-            lo_v, hi_v = int(t.min()), int(t.max())
-            if lo_v < 0 or hi_v >= hi:
-                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
     if chunk is None:
         chunk = auto_chunk(nnz, n_out, n_in, row_tile)
     if chunk < 16 or chunk > 65536 or chunk & (chunk - 1):

@@ -39,7 +39,9 @@ from .runtime import (
     HAS_TRITON,
     can_use_workspace,
     interpret_mode,
+    launcher,
     next_pow2,
+    register_op,
     time_candidates,
     triton_wrapper,
     use_triton,
@@ -94,11 +96,7 @@ def eie_linear_triton(
         ValueError, TypeError: on bad arguments (see :func:`check_args`).
     """
     check_args(x, packed, bias)
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use eie_linear_reference or the eie_linear op")
-    if x.device.type != "cuda" and not interpret_mode():
-        raise RuntimeError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
-    launch = wrap if wrap is not None else (lambda k: k)
+    launch = launcher(x, wrap, "eie_linear")
     entries, block_ptr, codebook = packed.entries, packed.block_ptr, packed.codebook
     out_features, in_features, row_tile, chunk = packed.out_features, packed.in_features, packed.row_tile, packed.chunk
     code_shift = packed.code_shift
@@ -272,30 +270,15 @@ def _eie_linear_impl(
     return eie_linear_reference(x, p, bias, relu)
 
 
-_OP_NAME = "dc_lightning::eie_linear"
+def _eie_linear_fake(
+    x, entries, block_ptr, codebook, bias, out_features, in_features, row_tile, chunk, code_shift, relu
+):  # fmt: skip
+    p = EIEPacked.from_op_args(entries, block_ptr, codebook, out_features, in_features, row_tile, chunk, code_shift)
+    check_args(x, p, bias)
+    return x.new_empty((x.shape[0], out_features))
 
 
-def _register() -> Any:
-    if getattr(torch.library, "triton_op", None) is not None and HAS_TRITON and not interpret_mode():
-        return torch.library.triton_op(_OP_NAME, mutates_args=())(_eie_linear_impl)
-    # Interpreter or no Triton: a custom_op whose fake impl gives the output's shape/dtype.
-    op = torch.library.custom_op(_OP_NAME, mutates_args=())(_eie_linear_impl)
-
-    @op.register_fake
-    def _(x, entries, block_ptr, codebook, bias, out_features, in_features, row_tile, chunk, code_shift, relu):
-        p = EIEPacked.from_op_args(entries, block_ptr, codebook, out_features, in_features, row_tile, chunk, code_shift)
-        check_args(x, p, bias)
-        return x.new_empty((x.shape[0], out_features))
-
-    return op
-
-
-try:
-    _eie_linear_op = _register()
-except RuntimeError as err:  # pragma: no cover - module reloaded in the same process: reuse the registered op
-    if "already" not in str(err):
-        raise
-    _eie_linear_op = None
+_eie_linear_op = register_op("dc_lightning::eie_linear", _eie_linear_impl, _eie_linear_fake)
 
 
 def eie_linear(x: Tensor, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:

@@ -40,7 +40,7 @@ def choose_config(
     Keys: ``block_b`` (batch columns per program), ``block_k`` (ELL steps per iteration), ``chunks_per_prog``
     (``n_chunks`` or more = one launch with the epilogue fused), ``num_warps``, ``transpose_x`` (gather from ``x.T``
     so that a column's batch values are adjacent), ``skip_zero_chunks`` (two-kernel design only), ``kernel``
-    (``"flat"``: one launch per layer, see ``_eie_flat_kernel``; ``"split"``: partial sums + reduce kernel) and
+    (``"flat"``: one launch per layer, ``eie_kernels.eie_flat_kernel``; ``"split"``: partial sums + reduce kernel) and
     ``split`` (flat kernel: programs per row tile, combined with fp32 atomics). A configuration recorded by
     :func:`autotune` for ``tuned_key`` wins over the heuristic; ``overrides`` win over both.
     """

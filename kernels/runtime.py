@@ -1,5 +1,6 @@
 """What every kernel family of ``dc_lightning.kernels`` shares: the optional Triton import, the interpreter switch,
-the per-device split-K workspace and the CUDA-graph timing harness of the autotuners.
+the per-device split-K workspace and its ``@triton.jit`` epilogue, the CUDA-graph timing harness of the
+autotuners, the ``torch.library`` registration and the argument checks common to every layout.
 
 A layout (``eie_layout`` sparse ELL, ``lut_layout`` dense packed codes) owns its data and its PyTorch reference; its
 ``*_kernels`` file holds the ``@triton.jit`` code; its launcher file validates, picks a configuration and registers
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,7 +39,12 @@ __all__ = [
     "workspace",
     "use_triton",
     "triton_wrapper",
+    "launcher",
     "time_candidates",
+    "register_op",
+    "check_coordinates",
+    "check_activation",
+    "check_bias_and_devices",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,19 @@ def next_pow2(v: int) -> int:
 def use_triton(x: Tensor) -> bool:
     """Whether an op implementation should launch Triton for ``x`` (CUDA, or CPU under the interpreter)."""
     return HAS_TRITON and (x.device.type == "cuda" or (interpret_mode() and x.device.type == "cpu"))
+
+
+def launcher(x: Tensor, wrap: Any, op: str) -> Callable[[Any], Any]:
+    """``kernel -> launchable`` for a launcher called with ``x`` (``wrap``: ``wrap_triton`` inside a triton_op).
+
+    Raises:
+        RuntimeError: if Triton is missing, or ``x`` is on the CPU without the interpreter.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(f"triton is not installed; use {op}_reference or the {op} op")
+    if x.device.type != "cuda" and not interpret_mode():
+        raise RuntimeError(f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got x on {x.device}")
+    return wrap if wrap is not None else (lambda k: k)
 
 
 def triton_wrapper() -> Any:
@@ -125,11 +145,10 @@ def time_candidates(
 ) -> list[tuple[float, dict[str, Any]]]:
     """Median µs of ``run(cfg)`` for every candidate, each captured in a CUDA graph (``do_bench`` flushes L2).
 
-    A candidate that fails to compile or launch, or whose output ``check`` rejects, is skipped (logged at DEBUG).
-    Returns ``[(us, cfg), ...]`` in candidate order.
+    Under the interpreter (CPU) one wall-clock run instead: that times nothing useful but exercises the tuning
+    flow in CI. A candidate that fails to compile or launch, or whose output ``check`` rejects, is skipped (logged
+    at DEBUG). Returns ``[(us, cfg), ...]`` in candidate order.
     """
-    from triton.testing import do_bench
-
     results = []
     for cfg in candidates:
         try:
@@ -137,6 +156,13 @@ def time_candidates(
             if check is not None and not check(y):
                 log.debug("autotune: candidate %s gave a wrong result; skipped", cfg)
                 continue
+            if interpret_mode():
+                t = time.perf_counter()
+                run(cfg)
+                results.append(((time.perf_counter() - t) * 1e6, cfg))
+                continue
+            from triton.testing import do_bench
+
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 run(cfg)
@@ -147,8 +173,62 @@ def time_candidates(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Argument checks shared by every layout's launcher (no data reads: no host sync)
+# torch.library registration and argument checks shared by every layout
 # --------------------------------------------------------------------------------------------------------------
+
+
+def register_op(name: str, impl: Callable[..., Tensor], fake: Callable[..., Tensor]) -> Any:
+    """Register ``impl`` as the ``torch.library`` op ``name`` (no mutated arguments).
+
+    With Triton on a GPU build it is a ``triton_op`` (inductor sees the kernels it launches through
+    ``wrap_triton``); under the interpreter or without Triton a ``custom_op`` whose ``fake`` gives the output's
+    shape and dtype. A module reloaded in the same process gets ``None`` and keeps the registered op.
+    """
+    try:
+        if getattr(torch.library, "triton_op", None) is not None and HAS_TRITON and not interpret_mode():
+            return torch.library.triton_op(name, mutates_args=())(impl)
+        op = torch.library.custom_op(name, mutates_args=())(impl)
+        op.register_fake(fake)
+        return op
+    except RuntimeError as err:  # pragma: no cover - module reloaded in the same process
+        if "already" not in str(err):
+            raise
+        return None
+
+
+def check_coordinates(
+    out_features: int, in_features: int, rows: Tensor, cols: Tensor, codes: Tensor, codebook: Tensor,
+    max_codebook: int = 256,
+) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Validate the coordinates and codes of a layer's kept weights before a layout packs them.
+
+    Returns ``(out_features, in_features, rows, cols, codes, codebook)``: ints, three 1-D int64 tensors, the 1-D
+    float codebook (each on the device it came on).
+
+    Raises:
+        ValueError: on an empty shape, a codebook that is not 1-D float with ``1..max_codebook`` centroids,
+            coordinate tensors of different sizes or a row, column or code out of range.
+    """
+    if int(out_features) < 1 or int(in_features) < 1:
+        raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
+    codebook = torch.as_tensor(codebook)
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= max_codebook:
+        raise ValueError(f"codebook must be 1-D with 1..{max_codebook} centroids, got shape {tuple(codebook.shape)}")
+    if not codebook.is_floating_point():
+        raise ValueError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
+    rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
+    if not rows.numel() == cols.numel() == codes.numel():
+        raise ValueError(
+            f"rows, cols and codes must have one value per non-zero, got sizes "
+            f"{rows.numel()}, {cols.numel()} and {codes.numel()}"
+        )
+    if rows.numel():
+        limits = (("rows", rows, out_features), ("cols", cols, in_features), ("codes", codes, codebook.numel()))
+        for name, t, hi in limits:
+            lo_v, hi_v = int(t.min()), int(t.max())
+            if lo_v < 0 or hi_v >= hi:
+                raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    return int(out_features), int(in_features), rows, cols, codes, codebook
 
 
 def check_activation(x: Tensor, in_features: int) -> None:
@@ -179,3 +259,57 @@ def check_bias_and_devices(x: Tensor, bias: Tensor | None, out_features: int, te
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the layer to x's device")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Split-K epilogue shared by the kernels (Triton device function)
+# --------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def splitk_finish(
+        res,
+        rows,
+        yoff,
+        omask,
+        bias_ptr,
+        y_ptr,
+        ws_ptr,
+        cnt_ptr,
+        cidx,
+        N,
+        SPLIT,
+        HAS_BIAS: tl.constexpr,
+        RELU: tl.constexpr,
+    ):
+        """Store one output tile ``res`` ([rows, batch] fp32 partial sums) of a program of a split-K group.
+
+        ``SPLIT`` (programs per tile) may be a constexpr (the branch is then resolved at compile time) or a run-time
+        value (both branches compiled; Triton specialises a 1 anyway).
+
+        ``SPLIT == 1``: apply bias/ReLU/cast and store. ``SPLIT > 1``: add the partial into the zeroed workspace
+        with relaxed atomics and bump the tile's arrival counter ``cnt_ptr[cidx]``; the last program to arrive
+        reads the sum back at the coherence point (an atomic add of 0, not a possibly stale L1 line), re-zeroes the
+        workspace and the counter for the next call (visible at the kernel boundary) and applies the epilogue.
+        No memset node, no second kernel, CUDA-graph safe.
+        """
+        if SPLIT > 1:
+            tl.atomic_add(ws_ptr + yoff, res, mask=omask, sem="relaxed")
+            tl.debug_barrier()  # every thread's partial is issued before the arrival is published (release)
+            arrived = tl.atomic_add(cnt_ptr + cidx, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                res = tl.atomic_add(ws_ptr + yoff, tl.zeros_like(res), mask=omask, sem="relaxed")
+                tl.store(ws_ptr + yoff, tl.zeros_like(res), mask=omask)
+                tl.store(cnt_ptr + cidx, 0)
+                if HAS_BIAS:
+                    res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+                if RELU:
+                    res = tl.maximum(res, 0.0)
+                tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)
+        else:
+            if HAS_BIAS:
+                res += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            if RELU:
+                res = tl.maximum(res, 0.0)
+            tl.store(y_ptr + yoff, res.to(y_ptr.dtype.element_ty), mask=omask)

@@ -12,16 +12,15 @@ import dataclasses
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import reference, rel_err, run_interpreter_child
 
 HERE = Path(__file__).resolve()
-REPO = HERE.parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,23 +126,6 @@ def _make_case(case: dict):
     return rows, cols, codes, codebook, x, bias
 
 
-def _reference(case: dict, rows, cols, codes, codebook, x, bias) -> torch.Tensor:
-    w = torch.zeros(case["n"], case["k"], dtype=torch.float64)
-    w[rows, cols] = codebook.double()[codes]
-    y = x.double() @ w.T
-    if bias is not None:
-        y = y + bias.double()
-    return torch.relu(y) if case.get("relu") else y
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(y).all():
-        return float("inf")
-    diff = (y.double() - ref).norm().item()
-    scale = ref.norm().item()
-    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
-
-
 def _run_interpreter_cases(out_path: str) -> None:
     """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -163,14 +145,14 @@ def _run_interpreter_cases(out_path: str) -> None:
             chunk=case.get("chunk"),
         )
         relu = bool(case.get("relu"))
-        ref = _reference(case, rows, cols, codes, codebook, x, bias)
+        ref = reference(case, rows, cols, codes, codebook, x, bias)
         errs = []
         for _ in range(case.get("repeat", 1)):  # repeated calls: the flat kernel's workspace must be zero again
             if case.get("via_op"):
                 y = E.eie_linear(x, p, bias, relu)
             else:
                 y = E.eie_linear_triton(x, p, bias, relu, config=case.get("config"))
-            errs.append(_rel_err(y, ref))
+            errs.append(rel_err(y, ref))
         results[case["id"]] = {"err": max(errs), "shape": list(y.shape), "dtype": str(y.dtype)}
     Path(out_path).write_text(json.dumps(results))
 
@@ -179,11 +161,7 @@ def _run_interpreter_cases(out_path: str) -> None:
 def interpreter_results(tmp_path_factory) -> dict:
     if not HAS_TRITON:
         pytest.skip("triton not installed")
-    out = tmp_path_factory.mktemp("eie_interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(HERE), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(out.read_text())
+    return run_interpreter_child(HERE, tmp_path_factory.mktemp("eie_interp") / "results.json")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

@@ -1,0 +1,274 @@
+"""The dense packed-code (LUT) layout: every weight position holds a 2-, 4- or 8-bit codebook index.
+
+For layers that were quantized but barely pruned (transformer layers look like that) a sparse layout spends more
+bytes on positions than on codes; here every position stores its code, in ``cbits``-bit fields packed into int32
+words, and the kernel (``lut_kernels``) decodes a tile once per program and multiplies it on tensor cores with the
+batch tile. Pruned positions are encoded in one of two ways, whichever needs fewer bits per position:
+
+* a **zero code**: the codebook gets one more entry, 0.0 (4-bit codebooks with at most 15 centroids, 3-bit ones ...);
+* a **bitmap**: one bit per position (1 = kept) beside the codes (16-centroid 4-bit layers: 4 + 1 bits instead of 8).
+
+Word layout (``G = 32 * PW`` columns per group, ``PW = 32 // cbits`` codes per word, ``K`` padded to a multiple of
+``G``): word ``codes[n, g * 32 + j]`` holds, at bits ``[s * cbits, (s + 1) * cbits)``, the code of column
+``g * G + s * 32 + j``. So one row's 32 words of a group decode, slice ``s`` by slice, into 32 consecutive columns
+each: a slice is one ``[rows, 32]`` operand of ``tl.dot`` with no interleaving shuffle. The bitmap is the plain
+row-major bit matrix: ``mask[n, c // 32]`` bit ``c % 32`` (``c`` = column), i.e. word ``g * PW + s`` of a row covers
+slice ``s`` of group ``g``.
+
+This module owns the layout (:class:`LUTPacked`, :func:`pack_lut`, :func:`decode_dense_lut`), the launcher's
+argument checks (:func:`check_lut_args`) and :func:`lut_linear_reference`, the pure-PyTorch product that is both
+the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.lut_linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .runtime import check_activation, check_bias_and_devices, check_coordinates
+
+__all__ = [
+    "LUTPacked",
+    "CONTAINER_BITS",
+    "WORDS_PER_GROUP",
+    "lut_encoding",
+    "bytes_per_position",
+    "pack_lut",
+    "decode_dense_lut",
+    "check_lut_args",
+    "lut_linear_reference",
+]
+
+CONTAINER_BITS = (2, 4, 8)
+WORDS_PER_GROUP = 32  # words of one row per column group: one slice = 32 columns = one int32 of the bitmap
+MAX_CODEBOOK = 256
+
+
+def _container(n_values: int) -> int | None:
+    for b in CONTAINER_BITS:
+        if n_values <= 1 << b:
+            return b
+    return None
+
+
+def lut_encoding(n_centroids: int, dense: bool) -> tuple[int, bool]:
+    """``(cbits, bitmap)`` for a codebook of ``n_centroids`` values: the cheapest of zero code and bitmap.
+
+    A fully dense layer needs neither; otherwise a zero code costs ``container(n + 1)`` bits per position and a
+    bitmap ``container(n) + 1``; ties go to the zero code (one load less per slice).
+
+    Raises:
+        ValueError: if ``n_centroids`` is not in ``[1, 256]``.
+    """
+    if not 1 <= n_centroids <= MAX_CODEBOOK:
+        raise ValueError(f"codebook must have 1..{MAX_CODEBOOK} centroids, got {n_centroids}")
+    plain = _container(n_centroids)
+    if dense:
+        return plain, False
+    zero = _container(n_centroids + 1)
+    if zero is not None and zero <= plain + 1:
+        return zero, False
+    return plain, True
+
+
+@dataclass
+class LUTPacked:
+    """A layer in the dense packed-code layout (see the module docstring).
+
+    Attributes:
+        codes: int32 ``[out_features, n_groups * 32]`` packed codes.
+        mask: int32 ``[out_features, n_groups * PW]`` bitmap of kept positions, or ``None`` (every position holds its
+            code; pruned ones the zero code).
+        codebook: float32 ``[2**cbits]`` (unused slots and the zero code hold 0.0).
+        out_features: rows of ``W``.
+        in_features: columns of ``W``.
+        cbits: bits per code, 2, 4 or 8.
+        nnz: kept weights (-1 when unknown).
+    """
+
+    codes: Tensor
+    mask: Tensor | None
+    codebook: Tensor
+    out_features: int
+    in_features: int
+    cbits: int
+    nnz: int = -1
+
+    @property
+    def codes_per_word(self) -> int:
+        return 32 // self.cbits
+
+    @property
+    def group_cols(self) -> int:
+        """Columns per group (``32 * codes_per_word``)."""
+        return WORDS_PER_GROUP * self.codes_per_word
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.in_features // self.group_cols)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weights (codes + bitmap + codebook)."""
+        ts = [self.codes, self.codebook] + ([self.mask] if self.mask is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @property
+    def bits_per_position(self) -> int:
+        return self.cbits + (1 if self.mask is not None else 0)
+
+    def op_args(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> tuple:
+        """The positional arguments of the registered op ``torch.ops.dc_lightning.lut_linear`` for ``x``."""
+        return (x, self.codes, self.mask, self.codebook, bias, self.out_features, self.in_features, self.cbits, relu)
+
+    def to(self, device: torch.device | str) -> LUTPacked:
+        mask = None if self.mask is None else self.mask.to(device)
+        return LUTPacked(
+            self.codes.to(device), mask, self.codebook.to(device), self.out_features, self.in_features, self.cbits,
+            self.nnz,
+        )  # fmt: skip
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """int64 holding 32-bit patterns (possibly offset by multiples of 2**32) -> int32 with the same low 32 bits."""
+    low = words & 0xFFFFFFFF
+    return torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
+
+
+def pack_lut(
+    out_features: int,
+    in_features: int,
+    rows: Tensor,
+    cols: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    cbits: int | None = None,
+    bitmap: bool | None = None,
+    device: torch.device | str | None = None,
+) -> LUTPacked:
+    """Build the dense packed-code layout of a weight-shared layer (done once, at load time).
+
+    Args:
+        out_features, in_features: shape of ``W``.
+        rows, cols, codes: integer ``[nnz]`` coordinates and codebook indices of the kept weights (unique pairs).
+        codebook: float ``[n_centroids]``, ``1 <= n_centroids <= 256``.
+        cbits: bits per code (2, 4 or 8); ``None`` picks it with ``bitmap`` by :func:`lut_encoding`.
+        bitmap: store a bitmap of kept positions (``None``: :func:`lut_encoding` decides).
+        device: where the packed tensors go (default: the device of ``rows``).
+
+    Raises:
+        ValueError: on a bad shape, an out-of-range index or code, duplicate pairs, or codes that do not fit
+            ``cbits`` (with the zero code when there is no bitmap and positions are pruned).
+    """
+    n_out, n_in, rows, cols, codes, codebook = check_coordinates(
+        out_features, in_features, rows, cols, codes, codebook, MAX_CODEBOOK
+    )
+    device = torch.device(device) if device is not None else rows.device
+    # built where the layer goes: a 4096 x 11008 layer is 45M positions, seconds on a CPU core, milliseconds on a GPU
+    rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
+    ncb, nnz = codebook.numel(), rows.numel()
+    dense = nnz == n_out * n_in
+    auto_bits, auto_bitmap = lut_encoding(ncb, dense)
+    bitmap = auto_bitmap if bitmap is None else bool(bitmap)
+    need = ncb if (bitmap or dense) else ncb + 1  # + the zero code
+    if cbits is None:
+        cbits = auto_bits if bitmap == auto_bitmap else _container(need)
+    if cbits not in CONTAINER_BITS or need > 1 << cbits:
+        raise ValueError(
+            f"cbits={cbits} cannot hold {need} codes ({ncb} centroids{'' if bitmap or dense else ' + the zero code'});"
+            f" valid: one of {CONTAINER_BITS} with 2**cbits >= {need}"
+        )
+    pw = 32 // cbits
+    g_cols = WORDS_PER_GROUP * pw
+    k_pad = -(-n_in // g_cols) * g_cols
+    fill = 0 if bitmap or dense else ncb  # pruned and padding positions: a 0.0 (zero code), or any code (bitmap)
+    if nnz > 1 and torch.unique(rows * n_in + cols).numel() != nnz:
+        raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
+    # Scatter straight into the words (no [out, in] code matrix): every word starts as `fill` in all its slots and
+    # each kept weight adds (code - fill) << (slice * cbits) to its word; the fields are disjoint, so the int64 sums
+    # are the final bit patterns, truncated to int32 at the end.
+    n_words = k_pad // pw
+    pattern = sum(fill << (s * cbits) for s in range(pw))
+    words = torch.full((n_out * n_words,), pattern, dtype=torch.int64, device=device)
+    word = rows * n_words + (cols // g_cols) * WORDS_PER_GROUP + cols % WORDS_PER_GROUP
+    shift = ((cols % g_cols) // WORDS_PER_GROUP) * cbits
+    words.index_put_((word,), (codes - fill) << shift, accumulate=True)
+    mask = None
+    if bitmap:
+        bits = torch.zeros(n_out * (k_pad // 32), dtype=torch.int64, device=device)
+        bits.index_put_((rows * (k_pad // 32) + cols // 32,), torch.ones_like(cols) << (cols % 32), accumulate=True)
+        mask = _to_int32(bits.view(n_out, -1))
+    words = _to_int32(words.view(n_out, n_words))
+    cb = torch.zeros(1 << cbits, dtype=torch.float32, device=device)
+    cb[:ncb] = codebook.detach().to(device=device, dtype=torch.float32)
+    return LUTPacked(words, mask, cb, n_out, n_in, int(cbits), nnz)
+
+
+def decode_dense_lut(packed: LUTPacked) -> Tensor:
+    """The dense float32 ``[out, in]`` weight of a packed layer."""
+    p = packed
+    pw = p.codes_per_word
+    shifts = torch.arange(pw, device=p.codes.device, dtype=torch.int32) * p.cbits
+    words = p.codes.view(p.out_features, -1, 1, WORDS_PER_GROUP)
+    codes = (words >> shifts.view(1, 1, pw, 1)) & ((1 << p.cbits) - 1)  # [n, g, s, j]
+    w = p.codebook.to(torch.float32)[codes.reshape(p.out_features, -1).long()]
+    if p.mask is not None:
+        bits = (p.mask.unsqueeze(-1) >> torch.arange(32, device=p.mask.device, dtype=torch.int32)) & 1
+        w = w * bits.reshape(p.out_features, -1).to(torch.float32)
+    return w[:, : p.in_features]
+
+
+def check_lut_args(x: Tensor, packed: LUTPacked, bias: Tensor | None = None) -> None:
+    """Validate shapes, dtypes, devices and contiguity of a call (no data reads: no host sync).
+
+    Raises:
+        TypeError: if ``x`` is not a tensor or not float32/float16/bfloat16.
+        ValueError: on any other mismatch, naming the field, the bad value and what is valid.
+    """
+    p = packed
+    check_activation(x, p.in_features)
+    if p.cbits not in CONTAINER_BITS:
+        raise ValueError(f"cbits must be one of {CONTAINER_BITS}, got {p.cbits}")
+    n_words = p.n_groups * WORDS_PER_GROUP
+    if p.codes.dtype != torch.int32 or tuple(p.codes.shape) != (p.out_features, n_words) or not p.codes.is_contiguous():
+        raise ValueError(
+            f"codes must be a contiguous int32 [out_features, n_groups*32] = [{p.out_features}, {n_words}] tensor, "
+            f"got {p.codes.dtype} shape {tuple(p.codes.shape)}"
+        )
+    n_mask = p.n_groups * p.codes_per_word
+    if p.mask is not None and (
+        p.mask.dtype != torch.int32 or tuple(p.mask.shape) != (p.out_features, n_mask) or not p.mask.is_contiguous()
+    ):
+        raise ValueError(
+            f"mask must be None or a contiguous int32 [out_features, in_padded/32] = [{p.out_features}, {n_mask}] "
+            f"tensor, got {p.mask.dtype} shape {tuple(p.mask.shape)}"
+        )
+    if p.codebook.dtype != torch.float32 or p.codebook.dim() != 1 or p.codebook.numel() != 1 << p.cbits:
+        raise ValueError(
+            f"codebook must be float32 [2**cbits] = [{1 << p.cbits}], got {p.codebook.dtype} "
+            f"shape {tuple(p.codebook.shape)}"
+        )
+    tensors = {"codes": p.codes, "codebook": p.codebook}
+    if p.mask is not None:
+        tensors["mask"] = p.mask
+    check_bias_and_devices(x, bias, p.out_features, tensors)
+
+
+def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``; decodes ``W`` densely."""
+    w = decode_dense_lut(packed)
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def bytes_per_position(n_centroids: int, density: float) -> float:
+    """Bytes per weight position of this layout for a codebook size and density (for the layout choice)."""
+    cbits, bitmap = lut_encoding(n_centroids, density >= 1.0)
+    return (cbits + (1 if bitmap else 0)) / 8.0
+
