@@ -57,9 +57,10 @@ class CompressedLinear(nn.Module):
     codes plus a bitmap or a zero code, ``kernels/lut_*``: decodes each weight once and multiplies the batch tile on
     tensor cores). A layer holds one or both; with both, batches of ``batch_min`` rows or more run the LUT layout and
     smaller ones the sparse layout. :meth:`from_linear` chooses by density
-    (:func:`dc_lightning.kernels.layouts.choose_layout`): below 10 % sparse plus a LUT copy from batch 8; from 10 %
-    to 30 % LUT plus a sparse copy (``batch_min=1``: the copy serves only if :meth:`autotune` finds it faster at
-    small batches); above, LUT only. ``extra_repr`` says what the layer holds and why.
+    (:func:`dc_lightning.kernels.layouts.choose_layout`, thresholds measured on the H200): below 30 % sparse plus a
+    LUT copy for large batches (from batch 64 below 10 % density, from 16 above); from 30 % to 60 % LUT plus a sparse
+    copy for batches below 16; above, LUT only. :meth:`autotune` moves the switch to where it measures it.
+    ``extra_repr`` says what the layer holds and why.
 
     Buffers (saved in ``state_dict``): sparse: ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook``
     (float32, ``2**bits + 1`` values, the last one 0.0 for padding); lut: ``lut_codes``, ``lut_mask`` (int32, or
@@ -146,7 +147,7 @@ class CompressedLinear(nn.Module):
         alternate: bool = True,
         batch_min: int | None = None,
         sparse_below: float = layouts.SPARSE_BELOW,
-        dual_below: float = 0.3,
+        dual_below: float = 0.6,
     ) -> CompressedLinear:
         """Build from an ``nn.Linear``.
 
@@ -163,8 +164,8 @@ class CompressedLinear(nn.Module):
                 or ``"lut"``: the layout of batch 1.
             alternate: also keep the other layout where it can win: a sparse layer a LUT copy for large batches,
                 a LUT layer below ``dual_below`` density a sparse copy for small ones. ``False``: least memory.
-            batch_min: with both layouts, the smallest batch on the LUT layout (``None``: 8 for a sparse layer,
-                1 for a LUT layer, whose sparse copy then waits for :meth:`autotune`).
+            batch_min: with both layouts, the smallest batch on the LUT layout (``None``: by density,
+                :func:`dc_lightning.kernels.layouts.lut_batch_min`, until :meth:`autotune` measures it).
             sparse_below: density below which ``"auto"`` picks the sparse layout.
             dual_below: density below which a LUT layer keeps a sparse copy (with ``alternate``).
 
@@ -207,7 +208,7 @@ class CompressedLinear(nn.Module):
                 n_out, n_in, rows, cols, codes, centroids, "sparse", device=device, sparse_options=sparse_options
             )[0]
         if batch_min is None:
-            batch_min = 8 if isinstance(packed, EIEPacked) else 1
+            batch_min = layouts.lut_batch_min(rows.numel() / max(1, n_out * n_in))
         return cls(packed, bias=bias, relu=relu, alternate=other, batch_min=batch_min, reason=why)
 
     # ----------------------------------------------------------------------------------------------------------

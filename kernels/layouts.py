@@ -30,6 +30,7 @@ __all__ = [
     "Layout",
     "Packed",
     "SPARSE_BELOW",
+    "lut_batch_min",
     "choose_layout",
     "layout_of",
     "pack_layer",
@@ -41,7 +42,10 @@ __all__ = [
 
 Packed = EIEPacked | LUTPacked
 
-SPARSE_BELOW = 0.10  # issue 16: "below ~10 % the sparse layout"
+# H200, bench_eie_layouts.py 2026-12-02 (bench/RESULTS.md): at batch 1 the sparse kernel beat the LUT kernel on every
+# layer up to 30 % density (VGG-8, 23 %: 7.3 vs 16.1 us; T-4096x4096 at 30 %: 15.0 vs 42 us), so it is the batch-1
+# layout up to there; the LUT copy takes over at large batches (see lut_batch_min)
+SPARSE_BELOW = 0.30
 _ELL_BYTES_PER_NNZ = 2.3  # 16-bit entry x ~1.15 ELL padding (bench/RESULTS.md)
 
 
@@ -77,6 +81,16 @@ def choose_layout(
         why = f"density {density:.1%} < {sparse_below:.0%}: sparse ~{ell_b:.2f} B/position vs lut {lut_b:.2f}"
         return Layout.SPARSE, why
     return Layout.LUT, f"density {density:.1%} >= {sparse_below:.0%}: {code}, {lut_b:.2f} B/position"
+
+
+def lut_batch_min(density: float) -> int:
+    """The smallest batch that runs a layer's LUT copy until :meth:`CompressedLinear.autotune` measures it.
+
+    Measured on the H200 (bench/RESULTS.md, 2026-12-02): below 10 % density the sparse kernel still won at batch 16
+    (VGG-6 46 us vs the LUT's 150+) and lost at 64 (Alex-6 56 vs 117 us); from 10 % on the LUT won from batch 16
+    (Alex-8 9.4 vs 15.2 us, NT-LSTM 8.6 vs 9.1 us).
+    """
+    return 64 if density < 0.10 else 16
 
 
 def layout_of(packed: Packed) -> Layout:

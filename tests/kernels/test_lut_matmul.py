@@ -50,9 +50,9 @@ CASES = [
     _case("op_path", 21, 70, batch=3, bias=True, relu=True, via="op"),
     _case("gather_fails_falls_back", 21, 300, batch=16, bias=True, via="broken_gather"),
     _case("module_sparse_b1", 40, 300, density=0.05, batch=1, bias=True, via="module"),
-    _case("module_sparse_batch_copy_b16", 40, 300, density=0.05, batch=16, bias=True, via="module"),
-    _case("module_lut_b3", 40, 300, density=0.5, batch=3, relu=True, via="module"),
-    _case("module_dual_b2", 40, 300, density=0.2, batch=2, bias=True, via="module"),
+    _case("module_sparse_batch_copy_b64", 40, 300, density=0.05, batch=64, bias=True, via="module"),
+    _case("module_lut_b3", 40, 300, density=0.7, batch=3, relu=True, via="module"),
+    _case("module_dual_b2", 40, 300, density=0.4, batch=2, bias=True, via="module"),
 ]
 
 
@@ -160,9 +160,9 @@ def interpreter_results(tmp_path_factory) -> dict:
 
 EXPECTED_PATH = {
     "module_sparse_b1": "sparse",
-    "module_sparse_batch_copy_b16": "lut",
+    "module_sparse_batch_copy_b64": "lut",
     "module_lut_b3": "lut",
-    "module_dual_b2": "lut",
+    "module_dual_b2": "sparse",  # a LUT layer's sparse copy serves small batches
 }
 
 
@@ -305,7 +305,7 @@ def test_choose_lut_config() -> None:
 
 @pytest.mark.parametrize(
     "density,n_centroids,layout",
-    [(0.04, 16, "sparse"), (0.099, 16, "sparse"), (0.1, 16, "lut"), (0.25, 16, "lut"), (1.0, 16, "lut")],
+    [(0.04, 16, "sparse"), (0.1, 16, "sparse"), (0.299, 16, "sparse"), (0.3, 16, "lut"), (1.0, 16, "lut")],
 )
 def test_choose_layout_by_density(density: float, n_centroids: int, layout: str) -> None:
     got, why = layouts.choose_layout(1000, 1000, int(density * 1e6), n_centroids)
@@ -334,7 +334,7 @@ def _quantized_linear(n=24, k=200, density=0.4, bits=4, seed=0) -> nn.Linear:
     return lin
 
 
-@pytest.mark.parametrize("density,layout", [(0.05, "sparse"), (0.4, "lut"), (1.0, "lut")])
+@pytest.mark.parametrize("density,layout", [(0.05, "sparse"), (0.4, "sparse"), (0.7, "lut"), (1.0, "lut")])
 def test_compressed_linear_layout_cpu_fallback(density: float, layout: str) -> None:
     lin = _quantized_linear(density=density)
     layer = CompressedLinear.from_linear(lin, relu=True)
@@ -392,12 +392,12 @@ def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
     us[("lut", 4)] = 10.0  # sparse wins at 4 again: the switch moves to 16
     layer.autotune((1, 4, 16, 64), torch.float16)
     assert layer.batch_min == 16
-    dual = CompressedLinear.from_linear(_quantized_linear(density=0.2))  # 10-30 %: lut + a sparse copy
-    assert dual.batch_min == 1 and dual.layout == "lut"
+    dual = CompressedLinear.from_linear(_quantized_linear(density=0.4))  # 30-60 %: lut + a sparse copy below 16
+    assert dual.batch_min == 16 and dual.layout == "sparse"
     us.update({("sparse", 1): 5.0, ("lut", 1): 7.0, ("lut", 4): 8.0})
     dual.autotune((1, 4), torch.float16)
     assert dual.batch_min == 4 and dual.layout == "sparse"  # the copy now serves batch 1-3
-    lut_only = CompressedLinear.from_linear(_quantized_linear(density=0.5))
+    lut_only = CompressedLinear.from_linear(_quantized_linear(density=0.7))
     calls.clear()
     assert lut_only.autotune((1,), torch.float16)[1]["path"] == "lut" and calls == [("lut", (1,))]
     assert lut_only.batch_min == 0
