@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHT",
     "buffer_keys",
     "buffer_name",
+    "compressed_params",
     "get_buffer",
     "get_codebook",
     "get_mask",
@@ -102,6 +103,18 @@ def get_codebook(module: nn.Module, param: str = WEIGHT) -> tuple[Tensor, Tensor
 def has_compression(module: nn.Module, param: str = WEIGHT) -> bool:
     """Whether the parameter carries a mask or a codebook buffer (is stored as a compressed layer)."""
     return get_mask(module, param) is not None or get_buffer(module, "codebook", param) is not None
+
+
+def compressed_params(module: nn.Module) -> list[str]:
+    """The names of the module's tensors that carry a mask or a codebook buffer, parameters in registration order
+    first (``["weight"]`` for a pruned ``nn.Linear``, ``["weight_ih_l0", "weight_hh_l0"]`` for a pruned LSTM)."""
+    found = []
+    for name in module._buffers:
+        parsed = parse_buffer_key(name)
+        if parsed is not None and parsed[1] not in found and isinstance(getattr(module, parsed[1], None), Tensor):
+            found.append(parsed[1])
+    order = {p: i for i, p in enumerate(module._parameters)}
+    return sorted(found, key=lambda p: order.get(p, len(order)))
 
 
 @torch.no_grad()

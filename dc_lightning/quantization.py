@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_codebook, get_mask
-from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, pattern_aliases, select_targets
+from dc_lightning.utils import resolve_per_layer
 
 __all__ = [
     "INITS",
@@ -77,24 +78,33 @@ def check_bits(bits: Any, where: str = "bits") -> int:
     return bits
 
 
+#: module types whose weight matrices get the fc layers' default width: matrix products like an fc layer's
+_FC_LIKE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
+
+
 def paper_bits(module: nn.Module) -> int:
-    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers."""
-    return 5 if isinstance(module, nn.Linear) else 8
+    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers.
+
+    Embedding tables, attention projections and recurrent gate matrices are fc-like matrices: 5 bits too (EIE's
+    NT-LSTM layer ran on the same 4-bit fc path). Any other module type gets 8 bits.
+    """
+    return 5 if isinstance(module, _FC_LIKE) else 8
 
 
-def bits_for_layers(layers: dict[str, nn.Module], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
-    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{layer: bits}``.
+def bits_for_layers(layers: dict[str, Target], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
+    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{target: bits}``.
 
-    With a dict, the last matching pattern wins and layers no pattern matches keep the paper default.
+    With a dict, the last matching pattern wins (a pattern matches a target's name, ``<module>.<param>`` name or
+    module name) and targets no pattern matches keep the paper default.
 
     Raises:
-        ValueError: a pattern matches no layer, or a bit width is outside 1..8 (the message names the layer).
+        ValueError: a pattern matches no target, or a bit width is outside 1..8 (the message names the target).
     """
-    default = {n: paper_bits(m) for n, m in layers.items()}
+    default = {n: paper_bits(t.module) for n, t in layers.items()}
     if bits is None:
         out = default
     elif isinstance(bits, dict):
-        resolved = resolve_per_layer(bits, list(layers), field, default=_UNSET)
+        resolved = resolve_per_layer(bits, list(layers), field, default=_UNSET, aliases=pattern_aliases(layers))
         out = {n: default[n] if b is _UNSET else b for n, b in resolved.items()}
     else:
         out = {n: bits for n in layers}
@@ -455,19 +465,19 @@ def _apply_moves(
 # ----------------------------------------------------------------------------------------------------------------------
 # per-layer codebooks
 # ----------------------------------------------------------------------------------------------------------------------
-def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None:
-    """Store ``codebook`` (→ float32 ``weight_codebook``) and ``assign`` (→ uint8 ``weight_assign``) on ``module``.
+def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor, param: str = buffers.WEIGHT) -> None:
+    """Store ``codebook`` (→ float32 ``<param>_codebook``) and ``assign`` (→ uint8 ``<param>_assign``) on ``module``.
 
     Existing buffers of the same shape are overwritten in place. The weight itself is not touched; call
     ``module.weight.data.copy_(decode_weight(module))`` to apply the codebook.
 
     Raises:
-        ValueError: the codebook is not 1-D with a power-of-two length in 2..256, ``assign`` does not have the
-            weight's shape, or an index is outside the codebook.
+        ValueError: the module has no tensor ``param``, the codebook is not 1-D with a power-of-two length in
+            2..256, ``assign`` does not have the weight's shape, or an index is outside the codebook.
     """
-    w = getattr(module, "weight", None)
+    w = getattr(module, param, None)
     if not isinstance(w, Tensor):
-        raise ValueError(f"attach_codebook: {type(module).__name__} has no weight tensor")
+        raise ValueError(f"attach_codebook: {type(module).__name__} has no {param} tensor")
     codebook = codebook.detach().reshape(-1)
     k = codebook.numel()
     if k < 2 or k > 256 or k & (k - 1):
@@ -478,26 +488,27 @@ def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None
         raise ValueError(
             f"attach_codebook: assignments must lie in [0, {k}), got [{int(assign.min())}, {int(assign.max())}]"
         )
-    buffers.set_codebook(module, codebook, assign.detach())
+    buffers.set_codebook(module, codebook, assign.detach(), param)
 
 
-def decode_weight(module: nn.Module) -> Tensor:
-    """The shared-weight tensor ``where(mask, codebook[assign], 0)`` in the weight's dtype [DC §3, Fig. 3].
+def decode_weight(module: nn.Module, param: str = buffers.WEIGHT) -> Tensor:
+    """The shared-weight tensor ``where(mask, codebook[assign], 0)`` of ``module.<param>`` in its dtype [DC §3, Fig. 3].
 
     Raises:
-        ValueError: the module carries no codebook.
+        ValueError: the parameter carries no codebook.
     """
-    got = get_codebook(module)
+    got = get_codebook(module, param)
     if got is None:
         raise ValueError(
-            f"decode_weight: {type(module).__name__} has no {buffers.CODEBOOK}/{buffers.ASSIGN} buffers"
+            f"decode_weight: {type(module).__name__}.{param} has no {buffers.buffer_name('codebook', param)}/"
+            f"{buffers.buffer_name('assign', param)} buffers"
         )
     cb, assign = got
     w = cb[assign.long()]
-    mask = get_mask(module)
+    mask = get_mask(module, param)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    return w.to(module.weight.dtype)
+    return w.to(getattr(module, param).dtype)
 
 
 def codebook_segments(assign: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -554,14 +565,16 @@ def quantize_layer(
     seed: int = 0,
     name: str = "layer",
     refine: bool = False,
+    param: str = buffers.WEIGHT,
 ) -> dict[str, Any]:
     """Cluster one layer's weights into ``2**bits`` shared weights, attach the codebook and rewrite the weight.
 
     Members are the surviving weights: ``weight[weight_mask]`` for a pruned layer (pruned weights stay exactly 0.0
     and do not pull a centroid towards zero), every entry otherwise (an unpruned layer's zeros are ordinary weights).
+    The parameter is rewritten in place (an RNN's flattened weights stay valid).
 
     Args:
-        module: a layer with a ``weight``.
+        module: a layer with a tensor ``param``.
         bits: codebook size ``2**bits``, 1..8.
         init: centroid initialisation, see :func:`kmeans_init`.
         max_iter: Lloyd iterations at most.
@@ -570,6 +583,8 @@ def quantize_layer(
         refine: split/merge refinement, see :func:`kmeans_1d`. Default False: the paper's procedure (Lloyd from
             ``init``), which keeps centroids on the rare large weights and leaves a more skewed code distribution
             for Huffman coding (trained LeNet-300-100 recipe: 37.0x vs 35.6x with refinement, top-1 within 0.2 pt).
+        param: the parameter to quantize (``weight``; ``in_proj_weight``, ``weight_hh_l0`` ... for attention and
+            recurrent modules, see :mod:`dc_lightning.targets`).
 
     Returns:
         ``{"bits", "weights", "members", "centroids_used", "wcss"}`` for reports.
@@ -579,8 +594,8 @@ def quantize_layer(
     """
     check_bits(bits, f"bits for layer {name!r}")
     k = 2**bits
-    w = module.weight
-    mask = get_mask(module)
+    w = getattr(module, param)
+    mask = get_mask(module, param)
     with torch.no_grad():
         members = w.detach()[mask] if mask is not None else w.detach().reshape(-1).clone()  # not a view: w changes
         c, a = kmeans_1d(members, k, init=init, max_iter=max_iter, seed=seed, refine=refine)
@@ -589,8 +604,8 @@ def quantize_layer(
             assign[mask] = a.to(torch.uint8)
         else:
             assign.view(-1).copy_(a.to(torch.uint8))
-        attach_codebook(module, c, assign)
-        w.copy_(decode_weight(module))
+        attach_codebook(module, c, assign, param)
+        w.copy_(decode_weight(module, param))
     return {
         "bits": bits,
         "weights": w.numel(),
@@ -614,20 +629,20 @@ def quantize_model(
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
     Args:
-        model: any ``nn.Module``; layers are named as in ``model.named_modules()``.
-        bits: None = paper default (8 bits conv, 5 bits fc [DC §5]), an int for all layers, or
-            ``{fnmatch pattern: bits}`` (last match wins; unmatched layers keep the paper default).
-        include: fnmatch patterns of layers to quantize (default: all Linear/Conv layers).
-        exclude: fnmatch patterns of layers to leave alone.
+        model: any ``nn.Module``; targets are named as in :mod:`dc_lightning.targets`.
+        bits: None = paper default (8 bits conv, 5 bits fc-like [DC §5]), an int for all targets, or
+            ``{fnmatch pattern: bits}`` (last match wins; unmatched targets keep the paper default).
+        include: fnmatch patterns of targets to quantize (default: every weight matrix of ``types``).
+        exclude: fnmatch patterns of targets to leave alone.
         init: centroid initialisation, see :func:`kmeans_init`.
         max_iter: Lloyd iterations at most.
         seed: seed for ``init="random"``.
-        types: module types considered.
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
         refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
             plain Lloyd from ``init``.
 
     Returns:
-        ``{layer: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
+        ``{target: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
 
     Raises:
         ValueError: a pattern matches no layer, or a bit width is outside 1..8.
@@ -638,9 +653,11 @@ def quantize_model(
     """
     if init not in INITS:
         raise ValueError(f"quantize_model: init must be one of {INITS}, got {init!r}")
-    layers = select_layers(model, include, exclude, types=types, what="quantize_model")
+    layers = select_targets(model, include, exclude, types=types, what="quantize_model")
     per_layer = bits_for_layers(layers, bits)
     return {
-        n: quantize_layer(m, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine)
-        for n, m in layers.items()
+        n: quantize_layer(
+            t.module, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine, param=t.param
+        )
+        for n, t in layers.items()
     }
