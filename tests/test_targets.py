@@ -8,8 +8,13 @@ from nets import LSTM_WEIGHTS, MIXED_TARGETS, Mixed, MyLinear, lstm_reference
 from torch import nn
 
 from dc_lightning import buffers
+from dc_lightning.dcz import CorruptFileError, build_file, read_compressed
+from dc_lightning.dcz.container import load_payloads, read_header, write_container
+from dc_lightning.io import load_compressed, save_compressed
 from dc_lightning.pruning import apply_masks, prune_model
 from dc_lightning.quantization import decode_weight, quantize_model
+from dc_lightning.report import compression_report
+from dc_lightning.sensitivity import sensitivity_analysis
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets, weight_params
 
 
@@ -133,3 +138,84 @@ def test_masked_lstm_runs_with_the_masked_weights():
         p = name.removeprefix("lstm.")
         assert (getattr(lstm, p)[~buffers.get_mask(lstm, p)] == 0).all()
     assert buffers.compressed_params(lstm) == [n for n in weight_params(lstm)]
+
+
+# ------------------------------------------------------------------------------------------- file and report
+
+
+def compressed_mixed() -> Mixed:
+    torch.manual_seed(2)
+    model = Mixed()
+    prune_model(model, densities={"*": 0.5, "lstm": 0.3}, exclude=["gru"])
+    quantize_model(model, bits=3, exclude=["head"])  # head: pruned only; gru: quantized only
+    return model
+
+
+def test_file_records_name_the_parameter_and_reload_bit_exact(tmp_path):
+    model = compressed_mixed()
+    report = save_compressed(model, tmp_path / "m.dcz")
+    cf = read_compressed(tmp_path / "m.dcz")
+    assert list(cf.layers) == MIXED_TARGETS
+    layer = cf.layers["lstm.weight_hh_l1_reverse"]
+    assert (layer.module_name, layer.param, layer.key, layer.kind) == ("lstm", "weight_hh_l1_reverse",
+                                                                     "lstm.weight_hh_l1_reverse", "pq")
+    assert layer.record["param"] == "weight_hh_l1_reverse" and layer.record["module"] == "lstm"
+    assert (cf.layers["gru.weight_ih_l0"].kind, cf.layers["head"].kind) == ("q", "p")
+    assert [r.name for r in report.layers] == MIXED_TARGETS  # every matrix compressed: no dense weight row
+    fresh = Mixed()
+    load_compressed(tmp_path / "m.dcz", model=fresh)
+    sa, sb = model.state_dict(), fresh.state_dict()
+    assert set(sa) == set(sb) and "lstm.weight_hh_l1_reverse_assign" in sb
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    tokens = torch.randint(0, 11, (2, 5))
+    assert torch.equal(model(tokens), fresh(tokens))
+
+
+def rewrite_records(data: bytes, edit) -> bytes:
+    """The file's bytes with ``edit(record)`` applied to every layer record (the payloads unchanged)."""
+    _, doc = read_header(data, "f")
+    for rec in doc["layers"]:
+        edit(rec)
+    return write_container(load_payloads(data, "f"), doc)
+
+
+def test_files_without_param_fields_load_and_bad_keys_are_rejected(tmp_path):
+    lin = nn.Sequential(nn.Linear(6, 4), nn.LSTM(4, 3))
+    prune_model(lin, densities=0.5)
+    data = build_file(lin)[1]
+    # a file written before parameter-level targets: no "param" field, every record a module's weight
+    old = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    prune_model(old, densities=0.5)
+    (tmp_path / "old.dcz").write_bytes(rewrite_records(build_file(old)[1], lambda rec: rec.pop("param")))
+    fresh = load_compressed(tmp_path / "old.dcz", model=nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3)))
+    assert torch.equal(fresh[1].weight_mask, old[1].weight_mask) and torch.equal(fresh[0].weight, old[0].weight)
+    assert [r.name for r in compression_report(tmp_path / "old.dcz").layers] == ["0", "1"]
+    # a record whose key is not <module>.<param>, or a param with a dot, is corrupt
+    for edit in (lambda rec: rec.update(param="weight_ih_l1"), lambda rec: rec.update(param="a.b", key="1.a.b")):
+        (tmp_path / "bad.dcz").write_bytes(rewrite_records(data, edit))
+        with pytest.raises(CorruptFileError, match="module/param/key"):
+            read_compressed(tmp_path / "bad.dcz")
+
+
+def test_sensitivity_sweeps_parameter_level_targets():
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(4, 8, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.randn(32, 5, 4)
+    y = model(x).argmax(1)  # the dense model is 100 % right
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = sensitivity_analysis(model, [(x, y)], densities=(1.0, 0.05), include=["lstm"])
+    assert [(r["layer"], r["density"]) for r in rows] == [
+        ("lstm.weight_ih_l0", 1.0), ("lstm.weight_ih_l0", 0.05), ("lstm.weight_hh_l0", 1.0), ("lstm.weight_hh_l0", 0.05)
+    ]
+    assert rows[0]["accuracy"] == 100.0 and rows[1]["accuracy"] < 100.0 and rows[1]["kept"] == round(0.05 * 128)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored bit for bit
