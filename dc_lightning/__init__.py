@@ -38,6 +38,8 @@ _EXPORTS: dict[str, str] = {
     "ImageFolderDataModule": "dc_lightning.data",
     "FakeDataModule": "dc_lightning.data",
     "ClassifierModule": "dc_lightning.module",
+    # what is compressed (parameter-level targets)
+    "select_targets": "dc_lightning.targets",
     # pruning
     "MagnitudePruning": "dc_lightning.callbacks.magnitude_pruning",
     "magnitude_mask": "dc_lightning.pruning",

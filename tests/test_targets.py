@@ -219,3 +219,13 @@ def test_sensitivity_sweeps_parameter_level_targets():
     ]
     assert rows[0]["accuracy"] == 100.0 and rows[1]["accuracy"] < 100.0 and rows[1]["kept"] == round(0.05 * 128)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # restored bit for bit
+
+
+def test_compressed_params_ignores_a_module_buffer_that_only_looks_like_a_mask():
+    m = nn.Linear(3, 4)
+    m.register_parameter("causal", nn.Parameter(torch.ones(4, 4)))
+    m.register_buffer("causal_mask", torch.triu(torch.ones(4, 4)))  # float: the module's own, not a pruning mask
+    assert buffers.compressed_params(m) == []
+    buffers.set_mask(m, torch.ones(4, 3, dtype=torch.bool))
+    buffers.set_codebook(m, torch.zeros(4), torch.zeros(4, 4, dtype=torch.uint8), "causal")
+    assert buffers.compressed_params(m) == ["weight", "causal"]

@@ -197,7 +197,7 @@ class Invariants(Callback):
                 assert torch.equal(w, decode_weight(t.module, t.param)), name
         for m in pl_module.modules():
             if isinstance(m, nn.LSTM) and m.batch_first and m.proj_size == 0:
-                x = torch.randn(2, 4, m.input_size)
+                x = torch.randn(2, 4, m.input_size, device=m.weight_ih_l0.device)
                 assert torch.allclose(m(x)[0].double(), lstm_reference(m, x), atol=1e-5)
 
 
