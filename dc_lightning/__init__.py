@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.quantization import kmeans_1d, quantize_model  # noqa: F401
     from dc_lightning.report import compression_report  # noqa: F401
     from dc_lightning.sensitivity import sensitivity_analysis  # noqa: F401
+    from dc_lightning.targets import select_targets  # noqa: F401
 
 __version__ = "0.1.0"
 
