@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.quantization import kmeans_1d, quantize_model  # noqa: F401
     from dc_lightning.report import compression_report  # noqa: F401
     from dc_lightning.sensitivity import sensitivity_analysis  # noqa: F401
+    from dc_lightning.targets import select_targets  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,8 @@ _EXPORTS: dict[str, str] = {
     "ImageFolderDataModule": "dc_lightning.data",
     "FakeDataModule": "dc_lightning.data",
     "ClassifierModule": "dc_lightning.module",
+    # what is compressed (parameter-level targets)
+    "select_targets": "dc_lightning.targets",
     # pruning
     "MagnitudePruning": "dc_lightning.callbacks.magnitude_pruning",
     "magnitude_mask": "dc_lightning.pruning",

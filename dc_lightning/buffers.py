@@ -32,6 +32,7 @@ __all__ = [
     "WEIGHT",
     "buffer_keys",
     "buffer_name",
+    "compressed_params",
     "get_buffer",
     "get_codebook",
     "get_mask",
@@ -102,6 +103,31 @@ def get_codebook(module: nn.Module, param: str = WEIGHT) -> tuple[Tensor, Tensor
 def has_compression(module: nn.Module, param: str = WEIGHT) -> bool:
     """Whether the parameter carries a mask or a codebook buffer (is stored as a compressed layer)."""
     return get_mask(module, param) is not None or get_buffer(module, "codebook", param) is not None
+
+
+def compressed_params(module: nn.Module) -> list[str]:
+    """The names of the module's tensors that carry a mask or a codebook buffer, parameters in registration order
+    first (``["weight"]`` for a pruned ``nn.Linear``, ``["weight_ih_l0", "weight_hh_l0"]`` for a pruned LSTM).
+
+    ``weight`` counts with any of its buffers (a broken pair is the exporter's error to report). Another tensor
+    ``<p>`` counts only with a bool ``<p>_mask`` or a uint8 ``<p>_assign`` of its shape, so that a module's own
+    buffer that happens to be called ``<p>_mask`` (an attention module's ``causal_mask`` beside a ``causal``
+    tensor) is not taken for compression state.
+    """
+    found = []
+    for name, buf in module._buffers.items():
+        parsed = parse_buffer_key(name)
+        if parsed is None or parsed[1] in found:
+            continue
+        param, kind = parsed[1], parsed[2]
+        tensor = getattr(module, param, None)
+        if not isinstance(tensor, Tensor):
+            continue
+        ours = {"mask": torch.bool, "assign": torch.uint8}.get(kind)
+        if param == WEIGHT or (buf is not None and buf.dtype == ours and buf.shape == tensor.shape):
+            found.append(param)
+    order = {p: i for i, p in enumerate(module._parameters)}
+    return sorted(found, key=lambda p: order.get(p, len(order)))
 
 
 @torch.no_grad()

@@ -181,7 +181,8 @@ def load_compressed(
     """Load a ``.dcz`` file into ``model`` (or a model rebuilt from the recorded builder).
 
     Weights are bit-for-bit the pruned+quantized weights that were saved (with float32 codebooks/values), and the
-    mask/codebook/assign buffers (:mod:`dc_lightning.buffers`) are re-attached to the compressed layers, so the
+    mask/codebook/assign buffers (:mod:`dc_lightning.buffers`) are re-attached to the compressed parameters (a
+    ``weight``, an attention module's ``in_proj_weight``, an LSTM's ``weight_hh_l0`` ...), so the
     model can keep training with the compression callbacks or be converted with ``to_compressed_inference``.
 
     Args:
@@ -208,12 +209,15 @@ def load_compressed(
     modules = dict(model.named_modules())
     buffer_keys: set[str] = set()
     for layer in cf.layers.values():
-        m = modules.get(layer.name)
-        if m is None or not isinstance(getattr(m, "weight", None), torch.Tensor):
-            raise CorruptFileError(f"{path}: layer {layer.name!r} of the file does not exist in the model")
-        if tuple(m.weight.shape) != layer.shape:
+        m = modules.get(layer.module_name)
+        weight = getattr(m, layer.param, None) if m is not None else None
+        if not isinstance(weight, torch.Tensor):
             raise CorruptFileError(
-                f"{path}: layer {layer.name!r} has shape {layer.shape} in the file but {tuple(m.weight.shape)} in "
+                f"{path}: layer {layer.name!r} of the file does not exist in the model (no tensor {layer.key!r})"
+            )
+        if tuple(weight.shape) != layer.shape:
+            raise CorruptFileError(
+                f"{path}: layer {layer.name!r} has shape {layer.shape} in the file but {tuple(weight.shape)} in "
                 "the model"
             )
         buffer_keys.update(layer.buffer_key(kind) for kind in buffers.KINDS)
@@ -233,14 +237,16 @@ def load_compressed(
             )
     with torch.no_grad():
         for layer in cf.layers.values():
-            m = modules[layer.name]
-            m.weight.copy_(torch.from_numpy(layer.dense()).to(m.weight.dtype))
+            m, param = modules[layer.module_name], layer.param
+            weight = getattr(m, param)
+            weight.copy_(torch.from_numpy(layer.dense()).to(weight.dtype))  # in place: RNN flat weights stay valid
             if layer.has_mask:
-                buffers.set_mask(m, torch.from_numpy(layer.mask()))
-            elif buffers.get_mask(m) is not None:
-                buffers.get_mask(m).fill_(True)
+                buffers.set_mask(m, torch.from_numpy(layer.mask()), param)
+            elif buffers.get_mask(m, param) is not None:
+                buffers.get_mask(m, param).fill_(True)
             if layer.codes is not None:
-                buffers.set_codebook(m, torch.from_numpy(layer.codebook.copy()), torch.from_numpy(layer.assign()))
+                codebook, assign = torch.from_numpy(layer.codebook.copy()), torch.from_numpy(layer.assign())
+                buffers.set_codebook(m, codebook, assign, param)
         for key, t in cf.tensors.items():
             sd[key].copy_(t)  # state_dict() tensors share storage with the parameters/buffers
     if rebuilt:

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
-from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, pattern_aliases, select_targets
+from dc_lightning.utils import resolve_per_layer
 
 _STD_OF = ("all", "kept")
 _SKIP = object()  # resolve_per_layer default for layers that a {pattern: value} dict does not name
@@ -181,47 +182,52 @@ def magnitude_mask(
 
 
 @torch.no_grad()
-def attach_mask(module: nn.Module, mask: Tensor) -> Tensor:
-    """Register (or update in place) the bool mask buffer of ``module.weight``; the weight is left untouched.
+def attach_mask(module: nn.Module, mask: Tensor, param: str = buffers.WEIGHT) -> Tensor:
+    """Register (or update in place) the bool mask buffer of ``module.<param>``; the parameter is left untouched.
 
     Updating in place keeps the tensor that a DDP wrapper or an optimizer hook already references. The mask is read
     back with :func:`get_mask` (both are :mod:`dc_lightning.buffers` helpers; this one validates first).
 
     Raises:
-        ValueError: the module has no ``weight``, or ``mask`` is not bool of ``weight.shape``.
+        ValueError: the module has no tensor ``param``, or ``mask`` is not bool of its shape.
     """
-    weight = getattr(module, "weight", None)
+    weight = getattr(module, param, None)
     if not isinstance(weight, Tensor):
-        raise ValueError(f"attach_mask: {type(module).__name__} has no weight tensor to mask")
+        raise ValueError(f"attach_mask: {type(module).__name__} has no {param} tensor to mask")
     if mask.dtype != torch.bool or tuple(mask.shape) != tuple(weight.shape):
         raise ValueError(
             f"attach_mask: mask must be a bool tensor of shape {tuple(weight.shape)}; "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    return buffers.set_mask(module, mask)
+    return buffers.set_mask(module, mask, param)
 
 
 @torch.no_grad()
 def apply_masks(model: nn.Module) -> int:
-    """Zero every pruned weight of ``model`` (exactly +0.0) in place; returns how many layers carry a mask."""
+    """Zero every pruned weight of ``model`` (exactly +0.0) in place; returns how many parameters carry a mask.
+
+    In place, so an RNN's flattened weights (``flatten_parameters`` views on CUDA) stay the tensors it runs with.
+    """
     count = 0
     for module in model.modules():
-        mask = get_mask(module)
-        if mask is not None:
-            module.weight.masked_fill_(~mask, 0.0)
-            count += 1
+        for param in buffers.compressed_params(module):
+            mask = get_mask(module, param)
+            if mask is not None:
+                getattr(module, param).masked_fill_(~mask, 0.0)
+                count += 1
     return count
 
 
-def mask_summary(layers: Mapping[str, nn.Module], thresholds: Mapping[str, float] | None = None) -> list[dict]:
-    """One row per layer: ``layer``, ``weights``, ``kept``, ``density`` (kept/weights) and ``threshold``.
+def mask_summary(layers: Mapping[str, Target], thresholds: Mapping[str, float] | None = None) -> list[dict]:
+    """One row per target (:mod:`dc_lightning.targets`): ``layer`` (the target's name), ``weights``, ``kept``,
+    ``density`` (kept/weights) and ``threshold``.
 
-    A layer without a mask counts as dense (``threshold`` 0.0 unless given).
+    A target without a mask counts as dense (``threshold`` 0.0 unless given).
     """
     rows = []
-    for name, module in layers.items():
-        mask = get_mask(module)
-        n = module.weight.numel()
+    for name, t in layers.items():
+        mask = get_mask(t.module, t.param)
+        n = t.weight.numel()
         kept = int(mask.sum()) if mask is not None else n
         thr = float((thresholds or {}).get(name, 0.0))
         rows.append({"layer": name, "weights": n, "kept": kept, "density": kept / n, "threshold": thr})
@@ -246,15 +252,16 @@ def resolve_targets(
     exclude: Iterable[str] | None = None,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
     what: str = "pruning",
-) -> tuple[dict[str, nn.Module], dict[str, float], str]:
-    """Layers to prune and each one's target value.
+) -> tuple[dict[str, Target], dict[str, float], str]:
+    """Targets to prune (:mod:`dc_lightning.targets`) and each one's target value.
 
-    ``include``/``exclude``/``types`` pick candidate layers (:func:`dc_lightning.utils.select_layers`). A scalar
+    ``include``/``exclude``/``types`` pick candidate targets (:func:`dc_lightning.targets.select_targets`). A scalar
     value applies to every candidate; with a ``{pattern: value}`` mapping the last matching pattern wins and
-    candidates that no pattern names are *not* pruned (so ``{"model.fc6": 0.09}`` prunes fc6 only).
+    candidates that no pattern names are *not* pruned (so ``{"model.fc6": 0.09}`` prunes fc6 only). A pattern
+    matches a target's name, its ``<module>.<param>`` name or its module name.
 
     Returns:
-        ``(layers, values, mode)`` with ``mode`` ``"density"`` or ``"quality"``.
+        ``(targets, values, mode)`` with ``mode`` ``"density"`` or ``"quality"``.
 
     Raises:
         ValueError: neither or both of ``densities``/``quality``, a bad value, or a pattern matching no layer
@@ -265,8 +272,10 @@ def resolve_targets(
     mode = "density" if densities is not None else "quality"
     value = check_densities(densities) if mode == "density" else check_quality(quality)
     field = "densities" if mode == "density" else "quality"
-    candidates = select_layers(model, include=include, exclude=exclude, types=types, what=what)
-    per_layer = resolve_per_layer(value, list(candidates), field=f"{what}: {field}", default=_SKIP)
+    candidates = select_targets(model, include=include, exclude=exclude, types=types, what=what)
+    per_layer = resolve_per_layer(
+        value, list(candidates), field=f"{what}: {field}", default=_SKIP, aliases=pattern_aliases(candidates)
+    )
     values = {n: float(v) for n, v in per_layer.items() if v is not _SKIP}
     layers = {n: candidates[n] for n in values}
     return layers, values, mode
@@ -288,12 +297,13 @@ def prune_model(
     iterative prune/retrain procedure use :class:`dc_lightning.MagnitudePruning`.
 
     Args:
-        model: any ``nn.Module``; layer names are those of ``model.named_modules()``.
-        densities: fraction kept per layer (float or ``{pattern: density}``).
-        quality: threshold in std units per layer (float or ``{pattern: quality}``), [NIPS §4].
-        include: fnmatch patterns of layers to consider (default: all of ``types``).
-        exclude: fnmatch patterns of layers to leave dense.
-        types: module types considered (default Linear and Conv1d/2d/3d).
+        model: any ``nn.Module``; targets are named as in :mod:`dc_lightning.targets`.
+        densities: fraction kept per target (float or ``{pattern: density}``).
+        quality: threshold in std units per target (float or ``{pattern: quality}``), [NIPS §4].
+        include: fnmatch patterns of targets to consider (default: all of ``types``).
+        exclude: fnmatch patterns of targets to leave dense.
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`: Linear,
+            Conv1d/2d/3d, Embedding, MultiheadAttention, LSTM/GRU/RNN).
         std_of: ``"all"`` or ``"kept"``, see :func:`magnitude_mask`.
 
     Returns:
@@ -308,11 +318,11 @@ def prune_model(
     """
     layers, values, mode = resolve_targets(model, densities, quality, include, exclude, types, what="prune_model")
     thresholds = {}
-    for name, module in layers.items():
+    for name, t in layers.items():
         kw = {"density": values[name]} if mode == "density" else {"quality": values[name], "std_of": std_of}
-        mask, thresholds[name] = magnitude_mask(module.weight, current_mask=get_mask(module), **kw)
-        attach_mask(module, mask)
-        module.weight.masked_fill_(~mask, 0.0)
+        mask, thresholds[name] = magnitude_mask(t.weight, current_mask=get_mask(t.module, t.param), **kw)
+        attach_mask(t.module, mask, t.param)
+        t.weight.masked_fill_(~mask, 0.0)
     return mask_summary(layers, thresholds)
 
 

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_codebook, get_mask
-from dc_lightning.utils import DEFAULT_TARGET_TYPES, resolve_per_layer, select_layers
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, pattern_aliases, select_targets
+from dc_lightning.utils import resolve_per_layer
 
 __all__ = [
     "CODEBOOK_BACKENDS",
@@ -80,24 +81,33 @@ def check_bits(bits: Any, where: str = "bits") -> int:
     return bits
 
 
+#: module types whose weight matrices get the fc layers' default width: matrix products like an fc layer's
+_FC_LIKE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
+
+
 def paper_bits(module: nn.Module) -> int:
-    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers."""
-    return 5 if isinstance(module, nn.Linear) else 8
+    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers.
+
+    Embedding tables, attention projections and recurrent gate matrices are fc-like matrices: 5 bits too (EIE's
+    NT-LSTM layer ran on the same 4-bit fc path). Any other module type gets 8 bits.
+    """
+    return 5 if isinstance(module, _FC_LIKE) else 8
 
 
-def bits_for_layers(layers: dict[str, nn.Module], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
-    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{layer: bits}``.
+def bits_for_layers(layers: dict[str, Target], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
+    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{target: bits}``.
 
-    With a dict, the last matching pattern wins and layers no pattern matches keep the paper default.
+    With a dict, the last matching pattern wins (a pattern matches a target's name, ``<module>.<param>`` name or
+    module name) and targets no pattern matches keep the paper default.
 
     Raises:
-        ValueError: a pattern matches no layer, or a bit width is outside 1..8 (the message names the layer).
+        ValueError: a pattern matches no target, or a bit width is outside 1..8 (the message names the target).
     """
-    default = {n: paper_bits(m) for n, m in layers.items()}
+    default = {n: paper_bits(t.module) for n, t in layers.items()}
     if bits is None:
         out = default
     elif isinstance(bits, dict):
-        resolved = resolve_per_layer(bits, list(layers), field, default=_UNSET)
+        resolved = resolve_per_layer(bits, list(layers), field, default=_UNSET, aliases=pattern_aliases(layers))
         out = {n: default[n] if b is _UNSET else b for n, b in resolved.items()}
     else:
         out = {n: bits for n in layers}
@@ -506,19 +516,19 @@ def _apply_moves(
 # ----------------------------------------------------------------------------------------------------------------------
 # per-layer codebooks
 # ----------------------------------------------------------------------------------------------------------------------
-def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None:
-    """Store ``codebook`` (→ float32 ``weight_codebook``) and ``assign`` (→ uint8 ``weight_assign``) on ``module``.
+def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor, param: str = buffers.WEIGHT) -> None:
+    """Store ``codebook`` (→ float32 ``<param>_codebook``) and ``assign`` (→ uint8 ``<param>_assign``) on ``module``.
 
     Existing buffers of the same shape are overwritten in place. The weight itself is not touched; call
     ``module.weight.data.copy_(decode_weight(module))`` to apply the codebook.
 
     Raises:
-        ValueError: the codebook is not 1-D with a power-of-two length in 2..256, ``assign`` does not have the
-            weight's shape, or an index is outside the codebook.
+        ValueError: the module has no tensor ``param``, the codebook is not 1-D with a power-of-two length in
+            2..256, ``assign`` does not have the weight's shape, or an index is outside the codebook.
     """
-    w = getattr(module, "weight", None)
+    w = getattr(module, param, None)
     if not isinstance(w, Tensor):
-        raise ValueError(f"attach_codebook: {type(module).__name__} has no weight tensor")
+        raise ValueError(f"attach_codebook: {type(module).__name__} has no {param} tensor")
     codebook = codebook.detach().reshape(-1)
     k = codebook.numel()
     if k < 2 or k > 256 or k & (k - 1):
@@ -529,26 +539,27 @@ def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor) -> None
         raise ValueError(
             f"attach_codebook: assignments must lie in [0, {k}), got [{int(assign.min())}, {int(assign.max())}]"
         )
-    buffers.set_codebook(module, codebook, assign.detach())
+    buffers.set_codebook(module, codebook, assign.detach(), param)
 
 
-def decode_weight(module: nn.Module) -> Tensor:
-    """The shared-weight tensor ``where(mask, codebook[assign], 0)`` in the weight's dtype [DC §3, Fig. 3].
+def decode_weight(module: nn.Module, param: str = buffers.WEIGHT) -> Tensor:
+    """The shared-weight tensor ``where(mask, codebook[assign], 0)`` of ``module.<param>`` in its dtype [DC §3, Fig. 3].
 
     Raises:
-        ValueError: the module carries no codebook.
+        ValueError: the parameter carries no codebook.
     """
-    got = get_codebook(module)
+    got = get_codebook(module, param)
     if got is None:
         raise ValueError(
-            f"decode_weight: {type(module).__name__} has no {buffers.CODEBOOK}/{buffers.ASSIGN} buffers"
+            f"decode_weight: {type(module).__name__}.{param} has no {buffers.buffer_name('codebook', param)}/"
+            f"{buffers.buffer_name('assign', param)} buffers"
         )
     cb, assign = got
     w = cb[assign.long()]
-    mask = get_mask(module)
+    mask = get_mask(module, param)
     if mask is not None:
         w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    return w.to(module.weight.dtype)
+    return w.to(getattr(module, param).dtype)
 
 
 def codebook_segments(assign: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -618,7 +629,9 @@ class CodebookStep:
     call). Both are equal up to float64 rounding before the final rounding to float32.
 
     Args:
-        modules: quantized layers (each with ``weight``, ``weight_codebook``, ``weight_assign``, optional mask).
+        modules: quantized layers, or ``(module, parameter name)`` pairs for parameters other than ``weight``
+            (``dc_lightning.targets``: attention's ``in_proj_weight``, an LSTM's ``weight_hh_l0``...); each carries
+            the parameter's codebook and assignments (:mod:`dc_lightning.buffers`) and optionally a mask.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Raises:
@@ -632,12 +645,14 @@ class CodebookStep:
         step.rewrite()                         # weights = where(mask, codebook[assign], 0)
     """
 
-    def __init__(self, modules: Iterable[nn.Module], backend: str = "auto") -> None:
+    def __init__(self, modules: Iterable[nn.Module | tuple[nn.Module, str]], backend: str = "auto") -> None:
         if backend not in CODEBOOK_BACKENDS:
             raise ValueError(f"CodebookStep: backend must be one of {CODEBOOK_BACKENDS}, got {backend!r}")
-        self.modules = list(modules)
-        for i, m in enumerate(self.modules):
-            if get_codebook(m) is None:
+        pairs = [m if isinstance(m, tuple) else (m, buffers.WEIGHT) for m in modules]
+        self.modules = [m for m, _ in pairs]
+        self.params = [p for _, p in pairs]
+        for i, (m, p) in enumerate(pairs):
+            if get_codebook(m, p) is None:
                 raise ValueError(
                     f"CodebookStep: layer {i} ({type(m).__name__}) has no {buffers.CODEBOOK}/{buffers.ASSIGN} buffers"
                 )
@@ -649,12 +664,21 @@ class CodebookStep:
         self._triton_ran: set[str] = set()  # Triton calls that have run once (compiled) since auto chose Triton
         self.backend = self._build(backend)
 
+    def _weight(self, i: int) -> Tensor:
+        return getattr(self.modules[i], self.params[i])
+
+    def _codebook(self, i: int) -> tuple[Tensor, Tensor]:
+        return get_codebook(self.modules[i], self.params[i])
+
+    def _mask(self, i: int) -> Tensor | None:
+        return get_mask(self.modules[i], self.params[i])
+
     def _state_key(self) -> list[tuple]:
         key = []
-        for m in self.modules:
-            cb, assign = get_codebook(m)
-            mask = get_mask(m)
-            key.append((m.weight, cb, assign, assign._version, mask, -1 if mask is None else mask._version))
+        for i in range(len(self.modules)):
+            cb, assign = self._codebook(i)
+            mask = self._mask(i)
+            key.append((self._weight(i), cb, assign, assign._version, mask, -1 if mask is None else mask._version))
         return key
 
     def _build(self, backend: str) -> str:
@@ -667,22 +691,22 @@ class CodebookStep:
                 raise ValueError(f"CodebookStep: backend='triton' but the kernels cannot be imported: {err}") from err
             return "reference"
         groups: dict[tuple, list[int]] = {}
-        for i, m in enumerate(self.modules):
-            groups.setdefault((m.weight.device, m.weight.dtype), []).append(i)
+        for i in range(len(self.modules)):
+            w = self._weight(i)
+            groups.setdefault((w.device, w.dtype), []).append(i)
         plans = []
         try:
             for (device, _), idx in groups.items():
                 if not kcs.triton_usable(device):
                     raise ValueError(f"Triton cannot run on {device}")
-                mods = [self.modules[i] for i in idx]
                 plans.append(
                     (
                         idx,
                         kcs.build_plan(
-                            [m.weight.data for m in mods],
-                            [get_codebook(m)[1] for m in mods],
-                            [get_mask(m) for m in mods],
-                            [get_codebook(m)[0].numel() for m in mods],
+                            [self._weight(i).data for i in idx],
+                            [self._codebook(i)[1] for i in idx],
+                            [self._mask(i) for i in idx],
+                            [self._codebook(i)[0].numel() for i in idx],
                         ),
                     )
                 )
@@ -715,7 +739,7 @@ class CodebookStep:
             raise ValueError(f"CodebookStep.codebook_grads: {len(grads)} gradients for {len(self.modules)} layers")
         out: list[Tensor | None] = [None] * len(self.modules)
         flags = self._first_triton_call("grads", self._grads_triton, self._grads_reference, grads, out)
-        device = self.modules[0].weight.device if self.modules else torch.device("cpu")
+        device = self._weight(0).device if self.modules else torch.device("cpu")
         if not flags:
             return out, torch.ones((), dtype=torch.bool, device=device)
         finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
@@ -749,7 +773,7 @@ class CodebookStep:
         for idx, plan in self._plans:
             if all(grads[i] is None for i in idx):
                 continue
-            gs = [torch.zeros_like(self.modules[i].weight) if grads[i] is None else grads[i].contiguous() for i in idx]
+            gs = [torch.zeros_like(self._weight(i)) if grads[i] is None else grads[i].contiguous() for i in idx]
             flat = codebook_grads_triton(plan, gs)
             flags.append(torch.isfinite(flat).all())
             for j, i in enumerate(idx):
@@ -759,11 +783,11 @@ class CodebookStep:
 
     def _grads_reference(self, grads: list[Tensor | None], out: list[Tensor | None]) -> list[Tensor]:
         flags = []
-        for i, (m, g) in enumerate(zip(self.modules, grads, strict=True)):
+        for i, g in enumerate(grads):
             if g is None:
                 continue
-            cb, assign = get_codebook(m)
-            mask = get_mask(m)
+            cb, assign = self._codebook(i)
+            mask = self._mask(i)
             if self._segments[i] is None:
                 self._segments[i] = codebook_segments(assign, mask, cb.numel())
             out[i] = codebook_grad(g, assign, mask, cb.numel(), segments=self._segments[i])
@@ -774,19 +798,19 @@ class CodebookStep:
         from dc_lightning.kernels.codebook_step import rewrite_triton
 
         for idx, plan in self._plans:
-            rewrite_triton(plan, [get_codebook(self.modules[i])[0] for i in idx])
+            rewrite_triton(plan, [self._codebook(i)[0] for i in idx])
 
     def _rewrite_reference(self) -> None:
         # decode_weight as one gather straight into the weight: pruned positions index an appended 0.0 (cached
         # int32 codes, 4 bytes per weight); falls back to decode_weight for non-contiguous weights
         for i, m in enumerate(self.modules):
-            cb, assign = get_codebook(m)
-            w = m.weight.data
+            cb, assign = self._codebook(i)
+            w = self._weight(i).data
             if not w.is_contiguous():
-                w.copy_(decode_weight(m))
+                w.copy_(decode_weight(m, self.params[i]))
                 continue
             if self._codes[i] is None:
-                mask = get_mask(m)
+                mask = self._mask(i)
                 code = assign.reshape(-1).to(torch.int32)
                 if mask is not None:
                     code = torch.where(mask.reshape(-1), code, torch.full_like(code, cb.numel()))
@@ -803,14 +827,16 @@ def quantize_layer(
     seed: int = 0,
     name: str = "layer",
     refine: bool = False,
+    param: str = buffers.WEIGHT,
 ) -> dict[str, Any]:
     """Cluster one layer's weights into ``2**bits`` shared weights, attach the codebook and rewrite the weight.
 
     Members are the surviving weights: ``weight[weight_mask]`` for a pruned layer (pruned weights stay exactly 0.0
     and do not pull a centroid towards zero), every entry otherwise (an unpruned layer's zeros are ordinary weights).
+    The parameter is rewritten in place (an RNN's flattened weights stay valid).
 
     Args:
-        module: a layer with a ``weight``.
+        module: a layer with a tensor ``param``.
         bits: codebook size ``2**bits``, 1..8.
         init: centroid initialisation, see :func:`kmeans_init`.
         max_iter: Lloyd iterations at most.
@@ -819,6 +845,8 @@ def quantize_layer(
         refine: split/merge refinement, see :func:`kmeans_1d`. Default False: the paper's procedure (Lloyd from
             ``init``), which keeps centroids on the rare large weights and leaves a more skewed code distribution
             for Huffman coding (trained LeNet-300-100 recipe: 37.0x vs 35.6x with refinement, top-1 within 0.2 pt).
+        param: the parameter to quantize (``weight``; ``in_proj_weight``, ``weight_hh_l0`` ... for attention and
+            recurrent modules, see :mod:`dc_lightning.targets`).
 
     Returns:
         ``{"bits", "weights", "members", "centroids_used", "wcss"}`` for reports.
@@ -828,8 +856,8 @@ def quantize_layer(
     """
     check_bits(bits, f"bits for layer {name!r}")
     k = 2**bits
-    w = module.weight
-    mask = get_mask(module)
+    w = getattr(module, param)
+    mask = get_mask(module, param)
     with torch.no_grad():
         members = w.detach()[mask] if mask is not None else w.detach().reshape(-1).clone()  # not a view: w changes
         c, a = kmeans_1d(members, k, init=init, max_iter=max_iter, seed=seed, refine=refine)
@@ -838,8 +866,8 @@ def quantize_layer(
             assign[mask] = a.to(torch.uint8)
         else:
             assign.view(-1).copy_(a.to(torch.uint8))
-        attach_codebook(module, c, assign)
-        w.copy_(decode_weight(module))
+        attach_codebook(module, c, assign, param)
+        w.copy_(decode_weight(module, param))
     return {
         "bits": bits,
         "weights": w.numel(),
@@ -863,20 +891,20 @@ def quantize_model(
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
     Args:
-        model: any ``nn.Module``; layers are named as in ``model.named_modules()``.
-        bits: None = paper default (8 bits conv, 5 bits fc [DC §5]), an int for all layers, or
-            ``{fnmatch pattern: bits}`` (last match wins; unmatched layers keep the paper default).
-        include: fnmatch patterns of layers to quantize (default: all Linear/Conv layers).
-        exclude: fnmatch patterns of layers to leave alone.
+        model: any ``nn.Module``; targets are named as in :mod:`dc_lightning.targets`.
+        bits: None = paper default (8 bits conv, 5 bits fc-like [DC §5]), an int for all targets, or
+            ``{fnmatch pattern: bits}`` (last match wins; unmatched targets keep the paper default).
+        include: fnmatch patterns of targets to quantize (default: every weight matrix of ``types``).
+        exclude: fnmatch patterns of targets to leave alone.
         init: centroid initialisation, see :func:`kmeans_init`.
         max_iter: Lloyd iterations at most.
         seed: seed for ``init="random"``.
-        types: module types considered.
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
         refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
             plain Lloyd from ``init``.
 
     Returns:
-        ``{layer: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
+        ``{target: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
 
     Raises:
         ValueError: a pattern matches no layer, or a bit width is outside 1..8.
@@ -887,9 +915,11 @@ def quantize_model(
     """
     if init not in INITS:
         raise ValueError(f"quantize_model: init must be one of {INITS}, got {init!r}")
-    layers = select_layers(model, include, exclude, types=types, what="quantize_model")
+    layers = select_targets(model, include, exclude, types=types, what="quantize_model")
     per_layer = bits_for_layers(layers, bits)
     return {
-        n: quantize_layer(m, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine)
-        for n, m in layers.items()
+        n: quantize_layer(
+            t.module, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine, param=t.param
+        )
+        for n, t in layers.items()
     }

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dc_lightning.utils import console as rich_console
+from dc_lightning.utils import target_name
 
 __all__ = ["LayerStats", "Report", "compression_report"]
 
@@ -135,7 +136,7 @@ def _layer_stats(rec: dict) -> LayerStats:
     size_p = kept * 32 + idx_pq_bits if kind != "q" else n * 32
     ib_h = rec["gap"]["nbits"] / kept if rec.get("gap") and kept else 0.0
     return LayerStats(
-        name=rec["module"],
+        name=target_name(rec["module"], rec.get("param", "weight")),
         kind=kind,
         weights=n,
         kept=kept,
@@ -152,7 +153,8 @@ def _layer_stats(rec: dict) -> LayerStats:
 
 
 def _tensor_stats(recs: list[dict]) -> tuple[list[LayerStats], LayerStats | None]:
-    """Dense weights (``*.weight`` with >= 2 dims) get their own row; everything else one "other tensors" row."""
+    """Dense weight matrices (a ``weight``, ``in_proj_weight``, ``weight_hh_l0`` ... with >= 2 dims) get their own
+    row, named like a target (:mod:`dc_lightning.targets`); everything else one "other tensors" row."""
     rows, other = [], None
     for rec in recs:
         n = 1
@@ -175,8 +177,9 @@ def _tensor_stats(recs: list[dict]) -> tuple[list[LayerStats], LayerStats | None
             float(rec["nbytes"]),
             float(rec["nbytes"]),
         )
-        if rec["key"].endswith("weight") and len(rec["shape"]) >= 2:
-            st.name = rec["key"].rsplit(".", 1)[0] if "." in rec["key"] else rec["key"]
+        module, _, param = rec["key"].rpartition(".")
+        if "weight" in param and len(rec["shape"]) >= 2:
+            st.name = target_name(module, param) or rec["key"]
             rows.append(st)
         elif other is None:
             st.name = "other tensors"

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from dc_lightning.pruning import check_densities, get_mask, magnitude_mask
-from dc_lightning.utils import DEFAULT_TARGET_TYPES, atomic_write, select_layers
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
+from dc_lightning.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,17 @@ def sensitivity_analysis(
         dataloader: yields ``(inputs, targets, ...)`` batches.
         densities: fractions of weights kept to try, each in (0, 1]; include 1.0 for the dense baseline (used
             by :func:`suggest_densities`).
-        include: fnmatch patterns of layers to sweep (default: every Linear/Conv layer).
-        exclude: fnmatch patterns of layers to skip.
+        include: fnmatch patterns of targets to sweep (default: every weight matrix of ``types``; names as in
+            :mod:`dc_lightning.targets`, e.g. ``model.lstm.weight_hh_l0``).
+        exclude: fnmatch patterns of targets to skip.
         device: where to evaluate.
         max_batches: evaluate on the first ``max_batches`` batches only.
         batch_transform: applied to each batch before the model (e.g. a DataModule's
             ``lambda b: dm.on_after_batch_transfer(b, 0)`` when it normalises on the device).
-        types: module types considered.
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
 
     Returns:
-        One row per (layer, density): ``layer``, ``density`` (requested), ``kept``, ``weights`` and ``accuracy``
+        One row per (target, density): ``layer``, ``density`` (requested), ``kept``, ``weights`` and ``accuracy``
         (top-1, percent).
 
     Raises:
@@ -122,15 +124,15 @@ def sensitivity_analysis(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"sensitivity_analysis: max_batches={max_batches!r}; expected an integer >= 1 or None")
     device = torch.device(device)
-    layers = select_layers(model, include=include, exclude=exclude, types=types, what="sensitivity_analysis")
+    layers = select_targets(model, include=include, exclude=exclude, types=types, what="sensitivity_analysis")
     model.to(device).eval()
     batches = _batches(dataloader, max_batches, batch_transform, device)
     baseline = _accuracy(model, batches)
     rows = []
-    for name, module in layers.items():
-        weight = module.weight
+    for name, t in layers.items():
+        weight = t.weight
         original = weight.detach().clone()
-        current = get_mask(module)
+        current = get_mask(t.module, t.param)
         n = weight.numel()
         for d in densities:
             if d == 1.0 and (current is None or bool(current.all())):

@@ -1,19 +1,14 @@
-"""Small shared helpers: atomic file writes, one `instantiate` for Hydra configs, layer selection."""
+"""Small shared helpers: atomic file writes, one `instantiate` for Hydra configs, target names, per-layer values."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
-
-from torch import nn
-
-#: module types whose ``weight`` the compression callbacks target by default
-DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @contextmanager
@@ -53,55 +48,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         raise
 
 
-def select_layers(
-    model: nn.Module,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] | None = None,
-    types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
-    what: str = "layer selection",
-) -> dict[str, nn.Module]:
-    """Pick the layers to compress: modules of ``types`` with a ``weight``, filtered by fnmatch patterns.
-
-    Names are those of ``model.named_modules()``. Every ``include``/``exclude`` pattern must match at least
-    one candidate layer, so that a typo is an error instead of a silently uncompressed layer.
-
-    Raises:
-        ValueError: a pattern matches no candidate layer (the message lists the available names).
-    """
-    candidates = {
-        name: m
-        for name, m in model.named_modules()
-        if name and isinstance(m, types) and isinstance(getattr(m, "weight", None), nn.Parameter)
-    }
-    if not candidates:
-        raise ValueError(
-            f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter"
-        )
-    include = list(include) if include is not None else None
-    exclude = list(exclude or [])
-    for kind, patterns in (("include", include or []), ("exclude", exclude)):
-        for pat in patterns:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in candidates):
-                raise ValueError(
-                    f"{what}: {kind} pattern {pat!r} matches no layer; available layers: {sorted(candidates)}"
-                )
-    chosen = {}
-    for name, m in candidates.items():
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        chosen[name] = m
-    return chosen
+def target_name(module_name: str, param: str) -> str:
+    """The name of a compression target (docs/DESIGN.md, :mod:`dc_lightning.targets`): ``module_name`` for the
+    parameter ``weight`` (``""`` for the root module's, as in ``named_modules()``), else ``<module_name>.<param>``
+    (``param`` alone for the root module)."""
+    if param == "weight":
+        return module_name
+    return f"{module_name}.{param}" if module_name else param
 
 
 def resolve_per_layer(
-    value: Any, names: Iterable[str], field: str, default: Any = None
+    value: Any,
+    names: Iterable[str],
+    field: str,
+    default: Any = None,
+    aliases: Mapping[str, Iterable[str]] | None = None,
 ) -> dict[str, Any]:
     """Expand a scalar or a ``{pattern: value}`` dict into ``{layer: value}``.
 
     With a dict, the *last* matching pattern wins (so specific patterns go after general ones); layers no
-    pattern matches get ``default``, or raise when ``default`` is None. Every pattern must match a layer.
+    pattern matches get ``default``, or raise when ``default`` is None. Every pattern must match a layer. A pattern
+    matches a layer's name or, with ``aliases`` (``{name: names}``, e.g. ``dc_lightning.targets.pattern_aliases``),
+    any of the names listed for it.
 
     Raises:
         ValueError: a pattern matches none of ``names``, or a layer is left without a value.
@@ -111,7 +79,7 @@ def resolve_per_layer(
         return {n: value for n in names}
     out: dict[str, Any] = {}
     for pat, v in value.items():
-        hits = [n for n in names if fnmatch.fnmatchcase(n, str(pat))]
+        hits = [n for n in names if any(fnmatch.fnmatchcase(a, str(pat)) for a in (aliases or {}).get(n, (n,)))]
         if not hits:
             raise ValueError(f"{field}: pattern {pat!r} matches no target layer; target layers: {names}")
         for n in hits:

@@ -170,7 +170,7 @@ def test_prune_model_nested_layers_and_untouched_types():
         assert torch.equal(m.weight[mask], before[f"{r['layer']}.weight"][mask])  # survivors unchanged
         if m.bias is not None:
             assert torch.equal(m.bias, before[f"{r['layer']}.bias"])  # biases are not pruned
-    for name in ("features.1", "head.block.1", "emb"):  # BatchNorm, LayerNorm, Embedding
+    for name in ("features.1", "head.block.1", "emb"):  # BatchNorm, LayerNorm, a non-target type
         assert get_mask(modules[name]) is None
         assert torch.equal(modules[name].weight, before[f"{name}.weight"])
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

@@ -31,7 +31,7 @@ from dc_lightning.pruning import (
     quality_schedule,
     resolve_targets,
 )
-from dc_lightning.utils import DEFAULT_TARGET_TYPES
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,16 @@ class MagnitudePruning(Callback):
     with a different ``max_epochs`` keeps it. If training skips past a scheduled point (e.g. resume), the latest
     due round is applied at once.
 
-    **Masks are law.** Every target layer gets a bool buffer ``weight_mask`` in ``setup`` (all True until its
-    first round, so a checkpoint's masks load into it). After every optimizer step every pruned weight is
-    exactly ``+0.0``:
+    **Targets** are weight matrices (:mod:`dc_lightning.targets`): by default every ``weight`` of ``nn.Linear`` (and
+    subclasses such as attention's ``out_proj``), ``nn.Conv1d/2d/3d`` and ``nn.Embedding``, the ``in_proj_weight``
+    (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention`` and every ``weight_ih_l*``/``weight_hh_l*`` of
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN``; biases, norms and 1-D parameters stay dense. A target is named after its
+    module for ``weight`` (``model.classifier.6``) and ``<module>.<param>`` otherwise (``model.lstm.weight_hh_l1``).
+
+    **Masks are law.** Every target gets a bool buffer ``<param>_mask`` (``weight_mask``, ``in_proj_weight_mask``,
+    ...) in ``setup`` (all True until its first round, so a checkpoint's masks load into it). After every optimizer
+    step every pruned weight is exactly ``+0.0`` (masked in place, so an RNN runs with the masked weights, cuDNN's
+    flattened copy included):
 
     * at each round the pruned weights are set to ``+0.0`` and the optimizer state tensors shaped like the
       weight (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ...) are zeroed at the pruned positions;
@@ -91,8 +98,9 @@ class MagnitudePruning(Callback):
 
     Args:
         densities: fraction of weights kept at the end, a float for every target or ``{pattern: density}``
-            (fnmatch on qualified names such as ``"model.classifier.6"``; last matching pattern wins; layers
-            no pattern names stay dense). Values in (0, 1].
+            (fnmatch on target names such as ``"model.classifier.6"`` or ``"model.lstm.weight_hh_l0"``, on
+            ``<module>.<param>`` names or on module names (``"*.self_attn"``: its ``in_proj_weight``); last matching
+            pattern wins; targets no pattern names stay dense). Values in (0, 1].
         quality: alternatively, final threshold in units of each layer's weight std, float or
             ``{pattern: quality}``, values >= 0.
         rounds: number of prune rounds (default schedule); must equal ``len(prune_epochs or prune_steps)`` if
@@ -100,9 +108,9 @@ class MagnitudePruning(Callback):
         prune_epochs: explicit epochs (strictly increasing, >= 0) at whose start a round happens.
         prune_steps: explicit global steps (strictly increasing, >= 0) at which a round happens.
         prune_fraction: fraction of ``max_epochs`` over which the default schedule spreads the rounds, (0, 1].
-        include: fnmatch patterns of candidate layers (default: every module of ``types`` with a weight).
-        exclude: fnmatch patterns of layers never pruned.
-        types: module types considered (default ``nn.Linear`` and ``nn.Conv1d/2d/3d``).
+        include: fnmatch patterns of candidate targets (default: every weight matrix of the modules of ``types``).
+        exclude: fnmatch patterns of targets never pruned (``exclude=["*.embedding"]`` keeps an embedding dense).
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
         std_of: quality mode: std over ``"all"`` weights (pruned ones count as 0) or the ``"kept"`` ones.
         adjust_dropout: after each round set the ``nn.Dropout`` feeding each pruned ``nn.Linear`` (the one just
             before it in an ``nn.Sequential``) to ``D_o * sqrt(C_ir / C_io)`` [NIPS §3.2], ``D_o`` the original rate.
@@ -185,7 +193,7 @@ class MagnitudePruning(Callback):
         self.verbose = bool(verbose)
 
         self._rounds_done = 0
-        self._layers: dict[str, nn.Module] = {}
+        self._layers: dict[str, Target] = {}
         self._targets: dict[str, float] = {}
         self._mode = "density" if densities is not None else "quality"
         self._dropout_orig: dict[str, float] = {}
@@ -218,7 +226,7 @@ class MagnitudePruning(Callback):
 
     @property
     def layer_names(self) -> list[str]:
-        """Qualified names of the target layers (after ``setup``)."""
+        """Names of the targets (after ``setup``; :mod:`dc_lightning.targets`)."""
         return list(self._layers)
 
     def last_round_epoch(self, trainer: pl.Trainer) -> int:
@@ -258,11 +266,11 @@ class MagnitudePruning(Callback):
             types=self.types,
             what="MagnitudePruning",
         )
-        for module in self._layers.values():
-            if get_mask(module) is None:
-                attach_mask(module, torch.ones_like(module.weight, dtype=torch.bool))
+        for t in self._layers.values():
+            if get_mask(t.module, t.param) is None:
+                attach_mask(t.module, torch.ones_like(t.weight, dtype=torch.bool), t.param)
         if self.adjust_dropout:
-            self._dropout_map = find_feeding_dropouts(pl_module, self._layers)
+            self._dropout_map = find_feeding_dropouts(pl_module, [t.module_name for t in self._layers.values()])
             if not self._dropout_map:
                 rank_zero_warn(
                     "MagnitudePruning(adjust_dropout=True): no nn.Dropout directly precedes a pruned nn.Linear "
@@ -381,15 +389,15 @@ class MagnitudePruning(Callback):
     @torch.no_grad()
     def _prune_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, r: int, position: int) -> None:
         """Apply round ``r`` (1-based) of ``self.rounds``."""
-        for name, module in self._layers.items():
+        for name, t in self._layers.items():
             if self._mode == "density":
                 kw = {"density": geometric_schedule(self._targets[name], self.rounds)[r - 1]}
             else:
                 kw = {"quality": quality_schedule(self._targets[name], self.rounds)[r - 1], "std_of": self.std_of}
-            mask, self._thresholds[name] = magnitude_mask(module.weight, current_mask=get_mask(module), **kw)
+            mask, self._thresholds[name] = magnitude_mask(t.weight, current_mask=get_mask(t.module, t.param), **kw)
             mask = broadcast_from_rank_zero(mask)  # float noise must not make ranks disagree
-            attach_mask(module, mask)
-            module.weight.masked_fill_(~mask, 0.0)
+            attach_mask(t.module, mask, t.param)
+            t.weight.masked_fill_(~mask, 0.0)  # in place: an RNN's flat weights are views of the parameters
         self._refresh_cache()
         self._zero_optimizer_state(trainer)
         if self.adjust_dropout:
@@ -427,15 +435,15 @@ class MagnitudePruning(Callback):
 
     def _refresh_cache(self) -> None:
         self._keep, self._pruned = [], []
-        for module in self._layers.values():
-            mask = get_mask(module)
+        for t in self._layers.values():
+            mask, weight = get_mask(t.module, t.param), t.weight
             if mask is not None and not bool(mask.all()):
                 # the multiply factor for gradients: the bool buffer itself on GPU (1 byte read per weight, the
                 # least traffic); on CPU a float copy, because CPU kernels multiply by bool ~3x slower
-                factor = mask if mask.device.type != "cpu" else mask.to(module.weight.dtype)
-                self._keep.append((module.weight, mask, factor))
+                factor = mask if mask.device.type != "cpu" else mask.to(weight.dtype)
+                self._keep.append((weight, mask, factor))
                 if self._remask:  # cached inverse: masked_fill_ keeps exact +0.0 where a multiply can give -0.0
-                    self._pruned.append((module.weight, ~mask))
+                    self._pruned.append((weight, ~mask))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # re-mask after every optimizer step: undoes whatever weight decay, momentum or Adam state did

@@ -28,7 +28,7 @@ from dc_lightning.quantization import (
     get_codebook,
     quantize_layer,
 )
-from dc_lightning.utils import DEFAULT_TARGET_TYPES, select_layers
+from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ class _Layer:
     module: nn.Module
     k: int
     lr_factor: float = 1.0  # this layer's codebook LR relative to the weights' (lr_scale, or "auto")
+    param: str = buffers.WEIGHT  # the quantized parameter of ``module`` (dc_lightning.targets)
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self.module, self.param)
 
 
 class TrainedQuantization(Callback):
@@ -60,6 +65,10 @@ class TrainedQuantization(Callback):
     its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the callback starts one epoch
     after the last round of a :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the
     same trainer, or at epoch 0 without one.
+
+    **Targets** are the weight matrices of :mod:`dc_lightning.targets` (by default those of Linear, Conv, Embedding,
+    MultiheadAttention and LSTM/GRU/RNN modules); a parameter ``<param>`` other than ``weight`` gets the buffers
+    ``<param>_codebook``/``<param>_assign`` and is named ``<module>.<param>`` in ``bits`` patterns, tables and metrics.
 
     **Fine-tuning** [DC §3.3, eq. 3, Fig. 3]. Assignments stay fixed; each centroid's gradient is the sum of its
     member weights' gradients, ∂L/∂C_k = Σ_ij ∂L/∂W_ij · 1(I_ij = k). The centroids follow the trainer's optimizer:
@@ -101,12 +110,12 @@ class TrainedQuantization(Callback):
     (fit ended before clustering) are removed again so that the model does not look quantized.
 
     Args:
-        bits: bits per shared-weight index: an int for all target layers, or ``{pattern: bits}`` (fnmatch on the
-            qualified layer names; last match wins). Default None = the paper's 8 bits for conv layers and 5 bits
-            for fc layers [DC §5]. 1..8.
+        bits: bits per shared-weight index: an int for all targets, or ``{pattern: bits}`` (fnmatch on target names,
+            ``<module>.<param>`` names or module names; last match wins). Default None = the paper's 8 bits for conv
+            layers and 5 bits for fc layers [DC §5] (and fc-like matrices: embeddings, attention, recurrent). 1..8.
         init: centroid initialisation, ``"linear"`` (default), ``"density"`` or ``"random"`` [DC §3.2].
-        include: fnmatch patterns of target layers (default: every Linear/Conv layer with a weight).
-        exclude: fnmatch patterns of layers never quantized.
+        include: fnmatch patterns of targets (default: every weight matrix of the modules of ``types``).
+        exclude: fnmatch patterns of targets never quantized.
         start_epoch: epoch at whose start the layers are clustered; None = after pruning (see above).
         lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group: a number > 0,
             or ``"auto"`` (default; 1 / mean members per centroid for SGD-like optimizers, 1 for Adam-like ones).
@@ -118,7 +127,7 @@ class TrainedQuantization(Callback):
             that is the better rate-distortion trade-off, since Lloyd spreads code use evenly and so raises the
             codes' entropy (measured in recipes/lenet300/README.md).
         seed: seed of the ``"random"`` init (the same on every rank).
-        types: module types considered.
+        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
         verbose: print a per-layer table (rich) on rank 0 after clustering.
         log_histograms: with a ``WandbLogger``, log each layer's weight histogram before and after clustering
             (the view of [DC] Figs. 4/5).
@@ -194,7 +203,7 @@ class TrainedQuantization(Callback):
         self.log_histograms = log_histograms
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
-        self._layers: dict[str, nn.Module] = {}
+        self._layers: dict[str, Target] = {}
         self._bits: dict[str, int] = {}
         self._clustered = False
         self._start: int | None = None
@@ -216,7 +225,7 @@ class TrainedQuantization(Callback):
 
     @property
     def layer_bits(self) -> dict[str, int]:
-        """``{layer: bits}`` of the target layers (after ``setup``)."""
+        """``{target: bits}`` of the targets (after ``setup``)."""
         return dict(self._bits)
 
     @property
@@ -233,21 +242,21 @@ class TrainedQuantization(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # before checkpoint restore and DDP wrapping: placeholders of the right shape let a checkpoint's codebooks load
-        self._layers = select_layers(
+        self._layers = select_targets(
             pl_module, self.include, self.exclude, types=self.types, what="TrainedQuantization"
         )
         self._bits = bits_for_layers(self._layers, self.bits, field="TrainedQuantization.bits")
-        for name, module in self._layers.items():
+        for name, t in self._layers.items():
             k = 2 ** self._bits[name]
-            got = get_codebook(module)
-            if got is not None and got[0].numel() == k and tuple(got[1].shape) == tuple(module.weight.shape):
+            got = get_codebook(t.module, t.param)
+            if got is not None and got[0].numel() == k and tuple(got[1].shape) == tuple(t.weight.shape):
                 continue  # already quantized with this size (e.g. by quantize_model): keep it
             if got is not None:
                 rank_zero_warn(
                     f"TrainedQuantization: layer {name!r} has a codebook of {got[0].numel()} entries but bits="
                     f"{self._bits[name]} asks for {k}; replacing it"
                 )
-            buffers.set_codebook(module, torch.zeros(k), torch.zeros(module.weight.shape, dtype=torch.uint8))
+            buffers.set_codebook(t.module, torch.zeros(k), torch.zeros(t.weight.shape, dtype=torch.uint8), t.param)
             self._placeholders = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,10 +293,10 @@ class TrainedQuantization(Callback):
             return
         # a model without codebooks must not look quantized: drop placeholders that nothing filled (a checkpoint
         # loaded for validate/test fills them with real, non-zero codebooks, which stay)
-        for module in self._layers.values():
-            got = get_codebook(module)
+        for t in self._layers.values():
+            got = get_codebook(t.module, t.param)
             if got is not None and not bool(got[0].any()):
-                buffers.remove_codebook(module)
+                buffers.remove_codebook(t.module, t.param)
         self._placeholders = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -339,22 +348,23 @@ class TrainedQuantization(Callback):
                 "more weights but the codebooks are not re-fitted"
             )
         before: dict[str, Tensor] = {}
-        for name, module in self._layers.items():
-            mask = get_mask(module)
-            w = module.weight.detach()
+        for name, t in self._layers.items():
+            mask = get_mask(t.module, t.param)
+            w = t.weight.detach()
             if self.log_histograms:
                 before[name] = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
             self.summary[name] = quantize_layer(
-                module,
+                t.module,
                 self._bits[name],
                 init=self.init,
                 max_iter=self.max_iter,
                 seed=self.seed,
                 name=name,
                 refine=self.refine,
+                param=t.param,
             )
-        for module in self._layers.values():  # float noise must not make ranks disagree
-            for tensor in get_codebook(module):  # codebook and assignments, both broadcast in place
+        for t in self._layers.values():  # float noise must not make ranks disagree
+            for tensor in get_codebook(t.module, t.param):  # codebook and assignments, both broadcast in place
                 broadcast_from_rank_zero(tensor)
         self._rewrite_weights()
         self._clustered = True
@@ -388,12 +398,13 @@ class TrainedQuantization(Callback):
                     owner.setdefault(id(p), (oi, gi))
         plan: dict[int, dict[int, list[_Layer]]] = {}
         frozen = []
-        for name, module in self._layers.items():
-            hit = owner.get(id(module.weight))
+        for name, t in self._layers.items():
+            hit = owner.get(id(t.weight))
             if hit is None:
                 frozen.append(name)
                 continue
-            plan.setdefault(hit[0], {}).setdefault(hit[1], []).append(_Layer(name, module, 2 ** self._bits[name]))
+            lay = _Layer(name, t.module, 2 ** self._bits[name], param=t.param)
+            plan.setdefault(hit[0], {}).setdefault(hit[1], []).append(lay)
         if frozen:
             rank_zero_warn(
                 f"TrainedQuantization: the weights of {frozen} are in no optimizer; their codebooks stay fixed"
@@ -406,7 +417,7 @@ class TrainedQuantization(Callback):
                 for lay in group_layers:  # one codebook param group per layer: the LR factor is per layer
                     lay.lr_factor = self._lr_factor(src, lay)
                     hp = self._hyper_params(src.param_groups[gi], lay.lr_factor)
-                    param_groups.append({"params": [get_codebook(lay.module)[0]], **hp})
+                    param_groups.append({"params": [get_codebook(lay.module, lay.param)[0]], **hp})
                     layers.append(lay)
                     cb_group.append(gi)
             try:
@@ -426,8 +437,8 @@ class TrainedQuantization(Callback):
             return float(self.lr_scale)
         if isinstance(optimizer, _SCALE_INVARIANT):  # Adam-type steps do not grow with the gradient's size
             return 1.0
-        cb, assign = get_codebook(lay.module)
-        mask = get_mask(lay.module)
+        cb, assign = get_codebook(lay.module, lay.param)
+        mask = get_mask(lay.module, lay.param)
         members = int(assign.numel() if mask is None else mask.sum())
         used = int(torch.unique(assign if mask is None else assign[mask]).numel()) if members else 1
         return 1.0 / max(members / max(used, 1), 1.0)
@@ -463,7 +474,7 @@ class TrainedQuantization(Callback):
         """The cached fused step of these layers; rebuilt when stale (``check``) or built for a new optimizer."""
         cached = self._steps.get(id(cb_opt))
         if cached is None or cached[0] is not cb_opt or (check and cached[1].stale()):  # assignments fixed; masks
-            cached = (cb_opt, CodebookStep([lay.module for lay in layers]))  # may tighten
+            cached = (cb_opt, CodebookStep([(lay.module, lay.param) for lay in layers]))  # may tighten
             self._steps[id(cb_opt)] = cached
         return cached[1]
 
@@ -474,12 +485,12 @@ class TrainedQuantization(Callback):
             return
         cb_opt, layers, src_groups = entry
         step = self._codebook_step(cb_opt, layers, check=True)
-        grads, finite = step.codebook_grads([lay.module.weight.grad for lay in layers])  # [DC eq. 3]
+        grads, finite = step.codebook_grads([lay.weight.grad for lay in layers])  # [DC eq. 3]
         if all(g is None for g in grads):
             return
         for lay, g in zip(layers, grads, strict=True):
-            get_codebook(lay.module)[0].grad = g
-            lay.module.weight.grad = None  # the trainer's optimizer must not move a shared weight on its own
+            get_codebook(lay.module, lay.param)[0].grad = g
+            lay.weight.grad = None  # the trainer's optimizer must not move a shared weight on its own
         for cb_group, gi, lay in zip(cb_opt.param_groups, src_groups, layers, strict=True):
             cb_group.update(self._hyper_params(optimizer.param_groups[gi], lay.lr_factor))  # follows schedulers
         self._step_unless_nonfinite(cb_opt, finite)
@@ -554,8 +565,8 @@ class TrainedQuantization(Callback):
 
     @torch.no_grad()
     def _rewrite_weights(self) -> None:
-        for module in self._layers.values():
-            module.weight.copy_(decode_weight(module))
+        for t in self._layers.values():
+            t.weight.copy_(decode_weight(t.module, t.param))
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -599,7 +610,7 @@ def _find_pruning(trainer: pl.Trainer) -> Any:
 
 
 def _log_histograms(
-    trainer: pl.Trainer, layers: Mapping[str, nn.Module], before: Mapping[str, Tensor], step: int
+    trainer: pl.Trainer, layers: Mapping[str, Target], before: Mapping[str, Tensor], step: int
 ) -> None:
     """Weight histograms before/after clustering to every WandbLogger ([DC] Figs. 4/5)."""
     try:
@@ -615,9 +626,9 @@ def _log_histograms(
         rank_zero_warn("TrainedQuantization(log_histograms=True): wandb is not installed; no histograms logged")
         return
     payload = {}
-    for name, module in layers.items():
-        mask = get_mask(module)
-        w = module.weight.detach()
+    for name, t in layers.items():
+        mask = get_mask(t.module, t.param)
+        w = t.weight.detach()
         after = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
         for tag, values in (("before", before[name]), ("after", after)):
             if values.numel() == 0:

@@ -13,7 +13,10 @@ layer that is pruned but not quantized stores its kept values at full precision 
 paper's pruning-only stage); a layer quantized but not pruned stores only the codebook-index stream (all positions).
 
 The document records the library version, the model builder (docs/DESIGN.md "Model builder record"), the Huffman
-parameters, and per layer: shape, kind, bits, index_bits, nnz, filler count, stream sections, byte count and sha256.
+parameters, and per layer: module and parameter name (``param``, ``weight`` when absent: files written before
+parameter-level targets), shape, kind, bits, index_bits, nnz, filler count, stream sections, byte count and sha256.
+A layer is a compressed parameter (:mod:`dc_lightning.targets`): ``fc1.weight``, but also an attention module's
+``in_proj_weight`` or an LSTM's ``weight_hh_l0``; it is named like a target (``fc1``, ``attn.in_proj_weight``).
 Readers validate every record against its payload *before* allocating decode buffers, then decode all streams in
 one vectorised pass.
 """
@@ -64,6 +67,7 @@ from dc_lightning.sparse_format import (
     encode_gaps,
     positions_to_rows_cols,
 )
+from dc_lightning.targets import Target, pattern_aliases, target_name
 from dc_lightning.utils import resolve_per_layer
 
 __all__ = [
@@ -103,8 +107,9 @@ class CompressedLayer:
     ``(rows[k], cols[k])``, entries in row-major (CSR) order.
 
     Attributes:
-        name: qualified module name (``model.named_modules()``).
-        key: state-dict key of the weight.
+        name: the target's name (:mod:`dc_lightning.targets`): the qualified module name for a ``weight``,
+            ``<module>.<param>`` for another parameter (``attn.in_proj_weight``).
+        key: state-dict key of the weight (``<module>.<param>``).
         shape: the weight's shape.
         kind: ``"pq"`` pruned+quantized, ``"q"`` quantized only (every position stored), ``"p"`` pruned only.
         has_mask: whether the layer carried a mask buffer (``weight_mask``).
@@ -148,10 +153,20 @@ class CompressedLayer:
     def assign(self) -> np.ndarray:
         return self._scatter(self.codes, np.uint8)
 
+    @property
+    def module_name(self) -> str:
+        """The qualified name of the module holding the parameter."""
+        return self.key.rpartition(".")[0]
+
+    @property
+    def param(self) -> str:
+        """The parameter's name in its module (``weight``, ``in_proj_weight``, ``weight_hh_l0`` ...)."""
+        return self.key.rpartition(".")[2]
+
     def buffer_key(self, kind: str) -> str:
         """The state-dict key of this layer's ``kind`` buffer (``"mask"``, ``"codebook"``, ``"assign"``)."""
-        module, _, param = self.key.rpartition(".")
-        return (module + "." if module else "") + buffers.buffer_name(kind, param)
+        module = self.module_name
+        return (module + "." if module else "") + buffers.buffer_name(kind, self.param)
 
 
 @dataclass
@@ -201,28 +216,29 @@ def _layer_kind(module: nn.Module) -> str:
     return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "fc"
 
 
-def _compressed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose ``weight`` carries a mask and/or a codebook buffer."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, buffers.WEIGHT, None), torch.Tensor) and buffers.has_compression(m)
-    }
+def _compressed_layers(model: nn.Module) -> dict[str, Target]:
+    """The parameters carrying a mask and/or a codebook buffer, by target name, in ``named_modules()`` order."""
+    out = {}
+    for name, m in model.named_modules():
+        for param in buffers.compressed_params(m):
+            t = Target(name, param, m)
+            out[t.name] = t
+    return out
 
 
-def _resolve_index_bits(index_bits: Any, layers: dict[str, nn.Module]) -> dict[str, int | str]:
+def _resolve_index_bits(index_bits: Any, layers: dict[str, Target]) -> dict[str, int | str]:
     names = list(layers)
     if index_bits is None:
-        out = {n: PAPER_INDEX_BITS[_layer_kind(m)] for n, m in layers.items()}
+        out = {n: PAPER_INDEX_BITS[_layer_kind(t.module)] for n, t in layers.items()}
     elif index_bits == AUTO:
         out = {n: AUTO for n in names}
     else:
         if isinstance(index_bits, dict) and not names:
             return {}
-        out = resolve_per_layer(index_bits, names, "index_bits", default=-1)
+        out = resolve_per_layer(index_bits, names, "index_bits", default=-1, aliases=pattern_aliases(layers))
         for n, v in out.items():
             if isinstance(v, int) and not isinstance(v, bool) and v == -1:
-                out[n] = PAPER_INDEX_BITS[_layer_kind(layers[n])]
+                out[n] = PAPER_INDEX_BITS[_layer_kind(layers[n].module)]
     for n, v in out.items():
         if v == AUTO:
             continue
@@ -278,23 +294,24 @@ def _violation(msg: str, strict: bool, fix: str, stored: str) -> None:
 
 
 def _encode_codebook(
-    name: str, m: nn.Module, kept: np.ndarray, rows: np.ndarray, cols: np.ndarray, codebook_dtype: str, strict: bool
+    t: Target, kept: np.ndarray, rows: np.ndarray, cols: np.ndarray, codebook_dtype: str, strict: bool
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """``(codebook, codes, bits)`` of a quantized layer, its buffers checked against the kept weights."""
-    shape = tuple(m.weight.shape)
-    cb_t, assign_t = buffers.get_buffer(m, "codebook"), buffers.get_buffer(m, "assign")
+    name, shape = t.name, tuple(t.weight.shape)
+    cb_name, assign_name = buffers.buffer_name("codebook", t.param), buffers.buffer_name("assign", t.param)
+    cb_t, assign_t = buffers.get_buffer(t.module, "codebook", t.param), buffers.get_buffer(t.module, "assign", t.param)
     if assign_t is None or tuple(assign_t.shape) != shape:
-        raise ValueError(f"layer {name!r}: {buffers.CODEBOOK} without a {buffers.ASSIGN} buffer of shape {shape}")
+        raise ValueError(f"layer {name!r}: {cb_name} without a {assign_name} buffer of shape {shape}")
     cb = cb_t.detach().cpu().to(torch.float32).numpy().reshape(-1)
     k = cb.size
     if not 1 <= k <= 256:
-        raise ValueError(f"layer {name!r}: codebook has {k} entries; valid: 1..256 (uint8 {buffers.ASSIGN})")
+        raise ValueError(f"layer {name!r}: codebook has {k} entries; valid: 1..256 (uint8 {assign_name})")
     codes = assign_t.detach().cpu().numpy().reshape(matrix_shape(shape))[rows, cols]
     if codes.size and int(codes.max()) >= k:
-        raise ValueError(f"layer {name!r}: {buffers.ASSIGN} holds index {int(codes.max())} >= codebook size {k}")
+        raise ValueError(f"layer {name!r}: {assign_name} holds index {int(codes.max())} >= codebook size {k}")
     mismatch = int(np.count_nonzero(cb[codes].view(np.uint32) != np.ascontiguousarray(kept).view(np.uint32)))
     if mismatch:
-        msg = f"layer {name!r}: {mismatch} kept weights differ from {buffers.CODEBOOK}[{buffers.ASSIGN}]"
+        msg = f"layer {name!r}: {mismatch} kept weights differ from {cb_name}[{assign_name}]"
         fix = " (docs/DESIGN.md invariant); pass strict=False to store the quantized values"
         _violation(msg, strict, fix, "quantized values")
     cbs = cb.astype(NP_FLOAT[codebook_dtype])
@@ -304,8 +321,7 @@ def _encode_codebook(
 
 
 def encode_layer(
-    name: str,
-    m: nn.Module,
+    t: Target,
     index_bits: int | str,
     codebook_dtype: str,
     dense_dtype: str,
@@ -313,40 +329,43 @@ def encode_layer(
     max_len: int,
     chunk: int,
 ) -> tuple[dict, np.ndarray]:
-    """``(record, payload)`` of one compressed layer (the record still lacks its payload tensor name).
+    """``(record, payload)`` of one compressed parameter (the record still lacks its payload tensor name).
 
     Raises:
         ValueError: a float weight other than float32, buffers shaped unlike the weight, or (``strict``) a weight
             that breaks the buffer invariants.
     """
-    w = m.weight.detach().cpu()
+    name = t.name
+    w = t.weight.detach().cpu()
     if w.dtype != torch.float32:
         raise ValueError(f"layer {name!r}: weight dtype {w.dtype} is not supported; compressed layers need float32")
     shape = tuple(w.shape)
     R, C = matrix_shape(shape)
     w2 = w.numpy().reshape(R, C)
-    mask_t = buffers.get_mask(m)
+    mask_t = buffers.get_mask(t.module, t.param)
+    mask_name = buffers.buffer_name("mask", t.param)
     has_mask = mask_t is not None
     if has_mask and tuple(mask_t.shape) != shape:
-        raise ValueError(f"layer {name!r}: {buffers.MASK} shape {tuple(mask_t.shape)} != weight shape {shape}")
+        raise ValueError(f"layer {name!r}: {mask_name} shape {tuple(mask_t.shape)} != weight shape {shape}")
     rows, cols = buffers.sparse_coordinates(shape, mask_t)  # every position without a mask
     kept = w2[rows, cols]
     if has_mask:
         outside = int(np.count_nonzero(w2)) - int(np.count_nonzero(kept))
         if outside:
-            msg = f"layer {name!r}: {outside} weights outside {buffers.MASK} are non-zero (docs/DESIGN.md invariant)"
+            msg = f"layer {name!r}: {outside} weights outside {mask_name} are non-zero (docs/DESIGN.md invariant)"
             fix = "; re-apply the masks or pass strict=False to store the masked weights"
             _violation(msg, strict, fix, "masked weights")
     rec: dict[str, Any] = {
-        "module": name,
-        "key": f"{name}.weight" if name else "weight",
+        "module": t.module_name,
+        "param": t.param,
+        "key": t.full_name,
         "shape": list(shape),
         "has_mask": has_mask,
         "numel": R * C,
     }
     pay = Sections()
-    if buffers.get_buffer(m, "codebook") is not None:
-        cbs, codes, bits = _encode_codebook(name, m, kept, rows, cols, codebook_dtype, strict)
+    if buffers.get_buffer(t.module, "codebook", t.param) is not None:
+        cbs, codes, bits = _encode_codebook(t, kept, rows, cols, codebook_dtype, strict)
         rec.update(
             kind="pq" if has_mask else "q",
             bits=bits,
@@ -443,13 +462,13 @@ def build_file(
     payloads: dict[str, np.ndarray] = {}
     meta_layers, meta_tensors = [], []
     consumed: set[str] = set()
-    for i, (name, m) in enumerate(layers.items()):
-        rec, arr = encode_layer(name, m, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk)
+    for i, (name, t) in enumerate(layers.items()):
+        rec, arr = encode_layer(t, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk)
         rec["tensor"] = f"layer.{i:04d}"
         payloads[rec["tensor"]] = arr
         meta_layers.append(rec)
-        prefix = f"{name}." if name else ""
-        consumed.update((prefix + buffers.WEIGHT, *buffers.buffer_keys(prefix)))
+        prefix = f"{t.module_name}." if t.module_name else ""
+        consumed.update((t.full_name, *buffers.buffer_keys(prefix, t.param)))
     for i, (key, t) in enumerate((k, v) for k, v in model.state_dict().items() if k not in consumed):
         rec, arr = _tensor_record(key, t, dense_dtype, f"tensor.{i:04d}")
         payloads[rec["tensor"]] = arr
@@ -535,10 +554,19 @@ def _check_layer(
     """Validate one layer record against its payload; append its streams to ``streams`` and its key to ``keys``."""
     if not isinstance(rec, dict):
         raise CorruptFileError(f"{where}: layer record is not an object")
-    name, key = rec.get("module"), rec.get("key")
-    if not isinstance(name, str) or not isinstance(key, str) or not key.endswith("weight") or key in keys:
-        raise CorruptFileError(f"{where}: bad or duplicate layer name/key {name!r}/{key!r}")
+    module, key = rec.get("module"), rec.get("key")
+    param = rec.get("param", buffers.WEIGHT)  # absent in files written before parameter-level targets
+    if (
+        not isinstance(module, str)
+        or not isinstance(param, str)
+        or not param
+        or "." in param
+        or key != (f"{module}.{param}" if module else param)
+        or key in keys
+    ):
+        raise CorruptFileError(f"{where}: bad or duplicate layer module/param/key {module!r}/{param!r}/{key!r}")
     keys.add(key)
+    name = target_name(module, param)
     what = f"layer {name!r}"
     shape = checked_shape(rec.get("shape"), what)
     numel = math.prod(shape)

@@ -1,0 +1,153 @@
+"""What the compression callbacks compress: parameter-level targets, their names and how patterns select them.
+
+A **target** is one weight matrix of a module: ``(module, parameter name)``. The weight matrices of a module are
+(:func:`weight_params`):
+
+===================================  ==============================================================================
+module                               parameters
+===================================  ==============================================================================
+``nn.MultiheadAttention``            ``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
+                                     when key/value sizes differ (``out_proj`` is an ``nn.Linear`` subclass: a
+                                     module of its own)
+``nn.LSTM``/``nn.GRU``/``nn.RNN``    every ``weight_*`` parameter: ``weight_ih_l{k}[_reverse]``,
+                                     ``weight_hh_l{k}[_reverse]`` (and an LSTM's ``weight_hr_l{k}`` projections)
+anything else (``nn.Linear`` and     ``weight``
+subclasses, ``nn.Conv*``,
+``nn.Embedding``, a ``types=`` type)
+===================================  ==============================================================================
+
+Biases, norms and other 1-D parameters are never targets.
+
+**Names.** A target's name is its module's name for the parameter ``weight`` (``model.classifier.6``, as before
+parameter-level targets existed, so recipes, metric names ``compression/<name>/density`` and files stay the same),
+and ``<module name>.<parameter name>`` otherwise (``encoder.layers.0.self_attn.in_proj_weight``,
+``lstm.weight_hh_l1``). The names are those of ``model.named_modules()`` of the object handed in.
+
+**Patterns** (``densities``/``bits`` keys, ``include``/``exclude``) are fnmatch patterns; one selects a target when it
+matches the target's name, its full name ``<module>.<param>`` (``fc1.weight``) or its module name. So the module
+pattern ``"*.self_attn"`` selects every ``in_proj_weight`` of those attention modules but not their ``out_proj``
+(module ``*.self_attn.out_proj``, a target of its own: ``"*.self_attn*"`` selects both), and ``"lstm"`` selects every
+weight matrix of the LSTM. A pattern that matches no target is an error (a typo must not leave a layer dense).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from dc_lightning.buffers import WEIGHT
+from dc_lightning.utils import target_name
+
+__all__ = ["DEFAULT_TARGET_TYPES", "Target", "pattern_aliases", "select_targets", "target_name", "weight_params"]
+
+#: module types whose weight matrices the compression callbacks target by default
+DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.MultiheadAttention,
+    nn.RNNBase,  # nn.LSTM, nn.GRU, nn.RNN
+)
+
+_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def weight_params(module: nn.Module) -> list[str]:
+    """The names of the weight matrices of ``module`` (see the module docstring); ``[]`` when it has none."""
+    own = dict(module.named_parameters(recurse=False))
+    if isinstance(module, nn.MultiheadAttention):
+        return [n for n in _MHA_WEIGHTS if n in own]
+    if isinstance(module, nn.RNNBase):
+        return [n for n, p in own.items() if n.startswith("weight_") and p.dim() >= 2]
+    return [WEIGHT] if isinstance(own.get(WEIGHT), nn.Parameter) else []
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight matrix to compress: parameter ``param`` of ``module``, named ``module_name`` in the model."""
+
+    module_name: str
+    param: str
+    module: nn.Module = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The target's name (:func:`target_name`): what tables, metrics, the file and the report call it."""
+        return target_name(self.module_name, self.param)
+
+    @property
+    def full_name(self) -> str:
+        """``<module name>.<param>``: the parameter's state-dict key."""
+        return f"{self.module_name}.{self.param}" if self.module_name else self.param
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The names a pattern may match to select this target: its name, full name and module name."""
+        return tuple(dict.fromkeys((self.name, self.full_name, self.module_name)))
+
+    @property
+    def weight(self) -> Tensor:
+        """The parameter itself (always read from the module: a wrapper may re-register it)."""
+        return getattr(self.module, self.param)
+
+    def matches(self, pattern: str) -> bool:
+        """Whether the fnmatch ``pattern`` selects this target (its name, full name or module name)."""
+        return any(fnmatch.fnmatchcase(n, pattern) for n in self.aliases)
+
+
+def select_targets(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
+    what: str = "target selection",
+) -> dict[str, Target]:
+    """The targets to compress, ``{name: Target}`` in ``named_modules()`` order.
+
+    Candidates are the weight matrices (:func:`weight_params`) of the modules of ``types`` (``isinstance``, so
+    subclasses count); ``include``/``exclude`` fnmatch patterns then filter them (see the module docstring for what a
+    pattern matches). A parameter shared by two modules (tied weights) is one target, under its first name.
+
+    Raises:
+        ValueError: the model has no candidate, or an include/exclude pattern matches none (the message lists them).
+    """
+    types = tuple(types)
+    candidates: dict[str, Target] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if not module_name or not isinstance(module, types):
+            continue
+        for param in weight_params(module):
+            weight = getattr(module, param)
+            if id(weight) in seen:
+                continue
+            seen.add(id(weight))
+            t = Target(module_name, param, module)
+            candidates[t.name] = t
+    if not candidates:
+        raise ValueError(
+            f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter"
+        )
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    for kind, patterns in (("include", include or []), ("exclude", exclude)):
+        for pat in patterns:
+            if not any(t.matches(pat) for t in candidates.values()):
+                raise ValueError(
+                    f"{what}: {kind} pattern {pat!r} matches no layer; available layers: {sorted(candidates)}"
+                )
+    return {
+        name: t
+        for name, t in candidates.items()
+        if (include is None or any(t.matches(p) for p in include)) and not any(t.matches(p) for p in exclude)
+    }
+
+
+def pattern_aliases(targets: dict[str, Target]) -> dict[str, tuple[str, ...]]:
+    """``{name: aliases}`` of ``targets``, for :func:`dc_lightning.utils.resolve_per_layer`."""
+    return {n: t.aliases for n, t in targets.items()}
