@@ -134,6 +134,18 @@ class CompressedLinear(nn.Module):
         else:
             self.register_buffer("bias", None)
 
+    # the kernels read fp32 codebooks and an fp32 bias whatever the activation dtype: ``model.half()`` / ``.to(bf16)``
+    # must move these buffers, never narrow them
+    _FP32_BUFFERS = ("codebook", "lut_codebook", "bias")
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            t = self._buffers.get(name)
+            if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                self._buffers[name] = t.float()
+        return self
+
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def from_linear(

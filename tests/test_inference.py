@@ -199,3 +199,28 @@ def test_cli_predict_on_a_recipe_datamodule(tmp_path, capsys) -> None:
     assert rc == 0
     assert f"{total} test samples on cpu" in out
     assert f"top-1 dense decode         : {correct / total * 100:.2f}%" in out
+
+
+@pytest.mark.parametrize("layout", ["sparse", "lut"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_after_conversion_keeps_fp32_codebooks(layout: str, dtype: torch.dtype) -> None:
+    """``converted.half()`` / ``.to(bf16)`` (what users do to a whole model) must not narrow the codebooks."""
+    from dc_lightning import buffers
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    mask = torch.rand(32, 64) < 0.5
+    cb = torch.linspace(-1, 1, 16)
+    assign = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    buffers.set_mask(lin, mask)
+    buffers.set_codebook(lin, cb, assign)
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(mask, cb[assign.long()], 0.0))
+    layer = CompressedLinear.from_linear(lin, layout=layout).to(dtype)
+    assert all(b.dtype == torch.float32 for n, b in layer.named_buffers() if "codebook" in n or n == "bias")
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = lin(x.to(dtype).float())
+        got = layer(x.to(dtype))
+    assert got.dtype == dtype
+    assert ((got.float() - ref).norm() / ref.norm()).item() <= 1e-2
