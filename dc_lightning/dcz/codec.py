@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,8 @@ from dc_lightning.dcz.container import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_CHUNK,
+    MAX_CODE_LEN,
     NP_FLOAT,
     SCAN_ORDER,
     CorruptFileError,
@@ -46,6 +49,7 @@ from dc_lightning.dcz.container import (
     checked_payload,
     checked_shape,
     checksum,
+    huffman_params,
     little_endian,
     load_payloads,
     read_header,
@@ -438,6 +442,10 @@ def build_file(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_dtype(codebook_dtype, "codebook_dtype")
     _check_dtype(dense_dtype, "dense_dtype")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= MAX_CODE_LEN:
+        raise ValueError(f"max_len={max_len!r}; valid: an int in 1..{MAX_CODE_LEN} (the readers' bound)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk={chunk!r}; valid: an int in 1..{MAX_CHUNK}")
     layers = _compressed_layers(model)
     ib = _resolve_index_bits(index_bits, layers)
     payloads: dict[str, np.ndarray] = {}
@@ -487,12 +495,18 @@ class _PendingLayer:
     gap: int | None = None  # index of the relative-index stream
 
 
-def read_compressed(path: str | os.PathLike) -> CompressedFile:
+def read_compressed(
+    path: str | os.PathLike, expect: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+) -> CompressedFile:
     """Read and fully validate a ``.dcz`` file; decode every layer's streams.
 
     The result holds, per compressed layer, a :class:`CompressedLayer` with ``rows``/``cols`` (int64, CSR order),
     ``codes`` (uint8) and ``codebook`` (float32) or ``values``, and the plain tensors as torch tensors. The
     inference path builds its GPU layouts from these; :func:`dc_lightning.sparse_format.eie_layout` derives EIE's.
+
+    ``expect``, when given, is called with ``{state-dict key: shape}`` of every layer and tensor the file declares,
+    after the records are validated and before anything is decoded (``load_compressed`` checks them against the
+    model there); what it raises propagates unchanged.
 
     Raises:
         CorruptFileError: any inconsistency (see :mod:`dc_lightning.dcz`); FileNotFoundError if ``path`` is missing.
@@ -501,8 +515,8 @@ def read_compressed(path: str | os.PathLike) -> CompressedFile:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return parse(data, path)
-    except CorruptFileError:
+        return parse(data, path, expect)
+    except (CorruptFileError, _Expected):
         raise
     except (huffman.HuffmanDecodeError, SparseFormatError) as e:
         raise CorruptFileError(f"{path}: {e}") from None
@@ -510,9 +524,23 @@ def read_compressed(path: str | os.PathLike) -> CompressedFile:
         raise CorruptFileError(f"{path}: unreadable compressed file ({type(e).__name__}: {e})") from None
 
 
-def parse(data: bytes, where: str) -> CompressedFile:
+class _Expected(Exception):
+    """Carries what ``expect`` raised through :func:`read_compressed`'s catch-all for hostile input."""
+
+
+def parse(
+    data: bytes, where: str, expect: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+) -> CompressedFile:
     """Decode a ``.dcz`` file's bytes (``where`` names it in errors); see :func:`read_compressed`."""
+    try:
+        return _parse(data, where, expect)
+    except _Expected as e:
+        raise e.args[0] from None
+
+
+def _parse(data: bytes, where: str, expect: Callable[[dict[str, tuple[int, ...]]], None] | None) -> CompressedFile:
     _, doc = read_header(data, where)
+    max_len, chunk = huffman_params(doc, where)
     payloads = load_payloads(data, where)
     layers_meta, tensors_meta = doc.get("layers"), doc.get("tensors")
     if not isinstance(layers_meta, list) or not isinstance(tensors_meta, list):
@@ -522,7 +550,16 @@ def parse(data: bytes, where: str) -> CompressedFile:
     # pass 1: validate layer records and collect streams (no decode buffers allocated yet)
     streams: list[huffman.HuffmanStream] = []
     keys: set[str] = set()
-    pending = [_check_layer(rec, payloads, streams, keys, where) for rec in layers_meta]
+    pending = [_check_layer(rec, payloads, streams, keys, where, max_len, chunk) for rec in layers_meta]
+    if expect is not None:  # declared shapes against the model, before any decode buffer exists
+        shapes = {it.key: it.shape for it in pending}
+        for rec in tensors_meta:
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                shapes.setdefault(rec["key"], checked_shape(rec.get("shape"), f"tensor {rec['key']!r}"))
+        try:
+            expect(shapes)
+        except Exception as e:
+            raise _Expected(e) from None
     # pass 2: decode all streams together (one vectorised pass; sizes were checked against payloads above)
     layers = _decode_layers(pending, huffman.decode_many(streams), where)
     tensors = _read_tensors(tensors_meta, payloads, keys, where)
@@ -530,7 +567,13 @@ def parse(data: bytes, where: str) -> CompressedFile:
 
 
 def _check_layer(
-    rec: Any, payloads: dict[str, np.ndarray], streams: list[huffman.HuffmanStream], keys: set[str], where: str
+    rec: Any,
+    payloads: dict[str, np.ndarray],
+    streams: list[huffman.HuffmanStream],
+    keys: set[str],
+    where: str,
+    max_len: int,
+    chunk: int,
 ) -> _PendingLayer:
     """Validate one layer record against its payload; append its streams to ``streams`` and its key to ``keys``."""
     if not isinstance(rec, dict):
@@ -552,14 +595,14 @@ def _check_layer(
     nnz = checked_int(rec.get("nnz"), what + ".nnz", 0, numel)
     item = _PendingLayer(rec=rec, name=name, key=key, shape=shape, kind=kind, nnz=nnz)
     if kind in ("pq", "q"):
-        item.codebook, stream = _check_code_stream(rec, pay, kind, nnz, numel, what, where)
+        item.codebook, stream = _check_code_stream(rec, pay, kind, (nnz, numel), what, where, (max_len, chunk))
         item.code = len(streams)
         streams.append(stream)
     else:
         item.values = _float_section(rec, pay, "values", "value", ("nnz", nnz), what, where)
     if kind in ("pq", "p"):
         item.index_bits = checked_int(rec.get("index_bits"), what + ".index_bits", 1, MAX_INDEX_BITS)
-        stream = read_stream(pay, rec.get("gap"), 1 << item.index_bits, what + ".gap")
+        stream = read_stream(pay, rec.get("gap"), 1 << item.index_bits, what + ".gap", max_len, chunk)
         if stream.count != nnz + checked_int(rec.get("n_fill"), what + ".n_fill"):
             raise CorruptFileError(f"{where}: {what}: gap stream holds {stream.count} symbols, expected nnz+fillers")
         item.gap = len(streams)
@@ -568,15 +611,17 @@ def _check_layer(
 
 
 def _check_code_stream(
-    rec: dict, pay: np.ndarray, kind: str, nnz: int, numel: int, what: str, where: str
+    rec: dict, pay: np.ndarray, kind: str, counts: tuple[int, int], what: str, where: str, params: tuple[int, int]
 ) -> tuple[np.ndarray, huffman.HuffmanStream]:
-    """``(float32 codebook, codebook-index stream)`` of a quantized layer's record."""
+    """``(float32 codebook, codebook-index stream)`` of a quantized layer's record; ``counts`` = (nnz, numel),
+    ``params`` = the file's (max_len, chunk)."""
+    nnz, numel = counts
     k = checked_int(rec.get("k"), what + ".k", 1, 256)
     bits = checked_int(rec.get("bits"), what + ".bits", 1, 8)
     if bits != max(1, math.ceil(math.log2(k))):
         raise CorruptFileError(f"{where}: {what}: bits={bits} disagrees with codebook size {k}")
     codebook = _float_section(rec, pay, "codebook", "codebook", ("k", k), what, where)
-    stream = read_stream(pay, rec.get("code"), k, what + ".code")
+    stream = read_stream(pay, rec.get("code"), k, what + ".code", *params)
     if stream.count != (nnz if kind == "pq" else numel) or (kind == "q" and nnz != numel):
         raise CorruptFileError(f"{where}: {what}: code stream holds {stream.count} symbols, expected nnz={nnz}")
     return codebook, stream
