@@ -24,8 +24,8 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -495,8 +495,11 @@ class _PendingLayer:
     gap: int | None = None  # index of the relative-index stream
 
 
+_Expect = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], None]
+
+
 def read_compressed(
-    path: str | os.PathLike, expect: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+    path: str | os.PathLike, expect: _Expect | None = None
 ) -> CompressedFile:
     """Read and fully validate a ``.dcz`` file; decode every layer's streams.
 
@@ -504,9 +507,9 @@ def read_compressed(
     ``codes`` (uint8) and ``codebook`` (float32) or ``values``, and the plain tensors as torch tensors. The
     inference path builds its GPU layouts from these; :func:`dc_lightning.sparse_format.eie_layout` derives EIE's.
 
-    ``expect``, when given, is called with ``{state-dict key: shape}`` of every layer and tensor the file declares,
-    after the records are validated and before anything is decoded (``load_compressed`` checks them against the
-    model there); what it raises propagates unchanged.
+    ``expect``, when given, is called with ``{state-dict key: shape}`` of the layers and of the plain tensors the file
+    declares, after the records are validated and before anything is decoded (``load_compressed`` checks them
+    against the model there); what it raises propagates unchanged.
 
     Raises:
         CorruptFileError: any inconsistency (see :mod:`dc_lightning.dcz`); FileNotFoundError if ``path`` is missing.
@@ -515,8 +518,10 @@ def read_compressed(
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return parse(data, path, expect)
-    except (CorruptFileError, _Expected):
+        return _parse(data, path, expect)
+    except _Expected as e:  # the caller's own error, unchanged
+        raise e.args[0] from None
+    except CorruptFileError:
         raise
     except (huffman.HuffmanDecodeError, SparseFormatError) as e:
         raise CorruptFileError(f"{path}: {e}") from None
@@ -529,7 +534,7 @@ class _Expected(Exception):
 
 
 def parse(
-    data: bytes, where: str, expect: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+    data: bytes, where: str, expect: _Expect | None = None
 ) -> CompressedFile:
     """Decode a ``.dcz`` file's bytes (``where`` names it in errors); see :func:`read_compressed`."""
     try:
@@ -538,7 +543,7 @@ def parse(
         raise e.args[0] from None
 
 
-def _parse(data: bytes, where: str, expect: Callable[[dict[str, tuple[int, ...]]], None] | None) -> CompressedFile:
+def _parse(data: bytes, where: str, expect: _Expect | None) -> CompressedFile:
     _, doc = read_header(data, where)
     max_len, chunk = huffman_params(doc, where)
     payloads = load_payloads(data, where)
@@ -551,18 +556,14 @@ def _parse(data: bytes, where: str, expect: Callable[[dict[str, tuple[int, ...]]
     streams: list[huffman.HuffmanStream] = []
     keys: set[str] = set()
     pending = [_check_layer(rec, payloads, streams, keys, where, max_len, chunk) for rec in layers_meta]
+    tensors = _read_tensors(tensors_meta, payloads, keys, where)  # each checked against its payload's size
     if expect is not None:  # declared shapes against the model, before any decode buffer exists
-        shapes = {it.key: it.shape for it in pending}
-        for rec in tensors_meta:
-            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
-                shapes.setdefault(rec["key"], checked_shape(rec.get("shape"), f"tensor {rec['key']!r}"))
         try:
-            expect(shapes)
+            expect({it.key: it.shape for it in pending}, {k: tuple(t.shape) for k, t in tensors.items()})
         except Exception as e:
             raise _Expected(e) from None
     # pass 2: decode all streams together (one vectorised pass; sizes were checked against payloads above)
     layers = _decode_layers(pending, huffman.decode_many(streams), where)
-    tensors = _read_tensors(tensors_meta, payloads, keys, where)
     return CompressedFile(path=where, metadata=doc, layers=layers, tensors=tensors, file_size=len(data))
 
 
