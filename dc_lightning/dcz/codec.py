@@ -608,7 +608,24 @@ def _check_layer(
             raise CorruptFileError(f"{where}: {what}: gap stream holds {stream.count} symbols, expected nnz+fillers")
         item.gap = len(streams)
         streams.append(stream)
+    _check_tiling(rec, kind, pay.size, what, where)
     return item
+
+
+def _check_tiling(rec: dict, kind: str, nbytes: int, what: str, where: str) -> None:
+    """The sections of a layer's payload tile it in the writer's order (codebook or values, code stream, gap
+    stream), so a record cannot point a section at other bytes of a payload whose checksum still holds."""
+    stream_parts = ("lengths", "sync", "data")
+    secs = [rec["codebook"], *(rec["code"][p] for p in stream_parts)] if kind in ("pq", "q") else [rec["values"]]
+    if kind in ("pq", "p"):
+        secs += [rec["gap"][p] for p in stream_parts]
+    end = 0
+    for off, n in secs:
+        if off != end:
+            raise CorruptFileError(f"{where}: {what}: sections do not tile the payload (offset {off}, expected {end})")
+        end = off + n
+    if end != nbytes:
+        raise CorruptFileError(f"{where}: {what}: sections cover {end} of the payload's {nbytes} bytes")
 
 
 def _check_code_stream(
@@ -688,6 +705,8 @@ def _read_tensors(
         src, stored = rec.get("dtype"), rec.get("stored_dtype")
         if src not in DTYPES or stored not in DTYPES:
             raise CorruptFileError(f"{where}: {what}: unknown dtype {src!r}/{stored!r}")
+        if stored != src and not (src == "float32" and stored in NP_FLOAT):  # the writer's only conversion
+            raise CorruptFileError(f"{where}: {what}: dtype {src!r} cannot be stored as {stored!r}")
         shape = checked_shape(rec.get("shape"), what)
         arr = checked_payload(payloads, rec, what, where)
         if arr.size != math.prod(shape) * DTYPES[stored].itemsize:
