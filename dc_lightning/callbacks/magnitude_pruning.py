@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
+from dc_lightning.buffers import install_load_hook
 from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, print_table
 from dc_lightning.pruning import (
     adjust_dropouts_to_masks,
@@ -86,8 +87,9 @@ class MagnitudePruning(Callback):
     weights back but not the mask buffers (Lightning loads them non-strictly); the checkpoints carry them.
 
     **Resume.** ``state_dict`` holds the schedule, the rounds done and the original dropout rates; the masks
-    are model buffers. Resuming with ``ckpt_path=`` needs a checkpoint written by a run with this callback (a
-    dense checkpoint lacks the ``weight_mask`` keys: load it with ``load_state_dict`` before ``fit`` instead).
+    are model buffers. ``setup`` installs a ``load_state_dict`` pre-hook
+    (:func:`dc_lightning.buffers.install_load_hook`), so ``fit(ckpt_path=...)`` resumes a checkpoint with masks, and a
+    dense one (written before this callback was added): its layers start all-kept.
 
     Args:
         densities: fraction of weights kept at the end, a float for every target or ``{pattern: density}``
@@ -258,9 +260,8 @@ class MagnitudePruning(Callback):
             types=self.types,
             what="MagnitudePruning",
         )
-        for module in self._layers.values():
-            if get_mask(module) is None:
-                attach_mask(module, torch.ones_like(module.weight, dtype=torch.bool))
+        self._attach_full_masks()
+        install_load_hook(pl_module)  # a restored checkpoint brings its masks, or none (a dense checkpoint)
         if self.adjust_dropout:
             self._dropout_map = find_feeding_dropouts(pl_module, self._layers)
             if not self._dropout_map:
@@ -274,7 +275,8 @@ class MagnitudePruning(Callback):
         self._remask = self.remask_after_step
         if self._remask is None:
             self._remask = any(type(opt) not in _ZERO_PRESERVING for opt in trainer.optimizers)
-        # masks may have been restored from a checkpoint since setup
+        # masks may have been restored from a checkpoint since setup (a dense one removes them: all kept again)
+        self._attach_full_masks()
         self._refresh_cache()
         with torch.no_grad():
             for weight, mask, _ in self._keep:
@@ -424,6 +426,11 @@ class MagnitudePruning(Callback):
                 total=("total", f"{sum(r['weights'] for r in rows):,}", f"{sum(r['kept'] for r in rows):,}",
                        f"{total:.2%}", ""),
             )
+
+    def _attach_full_masks(self) -> None:
+        for module in self._layers.values():
+            if get_mask(module) is None:
+                attach_mask(module, torch.ones_like(module.weight, dtype=torch.bool))
 
     def _refresh_cache(self) -> None:
         self._keep, self._pruned = [], []

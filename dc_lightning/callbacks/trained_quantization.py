@@ -92,12 +92,13 @@ class TrainedQuantization(Callback):
       every optimizer step each layer has at most ``2**bits`` distinct values and pruned weights are exactly 0.0,
       whatever order this and the pruning callback's hooks run in.
 
-    **Resume and DDP.** Placeholder buffers are registered in ``setup`` (before a checkpoint is restored); the
+    **Resume and DDP.** A layer carries a codebook only once it is clustered: checkpoints and ``.dcz`` files written
+    before store it unquantized. ``setup`` installs a ``load_state_dict`` pre-hook
+    (:func:`dc_lightning.buffers.install_load_hook`) that registers the codebooks a restored checkpoint holds; the
     ``clustered`` flag, the resolved start epoch and the codebook optimizers' state are in ``state_dict``, so a run
     resumed after clustering continues bit-for-bit and does not cluster again. Clustering is deterministic and its
     result is broadcast from rank 0 under ``torch.distributed``; codebook gradients are summed in a fixed order (no
-    atomics), so every rank holds identical codebooks. Placeholders that are still all zeros at ``teardown``
-    (fit ended before clustering) are removed again so that the model does not look quantized.
+    atomics), so every rank holds identical codebooks.
 
     Args:
         bits: bits per shared-weight index: an int for all target layers, or ``{pattern: bits}`` (fnmatch on the
@@ -197,7 +198,6 @@ class TrainedQuantization(Callback):
         self._bits: dict[str, int] = {}
         self._clustered = False
         self._start: int | None = None
-        self._placeholders = False
         self._hooks: list[Any] = []
         # per trainer optimizer index: (that optimizer, its codebook optimizer, layers, source group of each cb group)
         self._cb_opts: dict[int, tuple[torch.optim.Optimizer, torch.optim.Optimizer, list[_Layer], list[int]]] = {}
@@ -228,23 +228,21 @@ class TrainedQuantization(Callback):
     # --------------------------------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # before checkpoint restore and DDP wrapping: placeholders of the right shape let a checkpoint's codebooks load
+        # before checkpoint restore and DDP wrapping. No placeholder codebooks: a layer is quantized only once it is
+        # clustered, so every checkpoint and file written before that stores it as it is. A checkpoint's codebooks
+        # are registered when it is loaded (buffers.install_load_hook).
         self._layers = select_layers(
             pl_module, self.include, self.exclude, types=self.types, what="TrainedQuantization"
         )
         self._bits = bits_for_layers(self._layers, self.bits, field="TrainedQuantization.bits")
+        buffers.install_load_hook(pl_module)
         for name, module in self._layers.items():
-            k = 2 ** self._bits[name]
             got = get_codebook(module)
-            if got is not None and got[0].numel() == k and tuple(got[1].shape) == tuple(module.weight.shape):
-                continue  # already quantized with this size (e.g. by quantize_model): keep it
-            if got is not None:
+            if got is not None and got[0].numel() != 2 ** self._bits[name] and not self._clustered:
                 rank_zero_warn(
                     f"TrainedQuantization: layer {name!r} has a codebook of {got[0].numel()} entries but bits="
-                    f"{self._bits[name]} asks for {k}; replacing it"
+                    f"{self._bits[name]} asks for {2 ** self._bits[name]}; clustering will replace it"
                 )
-            buffers.set_codebook(module, torch.zeros(k), torch.zeros(module.weight.shape, dtype=torch.uint8))
-            self._placeholders = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its device and the optimizers exist; a checkpoint's buffers and our state are loaded
@@ -276,15 +274,6 @@ class TrainedQuantization(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        if self._clustered or not self._placeholders:
-            return
-        # a model without codebooks must not look quantized: drop placeholders that nothing filled (a checkpoint
-        # loaded for validate/test fills them with real, non-zero codebooks, which stay)
-        for module in self._layers.values():
-            got = get_codebook(module)
-            if got is not None and not bool(got[0].any()):
-                buffers.remove_codebook(module)
-        self._placeholders = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -349,7 +338,6 @@ class TrainedQuantization(Callback):
                 broadcast_from_rank_zero(tensor)
         self._rewrite_weights()
         self._clustered = True
-        self._placeholders = False
         self._build_codebook_optimizers(trainer)
 
         metrics = {f"compression/{n}/bits": float(b) for n, b in self._bits.items()}

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,6 +269,13 @@ def _gap_stream(
     return best
 
 
+def _unfilled_codebook(m: nn.Module) -> bool:
+    """A codebook placeholder nothing filled: all-zero codebook and assignments beside a non-zero weight (what
+    checkpoints written before clustering by dc_lightning 0.1.0 carry). A real codebook cannot be all zeros then."""
+    got = buffers.get_codebook(m)
+    return got is not None and not bool(got[0].any()) and not bool(got[1].any()) and bool(m.weight.detach().any())
+
+
 def _check_dtype(value: str, field_name: str) -> str:
     if value not in NP_FLOAT:
         raise ValueError(f"{field_name}={value!r} is invalid; valid: {sorted(NP_FLOAT)}")
@@ -278,7 +286,7 @@ def _violation(msg: str, strict: bool, fix: str, stored: str) -> None:
     """A layer breaking a buffer invariant: raise under ``strict``, else warn that ``stored`` values are written."""
     if strict:
         raise ValueError(msg + fix)
-    log.warning("%s; storing the %s", msg, stored)
+    warnings.warn(f"{msg}; strict=False: the file stores the {stored}, not the model's weights", stacklevel=4)
 
 
 def _encode_codebook(
@@ -316,8 +324,10 @@ def encode_layer(
     strict: bool,
     max_len: int,
     chunk: int,
+    quantized: bool = True,
 ) -> tuple[dict, np.ndarray]:
-    """``(record, payload)`` of one compressed layer (the record still lacks its payload tensor name).
+    """``(record, payload)`` of one compressed layer (the record still lacks its payload tensor name); with
+    ``quantized=False`` a codebook the layer carries is ignored (an unfilled placeholder).
 
     Raises:
         ValueError: a float weight other than float32, buffers shaped unlike the weight, or (``strict``) a weight
@@ -349,7 +359,7 @@ def encode_layer(
         "numel": R * C,
     }
     pay = Sections()
-    if buffers.get_buffer(m, "codebook") is not None:
+    if quantized and buffers.get_buffer(m, "codebook") is not None:
         cbs, codes, bits = _encode_codebook(name, m, kept, rows, cols, codebook_dtype, strict)
         rec.update(
             kind="pq" if has_mask else "q",
@@ -447,17 +457,25 @@ def build_file(
     if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
         raise ValueError(f"chunk={chunk!r}; valid: an int in 1..{MAX_CHUNK}")
     layers = _compressed_layers(model)
+    unfilled = {n for n, m in layers.items() if _unfilled_codebook(m)}
+    if unfilled:
+        log.warning("layers %s carry all-zero codebook placeholders (never clustered); stored as not quantized",
+                    sorted(unfilled))
+    layers = {n: m for n, m in layers.items() if n not in unfilled or buffers.get_mask(m) is not None}
     ib = _resolve_index_bits(index_bits, layers)
     payloads: dict[str, np.ndarray] = {}
     meta_layers, meta_tensors = [], []
     consumed: set[str] = set()
     for i, (name, m) in enumerate(layers.items()):
-        rec, arr = encode_layer(name, m, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk)
+        rec, arr = encode_layer(
+            name, m, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk, name not in unfilled
+        )
         rec["tensor"] = f"layer.{i:04d}"
         payloads[rec["tensor"]] = arr
         meta_layers.append(rec)
         prefix = f"{name}." if name else ""
         consumed.update((prefix + buffers.WEIGHT, *buffers.buffer_keys(prefix)))
+    consumed.update(k for n in unfilled for k in buffers.buffer_keys(f"{n}." if n else ""))
     for i, (key, t) in enumerate((k, v) for k, v in model.state_dict().items() if k not in consumed):
         rec, arr = _tensor_record(key, t, dense_dtype, f"tensor.{i:04d}")
         payloads[rec["tensor"]] = arr
@@ -580,7 +598,13 @@ def _check_layer(
     if not isinstance(rec, dict):
         raise CorruptFileError(f"{where}: layer record is not an object")
     name, key = rec.get("module"), rec.get("key")
-    if not isinstance(name, str) or not isinstance(key, str) or not key.endswith("weight") or key in keys:
+    if (
+        not isinstance(name, str)
+        or not isinstance(key, str)
+        or not key.endswith("weight")
+        or key.rpartition(".")[0] != name
+        or key in keys
+    ):
         raise CorruptFileError(f"{where}: bad or duplicate layer name/key {name!r}/{key!r}")
     keys.add(key)
     what = f"layer {name!r}"
