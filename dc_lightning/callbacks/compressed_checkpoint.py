@@ -105,10 +105,7 @@ class CompressedCheckpoint(Callback):
         path = Path(path)
         report = save_compressed(pl_module, path, overwrite=True, **self.save_kwargs)
         self.report, self.last_path = report, path
-        rank_zero_info(
-            f"CompressedCheckpoint: wrote {path} ({report.file_bytes:,} bytes, "
-            f"{report.total.ratio_pqh:.1f}x smaller than dense fp32)"
-        )
+        rank_zero_info(f"CompressedCheckpoint: wrote {path}: {report.summary()}")
         return report
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

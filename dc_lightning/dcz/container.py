@@ -53,6 +53,7 @@ __all__ = [
     "stored_tensor",
     "stream_bytes",
     "tensor_bytes",
+    "verify_payloads",
     "write_container",
 ]
 
@@ -277,6 +278,22 @@ def load_payloads(data: bytes, where: str) -> dict[str, np.ndarray]:
         return load(data)
     except Exception as e:
         raise CorruptFileError(f"{where}: safetensors payload is inconsistent ({e})") from None
+
+
+def verify_payloads(data: bytes, doc: dict, where: str) -> None:
+    """Check every payload a document's layer and tensor records name: present, sized and with its sha256.
+
+    Raises:
+        CorruptFileError: the safetensors index and the bytes disagree, or a payload is missing or altered.
+    """
+    payloads = load_payloads(data, where)
+    records = doc.get("layers"), doc.get("tensors")
+    if not all(isinstance(r, list) for r in records):
+        raise CorruptFileError(f"{where}: metadata lacks the layers/tensors lists")
+    for rec in records[0] + records[1]:
+        if not isinstance(rec, dict):
+            raise CorruptFileError(f"{where}: a layer or tensor record is not an object")
+        checked_payload(payloads, rec, f"record {rec.get('key')!r}", where)
 
 
 def checked_payload(payloads: dict[str, np.ndarray], rec: dict, what: str, where: str) -> np.ndarray:
