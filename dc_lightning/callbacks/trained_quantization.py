@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
-from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, logger_step, print_table
+from dc_lightning.callbacks.common import (
+    broadcast_from_rank_zero,
+    check_bool,
+    check_patterns,
+    check_types,
+    log_metrics,
+    logger_step,
+    print_table,
+)
 from dc_lightning.quantization import (
     INITS,
     bits_for_layers,
@@ -162,7 +170,7 @@ class TrainedQuantization(Callback):
             bits = {str(p): check_bits(b, f"TrainedQuantization: bits[{p!r}]") for p, b in bits.items()}
         elif bits is not None:
             check_bits(bits, "TrainedQuantization: bits")
-        if init not in INITS:
+        if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"TrainedQuantization: init must be one of {INITS}, got {init!r} ('linear' = [DC §3.2])")
         if start_epoch is not None and (
             isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
@@ -181,17 +189,19 @@ class TrainedQuantization(Callback):
             raise ValueError(f"TrainedQuantization: max_iter must be an int >= 0, got {max_iter!r}")
         self.bits = bits
         self.init = init
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"TrainedQuantization: seed must be an int >= 0, got {seed!r}")
+        self.include = check_patterns(include, "TrainedQuantization: include")
+        self.exclude = check_patterns(exclude, "TrainedQuantization: exclude")
         self.start_epoch = start_epoch
         self.lr_scale = lr_scale if lr_scale == "auto" else float(lr_scale)
         self.codebook_weight_decay = float(codebook_weight_decay)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "TrainedQuantization: refine")
         self.max_iter = max_iter
-        self.seed = int(seed)
-        self.types = tuple(types)  # a list from a config node works as well
-        self.verbose = verbose
-        self.log_histograms = log_histograms
+        self.seed = seed
+        self.types = check_types(types, "TrainedQuantization: types")  # a list from a config node works as well
+        self.verbose = check_bool(verbose, "TrainedQuantization: verbose")
+        self.log_histograms = check_bool(log_histograms, "TrainedQuantization: log_histograms")
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
         self._layers: dict[str, nn.Module] = {}
