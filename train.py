@@ -62,10 +62,9 @@ def one_line_per_message() -> None:
         for h in list(lg.handlers):
             lg.removeHandler(h)
         lg.propagate = True
-    once = _OncePerRun()
-    for h in root.handlers:
+    for h in root.handlers:  # one filter per handler: Hydra's console and file handlers each show a line once
         if not any(isinstance(f, _OncePerRun) for f in h.filters):
-            h.addFilter(once)
+            h.addFilter(_OncePerRun())
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
