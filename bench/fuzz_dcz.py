@@ -43,8 +43,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dc_lightning.dcz.container import assemble  # noqa: E402
-from dc_lightning.io import CorruptFileError, ModelMismatchError, load_compressed, save_compressed  # noqa: E402
+from dc_lightning.io import CorruptFileError, load_compressed, save_compressed  # noqa: E402
+
+try:  # absent before the header digest (issue 14): the fuzz then runs byte- and header-level mutants only
+    from dc_lightning.dcz.container import assemble
+    from dc_lightning.io import ModelMismatchError
+except ImportError:
+    assemble = None
+    ModelMismatchError = type("ModelMismatchError", (ValueError,), {})  # noqa: N806
 from dc_lightning.models import build_model  # noqa: E402
 from dc_lightning.pruning import attach_mask, magnitude_mask  # noqa: E402
 from dc_lightning.quantization import quantize_layer  # noqa: E402
@@ -254,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {k: 0 for k in KINDS}
     path = tmp / "mutant.dcz"
     t0 = time.perf_counter()
+    kinds = KINDS if assemble is not None else KINDS[:2]
     for i in range(args.mutants):
-        kind = KINDS[i % 3]
+        kind = kinds[i % len(kinds)]
         mutant, desc = (
             mutate_bytes(rng, raw) if kind == "byte" else mutate_header(rng, raw, reseal=kind == "resealed")
         )
