@@ -24,15 +24,11 @@ class Net(pl.LightningModule):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
-    def forward(self, x):
-        return self.net(x)
-
     def training_step(self, batch, _):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)  # momentum: pruned weights must stay 0
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(1)
