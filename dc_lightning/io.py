@@ -94,7 +94,9 @@ def save_compressed(
             else the class path plus ``hparams`` (LightningModule).
         overwrite: replace an existing file; without it an existing ``path`` raises.
         strict: raise when a layer breaks the buffer invariants (non-zero weights outside the mask, weights that
-            differ from ``codebook[assign]``); with ``False`` the masked/quantized values are stored instead.
+            differ from ``codebook[assign]``); with ``False`` the masked/quantized values are stored instead, with a
+            ``UserWarning`` naming the layer and the count. An unfilled all-zero codebook placeholder (checkpoints of
+            dc_lightning 0.1.0 written before clustering) is not a codebook: the layer is stored as not quantized.
 
     Returns:
         The :class:`dc_lightning.report.Report` of the written file.
@@ -102,6 +104,10 @@ def save_compressed(
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: bad arguments or a layer violating the buffer invariants (``strict``).
+
+    Warns:
+        UserWarning: (once per class) ``load_compressed(path)`` will not be able to rebuild the model without
+            ``model=``, and why.
 
     Example::
 

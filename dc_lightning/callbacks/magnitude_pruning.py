@@ -69,6 +69,9 @@ class MagnitudePruning(Callback):
       E.g. ``max_epochs=10, rounds=3`` prunes at epochs 0, 1, 3. The first round runs before any training, so
       start from a trained model ([NIPS] step 1). If rounds collide (``rounds > S``) the later one wins.
 
+    A round scheduled where the fit never gets (at or after ``max_epochs`` / ``max_steps``, gradient accumulation
+    counted) is reported with a warning in ``setup`` (explicit epochs/steps) or at ``on_train_start``.
+
     The resolved schedule is frozen at the first ``on_train_start`` and saved in the callback state, so a run resumed
     with a different ``max_epochs`` keeps it. If training skips past a scheduled point (e.g. resume), the latest
     due round is applied at once.
