@@ -263,19 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     kinds = KINDS if assemble is not None else KINDS[:2]
     for i in range(args.mutants):
         kind = kinds[i % len(kinds)]
-        mutant, desc = (
-            mutate_bytes(rng, raw) if kind == "byte" else mutate_header(rng, raw, reseal=kind == "resealed")
-        )
-        if mutant == raw:
-            counts[kind]["unchanged (skipped)"] += 1
-            continue
+        mutant = raw
+        while mutant == raw:  # an edit that re-creates the original (a value swapped with an equal one) is redrawn
+            mutant, desc = (
+                mutate_bytes(rng, raw) if kind == "byte" else mutate_header(rng, raw, reseal=kind == "resealed")
+            )
         path.write_bytes(mutant)
         outcome, model, peak, err = load_once(path, with_model=i % 2 == 0, timeout=args.timeout)
         peaks[kind] = max(peaks[kind], peak)
         if outcome == "loaded":
             outcome = "loaded identical" if same_state(model, ref) else "loaded DIFFERENT"
         counts[kind][outcome] += 1
-        if outcome.startswith(("NOT", "hang", "loaded DIFFERENT")):
+        if outcome.startswith(("NOT", "hang", "loaded DIFFERENT", "other")):
             examples.setdefault(f"{kind}: {outcome}", []).append(f"mutant {i} ({desc}): {err[:160]}")
     seconds = time.perf_counter() - t0
 
