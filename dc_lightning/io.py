@@ -143,7 +143,7 @@ def _rebuild_problem(model: nn.Module, record: dict | None, explicit: bool) -> s
         return f"its class {record['callable']!r} is defined in a script (__main__), which no other process can import"
     top = mod_name.split(".", 1)[0]
     if top not in sys.builtin_module_names and importlib.machinery.PathFinder.find_spec(top, sys.path) is None:
-        return f"its module {mod_name!r} is not importable from sys.path (it was loaded from a file path)"
+        return f"its module {mod_name!r} is not importable from sys.path (loaded from a file path, or not installed)"
     if explicit or getattr(model, "dc_builder", None) is not None or getattr(model, "hparams", None) is not None:
         return None
     try:

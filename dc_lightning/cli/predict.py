@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dc_lightning.cli import input_file, user_errors
+from dc_lightning.cli import user_errors
 
 __all__ = ["cli_predict"]
 
@@ -63,7 +63,6 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     from dc_lightning.inference import to_compressed_inference
     from dc_lightning.io import load_compressed
 
-    path = input_file(args.path, ".dcz")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = compose(args.recipe, args.overrides)
     dm = build_datamodule(cfg)
@@ -72,7 +71,8 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     dm.setup("test" if args.split == "test" else "validate")
     loader = dm.test_dataloader() if args.split == "test" else dm.val_dataloader()
 
-    dense = load_compressed(path, trusted=args.trusted).to(device).eval()
+    trust = {"trusted": args.trusted} if args.trusted else {}  # a missing file or a directory: one line (OSError)
+    dense = load_compressed(args.path, **trust).to(device).eval()
     fast = to_compressed_inference(dense, device=device)
     transform = (lambda b: dm.on_after_batch_transfer(b, 0)) if hasattr(dm, "on_after_batch_transfer") else None
     acc_dense, n, p_dense = _top1(dense, loader, device, args.limit_batches, transform)
