@@ -13,11 +13,12 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.callbacks.compressed_checkpoint import CompressedCheckpoint  # noqa: F401
     from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning  # noqa: F401
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization  # noqa: F401
+    from dc_lightning.checkpoint import load_from_checkpoint  # noqa: F401
     from dc_lightning.conversion import to_compressed_inference  # noqa: F401
     from dc_lightning.data import FakeDataModule, FashionMNISTDataModule, ImageFolderDataModule  # noqa: F401
     from dc_lightning.dcz import CorruptFileError  # noqa: F401
     from dc_lightning.inference import CompressedLinear  # noqa: F401
-    from dc_lightning.io import load_compressed, save_compressed  # noqa: F401
+    from dc_lightning.io import ModelMismatchError, load_compressed, save_compressed  # noqa: F401
     from dc_lightning.models import LeNet5, LeNet300100, alexnet, build_model, vgg16  # noqa: F401
     from dc_lightning.module import ClassifierModule  # noqa: F401
     from dc_lightning.pruning import apply_masks, magnitude_mask, prune_model  # noqa: F401
@@ -56,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "save_compressed": "dc_lightning.io",
     "load_compressed": "dc_lightning.io",
     "CorruptFileError": "dc_lightning.dcz",
+    "ModelMismatchError": "dc_lightning.io",
+    "load_from_checkpoint": "dc_lightning.checkpoint",
     "compression_report": "dc_lightning.report",
     "CompressedCheckpoint": "dc_lightning.callbacks.compressed_checkpoint",
     # inference

@@ -36,7 +36,9 @@ __all__ = [
     "get_buffer",
     "get_codebook",
     "get_mask",
+    "fit_to_state_dict",
     "has_compression",
+    "install_load_hook",
     "layer_codes",
     "matrix_shape",
     "parse_buffer_key",
@@ -203,6 +205,47 @@ def register_placeholders(model: nn.Module, state_dict: Mapping[str, Tensor]) ->
             module.register_buffer(name, torch.zeros(value.shape, dtype=value.dtype, device=weight.device))
             added.append(key)
     return added
+
+
+def fit_to_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+    """Make ``model``'s compression buffers those ``state_dict`` describes, so that ``load_state_dict`` fits exactly.
+
+    Buffers the state dict holds and the model lacks are registered as placeholders (:func:`register_placeholders`);
+    a buffer the model has for a parameter whose value the state dict holds *without* that buffer is removed (the
+    state dict describes the parameter as not pruned / not quantized: a dense checkpoint resumed under
+    ``MagnitudePruning``, a checkpoint written before ``TrainedQuantization`` clustered). Parameters the state dict
+    does not hold are left alone (a partial ``strict=False`` load). Returns ``(registered keys, removed keys)``.
+
+    Raises:
+        ValueError: a buffer key names a layer the model does not have.
+    """
+    added = register_placeholders(model, state_dict)
+    removed = []
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        for key in [k for k in module._buffers if parse_buffer_key(k) is not None]:
+            _, param, _ = parse_buffer_key(key)
+            if prefix + param in state_dict and prefix + key not in state_dict:
+                del module._buffers[key]
+                removed.append(prefix + key)
+    return added, removed
+
+
+def _load_pre_hook(module: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook of :func:`install_load_hook` (a module-level function: models stay picklable)."""
+    fit_to_state_dict(module, {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
+
+
+def install_load_hook(model: nn.Module) -> None:
+    """Let every later ``model.load_state_dict(sd)`` carry exactly the compression buffers ``sd`` holds
+    (:func:`fit_to_state_dict` runs first), whatever the model carried before. Idempotent.
+
+    The compression callbacks install it in ``setup`` (so ``Trainer.fit(ckpt_path=...)`` resumes a dense or a
+    compressed checkpoint); :func:`dc_lightning.checkpoint.load_from_checkpoint` installs it on a fresh module.
+    """
+    hooks = model._load_state_dict_pre_hooks.values()
+    if not any(getattr(h, "hook", None) is _load_pre_hook for h in hooks):
+        model.register_load_state_dict_pre_hook(_load_pre_hook)
 
 
 # ------------------------------------------------------------------------------------------- derived coordinates

@@ -17,8 +17,13 @@ Example::
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+import importlib.machinery
+import inspect
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from dc_lightning.dcz import (
     CorruptFileError,
     build_file,
     read_compressed,
+    read_header,
 )
 from dc_lightning.report import Report
 from dc_lightning.utils import atomic_write
@@ -46,6 +52,8 @@ __all__ = [
     "CompressedFile",
     "CompressedLayer",
     "CorruptFileError",
+    "ModelMismatchError",
+    "TRUSTED_BUILDERS",
     "build_from_record",
     "decompress",
     "import_callable",
@@ -86,7 +94,9 @@ def save_compressed(
             else the class path plus ``hparams`` (LightningModule).
         overwrite: replace an existing file; without it an existing ``path`` raises.
         strict: raise when a layer breaks the buffer invariants (non-zero weights outside the mask, weights that
-            differ from ``codebook[assign]``); with ``False`` the masked/quantized values are stored instead.
+            differ from ``codebook[assign]``); with ``False`` the masked/quantized values are stored instead, with a
+            ``UserWarning`` naming the layer and the count. An unfilled all-zero codebook placeholder (checkpoints of
+            dc_lightning 0.1.0 written before clustering) is not a codebook: the layer is stored as not quantized.
 
     Returns:
         The :class:`dc_lightning.report.Report` of the written file.
@@ -94,6 +104,10 @@ def save_compressed(
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         ValueError: bad arguments or a layer violating the buffer invariants (``strict``).
+
+    Warns:
+        UserWarning: (once per class) ``load_compressed(path)`` will not be able to rebuild the model without
+            ``model=``, and why.
 
     Example::
 
@@ -113,53 +127,174 @@ def save_compressed(
     )
     with atomic_write(path) as f:
         f.write(data)
+    _warn_if_not_rebuildable(model, meta.get("builder"), builder is not None)
     return Report.from_metadata(meta, file_size=len(data), source=str(path))
+
+
+_WARNED: set[str] = set()
+
+
+def _rebuild_problem(model: nn.Module, record: dict | None, explicit: bool) -> str | None:
+    """Why ``load_compressed(path)`` (no ``model=``) cannot rebuild ``model`` from its builder ``record``, or None."""
+    if record is None:
+        return "its builder record is not JSON-serialisable"
+    mod_name = record["callable"].split(":", 1)[0]
+    if mod_name == "__main__":
+        return f"its class {record['callable']!r} is defined in a script (__main__), which no other process can import"
+    top = mod_name.split(".", 1)[0]
+    if top not in sys.builtin_module_names and importlib.machinery.PathFinder.find_spec(top, sys.path) is None:
+        return f"its module {mod_name!r} is not importable from sys.path (loaded from a file path, or not installed)"
+    if explicit or getattr(model, "dc_builder", None) is not None or getattr(model, "hparams", None) is not None:
+        return None
+    try:
+        params = list(inspect.signature(type(model).__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if named:
+        return (
+            f"the file records {record['callable']}() without arguments (the class takes {named}); a model built "
+            "with other arguments will not match the file"
+        )
+    return None
+
+
+def _warn_if_not_rebuildable(model: nn.Module, record: dict | None, explicit: bool) -> None:
+    """Warn once per builder when a file cannot be loaded without ``model=`` (docs/DESIGN.md "Model builder record")."""
+    problem = _rebuild_problem(model, record, explicit)
+    key = f"{type(model).__module__}:{type(model).__qualname__}:{problem}"
+    if problem is None or key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"save_compressed: load_compressed(path) will not be able to rebuild this model: {problem}. Load it with "
+        "load_compressed(path, model=...), or record how to build it: model.dc_builder = {'callable': "
+        "'pkg.module:builder', 'kwargs': {...}} or save_compressed(..., builder=...)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- loading
 
 
-_TRUSTED_PREFIXES = ("dc_lightning.", "torchvision.models")
+class ModelMismatchError(ValueError):
+    """The file is readable but does not fit the model it is loaded into: a layer or tensor the model lacks, one
+    the file lacks, or a shape that differs (the message names the key and both shapes). Not a
+    :class:`CorruptFileError`: the file may be fine, the model is another one."""
+
+
+#: what a file's builder record may name without the caller's opt-in (``trusted=``): the package's own builders and
+#: torchvision's model builders. Patterns: ``"pkg.mod:Name"`` (fnmatch on the whole spec) or ``"pkg.*"`` (a package
+#: and everything under it).
+TRUSTED_BUILDERS = (
+    "dc_lightning.models:build_model",
+    "dc_lightning.models:LeNet300100",
+    "dc_lightning.models:LeNet5",
+    "dc_lightning.models:alexnet",
+    "dc_lightning.models:vgg16",
+    "dc_lightning.module:ClassifierModule",
+    "torchvision.models.*",
+)
 
 
 def import_callable(spec: str) -> Any:
     """The object a ``"pkg.module:QualName"`` string names (imported; no trust check: see :func:`build_from_record`).
 
     Raises:
-        ValueError: ``spec`` is not of that form.
-        ImportError, AttributeError: the module or the name does not exist.
+        ValueError: ``spec`` is not of that form, or its module or name cannot be found (the message says which and
+            why: a class defined in ``__main__``, a module not on ``sys.path``).
     """
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"builder callable {spec!r} is not of the form 'pkg.module:QualName'")
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"{spec!r} is not of the form 'pkg.module:QualName' (e.g. 'mymodels:SmallCNN')")
     mod_name, qual = spec.split(":", 1)
-    obj: Any = importlib.import_module(mod_name)
+    if mod_name == "__main__":
+        raise ValueError(
+            f"{spec!r} names a class defined in a script (__main__) when the file was written; another process "
+            "cannot import it. Move the class into an importable module, or build the model yourself and pass it "
+            "(model=...)"
+        )
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(
+            f"{spec!r}: cannot import module {mod_name!r} ({type(e).__name__}: {e}); is its package installed or its "
+            "folder on sys.path (PYTHONPATH=...)? Otherwise build the model yourself and pass it (model=...)"
+        ) from None
     for part in qual.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{spec!r}: module {mod_name!r} has no attribute {qual!r}")
         obj = getattr(obj, part)
     return obj
 
 
-def _trusted_callable(spec: str) -> Any:
-    obj = import_callable(spec)
-    mod_name = spec.split(":", 1)[0]
-    trusted = (mod_name + ".").startswith(_TRUSTED_PREFIXES) or (isinstance(obj, type) and issubclass(obj, nn.Module))
-    if not trusted:
-        # a file must not be able to make us call an arbitrary function (os:system ...)
+def _matches(spec_or_module: str, patterns: Any) -> bool:
+    mod = spec_or_module.split(":", 1)[0]
+    for pat in patterns:
+        if ":" in pat:
+            if ":" in spec_or_module and fnmatch.fnmatchcase(spec_or_module, pat):
+                return True
+        elif fnmatch.fnmatchcase(mod, pat) or (pat.endswith(".*") and mod == pat[:-2]):
+            return True
+    return False
+
+
+def _check_trusted(trusted: Any) -> tuple[str, ...] | bool:
+    if trusted is True:
+        return True
+    if trusted is None or trusted is False:
+        return ()
+    if isinstance(trusted, str) or not all(isinstance(p, str) and p for p in trusted):
+        raise TypeError(f"trusted={trusted!r}; valid: None, True, or a list of patterns such as ['mypkg.*']")
+    return tuple(trusted)
+
+
+def _trusted_callable(spec: Any, trusted: tuple[str, ...] | bool, where: str) -> Any:
+    """The builder a record names, imported only when ``spec`` is on the allowlist (:data:`TRUSTED_BUILDERS` plus
+    ``trusted``), and accepted only when the object found is defined in an allowed module too (so an allowed module
+    cannot hand out something it merely imports)."""
+    allowed = TRUSTED_BUILDERS + (trusted if isinstance(trusted, tuple) else ())
+    hint = (
+        f"build the model yourself and pass it (load_compressed(path, model=...)), or, if you trust the file, allow "
+        f"its builder: trusted=['{spec.split(':', 1)[0] if isinstance(spec, str) else 'pkg'}.*']"
+    )
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"{where}: builder callable {spec!r} is not of the form 'pkg.module:QualName'; {hint}")
+    if trusted is not True and not _matches(spec, allowed):
         raise ValueError(
-            f"builder {spec!r} is neither an nn.Module class nor in {_TRUSTED_PREFIXES}; "
-            "build the model yourself and pass it as load_compressed(path, model=...)"
+            f"{where}: builder {spec!r} is neither an nn.Module class of a trusted module nor a builder on the "
+            f"allowlist {list(TRUSTED_BUILDERS)}; nothing was imported. To load it, {hint}"
         )
+    obj = import_callable(spec)
+    home = f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
+    if trusted is not True and not (_matches(home, allowed) or _matches(home.split(":", 1)[0], allowed)):
+        raise ValueError(f"{where}: builder {spec!r} resolves to {home!r}, which is not on the allowlist; {hint}")
+    if not callable(obj):
+        raise ValueError(f"{where}: builder {spec!r} is not callable")
     return obj
 
 
-def build_from_record(builder: dict | None, where: str = "file") -> nn.Module:
+def build_from_record(builder: dict | None, where: str = "file", trusted: Any = None) -> nn.Module:
     """Instantiate a model from a builder record ``{"callable": "pkg.mod:Name", "kwargs": {...}}``.
 
+    Nothing is imported or called unless the callable is on the allowlist: :data:`TRUSTED_BUILDERS` (this package's
+    builders, ``torchvision.models``) plus the caller's ``trusted`` patterns (``["mypkg.*"]``), or ``trusted=True``
+    (any callable: only for files you trust as you trust code, like ``trust_remote_code=True``).
+
     Raises:
-        ValueError: no record, an untrusted callable, or the builder failed.
+        ValueError: no record, an untrusted or unimportable callable, or the builder failed; the message says to pass
+            ``model=`` (or ``trusted=``).
+        TypeError: ``trusted`` is not None, True or a list of patterns.
     """
+    allowed = _check_trusted(trusted)
     if not builder:
         raise ValueError(f"{where} records no model builder; pass the model: load_compressed(path, model=...)")
-    fn = _trusted_callable(builder.get("callable"))
+    spec = builder.get("callable")
+    try:
+        fn = _trusted_callable(spec, allowed, where)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     kwargs = builder.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: builder kwargs {kwargs!r} are not a mapping")
@@ -167,16 +302,63 @@ def build_from_record(builder: dict | None, where: str = "file") -> nn.Module:
         model = fn(**kwargs)
     except Exception as e:
         raise ValueError(
-            f"{where}: rebuilding the model with {builder['callable']}(**{kwargs}) failed ({type(e).__name__}: {e}); "
+            f"{where}: rebuilding the model with {spec}(**{kwargs}) failed ({type(e).__name__}: {e}); "
             "pass the model: load_compressed(path, model=...)"
         ) from e
     if not isinstance(model, nn.Module):
-        raise ValueError(f"{where}: builder {builder['callable']} returned {type(model).__name__}, not an nn.Module")
+        raise ValueError(f"{where}: builder {spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
+def _expect_model(model: nn.Module, where: str, rebuilt: str | None) -> Any:
+    """The ``expect`` check of :func:`dc_lightning.dcz.read_compressed`: the file's declared keys and shapes against
+    ``model``, before anything is decoded. ``rebuilt`` names the builder when the model was rebuilt from the file."""
+    hint = (
+        f"; the model was rebuilt as {rebuilt} from the file's builder record, which may lack its constructor "
+        "arguments: build the model yourself and pass it (load_compressed(path, model=...))"
+        if rebuilt
+        else ""
+    )
+
+    def check(layers: dict[str, tuple[int, ...]], tensors: dict[str, tuple[int, ...]]) -> None:
+        modules = dict(model.named_modules())
+        sd = model.state_dict()
+        allowed_missing: set[str] = set()
+        for key, shape in layers.items():
+            name, _, param = key.rpartition(".")  # a compressed parameter's state-dict key
+            weight = getattr(modules.get(name), param, None)
+            if not isinstance(weight, torch.Tensor):
+                raise ModelMismatchError(f"{where}: tensor {key!r} of the file does not exist in the model{hint}")
+            if tuple(weight.shape) != shape:
+                raise ModelMismatchError(
+                    f"{where}: layer {name!r} has shape {shape} in the file but {tuple(weight.shape)} in the model"
+                    + hint
+                )
+            allowed_missing.update(buffers.buffer_keys(name + "." if name else "", param))
+        file_keys = set(layers) | set(tensors)
+        missing = sorted(k for k in sd if k not in file_keys and k not in allowed_missing)
+        unexpected = sorted(k for k in file_keys if k not in sd)
+        if missing or unexpected:
+            raise ModelMismatchError(
+                f"{where}: file and model disagree; missing from the file: {missing[:10]}, not in the model: "
+                f"{unexpected[:10]}{hint}"
+            )
+        for key, shape in tensors.items():
+            if tuple(sd[key].shape) != shape:
+                raise ModelMismatchError(
+                    f"{where}: tensor {key!r} has shape {shape} in the file but {tuple(sd[key].shape)} in the model"
+                    + hint
+                )
+
+    return check
+
+
 def load_compressed(
-    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
+    *,
+    trusted: Any = None,
 ) -> nn.Module:
     """Load a ``.dcz`` file into ``model`` (or a model rebuilt from the recorded builder).
 
@@ -185,56 +367,42 @@ def load_compressed(
     ``weight``, an attention module's ``in_proj_weight``, an LSTM's ``weight_hh_l0`` ...), so the
     model can keep training with the compression callbacks or be converted with ``to_compressed_inference``.
 
+    Without ``model``, the file's builder record is used only when it names this package's builders or
+    ``torchvision.models`` (:data:`TRUSTED_BUILDERS`); nothing else is imported or called unless ``trusted`` allows
+    it (README: "Loading files you did not make").
+
     Args:
         path: the file.
         model: load into this instance; its state-dict keys and shapes must match the file.
         map_location: device of the rebuilt model (a given model keeps its devices).
+        trusted: extra builders the file may name: patterns like ``["mypkg.*", "mymodels:SmallCNN"]``, or ``True``
+            for any (a file you trust as you trust code).
 
     Returns:
         The model.
 
     Raises:
-        CorruptFileError: unreadable file, or a layer/tensor missing from the file or shaped differently from the
-            model's.
-        ValueError: no model given and the file's builder record is absent or not trusted.
+        CorruptFileError: unreadable, truncated or altered file.
+        ModelMismatchError: a layer/tensor missing from the file or the model, or shaped differently (checked before
+            decoding).
+        ValueError: no model given and the file's builder record is absent, not trusted, not importable, or builds
+            a model that does not fit the file; the message says what to pass.
 
     Example::
 
         model = load_compressed("lenet.dcz")
     """
-    cf = read_compressed(path)
-    rebuilt = model is None
-    if rebuilt:
-        model = build_from_record(cf.builder, where=str(path))
+    rebuilt = None
+    if model is None:
+        with open(path, "rb") as f:
+            _, doc = read_header(f.read(), str(path))
+        model = build_from_record(doc.get("builder"), where=str(path), trusted=trusted)
+        rebuilt = f"{doc['builder'].get('callable')}(**{doc['builder'].get('kwargs') or {}})"
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cf = read_compressed(path, expect=_expect_model(model, str(path), rebuilt))
     modules = dict(model.named_modules())
-    buffer_keys: set[str] = set()
-    for layer in cf.layers.values():
-        m = modules.get(layer.module_name)
-        weight = getattr(m, layer.param, None) if m is not None else None
-        if not isinstance(weight, torch.Tensor):
-            raise CorruptFileError(
-                f"{path}: layer {layer.name!r} of the file does not exist in the model (no tensor {layer.key!r})"
-            )
-        if tuple(weight.shape) != layer.shape:
-            raise CorruptFileError(
-                f"{path}: layer {layer.name!r} has shape {layer.shape} in the file but {tuple(weight.shape)} in "
-                "the model"
-            )
-        buffer_keys.update(layer.buffer_key(kind) for kind in buffers.KINDS)
     sd = model.state_dict()
-    file_keys = set(cf.tensors) | {layer.key for layer in cf.layers.values()}
-    missing = sorted(k for k in sd if k not in file_keys and k not in buffer_keys)
-    unexpected = sorted(k for k in file_keys if k not in sd)
-    if missing or unexpected:
-        raise CorruptFileError(
-            f"{path}: file and model disagree; missing from the file: {missing[:10]}, not in the model: "
-            f"{unexpected[:10]}"
-        )
-    for key, t in cf.tensors.items():
-        if tuple(sd[key].shape) != tuple(t.shape):
-            raise CorruptFileError(
-                f"{path}: tensor {key!r} has shape {tuple(t.shape)} in the file but {tuple(sd[key].shape)} in the model"
-            )
     with torch.no_grad():
         for layer in cf.layers.values():
             m, param = modules[layer.module_name], layer.param

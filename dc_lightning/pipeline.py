@@ -130,6 +130,14 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         if stage in CALLBACK_STAGES:
             build_stage_callback(cfg, stage)
     out = Path(cfg.output_dir)
+    writer = cfg.pipeline.export.callback  # the file the export stage writes and the evaluate stage reads
+    path = Path(cfg.get("compressed_file") or Path(writer.get("dirpath") or out) / writer.filename)
+    todo = stages[stages.index(cfg.stage):]
+    if "evaluate" in todo and "export" not in todo and not path.is_file():
+        raise ValueError(
+            f"stage=evaluate: no compressed file at {str(path)!r}; the run starts at this stage, so "
+            "compressed_file=<path to a .dcz> must name the file to evaluate (the export stage writes it)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     previous = out / "config.yaml"
@@ -146,9 +154,6 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     summary: dict[str, Any] = {"recipe": cfg.recipe_name, "output_dir": str(out), "accuracy": {}, "seconds": {}}
     module = None
-    writer = cfg.pipeline.export.callback  # the file the export stage writes and the evaluate stage reads
-    path = Path(cfg.get("compressed_file") or Path(writer.get("dirpath") or out) / writer.filename)
-    todo = stages[stages.index(cfg.stage):]
     for i, stage in enumerate(todo):
         resume = cfg.get("resume_ckpt") if i == 0 else None
         t0 = time.perf_counter()

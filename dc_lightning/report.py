@@ -199,6 +199,8 @@ class Report:
         total: totals row (``name="total"``).
         file_bytes: the actual file size.
         source: the file path (or ``"<model>"``).
+        verified: False when the report was read from a file's header without checking its payloads' checksums
+            (``compression_report(path, verify=False)``); the renderings then say so.
     """
 
     layers: list[LayerStats]
@@ -207,6 +209,7 @@ class Report:
     file_bytes: int
     source: str = ""
     meta: dict = field(default_factory=dict, repr=False)
+    verified: bool = True
 
     @classmethod
     def from_metadata(cls, meta: dict, file_size: int, source: str = "") -> Report:
@@ -237,6 +240,17 @@ class Report:
     @property
     def ratio_file(self) -> float:
         return self.total.size_dense_bytes / self.file_bytes if self.file_bytes else float("inf")
+
+    def summary(self) -> str:
+        """One line with both ratios, labelled: the whole file against the dense fp32 parameters, and [DC]'s
+        weights-only accounting (P+Q+H), e.g. ``"28,665 bytes, 37.0x smaller than the dense fp32 parameters
+        (weights alone, [DC]'s accounting: P+Q+H 42.4x)"``."""
+        return (
+            f"{self.file_bytes:,} bytes, {self.ratio_file:.1f}x smaller than the dense fp32 parameters "
+            f"(weights alone, [DC]'s accounting: P+Q+H {self.total.ratio_pqh:.1f}x)"
+        )
+
+    _UNVERIFIED = "NOT VERIFIED: the payload checksums of this file were not checked (verify=False)"
 
     # ----------------------------------------------------------------------------------------------- output
 
@@ -272,6 +286,7 @@ class Report:
             "other": self.other.to_dict() if self.other else None,
             "total": self.total.to_dict(),
             "meta": self.meta,
+            "verified": self.verified,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -286,6 +301,8 @@ class Report:
             f"File: {self.file_bytes:,} bytes ({self.ratio_file:.1f}x smaller than dense fp32, "
             f"{self.total.size_dense_bytes:,.0f} bytes)."
         )
+        if not self.verified:
+            lines.append(f"**{self._UNVERIFIED}**")
         return "\n".join(lines)
 
     def print(self, console: Any = None) -> None:
@@ -298,6 +315,8 @@ class Report:
         for r in self._rows():
             table.add_row(*self._cells(r), style="bold" if r is self.total else None)
         (console or rich_console()).print(table)
+        if not self.verified:
+            (console or rich_console()).print(f"[bold red]{self._UNVERIFIED}[/]")
 
     def plot(self, path: str | os.PathLike) -> Path:
         """PNG bar chart of bytes per layer after pruning, +quantization, +Huffman (DC Fig. 1 stages)."""
@@ -371,22 +390,25 @@ def _wavg(rows: list[LayerStats], attr: str) -> float:
     return sum(getattr(r, attr) * r.kept for r in rows) / w if w else 0.0
 
 
-def compression_report(model_or_path: Any, **save_kwargs: Any) -> Report:
+def compression_report(model_or_path: Any, verify: bool = True, **save_kwargs: Any) -> Report:
     """The compression report of a ``.dcz`` file, or of a model (encoded in memory, nothing written).
 
     Args:
         model_or_path: a path to a compressed file, or an ``nn.Module`` with compression buffers.
+        verify: (file) check the header digest and every payload's sha256 before reporting (default). ``False``
+            reads the header only; the report then says prominently that it was not verified.
         **save_kwargs: for a model, the encoding options of :func:`dc_lightning.io.save_compressed`
             (``index_bits``, ``codebook_dtype``, ``dense_dtype``).
 
     Raises:
-        CorruptFileError: the file cannot be read.
+        CorruptFileError: the file cannot be read, or (``verify``) a payload is truncated or altered.
 
     Example::
 
         compression_report(model, index_bits=4).print()
     """
     from dc_lightning.dcz import CorruptFileError, build_file, read_header
+    from dc_lightning.dcz.container import verify_payloads
 
     if isinstance(model_or_path, (str, os.PathLike)):
         path = str(model_or_path)
@@ -394,10 +416,14 @@ def compression_report(model_or_path: Any, **save_kwargs: Any) -> Report:
             data = f.read()
         try:
             _, meta = read_header(data, path)
-            return Report.from_metadata(meta, len(data), path)
+            if verify:
+                verify_payloads(data, meta, path)
+            rep = Report.from_metadata(meta, len(data), path)
         except CorruptFileError:
             raise
         except Exception as e:
             raise CorruptFileError(f"{path}: metadata is inconsistent ({type(e).__name__}: {e})") from None
+        rep.verified = bool(verify)
+        return rep
     meta, data = build_file(model_or_path, **save_kwargs)
     return Report.from_metadata(meta, len(data), "<model>")

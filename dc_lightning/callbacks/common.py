@@ -1,4 +1,5 @@
-"""What the compression callbacks share: rank-0 broadcast, the logger step, metrics and per-layer tables.
+"""What the compression callbacks share: rank-0 broadcast, the logger step, metrics, per-layer tables and the checks
+of their common constructor arguments.
 
 The callbacks decide *when*; these helpers keep the distributed and reporting details in one place so that every
 callback broadcasts, logs and prints the same way.
@@ -6,12 +7,13 @@ callback broadcasts, logs and prints the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
 
 from dc_lightning.utils import console
 
@@ -79,3 +81,45 @@ def print_table(
     if total is not None:
         table.add_row(*total, style="bold")
     console(stderr=stderr).print(table)
+
+
+# ------------------------------------------------------------------------------------ constructor argument checks
+
+
+def check_bool(value: Any, field: str) -> bool:
+    """``value`` if it is a bool.
+
+    Raises:
+        ValueError: otherwise (the message names ``field``, e.g. ``"MagnitudePruning: verbose"``).
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}={value!r}; expected True or False")
+    return value
+
+
+def check_patterns(value: Any, field: str) -> list[str] | None:
+    """``None`` or a list of fnmatch patterns (a single string is refused: it would be read letter by letter).
+
+    Raises:
+        ValueError: not None and not an iterable of non-empty strings.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"{field}={value!r}; expected None or a list of fnmatch patterns such as ['model.fc*']")
+    out = list(value)
+    if not all(isinstance(p, str) and p for p in out):
+        raise ValueError(f"{field}={out!r}; every pattern must be a non-empty string")
+    return out
+
+
+def check_types(value: Any, field: str) -> tuple[type[nn.Module], ...]:
+    """A non-empty tuple of ``nn.Module`` subclasses (a list from a config node works as well).
+
+    Raises:
+        ValueError: anything else.
+    """
+    out = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str) else (value,)
+    if not out or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in out):
+        raise ValueError(f"{field}={value!r}; expected a non-empty tuple of nn.Module classes such as (nn.Linear,)")
+    return out

@@ -15,7 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from dc_lightning.callbacks.common import log_metrics
+from dc_lightning.callbacks.common import check_bool, log_metrics
+from dc_lightning.dcz import AUTO
+from dc_lightning.sparse_format import MAX_INDEX_BITS
 
 if TYPE_CHECKING:
     from dc_lightning.report import Report
@@ -23,6 +25,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "float16")
+
+
+def _check_index_bits(index_bits: Any) -> None:
+    """``None``, an int in 1..MAX_INDEX_BITS, ``"auto"``, or a non-empty ``{pattern: int or "auto"}``.
+
+    Raises:
+        ValueError: anything else (the message names the bad value, and the pattern for a dict).
+    """
+    valid = f"valid: None, an int in 1..{MAX_INDEX_BITS}, {AUTO!r}, or {{pattern: int or {AUTO!r}}}"
+
+    def ok(v: Any) -> bool:
+        return v == AUTO or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INDEX_BITS)
+
+    if index_bits is None or (not isinstance(index_bits, dict) and ok(index_bits)):
+        return
+    if not isinstance(index_bits, dict) or not index_bits:
+        raise ValueError(f"CompressedCheckpoint: index_bits={index_bits!r}; {valid}")
+    for pattern, v in index_bits.items():
+        if not isinstance(pattern, str) or not ok(v):
+            raise ValueError(f"CompressedCheckpoint: index_bits[{pattern!r}]={v!r}; {valid}")
 
 
 class CompressedCheckpoint(Callback):
@@ -67,17 +89,15 @@ class CompressedCheckpoint(Callback):
         super().__init__()
         if not isinstance(filename, str) or not filename or os.sep in filename:
             raise ValueError(f"CompressedCheckpoint: filename={filename!r} must be a plain file name like 'model.dcz'")
-        if codebook_dtype not in _DTYPES:
+        if not isinstance(codebook_dtype, str) or codebook_dtype not in _DTYPES:
             raise ValueError(f"CompressedCheckpoint: codebook_dtype={codebook_dtype!r}; valid: {list(_DTYPES)}")
-        if dense_dtype not in _DTYPES:
+        if not isinstance(dense_dtype, str) or dense_dtype not in _DTYPES:
             raise ValueError(f"CompressedCheckpoint: dense_dtype={dense_dtype!r}; valid: {list(_DTYPES)}")
-        if not isinstance(every_checkpoint, bool):
-            raise ValueError(f"CompressedCheckpoint: every_checkpoint={every_checkpoint!r} must be a bool")
-        if index_bits is not None and index_bits != "auto" and not isinstance(index_bits, (int, dict)):
-            raise ValueError(
-                f"CompressedCheckpoint: index_bits={index_bits!r}; valid: None, an int in 1..12, 'auto', "
-                "or {pattern: int or 'auto'}"
-            )
+        check_bool(every_checkpoint, "CompressedCheckpoint: every_checkpoint")
+        check_bool(strict, "CompressedCheckpoint: strict")
+        if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
+            raise ValueError(f"CompressedCheckpoint: dirpath={dirpath!r}; expected None or a folder path")
+        _check_index_bits(index_bits)
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.filename = filename
         self.every_checkpoint = every_checkpoint
@@ -105,10 +125,7 @@ class CompressedCheckpoint(Callback):
         path = Path(path)
         report = save_compressed(pl_module, path, overwrite=True, **self.save_kwargs)
         self.report, self.last_path = report, path
-        rank_zero_info(
-            f"CompressedCheckpoint: wrote {path} ({report.file_bytes:,} bytes, "
-            f"{report.total.ratio_pqh:.1f}x smaller than dense fp32)"
-        )
+        rank_zero_info(f"CompressedCheckpoint: wrote {path}: {report.summary()}")
         return report
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -15,7 +15,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
-from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, print_table
+from dc_lightning.buffers import install_load_hook
+from dc_lightning.callbacks.common import (
+    broadcast_from_rank_zero,
+    check_bool,
+    check_patterns,
+    check_types,
+    log_metrics,
+    print_table,
+)
 from dc_lightning.pruning import (
     adjust_dropouts_to_masks,
     attach_mask,
@@ -61,6 +69,9 @@ class MagnitudePruning(Callback):
       E.g. ``max_epochs=10, rounds=3`` prunes at epochs 0, 1, 3. The first round runs before any training, so
       start from a trained model ([NIPS] step 1). If rounds collide (``rounds > S``) the later one wins.
 
+    A round scheduled where the fit never gets (at or after ``max_epochs`` / ``max_steps``, gradient accumulation
+    counted) is reported with a warning in ``setup`` (explicit epochs/steps) or at ``on_train_start``.
+
     The resolved schedule is frozen at the first ``on_train_start`` and saved in the callback state, so a run resumed
     with a different ``max_epochs`` keeps it. If training skips past a scheduled point (e.g. resume), the latest
     due round is applied at once.
@@ -93,8 +104,9 @@ class MagnitudePruning(Callback):
     weights back but not the mask buffers (Lightning loads them non-strictly); the checkpoints carry them.
 
     **Resume.** ``state_dict`` holds the schedule, the rounds done and the original dropout rates; the masks
-    are model buffers. Resuming with ``ckpt_path=`` needs a checkpoint written by a run with this callback (a
-    dense checkpoint lacks the ``weight_mask`` keys: load it with ``load_state_dict`` before ``fit`` instead).
+    are model buffers. ``setup`` installs a ``load_state_dict`` pre-hook
+    (:func:`dc_lightning.buffers.install_load_hook`), so ``fit(ckpt_path=...)`` resumes a checkpoint with masks, and a
+    dense one (written before this callback was added): its layers start all-kept.
 
     Args:
         densities: fraction of weights kept at the end, a float for every target or ``{pattern: density}``
@@ -177,20 +189,22 @@ class MagnitudePruning(Callback):
                 )
             self._points = [int(p) for p in pts]
             rounds = len(pts)
-        if not isinstance(prune_fraction, numbers.Real) or not 0.0 < prune_fraction <= 1.0:
+        if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, numbers.Real) or not (
+            0.0 < prune_fraction <= 1.0
+        ):
             raise ValueError(f"MagnitudePruning: prune_fraction={prune_fraction!r}; expected a number in (0, 1]")
         check_std_of(std_of, "MagnitudePruning: std_of")
         self.rounds = int(rounds)
         self.prune_fraction = float(prune_fraction)
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.types = tuple(types)
+        self.include = check_patterns(include, "MagnitudePruning: include")
+        self.exclude = check_patterns(exclude, "MagnitudePruning: exclude")
+        self.types = check_types(types, "MagnitudePruning: types")
         self.std_of = std_of
-        self.adjust_dropout = bool(adjust_dropout)
-        if remask_after_step not in (None, True, False):
-            raise ValueError(f"MagnitudePruning: remask_after_step={remask_after_step!r}; expected None, True or False")
+        self.adjust_dropout = check_bool(adjust_dropout, "MagnitudePruning: adjust_dropout")
+        if remask_after_step is not None:
+            check_bool(remask_after_step, "MagnitudePruning: remask_after_step (or None)")
         self.remask_after_step = remask_after_step
-        self.verbose = bool(verbose)
+        self.verbose = check_bool(verbose, "MagnitudePruning: verbose")
 
         self._rounds_done = 0
         self._layers: dict[str, Target] = {}
@@ -204,6 +218,7 @@ class MagnitudePruning(Callback):
         self._pruned: list[tuple[Tensor, Tensor]] = []
         self._remask = False
         self._hook_handles: list[Any] = []
+        self._warned_unreachable = False
         #: one entry per applied round: {"round", "unit", "at", "density", "layers": [mask_summary rows]}
         self.history: list[dict[str, Any]] = []
 
@@ -266,9 +281,11 @@ class MagnitudePruning(Callback):
             types=self.types,
             what="MagnitudePruning",
         )
-        for t in self._layers.values():
-            if get_mask(t.module, t.param) is None:
-                attach_mask(t.module, torch.ones_like(t.weight, dtype=torch.bool), t.param)
+        self._attach_full_masks()
+        install_load_hook(pl_module)  # a restored checkpoint brings its masks, or none (a dense checkpoint)
+        self._warned_unreachable = False
+        if stage == "fit" and self._points is not None:
+            self._check_reachable(trainer, None)
         if self.adjust_dropout:
             self._dropout_map = find_feeding_dropouts(pl_module, [t.module_name for t in self._layers.values()])
             if not self._dropout_map:
@@ -282,7 +299,8 @@ class MagnitudePruning(Callback):
         self._remask = self.remask_after_step
         if self._remask is None:
             self._remask = any(type(opt) not in _ZERO_PRESERVING for opt in trainer.optimizers)
-        # masks may have been restored from a checkpoint since setup
+        # masks may have been restored from a checkpoint since setup (a dense one removes them: all kept again)
+        self._attach_full_masks()
         self._refresh_cache()
         with torch.no_grad():
             for weight, mask, _ in self._keep:
@@ -297,6 +315,9 @@ class MagnitudePruning(Callback):
         # resolved here, after any checkpoint restore, so a resumed run keeps the checkpoint's schedule
         if self._points is None:
             self._points = self._resolve_points(trainer)
+        nb = trainer.num_training_batches
+        if isinstance(nb, int) and nb > 0:
+            self._check_reachable(trainer, max(1, math.ceil(nb / max(1, trainer.accumulate_grad_batches))))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._unit == "epoch":
@@ -380,6 +401,41 @@ class MagnitudePruning(Callback):
             )
         return points
 
+    def _check_reachable(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
+        """Warn (once per fit) when a round still to come lies where this fit never gets (after ``max_epochs`` /
+        ``max_steps``): the layers would end denser than their targets. A warning, not an error: a run may stop early
+        on purpose and resume with more epochs. ``steps_per_epoch`` (optimizer steps, known from ``on_train_start``
+        on) lets epochs and steps be compared."""
+        todo = self._points[self._rounds_done :]
+        if not todo:
+            return
+        last = todo[-1]
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        if self._unit == "epoch":
+            end = max_epochs
+            if max_steps is not None and steps_per_epoch:
+                end = min(end if end is not None else math.inf, math.ceil(max_steps / steps_per_epoch))
+        else:
+            end = max_steps
+            if max_epochs is not None and steps_per_epoch:
+                end = min(end if end is not None else math.inf, max_epochs * steps_per_epoch)
+        if end is None or last < end:
+            return
+        if self._warned_unreachable:
+            return
+        self._warned_unreachable = True
+        missed = [p for p in todo if p >= end]
+        field = "prune_steps" if self._unit == "step" else "prune_epochs (resolved)"
+        reached = self._rounds_done + len(todo) - len(missed)
+        rank_zero_warn(
+            f"MagnitudePruning: {field} {self._points} has round(s) at {self._unit}(s) {missed}, but training stops "
+            f"before {self._unit} {end} (max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches}); only {reached} of {self.rounds} rounds "
+            "would run and the layers would end denser than their targets. Raise max_epochs/max_steps or move "
+            "the rounds earlier (or resume this run later with more epochs)"
+        )
+
     def _maybe_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
         assert self._points is not None, "setup resolves the schedule"
         due = bisect.bisect_right(self._points, position)  # rounds whose point has been reached
@@ -432,6 +488,11 @@ class MagnitudePruning(Callback):
                 total=("total", f"{sum(r['weights'] for r in rows):,}", f"{sum(r['kept'] for r in rows):,}",
                        f"{total:.2%}", ""),
             )
+
+    def _attach_full_masks(self) -> None:
+        for t in self._layers.values():
+            if get_mask(t.module, t.param) is None:
+                attach_mask(t.module, torch.ones_like(t.weight, dtype=torch.bool), t.param)
 
     def _refresh_cache(self) -> None:
         self._keep, self._pruned = [], []

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
-from dc_lightning.callbacks.common import broadcast_from_rank_zero, log_metrics, logger_step, print_table
+from dc_lightning.callbacks.common import (
+    broadcast_from_rank_zero,
+    check_bool,
+    check_patterns,
+    check_types,
+    log_metrics,
+    logger_step,
+    print_table,
+)
 from dc_lightning.quantization import (
     INITS,
     CodebookStep,
@@ -102,12 +110,13 @@ class TrainedQuantization(Callback):
       optimizer take two Triton launches and the rewrite one (one pass over the members' gradients, one over the
       weights); on the CPU the float64 reference runs layer by layer.
 
-    **Resume and DDP.** Placeholder buffers are registered in ``setup`` (before a checkpoint is restored); the
+    **Resume and DDP.** A layer carries a codebook only once it is clustered: checkpoints and ``.dcz`` files written
+    before store it unquantized. ``setup`` installs a ``load_state_dict`` pre-hook
+    (:func:`dc_lightning.buffers.install_load_hook`) that registers the codebooks a restored checkpoint holds; the
     ``clustered`` flag, the resolved start epoch and the codebook optimizers' state are in ``state_dict``, so a run
     resumed after clustering continues bit-for-bit and does not cluster again. Clustering is deterministic and its
     result is broadcast from rank 0 under ``torch.distributed``; codebook gradients are summed in a fixed order (no
-    atomics), so every rank holds identical codebooks. Placeholders that are still all zeros at ``teardown``
-    (fit ended before clustering) are removed again so that the model does not look quantized.
+    atomics), so every rank holds identical codebooks.
 
     Args:
         bits: bits per shared-weight index: an int for all targets, or ``{pattern: bits}`` (fnmatch on target names,
@@ -171,7 +180,7 @@ class TrainedQuantization(Callback):
             bits = {str(p): check_bits(b, f"TrainedQuantization: bits[{p!r}]") for p, b in bits.items()}
         elif bits is not None:
             check_bits(bits, "TrainedQuantization: bits")
-        if init not in INITS:
+        if not isinstance(init, str) or init not in INITS:
             raise ValueError(f"TrainedQuantization: init must be one of {INITS}, got {init!r} ('linear' = [DC §3.2])")
         if start_epoch is not None and (
             isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
@@ -190,24 +199,25 @@ class TrainedQuantization(Callback):
             raise ValueError(f"TrainedQuantization: max_iter must be an int >= 0, got {max_iter!r}")
         self.bits = bits
         self.init = init
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"TrainedQuantization: seed must be an int >= 0, got {seed!r}")
+        self.include = check_patterns(include, "TrainedQuantization: include")
+        self.exclude = check_patterns(exclude, "TrainedQuantization: exclude")
         self.start_epoch = start_epoch
         self.lr_scale = lr_scale if lr_scale == "auto" else float(lr_scale)
         self.codebook_weight_decay = float(codebook_weight_decay)
-        self.refine = bool(refine)
+        self.refine = check_bool(refine, "TrainedQuantization: refine")
         self.max_iter = max_iter
-        self.seed = int(seed)
-        self.types = tuple(types)  # a list from a config node works as well
-        self.verbose = verbose
-        self.log_histograms = log_histograms
+        self.seed = seed
+        self.types = check_types(types, "TrainedQuantization: types")  # a list from a config node works as well
+        self.verbose = check_bool(verbose, "TrainedQuantization: verbose")
+        self.log_histograms = check_bool(log_histograms, "TrainedQuantization: log_histograms")
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
         self._layers: dict[str, Target] = {}
         self._bits: dict[str, int] = {}
         self._clustered = False
         self._start: int | None = None
-        self._placeholders = False
         self._hooks: list[Any] = []
         # per trainer optimizer index: (that optimizer, its codebook optimizer, layers, source group of each cb group)
         self._cb_opts: dict[int, tuple[torch.optim.Optimizer, torch.optim.Optimizer, list[_Layer], list[int]]] = {}
@@ -241,23 +251,21 @@ class TrainedQuantization(Callback):
     # --------------------------------------------------------------------------------------- Lightning hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # before checkpoint restore and DDP wrapping: placeholders of the right shape let a checkpoint's codebooks load
+        # before checkpoint restore and DDP wrapping. No placeholder codebooks: a layer is quantized only once it is
+        # clustered, so every checkpoint and file written before that stores it as it is. A checkpoint's codebooks
+        # are registered when it is loaded (buffers.install_load_hook).
         self._layers = select_targets(
             pl_module, self.include, self.exclude, types=self.types, what="TrainedQuantization"
         )
         self._bits = bits_for_layers(self._layers, self.bits, field="TrainedQuantization.bits")
+        buffers.install_load_hook(pl_module)
         for name, t in self._layers.items():
-            k = 2 ** self._bits[name]
             got = get_codebook(t.module, t.param)
-            if got is not None and got[0].numel() == k and tuple(got[1].shape) == tuple(t.weight.shape):
-                continue  # already quantized with this size (e.g. by quantize_model): keep it
-            if got is not None:
+            if got is not None and got[0].numel() != 2 ** self._bits[name] and not self._clustered:
                 rank_zero_warn(
                     f"TrainedQuantization: layer {name!r} has a codebook of {got[0].numel()} entries but bits="
-                    f"{self._bits[name]} asks for {k}; replacing it"
+                    f"{self._bits[name]} asks for {2 ** self._bits[name]}; clustering will replace it"
                 )
-            buffers.set_codebook(t.module, torch.zeros(k), torch.zeros(t.weight.shape, dtype=torch.uint8), t.param)
-            self._placeholders = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its device and the optimizers exist; a checkpoint's buffers and our state are loaded
@@ -289,15 +297,6 @@ class TrainedQuantization(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        if self._clustered or not self._placeholders:
-            return
-        # a model without codebooks must not look quantized: drop placeholders that nothing filled (a checkpoint
-        # loaded for validate/test fills them with real, non-zero codebooks, which stay)
-        for t in self._layers.values():
-            got = get_codebook(t.module, t.param)
-            if got is not None and not bool(got[0].any()):
-                buffers.remove_codebook(t.module, t.param)
-        self._placeholders = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._read_skips()  # one host sync per epoch instead of one per step
@@ -368,7 +367,6 @@ class TrainedQuantization(Callback):
                 broadcast_from_rank_zero(tensor)
         self._rewrite_weights()
         self._clustered = True
-        self._placeholders = False
         self._build_codebook_optimizers(trainer)
 
         metrics = {f"compression/{n}/bits": float(b) for n, b in self._bits.items()}

@@ -8,8 +8,11 @@ nothing of argparse or Hydra. This file only dispatches, importing the subcomman
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -19,6 +22,63 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("dc_lightning.cli.inspect", "print the per-layer compression report of a compressed file"),
     "predict": ("dc_lightning.cli.predict", "evaluate a compressed file through the EIE inference path"),
 }
+
+
+class UsageError(Exception):
+    """A user mistake a subcommand reports as one line on stderr, exit status 2 (no traceback)."""
+
+
+def input_file(path: str, what: str) -> Path:
+    """``path`` as an existing regular file.
+
+    Raises:
+        UsageError: it does not exist or is a directory (the message names it and what is expected).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path} is a directory; give the {what} file itself")
+    if not p.is_file():
+        raise UsageError(f"{path}: no such file (expected the {what} file)")
+    return p
+
+
+def output_file(path: str, overwrite: bool) -> Path:
+    """``path`` as a file the subcommand may write.
+
+    Raises:
+        UsageError: it exists and ``--overwrite`` was not given, or it is a directory.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{path} is a directory; give the output file's name")
+    if p.exists() and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    return p
+
+
+def user_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a ``cli_<name>(argv) -> int``: a :class:`UsageError`, a missing or unreadable file, or a
+    ``ValueError``/``TypeError`` from the library prints ``<prog>: <message>`` (one line) and returns 2; a corrupt
+    ``.dcz`` file (``CorruptFileError``) returns 1."""
+
+    def wrap(fn: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def run(*args, **kwargs) -> int:
+            from dc_lightning.dcz import CorruptFileError
+
+            try:
+                return fn(*args, **kwargs)
+            except CorruptFileError as e:
+                print(f"{prog}: {e}", file=sys.stderr)
+                return 1
+            except (UsageError, OSError, ValueError, TypeError) as e:
+                text = " ".join(str(e).split()) or type(e).__name__
+                print(f"{prog}: {text}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
 
 
 def _usage() -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from dc_lightning.cli import UsageError, input_file, output_file, user_errors
 from dc_lightning.dcz import AUTO
 from dc_lightning.dcz.container import NP_FLOAT
 from dc_lightning.sparse_format import MAX_INDEX_BITS
@@ -22,12 +24,49 @@ def _index_bits_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an int in 1..{MAX_INDEX_BITS} or {AUTO!r}") from None
 
 
+def _model_class(spec: str) -> object:
+    """The class ``--model-class`` names, with what to do when the console script cannot import it."""
+    from dc_lightning.io import import_callable
+
+    try:
+        return import_callable(spec)
+    except ValueError as e:
+        mod = spec.split(":", 1)[0].split(".", 1)[0]
+        if ":" in spec and ((Path.cwd() / f"{mod}.py").is_file() or (Path.cwd() / mod / "__init__.py").is_file()):
+            raise UsageError(
+                f"--model-class {spec}: {mod!r} is in the current directory, which the dc-lightning console script "
+                f"does not search; run it as PYTHONPATH=. dc-lightning export ..."
+            ) from None
+        raise UsageError(f"--model-class {spec}: {e}") from None
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint's dict (``torch.load``, which unpickles: only your own files)."""
+    import torch
+
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[8:9] == b"{" and b"dc-lightning-compressed" in head:
+        raise UsageError(f"{path} is already a compressed .dcz file; export reads a Lightning .ckpt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UsageError(
+            f"{path} is not a Lightning checkpoint (torch.load failed: {type(e).__name__}: {e}); give the .ckpt "
+            "file written by Trainer.fit / ModelCheckpoint"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UsageError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+@user_errors("dc-lightning export")
 def cli_export(argv: list[str] | None = None) -> int:
     """``dc-lightning export <lightning.ckpt> <out.dcz> [--model-class pkg.mod:Class] [...]``.
 
     The input is a Lightning checkpoint, a ``torch.save`` pickle: it is loaded with ``torch.load(...,
     weights_only=False)``, which can run code from the file, so only export checkpoints you produced or trust.
-    The output file contains no pickle.
+    The output file contains no pickle. User mistakes print one line and return 2.
     """
     p = argparse.ArgumentParser(prog="dc-lightning export", description=cli_export.__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="Lightning .ckpt file (your own: it is unpickled)")
@@ -44,44 +83,36 @@ def cli_export(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
 
-    import torch
-
     from dc_lightning.buffers import register_placeholders
-    from dc_lightning.io import import_callable, save_compressed
+    from dc_lightning.io import save_compressed
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        print(f"dc-lightning export: {args.checkpoint} is not a Lightning checkpoint (no state_dict)", file=sys.stderr)
-        return 2
+    out = output_file(args.out, args.overwrite)
+    ckpt = _load_checkpoint(input_file(args.checkpoint, "Lightning .ckpt"))
     hparams = dict(ckpt.get("hyper_parameters") or {})
     spec = args.model_class
     if spec is None:
-        print(
-            "dc-lightning export: pass --model-class pkg.module:Class (Lightning checkpoints do not record it)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError("pass --model-class pkg.module:Class (Lightning checkpoints do not record it)")
+    cls = _model_class(spec)
     try:
-        model = import_callable(spec)(**hparams)
+        model = cls(**hparams)
     except Exception as e:
-        print(f"dc-lightning export: cannot build {spec}(**hyper_parameters): {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot build {spec}(**hyper_parameters): {type(e).__name__}: {e}") from None
     register_placeholders(model, ckpt["state_dict"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UsageError(f"{args.checkpoint} does not fit {spec}: {' '.join(str(e).split())[:400]}") from None
     builder = None if getattr(model, "dc_builder", None) else {"callable": spec, "kwargs": hparams}
     report = save_compressed(
         model,
-        args.out,
+        out,
         index_bits=args.index_bits,
         codebook_dtype=args.codebook_dtype,
         dense_dtype=args.dense_dtype,
         builder=builder,
         overwrite=args.overwrite,
     )
-    print(
-        f"wrote {args.out}: {report.file_bytes:,} bytes, {report.ratio_file:.1f}x smaller than the dense fp32 "
-        f"parameters (weights alone, [DC]'s accounting: P+Q+H {report.total.ratio_pqh:.1f}x)"
-    )
+    print(f"wrote {args.out}: {report.summary()}")
     return 0
 
 
@@ -96,8 +127,9 @@ def cli_decompress(argv: list[str] | None = None) -> int:
     from dc_lightning.io import CorruptFileError, decompress
 
     try:
-        decompress(args.input, args.output, overwrite=args.overwrite)
-    except (CorruptFileError, FileExistsError, FileNotFoundError) as e:
+        output_file(args.output, args.overwrite)
+        decompress(input_file(args.input, ".dcz"), args.output, overwrite=args.overwrite)
+    except (CorruptFileError, UsageError) as e:
         print(f"dc-lightning decompress: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}")

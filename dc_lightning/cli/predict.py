@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dc_lightning.cli import user_errors
+
 __all__ = ["cli_predict"]
 
 
@@ -33,6 +35,7 @@ def _top1(
     return correct / max(total, 1), total, torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
+@user_errors("dc-lightning predict")
 def cli_predict(argv: Sequence[str] | None = None) -> int:
     """``dc-lightning predict FILE.dcz --recipe NAME [overrides]``: top-1 of the dense decode and the kernel path.
 
@@ -46,6 +49,12 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--limit-batches", type=int, default=None, help="evaluate only this many batches")
+    parser.add_argument(
+        "--trusted",
+        action="append",
+        default=None,
+        help="builder the file may name beyond dc_lightning's and torchvision's (e.g. 'mypkg.*'); repeatable",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=256")
     # intermixed: `predict model.dcz --recipe lenet300 data.root=...` (overrides after the options) must parse
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
@@ -62,7 +71,8 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     dm.setup("test" if args.split == "test" else "validate")
     loader = dm.test_dataloader() if args.split == "test" else dm.val_dataloader()
 
-    dense = load_compressed(args.path).to(device).eval()
+    trust = {"trusted": args.trusted} if args.trusted else {}  # a missing file or a directory: one line (OSError)
+    dense = load_compressed(args.path, **trust).to(device).eval()
     fast = to_compressed_inference(dense, device=device)
     transform = (lambda b: dm.on_after_batch_transfer(b, 0)) if hasattr(dm, "on_after_batch_transfer") else None
     acc_dense, n, p_dense = _top1(dense, loader, device, args.limit_batches, transform)

@@ -27,6 +27,8 @@ import json
 import logging
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,8 @@ from dc_lightning.dcz.container import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_CHUNK,
+    MAX_CODE_LEN,
     NP_FLOAT,
     SCAN_ORDER,
     CorruptFileError,
@@ -49,6 +53,7 @@ from dc_lightning.dcz.container import (
     checked_payload,
     checked_shape,
     checksum,
+    huffman_params,
     little_endian,
     load_payloads,
     read_header,
@@ -280,6 +285,13 @@ def _gap_stream(
     return best
 
 
+def _unfilled_codebook(t: Target) -> bool:
+    """A codebook placeholder nothing filled: all-zero codebook and assignments beside a non-zero weight (what
+    checkpoints written before clustering by dc_lightning 0.1.0 carry). A real codebook cannot be all zeros then."""
+    got = buffers.get_codebook(t.module, t.param)
+    return got is not None and not bool(got[0].any()) and not bool(got[1].any()) and bool(t.weight.detach().any())
+
+
 def _check_dtype(value: str, field_name: str) -> str:
     if value not in NP_FLOAT:
         raise ValueError(f"{field_name}={value!r} is invalid; valid: {sorted(NP_FLOAT)}")
@@ -290,7 +302,7 @@ def _violation(msg: str, strict: bool, fix: str, stored: str) -> None:
     """A layer breaking a buffer invariant: raise under ``strict``, else warn that ``stored`` values are written."""
     if strict:
         raise ValueError(msg + fix)
-    log.warning("%s; storing the %s", msg, stored)
+    warnings.warn(f"{msg}; strict=False: the file stores the {stored}, not the model's weights", stacklevel=4)
 
 
 def _encode_codebook(
@@ -328,8 +340,10 @@ def encode_layer(
     strict: bool,
     max_len: int,
     chunk: int,
+    quantized: bool = True,
 ) -> tuple[dict, np.ndarray]:
-    """``(record, payload)`` of one compressed parameter (the record still lacks its payload tensor name).
+    """``(record, payload)`` of one compressed parameter (the record still lacks its payload tensor name); with
+    ``quantized=False`` a codebook it carries is ignored (an unfilled placeholder).
 
     Raises:
         ValueError: a float weight other than float32, buffers shaped unlike the weight, or (``strict``) a weight
@@ -364,7 +378,7 @@ def encode_layer(
         "numel": R * C,
     }
     pay = Sections()
-    if buffers.get_buffer(t.module, "codebook", t.param) is not None:
+    if quantized and buffers.get_buffer(t.module, "codebook", t.param) is not None:
         cbs, codes, bits = _encode_codebook(t, kept, rows, cols, codebook_dtype, strict)
         rec.update(
             kind="pq" if has_mask else "q",
@@ -457,18 +471,31 @@ def build_file(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_dtype(codebook_dtype, "codebook_dtype")
     _check_dtype(dense_dtype, "dense_dtype")
-    layers = _compressed_layers(model)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= MAX_CODE_LEN:
+        raise ValueError(f"max_len={max_len!r}; valid: an int in 1..{MAX_CODE_LEN} (the readers' bound)")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk={chunk!r}; valid: an int in 1..{MAX_CHUNK}")
+    layers = all_layers = _compressed_layers(model)
+    unfilled = {n for n, t in layers.items() if _unfilled_codebook(t)}
+    if unfilled:
+        log.warning("layers %s carry all-zero codebook placeholders (never clustered); stored as not quantized",
+                    sorted(unfilled))
+    layers = {n: t for n, t in layers.items() if n not in unfilled or buffers.get_mask(t.module, t.param) is not None}
     ib = _resolve_index_bits(index_bits, layers)
     payloads: dict[str, np.ndarray] = {}
     meta_layers, meta_tensors = [], []
     consumed: set[str] = set()
     for i, (name, t) in enumerate(layers.items()):
-        rec, arr = encode_layer(t, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk)
+        rec, arr = encode_layer(t, ib[name], codebook_dtype, dense_dtype, strict, max_len, chunk, name not in unfilled)
         rec["tensor"] = f"layer.{i:04d}"
         payloads[rec["tensor"]] = arr
         meta_layers.append(rec)
         prefix = f"{t.module_name}." if t.module_name else ""
         consumed.update((t.full_name, *buffers.buffer_keys(prefix, t.param)))
+    consumed.update(
+        k for t in all_layers.values() if t.name in unfilled
+        for k in buffers.buffer_keys(f"{t.module_name}." if t.module_name else "", t.param)
+    )
     for i, (key, t) in enumerate((k, v) for k, v in model.state_dict().items() if k not in consumed):
         rec, arr = _tensor_record(key, t, dense_dtype, f"tensor.{i:04d}")
         payloads[rec["tensor"]] = arr
@@ -506,12 +533,21 @@ class _PendingLayer:
     gap: int | None = None  # index of the relative-index stream
 
 
-def read_compressed(path: str | os.PathLike) -> CompressedFile:
+_Expect = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], None]
+
+
+def read_compressed(
+    path: str | os.PathLike, expect: _Expect | None = None
+) -> CompressedFile:
     """Read and fully validate a ``.dcz`` file; decode every layer's streams.
 
     The result holds, per compressed layer, a :class:`CompressedLayer` with ``rows``/``cols`` (int64, CSR order),
     ``codes`` (uint8) and ``codebook`` (float32) or ``values``, and the plain tensors as torch tensors. The
     inference path builds its GPU layouts from these; :func:`dc_lightning.sparse_format.eie_layout` derives EIE's.
+
+    ``expect``, when given, is called with ``{state-dict key: shape}`` of the layers and of the plain tensors the file
+    declares, after the records are validated and before anything is decoded (``load_compressed`` checks them
+    against the model there); what it raises propagates unchanged.
 
     Raises:
         CorruptFileError: any inconsistency (see :mod:`dc_lightning.dcz`); FileNotFoundError if ``path`` is missing.
@@ -520,7 +556,9 @@ def read_compressed(path: str | os.PathLike) -> CompressedFile:
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return parse(data, path)
+        return _parse(data, path, expect)
+    except _Expected as e:  # the caller's own error, unchanged
+        raise e.args[0] from None
     except CorruptFileError:
         raise
     except (huffman.HuffmanDecodeError, SparseFormatError) as e:
@@ -529,9 +567,23 @@ def read_compressed(path: str | os.PathLike) -> CompressedFile:
         raise CorruptFileError(f"{path}: unreadable compressed file ({type(e).__name__}: {e})") from None
 
 
-def parse(data: bytes, where: str) -> CompressedFile:
+class _Expected(Exception):
+    """Carries what ``expect`` raised through :func:`read_compressed`'s catch-all for hostile input."""
+
+
+def parse(
+    data: bytes, where: str, expect: _Expect | None = None
+) -> CompressedFile:
     """Decode a ``.dcz`` file's bytes (``where`` names it in errors); see :func:`read_compressed`."""
+    try:
+        return _parse(data, where, expect)
+    except _Expected as e:
+        raise e.args[0] from None
+
+
+def _parse(data: bytes, where: str, expect: _Expect | None) -> CompressedFile:
     _, doc = read_header(data, where)
+    max_len, chunk = huffman_params(doc, where)
     payloads = load_payloads(data, where)
     layers_meta, tensors_meta = doc.get("layers"), doc.get("tensors")
     if not isinstance(layers_meta, list) or not isinstance(tensors_meta, list):
@@ -541,15 +593,26 @@ def parse(data: bytes, where: str) -> CompressedFile:
     # pass 1: validate layer records and collect streams (no decode buffers allocated yet)
     streams: list[huffman.HuffmanStream] = []
     keys: set[str] = set()
-    pending = [_check_layer(rec, payloads, streams, keys, where) for rec in layers_meta]
+    pending = [_check_layer(rec, payloads, streams, keys, where, max_len, chunk) for rec in layers_meta]
+    tensors = _read_tensors(tensors_meta, payloads, keys, where)  # each checked against its payload's size
+    if expect is not None:  # declared shapes against the model, before any decode buffer exists
+        try:
+            expect({it.key: it.shape for it in pending}, {k: tuple(t.shape) for k, t in tensors.items()})
+        except Exception as e:
+            raise _Expected(e) from None
     # pass 2: decode all streams together (one vectorised pass; sizes were checked against payloads above)
     layers = _decode_layers(pending, huffman.decode_many(streams), where)
-    tensors = _read_tensors(tensors_meta, payloads, keys, where)
     return CompressedFile(path=where, metadata=doc, layers=layers, tensors=tensors, file_size=len(data))
 
 
 def _check_layer(
-    rec: Any, payloads: dict[str, np.ndarray], streams: list[huffman.HuffmanStream], keys: set[str], where: str
+    rec: Any,
+    payloads: dict[str, np.ndarray],
+    streams: list[huffman.HuffmanStream],
+    keys: set[str],
+    where: str,
+    max_len: int,
+    chunk: int,
 ) -> _PendingLayer:
     """Validate one layer record against its payload; append its streams to ``streams`` and its key to ``keys``."""
     if not isinstance(rec, dict):
@@ -580,31 +643,50 @@ def _check_layer(
     nnz = checked_int(rec.get("nnz"), what + ".nnz", 0, numel)
     item = _PendingLayer(rec=rec, name=name, key=key, shape=shape, kind=kind, nnz=nnz)
     if kind in ("pq", "q"):
-        item.codebook, stream = _check_code_stream(rec, pay, kind, nnz, numel, what, where)
+        item.codebook, stream = _check_code_stream(rec, pay, kind, (nnz, numel), what, where, (max_len, chunk))
         item.code = len(streams)
         streams.append(stream)
     else:
         item.values = _float_section(rec, pay, "values", "value", ("nnz", nnz), what, where)
     if kind in ("pq", "p"):
         item.index_bits = checked_int(rec.get("index_bits"), what + ".index_bits", 1, MAX_INDEX_BITS)
-        stream = read_stream(pay, rec.get("gap"), 1 << item.index_bits, what + ".gap")
+        stream = read_stream(pay, rec.get("gap"), 1 << item.index_bits, what + ".gap", max_len, chunk)
         if stream.count != nnz + checked_int(rec.get("n_fill"), what + ".n_fill"):
             raise CorruptFileError(f"{where}: {what}: gap stream holds {stream.count} symbols, expected nnz+fillers")
         item.gap = len(streams)
         streams.append(stream)
+    _check_tiling(rec, kind, pay.size, what, where)
     return item
 
 
+def _check_tiling(rec: dict, kind: str, nbytes: int, what: str, where: str) -> None:
+    """The sections of a layer's payload tile it in the writer's order (codebook or values, code stream, gap
+    stream), so a record cannot point a section at other bytes of a payload whose checksum still holds."""
+    stream_parts = ("lengths", "sync", "data")
+    secs = [rec["codebook"], *(rec["code"][p] for p in stream_parts)] if kind in ("pq", "q") else [rec["values"]]
+    if kind in ("pq", "p"):
+        secs += [rec["gap"][p] for p in stream_parts]
+    end = 0
+    for off, n in secs:
+        if off != end:
+            raise CorruptFileError(f"{where}: {what}: sections do not tile the payload (offset {off}, expected {end})")
+        end = off + n
+    if end != nbytes:
+        raise CorruptFileError(f"{where}: {what}: sections cover {end} of the payload's {nbytes} bytes")
+
+
 def _check_code_stream(
-    rec: dict, pay: np.ndarray, kind: str, nnz: int, numel: int, what: str, where: str
+    rec: dict, pay: np.ndarray, kind: str, counts: tuple[int, int], what: str, where: str, params: tuple[int, int]
 ) -> tuple[np.ndarray, huffman.HuffmanStream]:
-    """``(float32 codebook, codebook-index stream)`` of a quantized layer's record."""
+    """``(float32 codebook, codebook-index stream)`` of a quantized layer's record; ``counts`` = (nnz, numel),
+    ``params`` = the file's (max_len, chunk)."""
+    nnz, numel = counts
     k = checked_int(rec.get("k"), what + ".k", 1, 256)
     bits = checked_int(rec.get("bits"), what + ".bits", 1, 8)
     if bits != max(1, math.ceil(math.log2(k))):
         raise CorruptFileError(f"{where}: {what}: bits={bits} disagrees with codebook size {k}")
     codebook = _float_section(rec, pay, "codebook", "codebook", ("k", k), what, where)
-    stream = read_stream(pay, rec.get("code"), k, what + ".code")
+    stream = read_stream(pay, rec.get("code"), k, what + ".code", *params)
     if stream.count != (nnz if kind == "pq" else numel) or (kind == "q" and nnz != numel):
         raise CorruptFileError(f"{where}: {what}: code stream holds {stream.count} symbols, expected nnz={nnz}")
     return codebook, stream
@@ -670,6 +752,8 @@ def _read_tensors(
         src, stored = rec.get("dtype"), rec.get("stored_dtype")
         if src not in DTYPES or stored not in DTYPES:
             raise CorruptFileError(f"{where}: {what}: unknown dtype {src!r}/{stored!r}")
+        if stored != src and not (src == "float32" and stored in NP_FLOAT):  # the writer's only conversion
+            raise CorruptFileError(f"{where}: {what}: dtype {src!r} cannot be stored as {stored!r}")
         shape = checked_shape(rec.get("shape"), what)
         arr = checked_payload(payloads, rec, what, where)
         if arr.size != math.prod(shape) * DTYPES[stored].itemsize:

@@ -7,8 +7,15 @@ What this module owns (the codec, :mod:`dc_lightning.dcz.codec`, gives the bytes
 * **payloads**: uint8 tensors ``layer.NNNN`` / ``tensor.NNNN``, each with its byte count and sha256 in the document;
 * **sections**: a payload is a concatenation of sections recorded as ``[offset, length]``; a Huffman stream is three
   sections (code lengths, uint16 sync table, data; :class:`Sections`, :func:`read_stream`);
+* the **header digest**: the safetensors header (tensor index and metadata, padding included) is covered by a sha256
+  stored in it (``__metadata__["header_sha256"]``, computed with that value set to 64 zeros), so a changed byte
+  anywhere in the header is detected; payload bytes are covered by their own sha256 in the document. This detects
+  damage and edits, not forgery (anyone can recompute a digest): see the README, "Loading files you did not make";
 * the checks every reader runs before allocating decode buffers (sizes, bounds, checksums), all raising
   :class:`CorruptFileError`.
+
+The file is written byte for byte by :func:`write_container` (fixed key order, sorted payload names): the same model
+gives the same bytes in every process.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ __all__ = [
     "SCAN_ORDER",
     "CorruptFileError",
     "Sections",
+    "assemble",
     "checked_int",
     "checked_payload",
     "checked_shape",
     "checksum",
+    "huffman_params",
     "little_endian",
     "load_payloads",
     "read_header",
@@ -44,6 +53,7 @@ __all__ = [
     "stored_tensor",
     "stream_bytes",
     "tensor_bytes",
+    "verify_payloads",
     "write_container",
 ]
 
@@ -53,6 +63,11 @@ EXTENSION = ".dcz"
 #: the order non-zeros are scanned in (see dc_lightning.sparse_format); recorded in every file and checked on read
 SCAN_ORDER = "row-major over weight.reshape(out, -1)"
 MAX_HEADER = 100 << 20
+HEADER_DIGEST = "header_sha256"
+_DIGEST_FIELD = b'"' + HEADER_DIGEST.encode() + b'":"'
+#: a reader's bounds on the Huffman parameters a file declares (the decode tables hold 2**max_len entries per stream)
+MAX_CODE_LEN = huffman.DEFAULT_MAX_LEN
+MAX_CHUNK = (1 << 16) - 1
 
 #: dtypes a plain tensor may have, by the name the document records
 DTYPES: dict[str, torch.dtype] = {
@@ -139,17 +154,33 @@ class Sections:
 
 
 def write_container(payloads: dict[str, np.ndarray], doc: dict) -> bytes:
-    """The file's bytes: the uint8 ``payloads`` as safetensors tensors, ``doc`` as the ``dc_lightning`` metadata."""
-    from safetensors.numpy import save
+    """The file's bytes: the uint8 ``payloads`` as safetensors tensors, ``doc`` (keys sorted) as the ``dc_lightning``
+    metadata, and the header digest (:func:`assemble`)."""
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "dc_lightning": json.dumps(doc, separators=(",", ":"), sort_keys=True),
+    }
+    return assemble(payloads, meta)
 
-    return save(
-        payloads,
-        metadata={
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "dc_lightning": json.dumps(doc, separators=(",", ":")),
-        },
-    )
+
+def assemble(payloads: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of uint8 ``payloads`` (sorted by name) and string ``metadata`` (in its order), sealed with
+    the header digest (an existing ``header_sha256`` is replaced). Deterministic: no hash-map order is involved."""
+    index: dict[str, Any] = {}
+    offset = 0
+    for name in sorted(payloads):
+        n = int(payloads[name].size)
+        index[name] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    meta = {k: v for k, v in metadata.items() if k != HEADER_DIGEST} | {HEADER_DIGEST: "0" * 64}
+    header = json.dumps({"__metadata__": meta, **index}, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes with trailing spaces
+    digest = hashlib.sha256(header).hexdigest()
+    header = header.replace(_DIGEST_FIELD + b"0" * 64, _DIGEST_FIELD + digest.encode())
+    parts = [struct.pack("<Q", len(header)), header]
+    parts += [np.ascontiguousarray(payloads[name], dtype=np.uint8).tobytes() for name in sorted(payloads)]
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -163,12 +194,14 @@ def read_header(data: bytes, where: str) -> tuple[dict, dict]:
         CorruptFileError: truncated, not JSON, not this format, or a version or scan order this reader cannot read.
     """
     if len(data) < 8:
-        raise CorruptFileError(f"{where}: {len(data)} bytes is too short for a safetensors file (truncated?)")
+        raise CorruptFileError(f"{where}: {len(data)} bytes is too short for a .dcz file (truncated?)")
+    _check_identity(data, where)
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8 or n > MAX_HEADER:
         raise CorruptFileError(f"{where}: header claims {n} bytes but the file holds {len(data) - 8} (truncated?)")
+    raw = data[8 : 8 + n]
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptFileError(f"{where}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -182,6 +215,7 @@ def read_header(data: bytes, where: str) -> tuple[dict, dict]:
         raise CorruptFileError(
             f"{where}: unknown format version {meta.get('format_version')!r}; this reader supports {FORMAT_VERSION}"
         )
+    _check_digest(raw, meta.get(HEADER_DIGEST), where)
     try:
         doc = json.loads(meta["dc_lightning"])
     except (KeyError, TypeError, json.JSONDecodeError) as e:
@@ -193,6 +227,43 @@ def read_header(data: bytes, where: str) -> tuple[dict, dict]:
             f"{where}: scan_order {doc.get('scan_order')!r} is not supported; this reader supports {SCAN_ORDER!r}"
         )
     return header, doc
+
+
+def _check_identity(data: bytes, where: str) -> None:
+    """Say plainly when the bytes are not a ``.dcz`` file at all (a checkpoint renamed, random bytes).
+
+    Raises:
+        CorruptFileError: a zip archive (``torch.save`` / Lightning ``.ckpt``), a pickle, or bytes whose header
+            length or first header byte no safetensors file has.
+    """
+    kind = None
+    if data[:4] == b"PK\x03\x04":
+        kind = "a zip archive (a PyTorch / Lightning checkpoint?)"
+    elif data[:1] == b"\x80":
+        kind = "a Python pickle (a torch.save file?)"
+    else:
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > MAX_HEADER or (len(data) > 8 and data[8:9] != b"{"):
+            kind = "bytes without a safetensors header"
+    if kind is not None:
+        raise CorruptFileError(
+            f"{where}: not a {EXTENSION} file: it looks like {kind}. A {EXTENSION} file starts with an 8-byte header "
+            f"length and a JSON header (format {FORMAT_NAME!r}); write one with save_compressed or dc-lightning export"
+        )
+
+
+def _check_digest(raw: bytes, digest: Any, where: str) -> None:
+    """Check the header digest: sha256 of the header bytes with the digest's own value set to 64 zeros.
+
+    Raises:
+        CorruptFileError: no digest (a format version 1 file, or the field was removed), or a mismatch.
+    """
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise CorruptFileError(f"{where}: the header has no valid {HEADER_DIGEST!r} (damaged, or written "
+                               "before dc_lightning checked header digests: re-export the model)")
+    field = _DIGEST_FIELD + digest.encode()
+    if raw.count(field) != 1 or hashlib.sha256(raw.replace(field, _DIGEST_FIELD + b"0" * 64)).hexdigest() != digest:
+        raise CorruptFileError(f"{where}: header digest mismatch: the header was altered or damaged")
 
 
 def load_payloads(data: bytes, where: str) -> dict[str, np.ndarray]:
@@ -207,6 +278,22 @@ def load_payloads(data: bytes, where: str) -> dict[str, np.ndarray]:
         return load(data)
     except Exception as e:
         raise CorruptFileError(f"{where}: safetensors payload is inconsistent ({e})") from None
+
+
+def verify_payloads(data: bytes, doc: dict, where: str) -> None:
+    """Check every payload a document's layer and tensor records name: present, sized and with its sha256.
+
+    Raises:
+        CorruptFileError: the safetensors index and the bytes disagree, or a payload is missing or altered.
+    """
+    payloads = load_payloads(data, where)
+    records = doc.get("layers"), doc.get("tensors")
+    if not all(isinstance(r, list) for r in records):
+        raise CorruptFileError(f"{where}: metadata lacks the layers/tensors lists")
+    for rec in records[0] + records[1]:
+        if not isinstance(rec, dict):
+            raise CorruptFileError(f"{where}: a layer or tensor record is not an object")
+        checked_payload(payloads, rec, f"record {rec.get('key')!r}", where)
 
 
 def checked_payload(payloads: dict[str, np.ndarray], rec: dict, what: str, where: str) -> np.ndarray:
@@ -265,12 +352,19 @@ def section(payload: np.ndarray, sec: Any, what: str) -> np.ndarray:
     return payload[off : off + n]
 
 
-def read_stream(payload: np.ndarray, rec: Any, alphabet: int, what: str) -> huffman.HuffmanStream:
+def read_stream(
+    payload: np.ndarray, rec: Any, alphabet: int, what: str, max_len: int = MAX_CODE_LEN, chunk: int | None = None
+) -> huffman.HuffmanStream:
     """The Huffman stream a record of :meth:`Sections.add_stream` describes, over an alphabet of ``alphabet``
     symbols (not decoded: :func:`dc_lightning.huffman.decode_many` decodes many streams in one pass).
 
+    ``max_len`` and ``chunk`` are the file's Huffman parameters (:func:`huffman_params`): the decoder's tables hold
+    ``2**max_len`` entries per stream and its output ``chunk`` symbols per lane, so a stream declaring longer codes
+    or another chunk is rejected before anything is allocated.
+
     Raises:
-        CorruptFileError: a missing record, a section out of bounds, or a code-length table of the wrong size.
+        CorruptFileError: a missing record, a section out of bounds, a code-length table of the wrong size, a code
+            longer than ``max_len`` or a chunk other than ``chunk``.
     """
     if not isinstance(rec, dict):
         raise CorruptFileError(f"{what}: stream record missing")
@@ -279,6 +373,10 @@ def read_stream(payload: np.ndarray, rec: Any, alphabet: int, what: str) -> huff
         lengths = np.full(alphabet, lengths[0], dtype=np.uint8)
     if lengths.size != alphabet:
         raise CorruptFileError(f"{what}: {lengths.size} code lengths for an alphabet of {alphabet}")
+    if lengths.size and int(lengths.max()) > max_len:
+        raise CorruptFileError(f"{what}: code length {int(lengths.max())} exceeds the file's max_len {max_len}")
+    if chunk is not None and rec.get("chunk") != chunk:
+        raise CorruptFileError(f"{what}: chunk {rec.get('chunk')!r} differs from the file's chunk {chunk}")
     sync_b = section(payload, rec.get("sync"), what + ".sync")
     if sync_b.size % 2:
         raise CorruptFileError(f"{what}: sync table has an odd byte count")
@@ -289,6 +387,21 @@ def read_stream(payload: np.ndarray, rec: Any, alphabet: int, what: str) -> huff
         lengths=lengths,
         sync=sync_b.view("<u2").astype(np.uint16),
         chunk=checked_int(rec.get("chunk"), what + ".chunk", 1, (1 << 16) - 1),
+    )
+
+
+def huffman_params(doc: dict, where: str) -> tuple[int, int]:
+    """``(max_len, chunk)`` the document declares for all its streams, within this reader's bounds.
+
+    Raises:
+        CorruptFileError: missing, or outside ``1..MAX_CODE_LEN`` / ``1..MAX_CHUNK``.
+    """
+    h = doc.get("huffman")
+    if not isinstance(h, dict):
+        raise CorruptFileError(f"{where}: metadata lacks the huffman parameters")
+    return (
+        checked_int(h.get("max_len"), f"{where}: huffman.max_len", 1, MAX_CODE_LEN),
+        checked_int(h.get("chunk"), f"{where}: huffman.chunk", 1, MAX_CHUNK),
     )
 
 

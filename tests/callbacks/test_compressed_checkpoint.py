@@ -86,7 +86,7 @@ def test_writes_exactly_one_file_at_fit_end(tmp_path):
     assert [str(f) for f in files] == ["compressed.dcz"]
     assert cb.last_path == tmp_path / "compressed.dcz"
     assert cb.report is not None and cb.report.total.ratio_pqh > 1
-    loaded = load_compressed(tmp_path / "compressed.dcz")  # rebuilt from Tiny's class path + hparams
+    loaded = load_compressed(tmp_path / "compressed.dcz", trusted=[f"{Tiny.__module__}:Tiny"])  # Tiny + hparams
     assert isinstance(loaded, Tiny)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
