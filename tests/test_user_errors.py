@@ -293,6 +293,25 @@ def test_not_a_dcz_says_so(tmp_path):
         compression_report(tmp_path / "r.dcz")
 
 
+def test_header_length_with_a_0x80_low_byte_is_not_a_pickle(tmp_path):
+    """A header whose length ends in 0x80 starts with the pickle opcode byte: still a valid file (it was refused)."""
+    (tmp_path / "p.pkl").write_bytes(b"\x80\x04\x95" + bytes(64))
+    with pytest.raises(CorruptFileError, match="Python pickle"):
+        compression_report(tmp_path / "p.pkl")
+    for pad in range(300):  # grow the builder record until the header length's low byte is 0x80
+        model = _net()
+        model.dc_builder = {"callable": "dc_lightning.models:build_model", "kwargs": {"name": "x" * pad}}
+        path = tmp_path / f"m{pad}.dcz"
+        save_compressed(model, path)
+        data = path.read_bytes()
+        if data[0] == 0x80:
+            break
+        path.unlink()
+    assert data[0] == 0x80
+    got = load_compressed(path, model=_net())
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), model.state_dict().values(), strict=True))
+
+
 # ------------------------------------------------------------------------------------- 10. identical bytes
 
 

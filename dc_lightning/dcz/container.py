@@ -236,15 +236,15 @@ def _check_identity(data: bytes, where: str) -> None:
         CorruptFileError: a zip archive (``torch.save`` / Lightning ``.ckpt``), a pickle, or bytes whose header
             length or first header byte no safetensors file has.
     """
-    kind = None
+    (n,) = struct.unpack("<Q", data[:8])
+    if n <= MAX_HEADER and (len(data) <= 8 or data[8:9] == b"{"):
+        return  # a safetensors header (whatever its length's first byte: 0x80 is a length too, not a pickle)
     if data[:4] == b"PK\x03\x04":
         kind = "a zip archive (a PyTorch / Lightning checkpoint?)"
-    elif data[:1] == b"\x80":
+    elif data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         kind = "a Python pickle (a torch.save file?)"
     else:
-        (n,) = struct.unpack("<Q", data[:8])
-        if n > MAX_HEADER or (len(data) > 8 and data[8:9] != b"{"):
-            kind = "bytes without a safetensors header"
+        kind = "bytes without a safetensors header"
     if kind is not None:
         raise CorruptFileError(
             f"{where}: not a {EXTENSION} file: it looks like {kind}. A {EXTENSION} file starts with an 8-byte header "
