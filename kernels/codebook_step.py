@@ -32,22 +32,18 @@ tests and the CPU fallback).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-try:  # Triton is optional: without it only the reference path runs.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .runtime import (  # Triton is optional: without it only the reference path runs
+    HAS_TRITON,
+    interpret_mode,
+    tl,
+    triton,
+)
 
 __all__ = [
     "HAS_TRITON",
@@ -66,15 +62,11 @@ REWRITE_BLOCK = 4096  # weights rewritten per program
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def triton_usable(device: torch.device) -> bool:
     """True when the Triton kernels can run on ``device``: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
     if not HAS_TRITON:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpret_mode())
+    return device.type == "cuda" or (device.type == "cpu" and interpret_mode())
 
 
 @dataclass
