@@ -84,6 +84,25 @@ def test_any_header_edit_is_detected(tmp_path, edit):
         load_compressed(path, model=_fresh())
 
 
+def test_files_written_before_header_digests_still_load_with_a_warning(tmp_path, caplog):
+    """A user's file from dc_lightning 0.1.0 (no header digest) is not lost; a malformed digest is refused."""
+    path = tmp_path / "old.dcz"
+    save_compressed(_net(), path)
+    header, data = _header(path.read_bytes())
+    del header["__metadata__"]["header_sha256"]
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    with caplog.at_level(logging.WARNING):
+        got = load_compressed(path, model=_fresh())
+    assert "NOT verified" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), _net().state_dict().values(), strict=True))
+    header["__metadata__"]["header_sha256"] = "xyz"
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+    with pytest.raises(CorruptFileError, match="malformed"):
+        load_compressed(path, model=_fresh())
+
+
 def test_resealed_section_and_dtype_lies_are_still_rejected(tmp_path):
     # behind the digest: sections must tile their payload, a tensor's stored dtype must be the writer's
     for edit in (lambda d: d["layers"][1]["codebook"].__setitem__(0, 4),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import struct
 from typing import Any
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from dc_lightning import huffman
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EXTENSION",
@@ -256,11 +259,19 @@ def _check_digest(raw: bytes, digest: Any, where: str) -> None:
     """Check the header digest: sha256 of the header bytes with the digest's own value set to 64 zeros.
 
     Raises:
-        CorruptFileError: no digest (a format version 1 file, or the field was removed), or a mismatch.
+        CorruptFileError: a malformed digest or a mismatch (no digest at all: a logged warning, see below).
     """
+    if digest is None:
+        # files written before header digests (dc_lightning 0.1.0) stay loadable: the user's file is not lost, its
+        # records are still checked one by one and every payload by its sha256; only the header is unverified
+        log.warning(
+            "%s: the header carries no %r (written before dc_lightning added header digests): the header is NOT "
+            "verified, only the records and payload checksums; re-export the model (save_compressed) to add one",
+            where, HEADER_DIGEST,
+        )
+        return
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise CorruptFileError(f"{where}: the header has no valid {HEADER_DIGEST!r} (damaged, or written "
-                               "before dc_lightning checked header digests: re-export the model)")
+        raise CorruptFileError(f"{where}: the header's {HEADER_DIGEST!r} is malformed (damaged or altered)")
     field = _DIGEST_FIELD + digest.encode()
     if raw.count(field) != 1 or hashlib.sha256(raw.replace(field, _DIGEST_FIELD + b"0" * 64)).hexdigest() != digest:
         raise CorruptFileError(f"{where}: header digest mismatch: the header was altered or damaged")
