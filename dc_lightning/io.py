@@ -289,6 +289,11 @@ def build_from_record(builder: dict | None, where: str = "file", trusted: Any = 
     allowed = _check_trusted(trusted)
     if not builder:
         raise ValueError(f"{where} records no model builder; pass the model: load_compressed(path, model=...)")
+    if not isinstance(builder, dict):
+        raise ValueError(
+            f"{where}: the builder record {builder!r} is not a mapping {{'callable': ..., 'kwargs': ...}}; pass the "
+            "model: load_compressed(path, model=...)"
+        )
     spec = builder.get("callable")
     try:
         fn = _trusted_callable(spec, allowed, where)

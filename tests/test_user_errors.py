@@ -161,6 +161,16 @@ def test_untrusted_builder_is_never_imported(tmp_path, capsys):
         load_compressed(path, trusted=["dc_lightning.models:*"])
 
 
+@pytest.mark.parametrize("record", [True, "x", [1, 2]])
+def test_a_builder_record_that_is_not_a_mapping_is_a_value_error(tmp_path, record):
+    # found by bench/fuzz_dcz.py (re-sealed header with builder: true): an AttributeError escaped before
+    path = tmp_path / "n.dcz"
+    save_compressed(_net(), path)
+    _rewrite_header(path, lambda d: d.__setitem__("builder", record), reseal=True)
+    with pytest.raises(ValueError, match="not a mapping.*model="):
+        load_compressed(path)
+
+
 def test_trusted_opt_in(tmp_path):
     path = tmp_path / "n.dcz"
     net = _net()
