@@ -48,6 +48,7 @@ from dc_lightning.compressed_modules import (
     CompressedLSTM,
     CompressedMultiheadAttention,
     CompressedRNN,
+    compressed_memory,
     compressed_module_types,
     param_codes,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "check_outputs",
     "convert_model",
     "plan_conversion",
+    "inference_memory",
     "reference_outputs",
     "to_compressed_inference",
 ]
@@ -629,3 +631,24 @@ def to_compressed_inference(
         log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
     return model
 
+
+def inference_memory(
+    path: str | os.PathLike, device: torch.device | str = "cpu", *, model: nn.Module | None = None, trusted: Any = None
+) -> dict:
+    """What a ``.dcz`` file costs at each stage: bytes on disk, bytes its compressed layers hold in ``device`` memory
+    after :func:`to_compressed_inference`, and their dense fp16 bytes (:func:`compressed_memory` per layer).
+
+    Args:
+        path: the file.
+        device: where the converted model goes (``"cuda"`` for GPU memory).
+        model, trusted: as :func:`dc_lightning.io.load_compressed`.
+
+    Returns:
+        :func:`compressed_memory`'s dict plus ``"file_bytes"`` and ``"device"``.
+    """
+    from dc_lightning.io import load_compressed  # lazy: io imports safetensors and the Huffman codec
+
+    converted = to_compressed_inference(load_compressed(path, model=model, trusted=trusted), device=device)
+    mem = compressed_memory(converted)
+    mem.update(file_bytes=os.path.getsize(path), device=str(device))
+    return mem

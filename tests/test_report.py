@@ -105,3 +105,32 @@ def test_log_wandb_with_fake_run(tmp_path):
     assert calls["log"]["compression/ratio"] == pytest.approx(400 / 30)
     assert calls["log"]["compression/report"].columns[0] == "layer"
     assert calls["artifact"].type == "report"
+
+
+def test_inspect_memory_reports_disk_device_and_dense_bytes(tmp_path, capsys):
+    """``inspect --memory``: bytes on disk, bytes the converted layers hold, dense fp16 bytes (issue 15)."""
+    import json
+
+    from dc_lightning.cli import main
+    from dc_lightning.io import save_compressed
+    from dc_lightning.models import build_model
+    from dc_lightning.pruning import prune_model
+    from dc_lightning.quantization import quantize_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet300")
+    prune_model(model, densities=0.1)
+    quantize_model(model, bits=4, max_iter=0)
+    path = tmp_path / "m.dcz"
+    save_compressed(model, path)
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--memory", "--json"]) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["file_bytes"] == path.stat().st_size and mem["device"] == "cpu"
+    assert [r["name"] for r in mem["layers"]] == ["ip1", "ip2", "ip3"]
+    dense = sum(2 * m.weight.numel() + 2 * m.bias.numel() for m in (model.ip1, model.ip2, model.ip3))
+    assert mem["dense_fp16_bytes"] == dense
+    # the sparse layout (~0.23 B/position at 10 %) plus the 4-bit packed-code copy for batches (0.625 B/position) and
+    # fp32 biases: below dense fp16 (2 B/position), and exactly what the rows add up to
+    assert 0 < mem["bytes"] < dense * 0.6
+    assert mem["bytes"] == sum(r["bytes"] for r in mem["layers"])

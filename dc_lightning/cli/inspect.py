@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dc_lightning.cli import input_file, user_errors
@@ -12,7 +13,7 @@ __all__ = ["cli_inspect"]
 
 @user_errors("dc-lightning inspect")
 def cli_inspect(argv: list[str] | None = None) -> int:
-    """``dc-lightning inspect <file.dcz> [--json | --markdown] [--no-verify]``: print the per-layer compression report.
+    """``dc-lightning inspect <file.dcz> [--json | --markdown] [--no-verify] [--memory [DEVICE]]``: print the report.
 
     The file's header digest and payload checksums are verified first: a corrupt file exits with status 1, a missing
     file or a directory with 2. ``--no-verify`` reads the header only and says so on every rendering.
@@ -23,6 +24,11 @@ def cli_inspect(argv: list[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="print JSON")
     g.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--no-verify", action="store_true", help="skip the payload checksums (the report says so)")
+    p.add_argument("--memory", nargs="?", const="cpu", metavar="DEVICE",
+                   help="also convert the model (to_compressed_inference) on DEVICE (default cpu; e.g. cuda) and "
+                        "report the bytes its compressed layers hold there vs dense fp16")
+    p.add_argument("--trusted", action="append", default=None, metavar="PATTERN",
+                   help="with --memory: a builder the file may name (as load_compressed(trusted=...))")
     args = p.parse_args(argv)
 
     from dc_lightning.report import compression_report
@@ -30,10 +36,27 @@ def cli_inspect(argv: list[str] | None = None) -> int:
     rep = compression_report(input_file(args.file, ".dcz"), verify=not args.no_verify)
     if not rep.verified:
         print(f"dc-lightning inspect: {args.file}: NOT VERIFIED (--no-verify): checksums not checked", file=sys.stderr)
+    mem = None
+    if args.memory is not None:
+        from dc_lightning.conversion import inference_memory
+
+        mem = inference_memory(args.file, args.memory, trusted=args.trusted)
     if args.json:
-        print(rep.to_json())
-    elif args.markdown:
+        if mem is None:
+            print(rep.to_json())
+        else:
+            print(json.dumps({**json.loads(rep.to_json()), "memory": mem}, indent=2))
+        return 0
+    if args.markdown:
         print(rep.to_markdown())
     else:
         rep.print()
+    if mem is not None:
+        print(f"\nmemory after to_compressed_inference on {mem['device']}:")
+        print("| layer | module | bytes | dense fp16 bytes | ratio |")
+        print("|---|---|---|---|---|")
+        for r in mem["layers"]:
+            print(f"| {r['name']} | {r['type']} | {r['bytes']:,} | {r['dense_fp16_bytes']:,} | {r['ratio']:.2f}x |")
+        print(f"| total | | {mem['bytes']:,} | {mem['dense_fp16_bytes']:,} | {mem['ratio']:.2f}x |")
+        print(f"file on disk: {mem['file_bytes']:,} bytes")
     return 0
