@@ -30,12 +30,26 @@ def _ratio_line(report: dict[str, Any]) -> str:
             f"{report['file_bytes']:,} B, {report['ratio_file']:.1f}x smaller than the dense fp32 parameters")
 
 
+def _has_ppl(summary: dict[str, Any]) -> bool:
+    """Whether the run measured perplexity (a language model: dc_lightning.module.LanguageModule)."""
+    return any("ppl" in m for m in summary["accuracy"].values())
+
+
+def _metric_cells(summary: dict[str, Any], stage: str, ppl: bool) -> list[str]:
+    """Top-1 (next-token accuracy for a language model) and, when ``ppl``, perplexity of one stage's row."""
+    metrics = summary["accuracy"].get("reloaded" if stage == "evaluate" else stage, {})
+    acc, p = metrics.get("acc1"), metrics.get("ppl")
+    return ["" if acc is None else f"{100 * acc:.2f}%", *(["" if p is None else f"{p:.3f}"] if ppl else [])]
+
+
 def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
     """The run's Markdown: accuracy per stage, seconds per stage, per-layer table with the paper's beside it."""
-    lines = [f"# {cfg.recipe_name}: Deep Compression run", "", "| stage | top-1 | seconds |", "|---|---|---|"]
+    ppl = _has_ppl(summary)
+    lines = [f"# {cfg.recipe_name}: Deep Compression run", "",
+             "| stage | top-1 | perplexity | seconds |" if ppl else "| stage | top-1 | seconds |",
+             "|---|---|---|---|" if ppl else "|---|---|---|"]
     for stage, secs in summary["seconds"].items():
-        acc = summary["accuracy"].get("reloaded" if stage == "evaluate" else stage, {}).get("acc1")
-        lines.append(f"| {stage} | {'' if acc is None else f'{100 * acc:.2f}%'} | {secs} |")
+        lines.append("| " + " | ".join([stage, *_metric_cells(summary, stage, ppl), str(secs)]) + " |")
     report = summary.get("report")
     if report:
         paper = _paper_rows(cfg)
@@ -52,7 +66,9 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
             )
         pp = OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") else {}
         lines += ["", _ratio_line(report)
-                  + (f"; paper: P+Q {pp.get('ratio_pq')}x, P+Q+H {pp.get('ratio')}x ({pp.get('name')})" if pp else "")]
+                  + (f"; paper: P+Q {pp.get('ratio_pq')}x, P+Q+H {pp.get('ratio')}x ({pp.get('name')})"
+                     if pp and pp.get("ratio_pq") else f"; paper: P+Q+H {pp.get('ratio')}x ({pp.get('name')})" if pp
+                     else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -72,16 +88,16 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any], console: Console | N
         return
     console = console or rich_console()
     table = Table(title=f"{cfg.recipe_name}: accuracy and wall time per stage")
-    for col in ("stage", "top-1", "seconds"):
+    ppl = _has_ppl(summary)
+    for col in ("stage", "top-1", *(("perplexity",) if ppl else ()), "seconds"):
         table.add_column(col)
     for stage, secs in summary["seconds"].items():
-        acc = summary["accuracy"].get("reloaded" if stage == "evaluate" else stage, {}).get("acc1")
-        table.add_row(stage, "" if acc is None else f"{100 * acc:.2f}%", f"{secs}")
+        table.add_row(stage, *_metric_cells(summary, stage, ppl), f"{secs}")
     console.print(table)
     report = summary.get("report")
     if report:
         paper = _paper_rows(cfg)
-        t2 = Table(title="per layer: ours (Fashion-MNIST) vs the paper")
+        t2 = Table(title="per layer: ours vs the paper")
         for col in ("layer", "#weights", "kept %", "Wb P+Q", "Wb P+Q+H", "Ib P+Q+H", "size% P+Q", "size% P+Q+H",
                     "paper kept %", "paper size% P+Q+H"):
             t2.add_column(col, justify="right")
