@@ -89,3 +89,44 @@ def build_lm(name: str, **kwargs: int | float) -> nn.Module:
         raise ValueError(f"model: {name} takes no argument {unknown}; it takes {sorted(LM_DEFAULTS[name])}")
     args = {**LM_DEFAULTS[name], **{k: v for k, v in kwargs.items() if v is not None}}
     return (LSTMLanguageModel if name == "lstm_lm" else TransformerLanguageModel)(**args)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None, max_context: int | None = None) -> torch.Tensor:
+    """Extend ``prompt`` (int64 ``[T]``) by ``tokens`` tokens sampled from ``model`` (tokens ``[1, T]`` -> logits
+    ``[1, T, vocab]``, dense or compressed); returns the generated ids only, ``[tokens]``.
+
+    Each step runs the model on the whole context (at most ``max_context`` trailing tokens; default: the model's
+    ``max_len`` when it has one), so any network of this module works unchanged, the compressed inference modules
+    included. ``temperature=0`` is greedy decoding.
+
+    Raises:
+        ValueError: an empty prompt, ``tokens < 0``, a negative temperature or ``top_k < 1``.
+    """
+    if prompt.dim() != 1 or prompt.numel() == 0:
+        raise ValueError(f"sample: the prompt must be a non-empty 1-D tensor of token ids, got shape "
+                         f"{tuple(prompt.shape)}")
+    if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"sample: tokens={tokens}, temperature={temperature}, top_k={top_k}: need tokens >= 0, "
+                         "temperature >= 0 (0 = greedy), top_k >= 1 or None")
+    inner = getattr(model, "model", model)
+    max_context = max_context or getattr(inner, "max_len", None)
+    device = next(model.parameters(), torch.empty(0)).device
+    ctx = prompt.to(device)
+    out = []
+    for _ in range(tokens):
+        window = ctx if max_context is None else ctx[-max_context:]
+        logits = model(window[None])[0, -1].float()  # [vocab]
+        if temperature == 0:
+            nxt = logits.argmax()
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.numel():
+                kth = logits.topk(top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator)[0].to(device)
+        out.append(nxt)
+        ctx = torch.cat([ctx, nxt.view(1)])
+    return torch.stack(out).cpu() if out else torch.empty(0, dtype=torch.long)
