@@ -112,7 +112,8 @@ def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: flo
                          "temperature >= 0 (0 = greedy), top_k >= 1 or None")
     inner = getattr(model, "model", model)
     max_context = max_context or getattr(inner, "max_len", None)
-    device = next(model.parameters(), torch.empty(0)).device
+    # compressed inference modules may hold buffers only (codes, codebooks): either tells the device
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     ctx = prompt.to(device)
     out = []
     for _ in range(tokens):
