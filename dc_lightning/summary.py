@@ -19,6 +19,16 @@ def _paper_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in (paper or {}).get("layers", [])}
 
 
+def _paper_row(paper: dict[str, dict], name: str) -> dict:
+    """The paper's row of a target: by its name, else by its module's (an LSTM's ``model.lstm`` row covers
+    ``model.lstm.weight_ih_l0`` and ``model.lstm.weight_hh_l0``; the report names each with its parameter)."""
+    if name in paper:
+        return paper[name]
+    module, param = name.rsplit(".", 1) if "." in name else (name, "")
+    row = paper.get(module)
+    return {**row, "layer": f"{row.get('layer', module)} {param}"} if row else {}
+
+
 def _layers(report: dict[str, Any] | None) -> list[dict[str, Any]]:
     return list((report or {}).get("layers", []))
 
@@ -56,7 +66,7 @@ def summary_markdown(cfg: DictConfig, summary: dict[str, Any]) -> str:
         lines += ["", "| layer | #weights | kept % | weight bits P+Q / P+Q+H | index bits P+Q / P+Q+H | "
                   "size % P+Q / P+Q+H | paper kept % | paper size % P+Q / P+Q+H |", "|---|---|---|---|---|---|---|---|"]
         for r in _layers(report):
-            p = paper.get(r["name"], {})
+            p = _paper_row(paper, r["name"])
             lines.append(
                 f"| {p.get('layer', r['name'])} | {r['weights']} | {r['kept_pct']:.1f} | "
                 f"{r['weight_bits_pq']:.2f} / {r['weight_bits_pqh']:.2f} | "
@@ -102,7 +112,7 @@ def print_summary(cfg: DictConfig, summary: dict[str, Any], console: Console | N
                     "paper kept %", "paper size% P+Q+H"):
             t2.add_column(col, justify="right")
         for r in _layers(report):
-            p = paper.get(r["name"], {})
+            p = _paper_row(paper, r["name"])
             t2.add_row(str(p.get("layer", r["name"])), f"{r['weights']:,}", f"{r['kept_pct']:.1f}",
                        f"{r['weight_bits_pq']:.2f}", f"{r['weight_bits_pqh']:.2f}", f"{r['index_bits_pqh']:.2f}",
                        f"{r['cr_pq_pct']:.2f}", f"{r['cr_pqh_pct']:.2f}", str(p.get("kept", "")),
