@@ -14,7 +14,7 @@ source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fortunes}
 EXTRA=(); SWEEP=(--densities 0.5,0.35,0.25,0.15,0.1,0.05); GEN=(--tokens 300)
 declare -A TINY=([lstm_lm]="model.embed_dim=32 model.hidden_size=32"
-                 [transformer_lm]="model.width=32 model.num_layers=2 model.num_heads=2 model.max_len=64")
+                 [transformer_lm]="model.width=32 model.num_layers=6 model.num_heads=2 model.max_len=64")
 if [ "${SMOKE:-0}" = 1 ]; then
   EXTRA=(trainer=cpu trainer.precision=32-true data.max_bytes=40000 data.seq_len=64 pipeline.baseline.epochs=1
          pipeline.prune.epochs=1 pipeline.prune.callback.rounds=1 pipeline.quantize.epochs=1)
