@@ -55,8 +55,8 @@ class ClassifierModule(pl.LightningModule):
         pl.Trainer(max_epochs=15).fit(module, datamodule=FashionMNISTDataModule())
     """
 
-    #: the metric ``measure_accuracy`` and reports lead with (logged as ``test/<main_metric>``), and its direction
-    main_metric, higher_is_better = "acc1", True
+    #: the metric ``measure_accuracy`` returns beside ``acc*`` (logged as ``test/<main_metric>``)
+    main_metric = "acc1"
 
     def __init__(self, model: dict[str, Any], optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = False, scheduler: str = "none", step_size: int = 10,
@@ -156,7 +156,7 @@ class LanguageModule(ClassifierModule):
         pl.Trainer(max_epochs=1).fit(module, datamodule=TextDataModule(seq_len=128))
     """
 
-    main_metric, higher_is_better = "ppl", False
+    main_metric = "ppl"
 
     def _step(self, batch: Any, split: str) -> torch.Tensor:
         x, y = batch
