@@ -20,12 +20,13 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.inference import CompressedLinear  # noqa: F401
     from dc_lightning.io import ModelMismatchError, load_compressed, save_compressed  # noqa: F401
     from dc_lightning.models import LeNet5, LeNet300100, alexnet, build_model, vgg16  # noqa: F401
-    from dc_lightning.module import ClassifierModule  # noqa: F401
+    from dc_lightning.module import ClassifierModule, LanguageModule  # noqa: F401
     from dc_lightning.pruning import apply_masks, magnitude_mask, prune_model  # noqa: F401
     from dc_lightning.quantization import kmeans_1d, quantize_model  # noqa: F401
     from dc_lightning.report import compression_report  # noqa: F401
     from dc_lightning.sensitivity import sensitivity_analysis  # noqa: F401
     from dc_lightning.targets import select_targets  # noqa: F401
+    from dc_lightning.text import TextDataModule  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,9 @@ _EXPORTS: dict[str, str] = {
     "FashionMNISTDataModule": "dc_lightning.data",
     "ImageFolderDataModule": "dc_lightning.data",
     "FakeDataModule": "dc_lightning.data",
+    "TextDataModule": "dc_lightning.text",
     "ClassifierModule": "dc_lightning.module",
+    "LanguageModule": "dc_lightning.module",
     # what is compressed (parameter-level targets)
     "select_targets": "dc_lightning.targets",
     # pruning

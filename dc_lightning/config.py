@@ -94,12 +94,16 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, **overrides: Any):
-    """A fresh :class:`~dc_lightning.module.ClassifierModule` from ``cfg.model`` and ``cfg.module``."""
-    from dc_lightning.module import ClassifierModule
+    """A fresh LightningModule from ``cfg.module`` and ``cfg.model``: the class ``cfg.module._target_`` names
+    (default :class:`~dc_lightning.module.ClassifierModule`; ``dc_lightning.module.LanguageModule`` for the LM
+    recipes), given ``model=cfg.model`` and the other keys of ``cfg.module``."""
+    from hydra.utils import get_class
 
     kwargs = OmegaConf.to_container(cfg.module, resolve=True)
     kwargs.update(overrides)
-    return ClassifierModule(model=OmegaConf.to_container(cfg.model, resolve=True), **kwargs)
+    # called directly, not through instantiate: the class's own ValueError reaches the user unwrapped
+    cls = get_class(kwargs.pop("_target_", "dc_lightning.module.ClassifierModule"))
+    return cls(model=OmegaConf.to_container(cfg.model, resolve=True), **kwargs)
 
 
 def build_logger(cfg: DictConfig, stage: str):

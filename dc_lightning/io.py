@@ -194,6 +194,7 @@ TRUSTED_BUILDERS = (
     "dc_lightning.models:alexnet",
     "dc_lightning.models:vgg16",
     "dc_lightning.module:ClassifierModule",
+    "dc_lightning.module:LanguageModule",
     "torchvision.models.*",
 )
 

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dc_lightning.lm import LM_DEFAULTS, build_lm
+
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("lenet300", "lenet5", "alexnet", "vgg16")
+MODEL_NAMES = ("lenet300", "lenet5", "alexnet", "vgg16", "lstm_lm", "transformer_lm")
 
 #: the paper's layer names -> qualified names inside our models (for reports and recipe densities)
 PAPER_LAYER_NAMES: dict[str, dict[str, str]] = {
@@ -38,6 +40,9 @@ PAPER_LAYER_NAMES: dict[str, dict[str, str]] = {
         "conv4_2": "features.19", "conv4_3": "features.21", "conv5_1": "features.24", "conv5_2": "features.26",
         "conv5_3": "features.28", "fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6",
     },
+    # EIE's benchmark layers (Table III of [EIE]); NT-LSTM is the gate matrix [W_ih | W_hh | b] of the LSTM
+    "lstm_lm": {"NT-We": "embed", "NT-LSTM": "lstm", "NT-Wd": "decoder"},
+    "transformer_lm": {},  # no paper counterpart: densities from a sensitivity sweep
 }
 
 
@@ -147,15 +152,19 @@ def build_model(
     in_channels: int | None = None,
     dropout: float | None = None,
     pretrained: str | None = None,
+    **lm_kwargs: Any,
 ) -> nn.Module:
     """Build one of the paper's networks by name; the result carries ``dc_builder`` for ``load_compressed``.
 
     Args:
-        name: one of ``lenet300``, ``lenet5``, ``alexnet``, ``vgg16``.
+        name: one of ``lenet300``, ``lenet5``, ``alexnet``, ``vgg16``, or a language model of
+            :mod:`dc_lightning.lm`: ``lstm_lm``, ``transformer_lm``.
         num_classes: output classes (default 10 for the LeNets, 1000 for AlexNet/VGG-16 to keep the paper's fc8).
         in_channels: input channels (default 1 for the LeNets, 3 otherwise).
         dropout: dropout rate of AlexNet/VGG-16's classifier (default 0.5; the LeNets have none).
         pretrained: optional path to a local state dict to load (no download ever happens).
+        lm_kwargs: sizes of a language model (``vocab_size``, ``embed_dim``, ``hidden_size``, ``width``,
+            ``num_layers``, ``num_heads``, ``max_len``; :data:`dc_lightning.lm.LM_DEFAULTS` lists each one's).
 
     Raises:
         ValueError: unknown ``name`` or an argument the network does not take.
@@ -167,7 +176,14 @@ def build_model(
     if name not in MODEL_NAMES:
         raise ValueError(f"model.name: unknown network {name!r}; valid names: {list(MODEL_NAMES)}")
     kwargs: dict[str, Any] = {}
-    if name in ("lenet300", "lenet5"):
+    if lm_kwargs and name not in LM_DEFAULTS:
+        raise ValueError(f"model: {name} takes no argument {sorted(lm_kwargs)} (language-model sizes)")
+    if name in LM_DEFAULTS:
+        if num_classes is not None or in_channels is not None:
+            raise ValueError(f"model: {name} takes vocab_size, not num_classes/in_channels (got {num_classes}, "
+                             f"{in_channels}); leave them null")
+        model = build_lm(name, dropout=dropout, **lm_kwargs)
+    elif name in ("lenet300", "lenet5"):
         if dropout not in (None, 0, 0.0):
             raise ValueError(f"model.dropout: {name} has no dropout layer (got {dropout}); leave it null")
         kwargs["num_classes"] = 10 if num_classes is None else num_classes
@@ -186,7 +202,8 @@ def build_model(
     # the recipe of this network, without the weights file (a compressed file must not depend on it)
     model.dc_builder = {
         "callable": "dc_lightning.models:build_model",
-        "kwargs": {"name": name, "num_classes": num_classes, "in_channels": in_channels, "dropout": dropout},
+        "kwargs": {"name": name, "num_classes": num_classes, "in_channels": in_channels, "dropout": dropout,
+                   **lm_kwargs},
     }
     return model
 

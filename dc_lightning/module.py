@@ -7,6 +7,7 @@ that ``load_from_checkpoint`` and ``load_compressed`` can rebuild it without Hyd
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -54,6 +55,9 @@ class ClassifierModule(pl.LightningModule):
         pl.Trainer(max_epochs=15).fit(module, datamodule=FashionMNISTDataModule())
     """
 
+    #: the metric ``measure_accuracy`` returns beside ``acc*`` (logged as ``test/<main_metric>``)
+    main_metric = "acc1"
+
     def __init__(self, model: dict[str, Any], optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 1e-4, nesterov: bool = False, scheduler: str = "none", step_size: int = 10,
                  gamma: float = 0.1, warmup_epochs: int = 0, num_classes: int | None = None) -> None:
@@ -77,7 +81,7 @@ class ClassifierModule(pl.LightningModule):
         # rebuild recipe for load_compressed: this module minus any local weights file
         hp = dict(self.hparams)
         hp["model"] = {k: v for k, v in dict(model).items() if k != "pretrained"}
-        self.dc_builder = {"callable": "dc_lightning.module:ClassifierModule", "kwargs": hp}
+        self.dc_builder = {"callable": f"{type(self).__module__}:{type(self).__qualname__}", "kwargs": hp}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -135,3 +139,55 @@ class ClassifierModule(pl.LightningModule):
             ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=warmup)
             sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, sched], milestones=[warmup])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class LanguageModule(ClassifierModule):
+    """Next-token language modelling: the network maps tokens ``[B, T]`` to logits ``[B, T, vocab]``.
+
+    Same arguments and optimizers as :class:`ClassifierModule` (``model={"name": "lstm_lm"}``); batches are
+    ``(x, y)`` int64 ``[B, T]`` with ``y`` the next token of each position (:class:`dc_lightning.text.TextDataModule`).
+    Logs ``<split>/loss`` (mean cross-entropy per token, nats), ``<split>/acc1`` (next-token accuracy) and, per
+    validation/test epoch, ``<split>/ppl``: exp of the mean cross-entropy over every token of the epoch (summed
+    across processes), which is the corpus perplexity, not a mean of per-batch perplexities.
+
+    Example::
+
+        module = LanguageModule(model={"name": "lstm_lm"}, optimizer="adam", lr=2e-3)
+        pl.Trainer(max_epochs=1).fit(module, datamodule=TextDataModule(seq_len=128))
+    """
+
+    main_metric = "ppl"
+
+    def _step(self, batch: Any, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x).flatten(0, 1)  # [B*T, vocab]
+        y = y.flatten()
+        loss = F.cross_entropy(logits, y)
+        n = y.numel()
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=n, sync_dist=split != "train")
+        self.log(f"{split}/acc1", topk_correct(logits, y, 1).float() / n, batch_size=n, sync_dist=split != "train")
+        if split != "train":  # token-weighted sums for the epoch's perplexity
+            sums = getattr(self, "_nll_sums", None)
+            add = torch.stack([loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64,
+                                                                          device=loss.device)])
+            self._nll_sums = add if sums is None else sums + add
+        return loss
+
+    def _log_perplexity(self, split: str) -> None:
+        sums, self._nll_sums = getattr(self, "_nll_sums", None), None
+        if sums is None:
+            return
+        nll, count = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        self.log(f"{split}/ppl", math.exp(nll / count), sync_dist=False)  # already summed over processes
+
+    def on_validation_epoch_start(self) -> None:
+        self._nll_sums = None
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._nll_sums = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")

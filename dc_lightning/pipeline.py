@@ -31,10 +31,12 @@ STAGES = ("baseline", "prune", "quantize", "export", "evaluate")
 def measure_accuracy(
     cfg: DictConfig, module: pl.LightningModule, dm: pl.LightningDataModule, stage: str
 ) -> dict[str, float]:
-    """Test ``module`` on the recipe's test set with a one-off trainer: ``{"acc1": ..., "acc5": ...}``."""
+    """Test ``module`` on the recipe's test set with a one-off trainer: ``{"acc1": ..., "acc5": ...}``, plus
+    ``"ppl"`` for a :class:`~dc_lightning.module.LanguageModule` (its ``main_metric``)."""
     trainer = build_trainer(cfg, f"{stage}-test", max_epochs=1, logger=False, callbacks=[])
     (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
-    return {k.replace("test/", ""): float(v) for k, v in metrics.items() if k.startswith("test/acc")}
+    main = f"test/{getattr(module, 'main_metric', 'acc1')}"
+    return {k.replace("test/", ""): float(v) for k, v in metrics.items() if k.startswith("test/acc") or k == main}
 
 
 #: stages that build an object from ``pipeline.<stage>.callback``

@@ -68,7 +68,8 @@ def _accuracy(model: nn.Module, batches: list) -> float:
     correct = total = 0
     for x, y in batches:
         logits = model(x)
-        correct += int((logits.argmax(dim=1) == y).sum())
+        # classes on the last dim: [B, C] for a classifier, [B, T, vocab] for a language model (next-token accuracy)
+        correct += int((logits.argmax(dim=-1) == y).sum())
         total += int(y.numel())
     return 100.0 * correct / total
 

@@ -24,3 +24,13 @@ needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST,
     reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (or set DC_FASHION_MNIST_ROOT)",
 )
+
+
+def _fortunes_available() -> bool:
+    from dc_lightning.text import DEBIAN_FORTUNES
+
+    return DEBIAN_FORTUNES.is_dir() and any(p.is_file() and not p.suffix for p in DEBIAN_FORTUNES.iterdir())
+
+
+FORTUNES = _fortunes_available()
+needs_fortunes = pytest.mark.skipif(not FORTUNES, reason="fortunes corpus not installed: apt-get install fortunes")

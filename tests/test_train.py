@@ -27,11 +27,11 @@ SMOKE = {
 
 
 def test_recipes_listed():
-    assert set(RECIPES) == {"lenet300", "lenet5", "alexnet", "vgg16"}
+    assert set(RECIPES) == {"lenet300", "lenet5", "alexnet", "vgg16", "lstm_lm", "transformer_lm"}
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                          cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "recipe: alexnet, lenet300, lenet5, vgg16" in out.stdout
+    assert "recipe: alexnet, lenet300, lenet5, lstm_lm, transformer_lm, vgg16" in out.stdout
 
 
 # recipe densities that differ from the paper's table on purpose (the recipe's README says why)

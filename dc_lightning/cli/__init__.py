@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "decompress": ("dc_lightning.cli.export", "write a compressed file's dense weights as a plain safetensors file"),
     "inspect": ("dc_lightning.cli.inspect", "print the per-layer compression report of a compressed file"),
     "predict": ("dc_lightning.cli.predict", "evaluate a compressed file through the EIE inference path"),
+    "generate": ("dc_lightning.cli.generate", "sample text from a compressed language model (lstm_lm, transformer_lm)"),
 }
 
 

@@ -1,0 +1,133 @@
+"""Language models of the LM recipes: NeuralTalk's LSTM shapes (EIE's ``NT-*`` layers) and a decoder-only transformer.
+
+Both map int64 tokens ``[B, T]`` to logits ``[B, T, vocab_size]`` and name their layers after what EIE's benchmark
+calls them, so the recipes' densities and the per-layer report read alike:
+
+- ``LSTMLanguageModel``: ``embed`` (EIE's ``NT-We``, 4096x600 there over a word vocabulary; 256x600 here over
+  bytes), ``lstm`` (``NT-LSTM``: PyTorch keeps the gate matrix as ``weight_ih_l0`` [2400, 600] and ``weight_hh_l0``
+  [2400, 600] plus biases; EIE's 1201x2400 matrix is ``[W_ih | W_hh | b]`` for 600 + 600 + 1 inputs), ``decoder``
+  (``NT-Wd``, 600x8791 there, 600x256 here).
+- ``TransformerLanguageModel``: token and position embeddings, ``nn.TransformerEncoderLayer`` blocks (pre-norm, GELU)
+  run with a causal mask and ``is_causal=True``, a final LayerNorm and an untied ``decoder``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: the LM networks :func:`dc_lightning.models.build_model` builds, with their default sizes
+LM_DEFAULTS: dict[str, dict[str, int | float]] = {
+    "lstm_lm": {"vocab_size": 256, "embed_dim": 600, "hidden_size": 600, "num_layers": 1, "dropout": 0.0},
+    "transformer_lm": {"vocab_size": 256, "width": 384, "num_layers": 6, "num_heads": 6, "max_len": 512,
+                       "dropout": 0.0},
+}
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> LSTM -> Linear decoder ([NT]'s shapes at the defaults: 600-dim embedding, 600 hidden units)."""
+
+    def __init__(self, vocab_size: int = 256, embed_dim: int = 600, hidden_size: int = 600, num_layers: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(embed_dim, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.drop(self.embed(tokens)))  # [B, T, hidden]
+        return self.decoder(self.drop(h))  # [B, T, vocab]
+
+
+class TransformerLanguageModel(nn.Module):
+    """Decoder-only transformer: ``num_layers`` causal self-attention blocks of ``width`` with ``num_heads`` heads.
+
+    ``nn.TransformerEncoderLayer`` is a decoder block once its attention is causal; the mask is passed together with
+    ``is_causal=True`` (the hint alone is not a mask, the mask alone leaves the fused kernels unaware).
+    """
+
+    def __init__(self, vocab_size: int = 256, width: int = 384, num_layers: int = 6, num_heads: int = 6,
+                 max_len: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"model.width: {width} is not divisible by model.num_heads = {num_heads}")
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, width)
+        self.pos = nn.Embedding(max_len, width)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, num_heads, 4 * width, dropout, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"TransformerLanguageModel: {t} tokens exceed model.max_len = {self.max_len}")
+        x = self.drop(self.embed(tokens) + self.pos(torch.arange(t, device=tokens.device)))  # [B, T, width]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        return self.decoder(self.norm(x))  # [B, T, vocab]
+
+
+def build_lm(name: str, **kwargs: int | float) -> nn.Module:
+    """``lstm_lm`` or ``transformer_lm`` with :data:`LM_DEFAULTS` overridden by ``kwargs`` (None = the default).
+
+    Raises:
+        ValueError: an unknown name, or an argument the network does not take (the message lists those it takes).
+    """
+    if name not in LM_DEFAULTS:
+        raise ValueError(f"model.name: {name!r} is not a language model; valid: {list(LM_DEFAULTS)}")
+    unknown = sorted(set(kwargs) - set(LM_DEFAULTS[name]))
+    if unknown:
+        raise ValueError(f"model: {name} takes no argument {unknown}; it takes {sorted(LM_DEFAULTS[name])}")
+    args = {**LM_DEFAULTS[name], **{k: v for k, v in kwargs.items() if v is not None}}
+    return (LSTMLanguageModel if name == "lstm_lm" else TransformerLanguageModel)(**args)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None, max_context: int | None = None) -> torch.Tensor:
+    """Extend ``prompt`` (int64 ``[T]``) by ``tokens`` tokens sampled from ``model`` (tokens ``[1, T]`` -> logits
+    ``[1, T, vocab]``, dense or compressed); returns the generated ids only, ``[tokens]``.
+
+    Each step runs the model on the whole context (at most ``max_context`` trailing tokens; default: the model's
+    ``max_len`` when it has one), so any network of this module works unchanged, the compressed inference modules
+    included. ``temperature=0`` is greedy decoding.
+
+    Raises:
+        ValueError: an empty prompt, ``tokens < 0``, a negative temperature or ``top_k < 1``.
+    """
+    if prompt.dim() != 1 or prompt.numel() == 0:
+        raise ValueError(f"sample: the prompt must be a non-empty 1-D tensor of token ids, got shape "
+                         f"{tuple(prompt.shape)}")
+    if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"sample: tokens={tokens}, temperature={temperature}, top_k={top_k}: need tokens >= 0, "
+                         "temperature >= 0 (0 = greedy), top_k >= 1 or None")
+    inner = getattr(model, "model", model)
+    max_context = max_context or getattr(inner, "max_len", None)
+    # compressed inference modules may hold buffers only (codes, codebooks): either tells the device
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+    ctx = prompt.to(device)
+    out = []
+    for _ in range(tokens):
+        window = ctx if max_context is None else ctx[-max_context:]
+        logits = model(window[None])[0, -1].float()  # [vocab]
+        if temperature == 0:
+            nxt = logits.argmax()
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.numel():
+                kth = logits.topk(top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator)[0].to(device)
+        out.append(nxt)
+        ctx = torch.cat([ctx, nxt.view(1)])
+    return torch.stack(out).cpu() if out else torch.empty(0, dtype=torch.long)
