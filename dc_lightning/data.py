@@ -100,6 +100,16 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
     )
 
 
+def tensor_loader(ds: TensorDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """Batches of an in-memory ``TensorDataset`` (seeded shuffling when ``shuffle``), for the in-memory DataModules.
+
+    ``batch_size=None`` + a ``BatchSampler``: the dataset is indexed by a whole list of indices at once (one gather per
+    batch instead of ``batch_size`` item lookups and a collate).
+    """
+    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False))
+
+
 class _InMemoryDataModule(pl.LightningDataModule):
     """Shared batching/transform logic for uint8 image tensors held in memory."""
 
@@ -119,12 +129,7 @@ class _InMemoryDataModule(pl.LightningDataModule):
         self.splits: dict[str, TensorDataset] = {}
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self.splits[split]
-        bs = self.batch_size if train else self.eval_batch_size
-        gen = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(ds, generator=gen) if train else SequentialSampler(ds)
-        # batch_size=None + a BatchSampler: TensorDataset is indexed by a whole list of indices at once
-        return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False))
+        return tensor_loader(self.splits[split], self.batch_size if train else self.eval_batch_size, train, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+from dc_lightning.data import tensor_loader
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +176,7 @@ class TextDataModule(pl.LightningDataModule):
                  {s: len(d) for s, d in self.splits.items()}, self.seq_len)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        ds = self.splits[split]
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed)) if train \
-            else SequentialSampler(ds)
-        bs = self.batch_size if train else self.eval_batch_size
-        # batch_size=None + a BatchSampler: the TensorDataset is indexed by a whole list of indices at once
-        return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False))
+        return tensor_loader(self.splits[split], self.batch_size if train else self.eval_batch_size, train, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
