@@ -100,17 +100,37 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
     )
 
 
-def tensor_loader(ds: TensorDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """Batches of an in-memory ``TensorDataset`` (seeded shuffling when ``shuffle``), for the in-memory DataModules.
+class TensorSplits:
+    """Loaders over in-memory ``TensorDataset`` splits (``self.splits``), for the in-memory DataModules: seeded
+    shuffling of the train split (``self.seed``), ``self.batch_size`` / ``self.eval_batch_size``.
 
-    ``batch_size=None`` + a ``BatchSampler``: the dataset is indexed by a whole list of indices at once (one gather per
+    ``batch_size=None`` + a ``BatchSampler``: a split is indexed by a whole list of indices at once (one gather per
     batch instead of ``batch_size`` item lookups and a collate).
     """
-    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False))
+
+    splits: dict[str, TensorDataset]
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.splits[split]
+        gen = torch.Generator().manual_seed(self.seed)
+        sampler = RandomSampler(ds, generator=gen) if train else SequentialSampler(ds)
+        bs = self.batch_size if train else self.eval_batch_size
+        return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
 
 
-class _InMemoryDataModule(pl.LightningDataModule):
+class _InMemoryDataModule(TensorSplits, pl.LightningDataModule):
     """Shared batching/transform logic for uint8 image tensors held in memory."""
 
     mean: float = FASHION_MNIST_MEAN
@@ -128,17 +148,6 @@ class _InMemoryDataModule(pl.LightningDataModule):
         self.image_size, self.channels = image_size, channels
         self.splits: dict[str, TensorDataset] = {}
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return tensor_loader(self.splits[split], self.batch_size if train else self.eval_batch_size, train, self.seed)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from dc_lightning.data import tensor_loader
+from dc_lightning.data import TensorSplits
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def windows(tokens: torch.Tensor, seq_len: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(TensorSplits, pl.LightningDataModule):
     """Byte-level language modelling on the ``fortunes`` corpus: batches of ``(x, y)`` int64 ``[B, seq_len]``.
 
     Args:
@@ -175,14 +175,3 @@ class TextDataModule(pl.LightningDataModule):
         log.info("fortunes from %s: %s windows of %d bytes", files[0].parent,
                  {s: len(d) for s, d in self.splits.items()}, self.seq_len)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return tensor_loader(self.splits[split], self.batch_size if train else self.eval_batch_size, train, self.seed)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
