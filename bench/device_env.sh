@@ -9,3 +9,17 @@ if [ -d .whl ] && ! "$PY" -c "import hydra, omegaconf, safetensors, rich" 2>/dev
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHON="$PY"
 [ -e dc_lightning/kernels ] || ln -sfn ../kernels dc_lightning/kernels
+# for the scripts that set OUT (results), R (run folders) and BUDGET (s): pack R's logs and reports into
+# $OUT/results.tgz; `step NAME LIMIT_S CMD...` runs CMD with a timeout if the budget allows, logs to $R/NAME.log
+pack() { tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
+  --exclude='wandb' . 2>/dev/null; }
+step() {
+  local name=$1 limit=$2; shift 2
+  if (( SECONDS + limit > BUDGET )); then echo "$name skipped (budget)" | tee -a "$R/status.txt"; return 1; fi
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "$name exit $rc in $(( SECONDS - t0 )) s" | tee -a "$R/status.txt"
+  pack
+  return $rc
+}

@@ -20,18 +20,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
          pipeline.prune.epochs=1 pipeline.prune.callback.rounds=1 pipeline.quantize.epochs=1)
   SWEEP=(--densities 0.5 --max-batches 1 --device cpu); GEN=(--tokens 20 --device cpu)
 fi
-pack() { tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
-  --exclude='wandb' . 2>/dev/null; }
-step() {  # step NAME LIMIT_S CMD...: run CMD with a timeout if the budget allows, log to $R/NAME.log
-  local name=$1 limit=$2; shift 2
-  if (( SECONDS + limit > BUDGET )); then echo "$name skipped (budget)" | tee -a "$R/status.txt"; return 1; fi
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "$name exit $rc in $(( SECONDS - t0 )) s" | tee -a "$R/status.txt"
-  pack
-  return $rc
-}
 # the console script without an install (timeout runs a command, not a shell function)
 CLI=("$PY" -c "import sys; from dc_lightning.cli import main; sys.exit(main(sys.argv[1:]))")
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -c "import torch, triton, lightning;

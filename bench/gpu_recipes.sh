@@ -19,19 +19,6 @@ if [ "${SMOKE:-0}" = 1 ]; then
          pipeline.baseline.epochs=1 pipeline.prune.epochs=2 pipeline.prune.callback.rounds=1 pipeline.quantize.epochs=1
          data.batch_size=16 data.eval_batch_size=16)
 fi
-pack() { tar czf "$OUT/results.tgz" -C "$R" --exclude='*.ckpt' --exclude='*.dcz' --exclude='*.safetensors' \
-  --exclude='wandb' . 2>/dev/null; }
-# step NAME LIMIT_S CMD...: run CMD with a timeout if the budget allows, log to $R/NAME.log, record the outcome
-step() {
-  local name=$1 limit=$2; shift 2
-  if (( SECONDS + limit > BUDGET )); then echo "$name skipped (budget)" | tee -a "$R/status.txt"; return 1; fi
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  echo "$name exit $rc in $(( SECONDS - t0 )) s" | tee -a "$R/status.txt"
-  pack
-  return $rc
-}
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -c "import torch, triton, lightning;
 print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)") > "$R/machine.txt" 2>&1
 declare -A SIZE=([alexnet]=64 [vgg16]=32) LIMIT=([alexnet]=240 [vgg16]=480) LAT=([alexnet]=120 [vgg16]=240)
