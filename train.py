@@ -5,7 +5,7 @@
     python train.py recipe=vgg16 stage=prune baseline_ckpt=outputs/vgg16/.../checkpoints/baseline.ckpt
     python train.py --help                  # config groups and recipes
 
-``train(cfg)`` is importable so tests run the pipeline without the CLI (see ``dc_lightning.config.compose``).
+``train(cfg)`` is importable so tests run the pipeline without the CLI (see ``dc_lightning.pipeline.config.compose``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/ is found as
 
 def train(cfg: DictConfig) -> dict:
     """Run the recipe's pipeline stages; returns the summary (accuracies, ratio, timings, file paths)."""
-    from dc_lightning.pipeline import run_pipeline
+    from dc_lightning.pipeline.stages import run_pipeline
 
     return run_pipeline(cfg)
 

@@ -124,8 +124,7 @@ def safe_int4(w: torch.Tensor):
 
 def build_providers(rows, cols, codes, codebook, bias, n_in, n_out, packed, relu=False):
     """name -> (fn(x_fp32) already bound to its own input dtype, input tensor factory). Returns dict name -> fn, x."""
-    from dc_lightning.kernels import eie_spmv as E
-
+    from dc_lightning.kernels.sparse import op as E
     w32 = E.decode_dense(packed).contiguous()
     w16, wbf = w32.half(), w32.bfloat16()
     csr = w32.to_sparse_csr()
@@ -201,8 +200,7 @@ def measure_floor_parts() -> dict:
 
 
 def run_layers(batches, floor, out_dir: Path, providers_sel=None) -> list[dict]:
-    from dc_lightning.kernels import eie_spmv as E
-
+    from dc_lightning.kernels.sparse import op as E
     rows_out = []
     for li, (name, n_in, n_out, wd, ad, eie_us) in enumerate(EIE_LAYERS):
         rows, cols, codes, codebook, bias = random_layer(n_in, n_out, wd, seed=li)
@@ -337,8 +335,7 @@ def _nvml_energy_reader():
 
 
 def run_stacks(batches, out_dir: Path, energy_s: float = 1.5) -> list[dict]:
-    from dc_lightning.kernels import eie_spmv as E
-
+    from dc_lightning.kernels.sparse import op as E
     spec = {name: (n_in, n_out, wd, ad) for name, n_in, n_out, wd, ad, _ in EIE_LAYERS}
     reader = _nvml_energy_reader()
     recs = []
@@ -509,8 +506,7 @@ def plot(recs: list[dict], path: Path) -> None:
 
 
 def run_sweep(out_dir: Path, layers=("VGG-6", "Alex-7", "Alex-8", "NT-Wd"), batches=(1, 16, 64)) -> list[dict]:
-    from dc_lightning.kernels import eie_spmv as E
-
+    from dc_lightning.kernels.sparse import op as E
     spec = {name: (n_in, n_out, wd, ad) for name, n_in, n_out, wd, ad, _ in EIE_LAYERS}
     recs = []
     for li, name in enumerate(layers):

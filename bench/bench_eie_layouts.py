@@ -73,9 +73,11 @@ def _kernels_shim() -> None:
 _kernels_shim()
 
 from bench_eie import EIE_LAYERS, STACKS, make_int4  # noqa: E402
-from dc_lightning.kernels import eie_spmv, layouts, lut_matmul  # noqa: E402
-from dc_lightning.kernels.eie_layout import pack  # noqa: E402
-from dc_lightning.kernels.lut_layout import pack_lut  # noqa: E402
+from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.kernels.lut import op as lut_matmul  # noqa: E402
+from dc_lightning.kernels.sparse import op as eie_spmv  # noqa: E402
+from dc_lightning.kernels.lut.layout import pack_lut  # noqa: E402
+from dc_lightning.kernels.sparse.layout import pack  # noqa: E402
 
 # name, out_features, in_features (LLaMA-7B attention projection, MLP up/gate, MLP down)
 TRANSFORMER = [("T-4096x4096", 4096, 4096), ("T-11008x4096", 11008, 4096), ("T-4096x11008", 4096, 11008)]
@@ -427,7 +429,7 @@ class Bench:
         (sparse layer + its LUT batch copy, bitmap LUT, dense LUT), vs eager and float64."""
         from torch import nn
 
-        from dc_lightning.inference import CompressedLinear
+        from dc_lightning.inference.linear import CompressedLinear
 
         def quantized(n_in, n_out, density, seed):
             g = torch.Generator(device=self.dev).manual_seed(seed)

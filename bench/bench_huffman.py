@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dc_lightning import huffman  # noqa: E402
-from dc_lightning.sparse_format import encode_gaps, positions_from_mask  # noqa: E402
+from dc_lightning.dcz import huffman  # noqa: E402
+from dc_lightning.dcz.relative_index import encode_gaps, positions_from_mask  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 N = 1_000_000
@@ -36,8 +36,8 @@ N = 1_000_000
 def layer_streams(n: int = N) -> dict[str, np.ndarray]:
     from torch import nn
 
-    from dc_lightning.pruning import prune_model
-    from dc_lightning.quantization import quantize_model
+    from dc_lightning.pruning.masks import prune_model
+    from dc_lightning.quantization.codebooks import quantize_model
 
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(4096, 4096))

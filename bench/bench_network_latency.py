@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/out/latency")
     args = ap.parse_args(argv)
 
-    from dc_lightning.conversion import to_compressed_inference
-    from dc_lightning.inference import CompressedLinear
+    from dc_lightning.inference.conversion import to_compressed_inference
+    from dc_lightning.inference.linear import CompressedLinear
     from dc_lightning.io import load_compressed
 
     dense = half_except(load_compressed(args.file).cuda().eval(), ())
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                      "speedup": round(t_dense / t_eie, 3), "max_abs_diff": err})
     acc = {}
     if args.data_root:
-        from dc_lightning.data import FashionMNISTDataModule
+        from dc_lightning.data.images import FashionMNISTDataModule
 
         dm = FashionMNISTDataModule(root=args.data_root, image_size=args.image_size, channels=args.channels,
                                     eval_batch_size=500, download=False)

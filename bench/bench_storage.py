@@ -87,12 +87,12 @@ def build_compressed(
     table = PAPER[net][0]
     times = {}
     t = time.perf_counter()
-    from dc_lightning.pruning import prune_model
+    from dc_lightning.pruning.masks import prune_model
 
     prune_model(model, densities={k: v[1] for k, v in table.items()}, include=list(table))
     times["prune_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    from dc_lightning.quantization import quantize_model
+    from dc_lightning.quantization.codebooks import quantize_model
 
     bits = {k: (8 if k.startswith("features") else 5) for k in table}
     quantize_model(model, bits=bits, include=list(table), max_iter=max_iter)

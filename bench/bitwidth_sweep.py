@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dc_lightning.config import build_datamodule, compose, load_module_checkpoint
-    from dc_lightning.pipeline import measure_accuracy, stage_quantize
+    from dc_lightning.pipeline.config import build_datamodule, compose, load_module_checkpoint
+    from dc_lightning.pipeline.stages import measure_accuracy, stage_quantize
 
     torch.set_num_threads(1)
     out = Path(args.out)

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
 
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization
-    from dc_lightning.data import FashionMNISTDataModule
-    from dc_lightning.pruning import prune_model
+    from dc_lightning.data.images import FashionMNISTDataModule
+    from dc_lightning.pruning.masks import prune_model
 
     torch.set_num_threads(2)
     pl.seed_everything(0)

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--alpha {args.alpha} must be in [0, 1] and --temperature {args.temperature} > 0")
 
     import dc_lightning.module as module_lib
-    import dc_lightning.pipeline as pipeline
-    from dc_lightning.config import compose
+    import dc_lightning.pipeline.stages as pipeline
+    from dc_lightning.pipeline.config import compose
 
     teacher: dict[str, torch.nn.Module] = {}
     plain_step = module_lib.ClassifierModule._step

@@ -52,8 +52,8 @@ except ImportError:
     assemble = None
     ModelMismatchError = type("ModelMismatchError", (ValueError,), {})  # noqa: N806
 from dc_lightning.models import build_model  # noqa: E402
-from dc_lightning.pruning import attach_mask, magnitude_mask  # noqa: E402
-from dc_lightning.quantization import quantize_layer  # noqa: E402
+from dc_lightning.pruning.masks import attach_mask, magnitude_mask  # noqa: E402
+from dc_lightning.quantization.codebooks import quantize_layer  # noqa: E402
 
 KINDS = ("byte", "header", "resealed")
 

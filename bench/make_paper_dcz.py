@@ -19,8 +19,8 @@ import yaml
 
 from dc_lightning.io import save_compressed
 from dc_lightning.models import build_model
-from dc_lightning.pruning import prune_model
-from dc_lightning.quantization import quantize_model
+from dc_lightning.pruning.masks import prune_model
+from dc_lightning.quantization.codebooks import quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

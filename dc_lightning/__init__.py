@@ -14,19 +14,19 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning  # noqa: F401
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization  # noqa: F401
     from dc_lightning.checkpoint import load_from_checkpoint  # noqa: F401
-    from dc_lightning.conversion import to_compressed_inference  # noqa: F401
-    from dc_lightning.data import FakeDataModule, FashionMNISTDataModule, ImageFolderDataModule  # noqa: F401
+    from dc_lightning.data.images import FakeDataModule, FashionMNISTDataModule, ImageFolderDataModule  # noqa: F401
+    from dc_lightning.data.text import TextDataModule  # noqa: F401
     from dc_lightning.dcz import CorruptFileError  # noqa: F401
-    from dc_lightning.inference import CompressedLinear  # noqa: F401
+    from dc_lightning.inference.conversion import to_compressed_inference  # noqa: F401
+    from dc_lightning.inference.linear import CompressedLinear  # noqa: F401
     from dc_lightning.io import ModelMismatchError, load_compressed, save_compressed  # noqa: F401
     from dc_lightning.models import LeNet5, LeNet300100, alexnet, build_model, vgg16  # noqa: F401
     from dc_lightning.module import ClassifierModule, LanguageModule  # noqa: F401
-    from dc_lightning.pruning import apply_masks, magnitude_mask, prune_model  # noqa: F401
-    from dc_lightning.quantization import kmeans_1d, quantize_model  # noqa: F401
+    from dc_lightning.pruning.masks import apply_masks, magnitude_mask, prune_model  # noqa: F401
+    from dc_lightning.pruning.sensitivity import sensitivity_analysis  # noqa: F401
+    from dc_lightning.quantization.codebooks import kmeans_1d, quantize_model  # noqa: F401
     from dc_lightning.report import compression_report  # noqa: F401
-    from dc_lightning.sensitivity import sensitivity_analysis  # noqa: F401
     from dc_lightning.targets import select_targets  # noqa: F401
-    from dc_lightning.text import TextDataModule  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -38,24 +38,24 @@ _EXPORTS: dict[str, str] = {
     "LeNet5": "dc_lightning.models",
     "alexnet": "dc_lightning.models",
     "vgg16": "dc_lightning.models",
-    "FashionMNISTDataModule": "dc_lightning.data",
-    "ImageFolderDataModule": "dc_lightning.data",
-    "FakeDataModule": "dc_lightning.data",
-    "TextDataModule": "dc_lightning.text",
+    "FashionMNISTDataModule": "dc_lightning.data.images",
+    "ImageFolderDataModule": "dc_lightning.data.images",
+    "FakeDataModule": "dc_lightning.data.images",
+    "TextDataModule": "dc_lightning.data.text",
     "ClassifierModule": "dc_lightning.module",
     "LanguageModule": "dc_lightning.module",
     # what is compressed (parameter-level targets)
     "select_targets": "dc_lightning.targets",
     # pruning
     "MagnitudePruning": "dc_lightning.callbacks.magnitude_pruning",
-    "magnitude_mask": "dc_lightning.pruning",
-    "apply_masks": "dc_lightning.pruning",
-    "prune_model": "dc_lightning.pruning",
-    "sensitivity_analysis": "dc_lightning.sensitivity",
+    "magnitude_mask": "dc_lightning.pruning.masks",
+    "apply_masks": "dc_lightning.pruning.masks",
+    "prune_model": "dc_lightning.pruning.masks",
+    "sensitivity_analysis": "dc_lightning.pruning.sensitivity",
     # quantization
     "TrainedQuantization": "dc_lightning.callbacks.trained_quantization",
-    "kmeans_1d": "dc_lightning.quantization",
-    "quantize_model": "dc_lightning.quantization",
+    "kmeans_1d": "dc_lightning.quantization.codebooks",
+    "quantize_model": "dc_lightning.quantization.codebooks",
     # file format
     "save_compressed": "dc_lightning.io",
     "load_compressed": "dc_lightning.io",
@@ -65,8 +65,8 @@ _EXPORTS: dict[str, str] = {
     "compression_report": "dc_lightning.report",
     "CompressedCheckpoint": "dc_lightning.callbacks.compressed_checkpoint",
     # inference
-    "CompressedLinear": "dc_lightning.inference",
-    "to_compressed_inference": "dc_lightning.conversion",
+    "CompressedLinear": "dc_lightning.inference.linear",
+    "to_compressed_inference": "dc_lightning.inference.conversion",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

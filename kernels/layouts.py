@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import eie_spmv, lut_matmul
-from .eie_layout import EIEPacked, pack
-from .lut_layout import LUTPacked, decode_dense_lut, lut_encoding, lut_linear_reference, pack_lut
+from .lut import op as lut_matmul
+from .lut.layout import LUTPacked, decode_dense_lut, lut_encoding, lut_linear_reference, pack_lut
+from .sparse import op as eie_spmv
+from .sparse.layout import EIEPacked, pack
 
 __all__ = [
     "Layout",

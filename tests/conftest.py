@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dc_lightning.data import fashion_mnist_candidates  # noqa: E402
+from dc_lightning.data.images import fashion_mnist_candidates  # noqa: E402
 
 # tiny models: one intra-op thread is fastest, and keeps 2-process DDP tests from oversubscribing 2 cores
 torch.set_num_threads(1)
@@ -27,7 +27,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 
 
 def _fortunes_available() -> bool:
-    from dc_lightning.text import DEBIAN_FORTUNES
+    from dc_lightning.data.text import DEBIAN_FORTUNES
 
     return DEBIAN_FORTUNES.is_dir() and any(p.is_file() and not p.suffix for p in DEBIAN_FORTUNES.iterdir())
 

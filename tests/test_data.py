@@ -6,8 +6,8 @@ import torch
 from conftest import needs_fashion_mnist
 from PIL import Image
 
-from dc_lightning import data as data_mod
-from dc_lightning.data import (
+from dc_lightning.data import images as data_mod
+from dc_lightning.data.images import (
     DEBIAN_FASHION_MNIST,
     FakeDataModule,
     FashionMNISTDataModule,

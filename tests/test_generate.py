@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from dc_lightning.cli.generate import cli_generate
+from dc_lightning.data.text import ByteTokenizer
 from dc_lightning.io import save_compressed
-from dc_lightning.lm import sample
+from dc_lightning.models.lm import sample
 from dc_lightning.module import LanguageModule
-from dc_lightning.pruning import prune_model
-from dc_lightning.quantization import quantize_model
-from dc_lightning.text import ByteTokenizer
+from dc_lightning.pruning.masks import prune_model
+from dc_lightning.quantization.codebooks import quantize_model
 
 PATTERN = "0123456789"
 

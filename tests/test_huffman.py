@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dc_lightning import huffman as H
+from dc_lightning.dcz import huffman as H
 
 
 def _kraft(lengths):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from dc_lightning.cli.predict import cli_predict
-from dc_lightning.conversion import to_compressed_inference
-from dc_lightning.inference import CompressedLinear
+from dc_lightning.inference.conversion import to_compressed_inference
+from dc_lightning.inference.linear import CompressedLinear
 
 
 def _quantize(linear: nn.Linear, density: float = 0.3, bits: int = 4, seed: int = 0) -> nn.Linear:
@@ -154,7 +154,7 @@ def test_cli_predict_reports_both_paths(monkeypatch, capsys) -> None:
     fake_io = types.ModuleType("dc_lightning.io")
     fake_io.load_compressed = lambda path: model
     monkeypatch.setitem(sys.modules, "dc_lightning.io", fake_io)
-    import dc_lightning.config as config
+    import dc_lightning.pipeline.config as config
 
     composed = []
     monkeypatch.setattr(config, "compose", lambda recipe, overrides: composed.append(overrides) or {"recipe": recipe})
@@ -173,10 +173,10 @@ def test_cli_predict_reports_both_paths(monkeypatch, capsys) -> None:
 def test_cli_predict_on_a_recipe_datamodule(tmp_path, capsys) -> None:
     """End to end on the recipe's own DataModule, whose uint8 batches are normalised in ``on_after_batch_transfer``:
     predict used to feed them to the network raw ("Input type (unsigned char) and bias type (float)")."""
-    from dc_lightning.config import build_datamodule, build_module, compose
     from dc_lightning.io import save_compressed
-    from dc_lightning.pruning import prune_model
-    from dc_lightning.quantization import quantize_model
+    from dc_lightning.pipeline.config import build_datamodule, build_module, compose
+    from dc_lightning.pruning.masks import prune_model
+    from dc_lightning.quantization.codebooks import quantize_model
 
     overrides = ["data=fake", "data.num_samples=48", f"output_dir={tmp_path}"]
     cfg = compose("lenet300", overrides)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import needs_fortunes
 
-from dc_lightning.config import build_datamodule, build_module, compose, load_module_checkpoint
-from dc_lightning.conversion import to_compressed_inference
+from dc_lightning.inference.conversion import to_compressed_inference
 from dc_lightning.io import load_compressed
-from dc_lightning.pipeline import measure_accuracy, run_pipeline
+from dc_lightning.pipeline.config import build_datamodule, build_module, compose, load_module_checkpoint
+from dc_lightning.pipeline.stages import measure_accuracy, run_pipeline
 
 TINY = {
     "lstm_lm": ["model.embed_dim=32", "model.hidden_size=32"],

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import dc_lightning.pipeline as pipeline
+import dc_lightning.pipeline.stages as pipeline
 from dc_lightning import CompressedCheckpoint, MagnitudePruning, TrainedQuantization, load_compressed
-from dc_lightning.config import compose
-from dc_lightning.pipeline import build_stage_callback, run_pipeline
+from dc_lightning.pipeline.config import compose
+from dc_lightning.pipeline.stages import build_stage_callback, run_pipeline
 
 # arguments the pipeline never copied from the recipe before the callbacks became config nodes
 NEW_ARGS = [

@@ -1,4 +1,4 @@
-"""Tests of dc_lightning.pruning: masks, thresholds, schedules, dropout rule (no Lightning involved)."""
+"""Tests of dc_lightning.pruning.masks: masks, thresholds, schedules, dropout rule (no Lightning involved)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nets import Nested
 from torch import nn
 
-from dc_lightning.pruning import (
+from dc_lightning.pruning.masks import (
     adjust_dropouts_to_masks,
     adjusted_dropout,
     apply_masks,

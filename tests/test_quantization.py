@@ -1,4 +1,4 @@
-"""Tests of dc_lightning.quantization: 1-D k-means, inits, codebooks, codebook gradients [DC §3]."""
+"""Tests of dc_lightning.quantization.codebooks: 1-D k-means, inits, codebooks, codebook gradients [DC §3]."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dc_lightning.quantization import (
+from dc_lightning.quantization.codebooks import (
     attach_codebook,
     codebook_grad,
     decode_weight,

@@ -114,8 +114,8 @@ def test_inspect_memory_reports_disk_device_and_dense_bytes(tmp_path, capsys):
     from dc_lightning.cli import main
     from dc_lightning.io import save_compressed
     from dc_lightning.models import build_model
-    from dc_lightning.pruning import prune_model
-    from dc_lightning.quantization import quantize_model
+    from dc_lightning.pruning.masks import prune_model
+    from dc_lightning.quantization.codebooks import quantize_model
 
     torch.manual_seed(0)
     model = build_model("lenet300")

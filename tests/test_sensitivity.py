@@ -1,4 +1,4 @@
-"""Tests of dc_lightning.sensitivity: one-layer-at-a-time sweep, suggestion rule, CSV/PNG, CLI."""
+"""Tests of dc_lightning.pruning.sensitivity: one-layer-at-a-time sweep, suggestion rule, CSV/PNG, CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dc_lightning.pruning import get_mask, prune_model
-from dc_lightning.sensitivity import sensitivity_analysis, suggest_densities, write_sensitivity
+from dc_lightning.pruning.masks import get_mask, prune_model
+from dc_lightning.pruning.sensitivity import sensitivity_analysis, suggest_densities, write_sensitivity
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -132,13 +132,9 @@ def test_write_sensitivity(tmp_path, trained):
         write_sensitivity([], tmp_path)
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "dc_lightning", "config.py")),
-    reason="dc_lightning/config.py not present",
-)
 def test_cli_sensitivity(tmp_path):
     from dc_lightning.cli.sensitivity import cli_sensitivity
-    from dc_lightning.config import build_module, compose
+    from dc_lightning.pipeline.config import build_module, compose
 
     cfg = compose("lenet300", ["data=fake", f"output_dir={tmp_path}"])
     module = build_module(cfg)

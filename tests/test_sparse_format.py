@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dc_lightning.sparse_format import (
+from dc_lightning.dcz.relative_index import (
     decode_gaps,
     eie_layout,
     encode_gaps,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import needs_fortunes
 
-from dc_lightning.text import ByteTokenizer, TextDataModule, fortune_files, read_fortunes, split_corpus, windows
+from dc_lightning.data.text import ByteTokenizer, TextDataModule, fortune_files, read_fortunes, split_corpus, windows
 
 
 def test_byte_tokenizer_round_trips_any_text():

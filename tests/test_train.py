@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dc_lightning.config import RECIPES, build_datamodule, build_module, build_trainer, compose
+from dc_lightning.pipeline.config import RECIPES, build_datamodule, build_module, build_trainer, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,7 +68,7 @@ def test_fashion_mnist_recipe_data():
 def test_compose_from_outside_the_repository(tmp_path):
     """The dc-lightning console script composes recipes from any folder (recipes/ is not on sys.path there)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "from dc_lightning.config import compose; print(compose('vgg16', ['output_dir=x']).recipe_name)"
+    code = "from dc_lightning.pipeline.config import compose; print(compose('vgg16', ['output_dir=x']).recipe_name)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "vgg16"
@@ -82,12 +82,12 @@ def test_compose_is_not_shadowed_by_another_recipes_package(tmp_path):
     (fake / "lenet300" / "recipe.yaml").write_text("# @package _global_\nrecipe_name: impostor\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(tmp_path / "site")
-    code = "from dc_lightning.config import compose; print(compose('lenet300', ['output_dir=x']).recipe_name)"
+    code = "from dc_lightning.pipeline.config import compose; print(compose('lenet300', ['output_dir=x']).recipe_name)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "lenet300"
     # already imported: a clear error instead of silently composing the impostor's configs
-    code = "import recipes; from dc_lightning.config import compose; compose('lenet300', ['output_dir=x'])"
+    code = "import recipes; from dc_lightning.pipeline.config import compose; compose('lenet300', ['output_dir=x'])"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "not dc_lightning's recipe folder" in out.stderr and str(fake) in out.stderr
@@ -188,7 +188,7 @@ def test_imagenet_shapes_every_stage(tmp_path):
 
 def test_quantize_restart_reapplies_the_dropout_adjustment(tmp_path, monkeypatch):
     """stage=quantize from a pruned checkpoint retrains with [NIPS] §3.2's rates, as the in-process pipeline does."""
-    import dc_lightning.pipeline as pipeline
+    import dc_lightning.pipeline.stages as pipeline
 
     base = _pipeline_overrides(
         tmp_path, "data=fake", "data.num_samples=16", "data.batch_size=8", "data.eval_batch_size=8",

@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dc_lightning import huffman
 from dc_lightning.cli import main
-from dc_lightning.dcz import CorruptFileError
+from dc_lightning.dcz import CorruptFileError, huffman
 from dc_lightning.dcz.container import assemble
 from dc_lightning.io import ModelMismatchError, load_compressed, save_compressed
 from dc_lightning.report import compression_report

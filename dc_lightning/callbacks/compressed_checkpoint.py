@@ -17,7 +17,7 @@ from torch import nn
 
 from dc_lightning.callbacks.common import check_bool, log_metrics
 from dc_lightning.dcz import AUTO
-from dc_lightning.sparse_format import MAX_INDEX_BITS
+from dc_lightning.dcz.relative_index import MAX_INDEX_BITS
 
 if TYPE_CHECKING:
     from dc_lightning.report import Report

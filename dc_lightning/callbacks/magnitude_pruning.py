@@ -24,7 +24,7 @@ from dc_lightning.callbacks.common import (
     log_metrics,
     print_table,
 )
-from dc_lightning.pruning import (
+from dc_lightning.pruning.masks import (
     adjust_dropouts_to_masks,
     attach_mask,
     check_densities,

@@ -10,7 +10,7 @@ from pathlib import Path
 from dc_lightning.cli import UsageError, input_file, output_file, user_errors
 from dc_lightning.dcz import AUTO
 from dc_lightning.dcz.container import NP_FLOAT
-from dc_lightning.sparse_format import MAX_INDEX_BITS
+from dc_lightning.dcz.relative_index import MAX_INDEX_BITS
 
 __all__ = ["cli_decompress", "cli_export"]
 

@@ -32,10 +32,10 @@ def cli_generate(argv: Sequence[str] | None = None) -> int:
                         help="run the decoded dense model instead of the compressed inference modules")
     args = parser.parse_args(argv)
 
-    from dc_lightning.conversion import to_compressed_inference
+    from dc_lightning.data.text import ByteTokenizer
+    from dc_lightning.inference.conversion import to_compressed_inference
     from dc_lightning.io import load_compressed
-    from dc_lightning.lm import sample
-    from dc_lightning.text import ByteTokenizer
+    from dc_lightning.models.lm import sample
 
     path = input_file(args.path, "compressed .dcz")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,7 +38,7 @@ def cli_inspect(argv: list[str] | None = None) -> int:
         print(f"dc-lightning inspect: {args.file}: NOT VERIFIED (--no-verify): checksums not checked", file=sys.stderr)
     mem = None
     if args.memory is not None:
-        from dc_lightning.conversion import inference_memory
+        from dc_lightning.inference.conversion import inference_memory
 
         mem = inference_memory(args.file, args.memory, trusted=args.trusted)
     if args.json:

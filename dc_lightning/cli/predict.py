@@ -59,9 +59,9 @@ def cli_predict(argv: Sequence[str] | None = None) -> int:
     # intermixed: `predict model.dcz --recipe lenet300 data.root=...` (overrides after the options) must parse
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
-    from dc_lightning.config import build_datamodule, compose  # lazy: Hydra is heavy
-    from dc_lightning.conversion import to_compressed_inference
+    from dc_lightning.inference.conversion import to_compressed_inference
     from dc_lightning.io import load_compressed
+    from dc_lightning.pipeline.config import build_datamodule, compose  # lazy: Hydra is heavy
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = compose(args.recipe, args.overrides)

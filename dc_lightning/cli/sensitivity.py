@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 
-from dc_lightning.sensitivity import DEFAULT_DENSITIES, sensitivity_analysis, suggest_densities, write_sensitivity
+from dc_lightning.pruning.sensitivity import (
+    DEFAULT_DENSITIES,
+    sensitivity_analysis,
+    suggest_densities,
+    write_sensitivity,
+)
 from dc_lightning.utils import atomic_write
 from dc_lightning.utils import console as rich_console
 
@@ -60,7 +65,7 @@ def cli_sensitivity(argv: list[str]) -> int:
     if args.max_batches is not None and args.max_batches < 1:
         parser.error(f"--max-batches: {args.max_batches} must be >= 1")
 
-    from dc_lightning.config import build_datamodule, compose, load_module_checkpoint
+    from dc_lightning.pipeline.config import build_datamodule, compose, load_module_checkpoint
 
     cfg = compose(args.recipe, args.overrides)
     dm = build_datamodule(cfg)

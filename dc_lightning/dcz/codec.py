@@ -3,9 +3,9 @@
 Every pruned and/or quantized layer (the buffers of :mod:`dc_lightning.buffers`) becomes one payload of sections
 (:mod:`dc_lightning.dcz.container`):
 
-* a **relative-index stream** (:mod:`dc_lightning.sparse_format`: row-major scan of ``weight.reshape(out, -1)``,
+* a **relative-index stream** (:mod:`dc_lightning.dcz.relative_index`: row-major scan of ``weight.reshape(out, -1)``,
   gaps of ``index_bits`` bits, top gap symbol = filler), Huffman-coded;
-* a **codebook-index stream** (one symbol per kept weight), Huffman-coded (:mod:`dc_lightning.huffman`);
+* a **codebook-index stream** (one symbol per kept weight), Huffman-coded (:mod:`dc_lightning.dcz.huffman`);
 * the **codebook** (``2**bits`` centroids, float32 or float16);
 
 and every other tensor (biases, BatchNorm statistics, unpruned unquantized weights) one payload of plain bytes. A
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dc_lightning import buffers, huffman
+from dc_lightning import buffers
 from dc_lightning.buffers import matrix_shape
+from dc_lightning.dcz import huffman
 from dc_lightning.dcz.container import (
     DTYPE_NAMES,
     DTYPES,
@@ -65,7 +66,7 @@ from dc_lightning.dcz.container import (
     tensor_bytes,
     write_container,
 )
-from dc_lightning.sparse_format import (
+from dc_lightning.dcz.relative_index import (
     MAX_INDEX_BITS,
     SparseFormatError,
     decode_gaps,
@@ -543,7 +544,7 @@ def read_compressed(
 
     The result holds, per compressed layer, a :class:`CompressedLayer` with ``rows``/``cols`` (int64, CSR order),
     ``codes`` (uint8) and ``codebook`` (float32) or ``values``, and the plain tensors as torch tensors. The
-    inference path builds its GPU layouts from these; :func:`dc_lightning.sparse_format.eie_layout` derives EIE's.
+    inference path builds its GPU layouts from these; :func:`dc_lightning.dcz.relative_index.eie_layout` derives EIE's.
 
     ``expect``, when given, is called with ``{state-dict key: shape}`` of the layers and of the plain tensors the file
     declares, after the records are validated and before anything is decoded (``load_compressed`` checks them

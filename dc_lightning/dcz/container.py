@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dc_lightning import huffman
+from dc_lightning.dcz import huffman
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ __all__ = [
 FORMAT_NAME = "dc-lightning-compressed"
 FORMAT_VERSION = 1
 EXTENSION = ".dcz"
-#: the order non-zeros are scanned in (see dc_lightning.sparse_format); recorded in every file and checked on read
+#: the order non-zeros are scanned in (see dc_lightning.dcz.relative_index); recorded in every file and checked on read
 SCAN_ORDER = "row-major over weight.reshape(out, -1)"
 MAX_HEADER = 100 << 20
 HEADER_DIGEST = "header_sha256"
@@ -367,7 +367,7 @@ def read_stream(
     payload: np.ndarray, rec: Any, alphabet: int, what: str, max_len: int = MAX_CODE_LEN, chunk: int | None = None
 ) -> huffman.HuffmanStream:
     """The Huffman stream a record of :meth:`Sections.add_stream` describes, over an alphabet of ``alphabet``
-    symbols (not decoded: :func:`dc_lightning.huffman.decode_many` decodes many streams in one pass).
+    symbols (not decoded: :func:`dc_lightning.dcz.huffman.decode_many` decodes many streams in one pass).
 
     ``max_len`` and ``chunk`` are the file's Huffman parameters (:func:`huffman_params`): the decoder's tables hold
     ``2**max_len`` entries per stream and its output ``chunk`` symbols per lane, so a stream declaring longer codes

@@ -15,7 +15,7 @@ from nets import cpu_trainer, toy_loader
 from torch import nn
 
 from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
-from dc_lightning.pruning import get_mask
+from dc_lightning.pruning.masks import get_mask
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -303,7 +303,7 @@ def test_auto_remask_is_off_for_zero_preserving_optimizers():
 
 def test_without_the_callback_zeros_do_revive():
     """Control for test_zeros_stay_zero: the checker detects revival when nothing re-masks."""
-    from dc_lightning.pruning import prune_model
+    from dc_lightning.pruning.masks import prune_model
 
     module = Module(optimizer="adamw", lr=0.01)
     prune_model(module, densities=0.25)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dc_lightning import MagnitudePruning, TrainedQuantization, buffers
 from dc_lightning.io import load_compressed, save_compressed
-from dc_lightning.quantization import decode_weight
+from dc_lightning.quantization.codebooks import decode_weight
 from dc_lightning.targets import select_targets
 
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -1,4 +1,4 @@
-"""The fused codebook step (``dc_lightning.kernels.codebook_step``, ``quantization.CodebookStep``) vs float64.
+"""The fused codebook step (``dc_lightning.kernels.codebook.step``, ``quantization.CodebookStep``) vs float64.
 
 The Triton cases run under ``TRITON_INTERPRET=1`` in ONE child process (this file executed as a script; the variable
 must be set before triton is first imported) that writes its measurements to JSON; the tests below assert on them.
@@ -44,7 +44,7 @@ class Layer(nn.Module):
 
 def make_layers(case: dict, seed: int = 0) -> list[Layer]:
     """Quantized layers with random codes that leave the upper half of every codebook empty."""
-    from dc_lightning.quantization import attach_codebook
+    from dc_lightning.quantization.codebooks import attach_codebook
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -61,7 +61,7 @@ def make_layers(case: dict, seed: int = 0) -> list[Layer]:
 
 def grad_error(got: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, layer: Layer) -> tuple[float, bool]:
     """max |got - ref| / (1e-30 + Σ|g| of the cluster's members), and whether got == ref bitwise."""
-    from dc_lightning.quantization import codebook_grad, get_codebook
+    from dc_lightning.quantization.codebooks import codebook_grad, get_codebook
 
     _, assign = get_codebook(layer)
     mask = getattr(layer, "weight_mask", None)
@@ -73,9 +73,9 @@ def grad_error(got: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, layer: 
 def _run_interpreter_cases(out_path: str) -> None:
     """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from dc_lightning.kernels import codebook_step as K
+    from dc_lightning.kernels.codebook import step as K
 
-    from dc_lightning.quantization import CodebookStep, codebook_grad, decode_weight, get_codebook
+    from dc_lightning.quantization.codebooks import CodebookStep, codebook_grad, decode_weight, get_codebook
 
     results: dict = {}
     for case in CASES:
@@ -136,7 +136,7 @@ def _callback_run() -> dict:
 
     sys.path.insert(0, str(HERE.parents[1]))
     from callbacks.test_trained_quantization import Check, Module, prune_by_hand
-    from dc_lightning.kernels import codebook_step as K
+    from dc_lightning.kernels.codebook import step as K
     from nets import cpu_trainer, toy_loader
 
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization
@@ -204,9 +204,9 @@ def test_callback_through_triton_matches_reference_backend(interp: dict) -> None
 
 
 def test_reference_backend_equals_per_layer_functions() -> None:
-    from dc_lightning.kernels import codebook_step as K
+    from dc_lightning.kernels.codebook import step as K
 
-    from dc_lightning.quantization import CodebookStep, codebook_grad, decode_weight, get_codebook
+    from dc_lightning.quantization.codebooks import CodebookStep, codebook_grad, decode_weight, get_codebook
 
     layers = make_layers(CASES[0], seed=3)
     grads = [torch.randn(m.weight.shape) for m in layers]
@@ -234,7 +234,7 @@ def test_reference_backend_equals_per_layer_functions() -> None:
 
 
 def test_auto_falls_back_to_reference_when_a_kernel_fails_first(caplog) -> None:
-    from dc_lightning.quantization import CodebookStep
+    from dc_lightning.quantization.codebooks import CodebookStep
 
     layers = make_layers(CASES[1], seed=0)
     grads = [torch.randn(m.weight.shape) for m in layers]
@@ -254,7 +254,7 @@ def test_auto_falls_back_to_reference_when_a_kernel_fails_first(caplog) -> None:
 
 
 def test_stale_after_mask_or_codes_change() -> None:
-    from dc_lightning.quantization import CodebookStep
+    from dc_lightning.quantization.codebooks import CodebookStep
 
     layers = make_layers(CASES[1], seed=0)
     step = CodebookStep(layers, backend="reference")
@@ -267,9 +267,9 @@ def test_stale_after_mask_or_codes_change() -> None:
 
 
 def test_bad_arguments_name_the_problem() -> None:
-    from dc_lightning.kernels import codebook_step as K
+    from dc_lightning.kernels.codebook import step as K
 
-    from dc_lightning.quantization import CodebookStep
+    from dc_lightning.quantization.codebooks import CodebookStep
 
     with pytest.raises(ValueError, match="backend must be one of"):
         CodebookStep(make_layers(CASES[1]), backend="cuda")

@@ -1,4 +1,4 @@
-"""Correctness of the EIE sparse kernels (``dc_lightning.kernels.eie_spmv``) on the CPU.
+"""Correctness of the EIE sparse kernels (``dc_lightning.kernels.sparse.op``) on the CPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1``) has to be set before triton is first imported, and another test file
 may already have imported triton in this pytest process. So the interpreter cases run in ONE child process (this
@@ -129,8 +129,7 @@ def _make_case(case: dict):
 def _run_interpreter_cases(out_path: str) -> None:
     """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from dc_lightning.kernels import eie_spmv as E
-
+    from dc_lightning.kernels.sparse import op as E
     results = {}
     for case in CASES:
         rows, cols, codes, codebook, x, bias = _make_case(case)
@@ -176,7 +175,7 @@ def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dic
 # In-process tests: packing, reference path, validation, op registration (no interpreter needed)
 # ---------------------------------------------------------------------------------------------------------------
 
-from dc_lightning.kernels import eie_spmv as E  # noqa: E402
+from dc_lightning.kernels.sparse import op as E  # noqa: E402
 from dc_lightning.kernels import runtime as R  # noqa: E402
 
 

@@ -16,7 +16,7 @@ come back: a new mask is always intersected with the current one.
 
 Example::
 
-    from dc_lightning.pruning import prune_model
+    from dc_lightning.pruning.masks import prune_model
 
     rows = prune_model(model, densities={"ip1": 0.08, "ip2": 0.09, "ip3": 0.26})  # [DC] Table 2
     # ... retrain with dc_lightning.MagnitudePruning (or call apply_masks(model) after every optimizer step)

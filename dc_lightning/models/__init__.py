@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dc_lightning.lm import LM_DEFAULTS, build_lm
+from dc_lightning.models.lm import LM_DEFAULTS, build_lm
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,13 @@ def build_model(
 
     Args:
         name: one of ``lenet300``, ``lenet5``, ``alexnet``, ``vgg16``, or a language model of
-            :mod:`dc_lightning.lm`: ``lstm_lm``, ``transformer_lm``.
+            :mod:`dc_lightning.models.lm`: ``lstm_lm``, ``transformer_lm``.
         num_classes: output classes (default 10 for the LeNets, 1000 for AlexNet/VGG-16 to keep the paper's fc8).
         in_channels: input channels (default 1 for the LeNets, 3 otherwise).
         dropout: dropout rate of AlexNet/VGG-16's classifier (default 0.5; the LeNets have none).
         pretrained: optional path to a local state dict to load (no download ever happens).
         lm_kwargs: sizes of a language model (``vocab_size``, ``embed_dim``, ``hidden_size``, ``width``,
-            ``num_layers``, ``num_heads``, ``max_len``; :data:`dc_lightning.lm.LM_DEFAULTS` lists each one's).
+            ``num_layers``, ``num_heads``, ``max_len``; :data:`dc_lightning.models.lm.LM_DEFAULTS` lists each one's).
 
     Raises:
         ValueError: unknown ``name`` or an argument the network does not take.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .runtime import check_activation, check_bias_and_devices, check_coordinates
+from ..runtime import check_activation, check_bias_and_devices, check_coordinates
 
 __all__ = [
     "LUTPacked",

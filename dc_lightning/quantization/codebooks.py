@@ -15,7 +15,7 @@ sum of the gradients of its member weights, :func:`codebook_grad`.
 
 Example::
 
-    from dc_lightning.quantization import quantize_model, decode_weight
+    from dc_lightning.quantization.codebooks import quantize_model, decode_weight
     summary = quantize_model(model)                # paper default: 8 bits conv, 5 bits fc
     w = decode_weight(model.classifier[0])         # == model.classifier[0].weight
 """
@@ -617,7 +617,7 @@ class CodebookStep:
     Assignments are fixed during fine-tuning [DC §3.3], so the grouping of every layer's members by centroid is
     computed once, when the step is built, and reused until :meth:`stale`. Two backends give the same numbers:
 
-    * ``"triton"``: :mod:`dc_lightning.kernels.codebook_step`: the codebook gradients of all layers of one weight
+    * ``"triton"``: :mod:`dc_lightning.kernels.codebook.step`: the codebook gradients of all layers of one weight
       dtype in two launches (a fixed-order float64 segmented sum over the members' gradients), the rewrite
       ``weight = where(mask, codebook[assign], 0)`` of all layers in one more. Deterministic (no atomics), hence
       identical on every DDP rank.
@@ -685,7 +685,7 @@ class CodebookStep:
         if backend == "reference":
             return backend
         try:
-            from dc_lightning.kernels import codebook_step as kcs
+            from dc_lightning.kernels.codebook import step as kcs
         except ImportError as err:  # pragma: no cover - the kernels folder ships with the package
             if backend == "triton":
                 raise ValueError(f"CodebookStep: backend='triton' but the kernels cannot be imported: {err}") from err
@@ -767,7 +767,7 @@ class CodebookStep:
         return result
 
     def _grads_triton(self, grads: list[Tensor | None], out: list[Tensor | None]) -> list[Tensor]:
-        from dc_lightning.kernels.codebook_step import codebook_grads_triton
+        from dc_lightning.kernels.codebook.step import codebook_grads_triton
 
         flags = []
         for idx, plan in self._plans:
@@ -795,7 +795,7 @@ class CodebookStep:
         return flags
 
     def _rewrite_triton(self) -> None:
-        from dc_lightning.kernels.codebook_step import rewrite_triton
+        from dc_lightning.kernels.codebook.step import rewrite_triton
 
         for idx, plan in self._plans:
             rewrite_triton(plan, [self._codebook(i)[0] for i in idx])

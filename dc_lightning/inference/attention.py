@@ -2,7 +2,7 @@
 
 Each module replaces a ``torch.nn`` layer whose weight matrices carry the per-parameter compression buffers of
 :mod:`dc_lightning.buffers` (mask and/or codebook + assignments) and holds **no dense float copy** of a compressed
-matrix: every matrix product runs on :class:`~dc_lightning.inference.CompressedLinear` (the EIE kernel op, Triton on
+matrix: every matrix product runs on :class:`~dc_lightning.inference.linear.CompressedLinear` (the EIE kernel op, Triton on
 CUDA, the PyTorch reference on the CPU), and an embedding decodes only the rows it is asked for. Biases, norms and
 matrices that carry no compression buffer stay dense (they are small, or were not compressed).
 
@@ -18,7 +18,7 @@ module                                 replaces
 =====================================  ===============================================================================
 
 :func:`compressed_memory` reports the bytes these modules (and ``CompressedLinear``) hold against their dense fp16
-size. ``dc_lightning.conversion`` decides which layers of a model may be replaced; ``to_compressed_inference`` is the
+size. ``dc_lightning.inference.conversion`` decides which layers of a model may be replaced; ``to_compressed_inference`` is the
 entry point.
 """
 
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from dc_lightning import buffers
-from dc_lightning.inference import CompressedLinear
+from dc_lightning.inference.linear import CompressedLinear
 
 __all__ = [
     "CompressedEmbedding",
@@ -168,7 +168,7 @@ class CompressedMultiheadAttention(nn.Module):
 
     ``batch_first``, ``_qkv_same_embed_dim`` and ``in_proj_bias`` are exposed because ``nn.TransformerEncoderLayer``
     reads them before it chooses its fused fast path (which needs dense weights and is switched off on converted
-    layers by ``dc_lightning.conversion``).
+    layers by ``dc_lightning.inference.conversion``).
     """
 
     def __init__(
@@ -372,7 +372,7 @@ class _CompressedRNNBase(nn.Module):
     products (the GRU needs ``W_hn h + b_hn`` separately from the input half, which this split gives for free).
 
     ``cells[layer * num_directions + direction]`` is a ``ModuleDict`` with ``ih``, ``hh`` (and ``hr``): a
-    :class:`~dc_lightning.inference.CompressedLinear` for a compressed matrix, a dense ``nn.Linear`` otherwise.
+    :class:`~dc_lightning.inference.linear.CompressedLinear` for a compressed matrix, a dense ``nn.Linear`` otherwise.
     Inter-layer dropout applies in training mode only. ``PackedSequence`` input is rejected (pad it and pass the
     padded tensor; outputs past a sequence's length are then not meaningful).
     """

@@ -6,10 +6,10 @@
 the codebook and the bias, never a dense weight. On CUDA its forward is a Triton kernel; on the CPU it is the
 layout's pure-PyTorch reference.
 
-:func:`dc_lightning.conversion.to_compressed_inference` converts a whole model (or a ``.dcz`` file via
+:func:`dc_lightning.inference.conversion.to_compressed_inference` converts a whole model (or a ``.dcz`` file via
 ``dc_lightning.io.load_compressed``);
 convolutions keep their decoded dense weights; attention, recurrent layers and embeddings get the modules of
-:mod:`dc_lightning.compressed_modules`. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
+:mod:`dc_lightning.inference.attention`. EIE [EIE] §III computes ``b = ReLU(S[I] a)``: a ``Linear`` directly
 followed by ``ReLU`` inside an ``nn.Sequential`` gets the ReLU fused into the kernel's epilogue.
 
 Example::
@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from dc_lightning.buffers import CODEBOOK, get_codebook, get_mask, layer_codes
 from dc_lightning.kernels import layouts
-from dc_lightning.kernels.eie_layout import EIEPacked
 from dc_lightning.kernels.layouts import Packed
-from dc_lightning.kernels.lut_layout import LUTPacked, pack_lut
+from dc_lightning.kernels.lut.layout import LUTPacked, pack_lut
+from dc_lightning.kernels.sparse.layout import EIEPacked
 
 __all__ = ["CompressedLinear"]
 
@@ -78,7 +78,7 @@ class CompressedLinear(nn.Module):
 
     Example::
 
-        >>> from dc_lightning.kernels.eie_spmv import pack
+        >>> from dc_lightning.kernels.sparse.op import pack
         >>> p = pack(3, 5, torch.tensor([0, 2]), torch.tensor([4, 1]), torch.tensor([0, 1]), torch.tensor([1., 2.]))
         >>> CompressedLinear(p)(torch.ones(1, 5))
         tensor([[1., 0., 2.]])

@@ -24,7 +24,7 @@ paper's scheme. Fillers are distinguishable from entries by their gap symbol alo
 Example::
 
     import numpy as np
-    from dc_lightning.sparse_format import encode_gaps, decode_gaps
+    from dc_lightning.dcz.relative_index import encode_gaps, decode_gaps
 
     pos = np.array([2, 3, 22])              # EIE §III-B example row: [0,0,1,2,0*18,3]
     gaps = encode_gaps(pos, index_bits=4)   # [2, 0, 15(filler), 3]

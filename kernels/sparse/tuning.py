@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .runtime import next_pow2
+from ..runtime import next_pow2
 
 __all__ = ["MAX_FLAT_CHUNKS", "TUNED", "tune_key", "choose_config", "candidates"]
 

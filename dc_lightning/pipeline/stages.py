@@ -20,7 +20,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from dc_lightning.config import build_datamodule, build_module, build_trainer, load_module_checkpoint
+from dc_lightning.pipeline.config import build_datamodule, build_module, build_trainer, load_module_checkpoint
 from dc_lightning.utils import atomic_write, instantiate
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             summary["accuracy"][stage] = measure_accuracy(cfg, module, dm, stage)
         summary["seconds"][stage] = round(time.perf_counter() - t0, 1)
         log.info("stage %s done in %.1f s", stage, summary["seconds"][stage])
-    from dc_lightning.summary import print_summary, write_summary
+    from dc_lightning.pipeline.summary import print_summary, write_summary
 
     write_summary(cfg, summary)
     print_summary(cfg, summary)
@@ -205,7 +205,7 @@ def evaluate(cfg: DictConfig, dm, path: Path, summary: dict[str, Any]) -> dict[s
     use_kernels = mode is True or (mode == "auto" and torch.cuda.is_available())
     summary["evaluate_path"] = "triton" if use_kernels else "dense-decode"
     if use_kernels:
-        from dc_lightning.conversion import to_compressed_inference
+        from dc_lightning.inference.conversion import to_compressed_inference
 
         module = to_compressed_inference(module, device="cuda")
     return measure_accuracy(cfg, module, dm, "evaluate")

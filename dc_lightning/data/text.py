@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import TensorDataset
 
-from dc_lightning.data import TensorSplits
+from dc_lightning.data.images import TensorSplits
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ once, so no weight is converted). Every weight is decoded once per program and r
 
 from __future__ import annotations
 
-from .runtime import HAS_TRITON, tl, triton
+from ..runtime import HAS_TRITON, tl, triton
 
 __all__ = ["lut_matmul_kernel"]
 
 if HAS_TRITON:
-    from .runtime import splitk_finish
+    from ..runtime import splitk_finish
 
     @triton.jit
     def lut_matmul_kernel(

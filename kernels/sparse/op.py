@@ -24,18 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .eie_kernels import eie_flat_kernel, eie_reduce_kernel, eie_spmm_kernel
-from .eie_layout import (
-    EIEPacked,
-    check_args,
-    decode_dense,
-    eie_linear_reference,
-    pack,
-    pack_from_layer_buffers,
-    unpack,
-)
-from .eie_tuning import MAX_FLAT_CHUNKS, TUNED, candidates, choose_config, tune_key
-from .runtime import (
+from ..runtime import (
     HAS_TRITON,
     can_use_workspace,
     interpret_mode,
@@ -47,6 +36,17 @@ from .runtime import (
     use_triton,
     workspace,
 )
+from .jit import eie_flat_kernel, eie_reduce_kernel, eie_spmm_kernel
+from .layout import (
+    EIEPacked,
+    check_args,
+    decode_dense,
+    eie_linear_reference,
+    pack,
+    pack_from_layer_buffers,
+    unpack,
+)
+from .tuning import MAX_FLAT_CHUNKS, TUNED, candidates, choose_config, tune_key
 
 __all__ = [
     "EIEPacked",

@@ -19,12 +19,12 @@ without serialising, so :func:`eie_spmm_kernel` can skip whole column chunks who
 
 from __future__ import annotations
 
-from .runtime import HAS_TRITON, tl, triton
+from ..runtime import HAS_TRITON, tl, triton
 
 __all__ = ["eie_spmm_kernel", "eie_reduce_kernel", "eie_flat_kernel"]
 
 if HAS_TRITON:
-    from .runtime import splitk_finish
+    from ..runtime import splitk_finish
 
     @triton.jit
     def eie_spmm_kernel(

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lut_kernels import lut_matmul_kernel
-from .lut_layout import LUTPacked, check_lut_args, lut_linear_reference
-from .runtime import (
+from ..runtime import (
     HAS_TRITON,
     can_use_workspace,
     interpret_mode,
@@ -29,6 +27,8 @@ from .runtime import (
     use_triton,
     workspace,
 )
+from .jit import lut_matmul_kernel
+from .layout import LUTPacked, check_lut_args, lut_linear_reference
 
 __all__ = [
     "LUT_TUNED",
@@ -291,7 +291,7 @@ def lut_linear(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: b
 
     Example::
 
-        >>> from dc_lightning.kernels.lut_layout import pack_lut
+        >>> from dc_lightning.kernels.lut.layout import pack_lut
         >>> rows, cols, codes = torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([1, 0])
         >>> p = pack_lut(2, 3, rows, cols, codes, torch.tensor([-1.0, 2.0]))
         >>> lut_linear(torch.ones(1, 3), p)

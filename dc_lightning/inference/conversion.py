@@ -1,10 +1,10 @@
 """Which layers of a model may run on the compressed inference path, and the conversion itself.
 
-``to_compressed_inference`` (``dc_lightning.inference``) calls :func:`convert_model`. The rules:
+``to_compressed_inference`` (``dc_lightning.inference.linear``) calls :func:`convert_model`. The rules:
 
 * **Targets.** ``nn.Linear`` and subclasses -> ``CompressedLinear``; ``nn.MultiheadAttention`` -> converted as a
   whole (never its ``out_proj`` alone: the attention reads ``out_proj.weight``); ``nn.LSTM`` / ``nn.GRU`` /
-  ``nn.RNN``; ``nn.Embedding`` (see :mod:`dc_lightning.compressed_modules`). A target is converted when at least one
+  ``nn.RNN``; ``nn.Embedding`` (see :mod:`dc_lightning.inference.attention`). A target is converted when at least one
   of its weight matrices carries a mask or codebook (:mod:`dc_lightning.buffers`).
 * **Provably safe only.** Replacing a layer removes its dense weight attributes. A layer is skipped, with one log
   line saying why, when: an ``exclude`` pattern (``fnmatch`` on the module name) matches; its class overrides
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from dc_lightning import buffers
-from dc_lightning.compressed_modules import (
+from dc_lightning.inference.attention import (
     CompressedEmbedding,
     CompressedGRU,
     CompressedLSTM,
@@ -52,7 +52,7 @@ from dc_lightning.compressed_modules import (
     compressed_module_types,
     param_codes,
 )
-from dc_lightning.inference import CompressedLinear
+from dc_lightning.inference.linear import CompressedLinear
 
 __all__ = [
     "Decision",
@@ -64,7 +64,7 @@ __all__ = [
     "to_compressed_inference",
 ]
 
-log = logging.getLogger("dc_lightning.inference")
+log = logging.getLogger("dc_lightning.inference.linear")
 
 # torch parents whose forward never reads a child's weights (containers), or whose reads are handled below
 _SAFE_TORCH_PARENTS = (
@@ -577,11 +577,11 @@ def to_compressed_inference(
     """Replace every compressed layer that can safely be replaced by its compressed inference module (on a copy).
 
     ``nn.Linear`` (and subclasses) -> :class:`CompressedLinear`; ``nn.MultiheadAttention`` (as a whole), ``nn.LSTM``
-    / ``nn.GRU`` / ``nn.RNN`` and ``nn.Embedding`` -> the modules of :mod:`dc_lightning.compressed_modules`. A layer
+    / ``nn.GRU`` / ``nn.RNN`` and ``nn.Embedding`` -> the modules of :mod:`dc_lightning.inference.attention`. A layer
     is converted when one of its weight matrices carries a mask or codebook; it is kept dense, with one log line
     saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights, it overrides
-    ``forward``, has hooks...; rules in :mod:`dc_lightning.conversion`). Every decision is logged on the
-    ``dc_lightning.inference`` logger.
+    ``forward``, has hooks...; rules in :mod:`dc_lightning.inference.conversion`). Every decision is logged on the
+    ``dc_lightning.inference.linear`` logger.
 
     Args:
         model_or_path: a model whose layers carry the compression buffers (nested anywhere), or the path of a

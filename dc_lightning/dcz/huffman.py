@@ -28,8 +28,7 @@ Design:
 Example::
 
     import numpy as np
-    from dc_lightning import huffman
-
+    from dc_lightning.dcz import huffman
     sym = np.random.default_rng(0).geometric(0.3, size=10_000).clip(max=31) - 1
     stream = huffman.encode(sym, alphabet_size=32)
     assert (huffman.decode(stream) == sym).all()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dc_lightning.buffers import register_placeholders
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 RECIPES = tuple(sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml")))
 
@@ -48,7 +48,7 @@ def _ensure_recipes_importable() -> None:
             raise ImportError(
                 f"recipes: the module imported as 'recipes' is {getattr(loaded, '__file__', None)!r}, not "
                 f"dc_lightning's recipe folder {str(ours.parent)!r}; Hydra would read the wrong configs. Import "
-                "dc_lightning.config before that package, or run from a process that does not import it"
+                "dc_lightning.pipeline.config before that package, or run from a process that does not import it"
             )
         return
     spec = importlib.util.find_spec("recipes")

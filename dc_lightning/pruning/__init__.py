@@ -1,0 +1,1 @@
+"""Pruning [NIPS 2015]: magnitude masks, schedules, dropout adjustment, the sensitivity sweep."""

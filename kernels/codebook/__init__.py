@@ -1,0 +1,1 @@
+"""Codebook fine-tuning on the GPU: the fused gradient + rewrite step (step.py)."""
