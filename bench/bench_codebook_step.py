@@ -33,7 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dc_lightning.quantization.codebooks import CodebookStep, codebook_grad, decode_weight, get_codebook, quantize_layer  # noqa: E402
+from dc_lightning.buffers import get_codebook  # noqa: E402
+from dc_lightning.quantization.codebooks import codebook_grad, decode_weight, quantize_layer  # noqa: E402
+from dc_lightning.quantization.step import CodebookStep  # noqa: E402
 
 
 def quantized_layers(model_name: str, density: float, device: torch.device) -> list[nn.Module]:

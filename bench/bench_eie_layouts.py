@@ -73,10 +73,11 @@ def _kernels_shim() -> None:
 _kernels_shim()
 
 from bench_eie import EIE_LAYERS, STACKS, make_int4  # noqa: E402
+
 from dc_lightning.kernels import layouts  # noqa: E402
 from dc_lightning.kernels.lut import op as lut_matmul  # noqa: E402
-from dc_lightning.kernels.sparse import op as eie_spmv  # noqa: E402
 from dc_lightning.kernels.lut.layout import pack_lut  # noqa: E402
+from dc_lightning.kernels.sparse import op as eie_spmv  # noqa: E402
 from dc_lightning.kernels.sparse.layout import pack  # noqa: E402
 
 # name, out_features, in_features (LLaMA-7B attention projection, MLP up/gate, MLP down)

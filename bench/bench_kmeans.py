@@ -1,4 +1,4 @@
-"""Benchmark: 1-D k-means of a pruned VGG-16 (all 16 layers) with ``dc_lightning.quantization.codebooks.kmeans_1d``.
+"""Benchmark: 1-D k-means of a pruned VGG-16 (all 16 layers) with ``dc_lightning.quantization.kmeans.kmeans_1d``.
 
 VGG-16 (torchvision, 138M weights, *untrained* random init: kaiming-normal conv, N(0, 0.01) fc) is magnitude-pruned
 per layer to the densities of [DC] Table 5 (10.3M surviving weights), then every layer is clustered with 8 bits
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dc_lightning.quantization.codebooks import kmeans_1d, wcss  # noqa: E402
+from dc_lightning.quantization.kmeans import kmeans_1d, wcss  # noqa: E402
 
 # [DC] Table 5: VGG-16 layer -> fraction of weights kept after pruning
 TABLE5 = {

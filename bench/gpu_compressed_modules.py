@@ -235,8 +235,8 @@ def full_demo_memory(dev: str, density: float = 0.1, bits: int = 4) -> dict:
     the device memory the converted and the dense fp16 models take (``torch.cuda.memory_allocated`` deltas)."""
     from lightning.pytorch.demos import Transformer as DemoTransformer
 
-    from dc_lightning.inference.attention import compressed_memory
     from dc_lightning.inference.conversion import to_compressed_inference
+    from dc_lightning.inference.memory import compressed_memory
 
     model = compress_all(DemoTransformer(dropout=0.0), density=density, bits=bits).eval()
     conv = to_compressed_inference(model)
@@ -256,8 +256,8 @@ def full_demo_memory(dev: str, density: float = 0.1, bits: int = 4) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dc_lightning.inference.attention import compressed_memory
     from dc_lightning.inference.conversion import to_compressed_inference
+    from dc_lightning.inference.memory import compressed_memory
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default: $OUT)")

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_eie import EIE_LAYERS, random_activations, random_layer  # noqa: E402
-from dc_lightning.kernels.sparse import op as E  # noqa: E402
 
 from dc_lightning.inference.conversion import to_compressed_inference  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
+from dc_lightning.kernels.sparse import op as E  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 RESULTS: list[dict] = []

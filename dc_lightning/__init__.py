@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
     from dc_lightning.module import ClassifierModule, LanguageModule  # noqa: F401
     from dc_lightning.pruning.masks import apply_masks, magnitude_mask, prune_model  # noqa: F401
     from dc_lightning.pruning.sensitivity import sensitivity_analysis  # noqa: F401
-    from dc_lightning.quantization.codebooks import kmeans_1d, quantize_model  # noqa: F401
+    from dc_lightning.quantization.codebooks import quantize_model  # noqa: F401
+    from dc_lightning.quantization.kmeans import kmeans_1d  # noqa: F401
     from dc_lightning.report import compression_report  # noqa: F401
     from dc_lightning.targets import select_targets  # noqa: F401
 
@@ -54,7 +55,7 @@ _EXPORTS: dict[str, str] = {
     "sensitivity_analysis": "dc_lightning.pruning.sensitivity",
     # quantization
     "TrainedQuantization": "dc_lightning.callbacks.trained_quantization",
-    "kmeans_1d": "dc_lightning.quantization.codebooks",
+    "kmeans_1d": "dc_lightning.quantization.kmeans",
     "quantize_model": "dc_lightning.quantization.codebooks",
     # file format
     "save_compressed": "dc_lightning.io",

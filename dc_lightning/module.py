@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dc_lightning.models import build_model
-from dc_lightning.pruning.masks import dropout_rates, set_dropout_rates
+from dc_lightning.pruning.dropout import dropout_rates, set_dropout_rates
 
 SCHEDULERS = ("none", "step", "cosine")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -145,7 +145,8 @@ class LanguageModule(ClassifierModule):
     """Next-token language modelling: the network maps tokens ``[B, T]`` to logits ``[B, T, vocab]``.
 
     Same arguments and optimizers as :class:`ClassifierModule` (``model={"name": "lstm_lm"}``); batches are
-    ``(x, y)`` int64 ``[B, T]`` with ``y`` the next token of each position (:class:`dc_lightning.data.text.TextDataModule`).
+    ``(x, y)`` int64 ``[B, T]`` with ``y`` the next token of each position
+    (:class:`dc_lightning.data.text.TextDataModule`).
     Logs ``<split>/loss`` (mean cross-entropy per token, nats), ``<split>/acc1`` (next-token accuracy) and, per
     validation/test epoch, ``<split>/ppl``: exp of the mean cross-entropy over every token of the epoch (summed
     across processes), which is the corpus perplexity, not a mean of per-batch perplexities.

@@ -22,16 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dc_lightning import buffers
-from dc_lightning.inference.attention import (
-    CompressedEmbedding,
-    CompressedGRU,
-    CompressedLSTM,
-    CompressedMultiheadAttention,
-    CompressedRNN,
-    compressed_memory,
-)
+from dc_lightning.inference.attention import CompressedMultiheadAttention
 from dc_lightning.inference.conversion import plan_conversion, to_compressed_inference
+from dc_lightning.inference.embedding import CompressedEmbedding
 from dc_lightning.inference.linear import CompressedLinear
+from dc_lightning.inference.memory import compressed_memory
+from dc_lightning.inference.recurrent import CompressedGRU, CompressedLSTM, CompressedRNN
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -252,7 +248,7 @@ def test_embedding_codes_layout_needs_a_free_code() -> None:
 
 def test_embedding_with_max_norm_is_kept_dense(caplog) -> None:
     model = nn.Sequential(zoo.compress_all(nn.Embedding(10, 4, max_norm=1.0)))
-    with caplog.at_level(logging.INFO, logger="dc_lightning.inference.linear"):
+    with caplog.at_level(logging.INFO, logger="dc_lightning.inference"):
         out = to_compressed_inference(model)
     assert isinstance(out[0], nn.Embedding)
     assert "kept 0 (Embedding) dense: max_norm=1.0" in caplog.text
@@ -307,7 +303,7 @@ class _Hidden(nn.Module):
 def test_weight_reader_is_kept_dense_with_one_log_line(caplog) -> None:
     model = zoo.compress_all(_TiedLM(), seed=6).eval()
     ids = torch.randint(0, 20, (2, 5))
-    with caplog.at_level(logging.INFO, logger="dc_lightning.inference.linear"):
+    with caplog.at_level(logging.INFO, logger="dc_lightning.inference"):
         conv = to_compressed_inference(model, example_inputs=(ids,))
     assert isinstance(conv.emb, nn.Embedding) and isinstance(conv.proj, CompressedLinear)
     lines = [r.getMessage() for r in caplog.records if "emb" in r.getMessage() and "kept" in r.getMessage()]
@@ -351,7 +347,7 @@ def test_skips_exclude_overridden_forward_hooks_and_conv(caplog) -> None:
     assert plan["4"].action == "skip" and "hooks" in plan["4"].reason
     assert plan["5"].action == "skip" and "excluded by pattern '5'" in plan["5"].reason
     x = torch.randn(3, 2, 4)
-    with caplog.at_level(logging.INFO, logger="dc_lightning.inference.linear"):
+    with caplog.at_level(logging.INFO, logger="dc_lightning.inference"):
         conv = to_compressed_inference(model, exclude=["5"], example_inputs=x)
     assert [type(m).__name__ for m in conv] == ["Conv1d", "Flatten", "CompressedLinear", "_Overrides", "Linear",
                                                 "Linear"]

@@ -11,20 +11,16 @@ from hypothesis import strategies as st
 from nets import Nested
 from torch import nn
 
-from dc_lightning.pruning.masks import (
+from dc_lightning.buffers import get_mask
+from dc_lightning.pruning.dropout import (
     adjust_dropouts_to_masks,
     adjusted_dropout,
-    apply_masks,
-    attach_mask,
     dropout_rates,
     find_feeding_dropouts,
-    geometric_schedule,
-    get_mask,
-    magnitude_mask,
-    prune_model,
-    quality_schedule,
     set_dropout_rates,
 )
+from dc_lightning.pruning.masks import apply_masks, attach_mask, magnitude_mask, prune_model
+from dc_lightning.pruning.schedules import geometric_schedule, quality_schedule
 
 PRUNABLE = ["features.0", "seq1d", "head.block.0", "head.block.4"]
 

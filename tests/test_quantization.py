@@ -8,17 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from dc_lightning.buffers import get_codebook
 from dc_lightning.quantization.codebooks import (
     attach_codebook,
     codebook_grad,
     decode_weight,
-    get_codebook,
-    kmeans_1d,
-    kmeans_init,
     quantize_layer,
     quantize_model,
-    wcss,
 )
+from dc_lightning.quantization.kmeans import kmeans_1d, kmeans_init, wcss
 
 
 def bimodal(n: int, seed: int = 0, density: float = 0.3) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dc_lightning.pruning.masks import get_mask, prune_model
+from dc_lightning.buffers import get_mask
+from dc_lightning.pruning.masks import prune_model
 from dc_lightning.pruning.sensitivity import sensitivity_analysis, suggest_densities, write_sensitivity
 
 os.environ.setdefault("WANDB_MODE", "disabled")

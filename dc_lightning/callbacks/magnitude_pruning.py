@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
-from dc_lightning.buffers import install_load_hook
+from dc_lightning.buffers import get_mask, install_load_hook
 from dc_lightning.callbacks.common import (
     broadcast_from_rank_zero,
     check_bool,
@@ -24,21 +24,18 @@ from dc_lightning.callbacks.common import (
     log_metrics,
     print_table,
 )
+from dc_lightning.pruning.dropout import adjust_dropouts_to_masks, find_feeding_dropouts
 from dc_lightning.pruning.masks import (
-    adjust_dropouts_to_masks,
     attach_mask,
     check_densities,
     check_quality,
     check_std_of,
-    find_feeding_dropouts,
-    geometric_schedule,
-    get_mask,
     magnitude_mask,
     mask_summary,
     overall_density,
-    quality_schedule,
     resolve_targets,
 )
+from dc_lightning.pruning.schedules import geometric_schedule, quality_schedule
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target
 
 log = logging.getLogger(__name__)

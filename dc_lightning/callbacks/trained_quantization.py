@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor, nn
 
 from dc_lightning import buffers
-from dc_lightning.buffers import get_mask
+from dc_lightning.buffers import get_codebook, get_mask
 from dc_lightning.callbacks.common import (
     broadcast_from_rank_zero,
     check_bool,
@@ -27,15 +27,10 @@ from dc_lightning.callbacks.common import (
     logger_step,
     print_table,
 )
-from dc_lightning.quantization.codebooks import (
-    INITS,
-    CodebookStep,
-    bits_for_layers,
-    check_bits,
-    decode_weight,
-    get_codebook,
-    quantize_layer,
-)
+from dc_lightning.quantization.bits import bits_for_layers, check_bits
+from dc_lightning.quantization.codebooks import decode_weight, quantize_layer
+from dc_lightning.quantization.kmeans import INITS
+from dc_lightning.quantization.step import CodebookStep
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets
 
 log = logging.getLogger(__name__)
@@ -68,8 +63,8 @@ class TrainedQuantization(Callback):
 
     **Clustering.** At the start of epoch ``start_epoch`` every target layer's surviving weights (``weight_mask``
     True, or all entries of an unpruned layer) are clustered into ``2**bits`` centroids with
-    :func:`dc_lightning.quantization.codebooks.kmeans_1d` (default init ``"linear"``, the paper's choice [DC §3.2]). The layer
-    gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8, ``weight.shape``) and
+    :func:`~dc_lightning.quantization.kmeans.kmeans_1d` (default init ``"linear"``, the paper's choice [DC §3.2]).
+    The layer gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8, ``weight.shape``) and
     its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the callback starts one epoch
     after the last round of a :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the
     same trainer, or at epoch 0 without one.
@@ -106,7 +101,7 @@ class TrainedQuantization(Callback):
     * a step post-hook rewrites every quantized weight as ``where(mask, codebook[assign], 0)`` exactly, so after
       every optimizer step each layer has at most ``2**bits`` distinct values and pruned weights are exactly 0.0,
       whatever order this and the pruning callback's hooks run in.
-    * both go through :class:`~dc_lightning.quantization.codebooks.CodebookStep`: on CUDA the gradients of all layers of an
+    * both go through :class:`~dc_lightning.quantization.step.CodebookStep`: on CUDA the gradients of all layers of an
       optimizer take two Triton launches and the rewrite one (one pass over the members' gradients, one over the
       weights); on the CPU the float64 reference runs layer by layer.
 
@@ -129,7 +124,7 @@ class TrainedQuantization(Callback):
         lr_scale: codebook learning rate = ``lr_scale`` × the current lr of the weight's param group: a number > 0,
             or ``"auto"`` (default; 1 / mean members per centroid for SGD-like optimizers, 1 for Adam-like ones).
         codebook_weight_decay: weight decay of the codebook optimizer, >= 0.
-        refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.codebooks.kmeans_1d`); False
+        refine: split/merge refinement of k-means (see :func:`~dc_lightning.quantization.kmeans.kmeans_1d`); False
             (default) runs the paper's plain Lloyd iterations from ``init``.
         max_iter: Lloyd iterations at most, >= 0. ``0`` with ``init="linear"`` keeps the evenly spaced initial
             centroids (uniform quantization; fine-tuning still trains them): for an entropy-coded (Huffman) file

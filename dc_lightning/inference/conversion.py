@@ -24,47 +24,36 @@
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import copy
 import fnmatch
-import functools
-import inspect
 import logging
-import math
 import os
-import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dc_lightning import buffers
-from dc_lightning.inference.attention import (
-    CompressedEmbedding,
-    CompressedGRU,
-    CompressedLSTM,
-    CompressedMultiheadAttention,
-    CompressedRNN,
-    compressed_memory,
-    compressed_module_types,
-    param_codes,
-)
+from dc_lightning.inference.attention import CompressedMultiheadAttention
+from dc_lightning.inference.embedding import CompressedEmbedding
 from dc_lightning.inference.linear import CompressedLinear
+from dc_lightning.inference.matrix import param_codes
+from dc_lightning.inference.memory import compressed_memory, compressed_module_types
+from dc_lightning.inference.recurrent import CompressedGRU, CompressedLSTM, CompressedRNN
+from dc_lightning.inference.source_check import is_torch_class, weight_reader
+from dc_lightning.inference.verify import check_outputs, reference_outputs
 
 __all__ = [
     "Decision",
-    "check_outputs",
     "convert_model",
     "plan_conversion",
     "inference_memory",
-    "reference_outputs",
     "to_compressed_inference",
 ]
 
-log = logging.getLogger("dc_lightning.inference.linear")
+log = logging.getLogger("dc_lightning.inference")
 
 # torch parents whose forward never reads a child's weights (containers), or whose reads are handled below
 _SAFE_TORCH_PARENTS = (
@@ -136,96 +125,10 @@ def _packable(owner: nn.Module, param: str) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------ static check of the sources
-
-
-def _is_torch_class(cls: type) -> bool:
-    return cls.__module__.split(".")[0] == "torch" or cls in (object, nn.Module)
-
-
-@functools.cache
-def _forward_reads(cls: type) -> frozenset[tuple[str, str]] | None:
-    """``(owner, attribute)`` pairs read in ``cls.forward`` and the ``self.<method>()`` calls it makes (transitively).
-
-    ``owner`` is the name of the attribute the value comes from (``self.emb.weight`` -> ``("emb", "weight")``),
-    ``"<parent>[]"`` for an indexed container (``self.layers[0].weight`` -> ``("layers[]", "weight")``) and ``"?"``
-    for a local variable. ``None`` when a user class's source is unavailable.
-    """
-    methods: dict[str, list[ast.FunctionDef]] = {}  # every definition along the MRO (super() calls reach them)
-    for klass in cls.__mro__:
-        if _is_torch_class(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            return None
-        for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                methods.setdefault(node.name, []).append(node)
-    reads: set[tuple[str, str]] = set()
-    todo, done = ["forward"], set()
-    while todo:
-        name = todo.pop()
-        if name in done or name not in methods:
-            continue
-        done.add(name)
-        for node in (n for fn in methods[name] for n in ast.walk(fn)):
-            if isinstance(node, ast.Attribute):
-                if isinstance(node.value, ast.Name) and node.value.id == "self":
-                    todo.append(node.attr)  # a method called (or an attribute read) on self: follow if a method
-                    continue
-                reads.add((_owner(node.value), node.attr))
-            elif (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id in ("getattr", "hasattr")
-                and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Constant)
-                and isinstance(node.args[1].value, str)
-            ):
-                reads.add((_owner(node.args[0]), node.args[1].value))
-    return frozenset(reads)
-
-
-def _owner(value: ast.AST) -> str:
-    if isinstance(value, ast.Attribute):
-        return value.attr
-    if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Attribute):
-        return value.value.attr + "[]"
-    if isinstance(value, ast.Name) and value.id == "self":
-        return "self"
-    return "?"
-
-
-def _reader(model: nn.Module, name: str, target: nn.Module) -> str | None:
-    """Why an enclosing user class may read a weight attribute of ``target`` (at ``name``), or ``None``.
-
-    Returns ``"unavailable:<class>"`` when a user class's source cannot be read."""
-    parts = name.split(".")
-    removed = _removed_attrs(target)
-    chain = [model] + [model.get_submodule(".".join(parts[: i + 1])) for i in range(len(parts) - 1)]
-    for ancestor in chain:
-        if _is_torch_class(type(ancestor)):
-            continue
-        reads = _forward_reads(type(ancestor))
-        if reads is None:
-            return f"unavailable:{type(ancestor).__qualname__}"
-        local = parts[-1]
-        owners = {local, "?"}
-        if local.isdigit() and len(parts) >= 2:
-            owners.add(parts[-2] + "[]")
-        for owner, attr in reads:
-            for sub, removed_attr in removed:
-                if attr == removed_attr and (owner in owners if sub is None else owner == sub):
-                    via = f"{owner}.{attr}" if sub is None else f"{sub}.{attr}"
-                    return f"{type(ancestor).__qualname__}.forward reads `{via}`"
-    return None
-
-
 # ------------------------------------------------------------------------------------------------------ planning
 
 
-def _named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
+def named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
     """``(name, module, parent)`` of every target, not descending into targets (an attention's ``out_proj`` is part
     of the attention) nor into modules that are already compressed."""
 
@@ -266,7 +169,7 @@ def plan_conversion(
     holders: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(p), []).append(pname)
-    targets = list(_named_targets(model))
+    targets = list(named_targets(model))
     for name, m, parent in targets:
         label, base = _kind(m)
         weights = _weights(m)
@@ -330,9 +233,9 @@ def _skip_reason(
         return "its weights are parametrized (torch.nn.utils.parametrize)"
     if isinstance(m, nn.Embedding) and m.max_norm is not None:
         return f"max_norm={m.max_norm}: torch renormalises the dense weight in place on lookup"
-    if parent is not None and _is_torch_class(type(parent)) and not isinstance(parent, _SAFE_TORCH_PARENTS):
+    if parent is not None and is_torch_class(type(parent)) and not isinstance(parent, _SAFE_TORCH_PARENTS):
         return f"its parent is a {type(parent).__name__}, which may read its weights"
-    reader = _reader(model, name, m)
+    reader = weight_reader(model, name, _removed_attrs(m))
     if reader is not None:
         if not reader.startswith("unavailable:"):
             return reader
@@ -433,136 +336,6 @@ def _log(decisions: list[Decision]) -> None:
         log.warning("to_compressed_inference: no compressed layer could be converted; model unchanged")
 
 
-# -------------------------------------------------------------------------------------------- checking outputs
-
-
-@contextlib.contextmanager
-def _mha_fast_path(enabled: bool) -> Iterator[None]:
-    """torch's fused attention paths off: the nested-tensor path returns zeros at padded positions, so the slow
-    path is the reference semantics."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
-
-
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, dict):
-        args, kwargs = (), example_inputs
-    elif isinstance(example_inputs, (tuple, list)):
-        args, kwargs = tuple(example_inputs), {}
-    else:
-        args, kwargs = (example_inputs,), {}
-    with torch.no_grad(), _mha_fast_path(False):
-        return model(*args, **kwargs)
-
-
-def reference_outputs(model: nn.Module, example_inputs: Any) -> tuple[Any, dict[str, list[tuple]]]:
-    """The dense model's outputs on ``example_inputs`` (a tensor, a tuple of positional arguments or a dict of
-    keyword arguments), with torch's fused attention fast paths off, and the ``(args, kwargs, output)`` of every call
-    of every conversion target (by module name), so that a mismatch can be traced to a layer."""
-    calls: dict[str, list[tuple]] = {}
-    handles = []
-    for name, m, _ in _named_targets(model):
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, _name: str = name) -> None:
-            calls.setdefault(_name, []).append((args, kwargs, out))
-
-        handles.append(m.register_forward_hook(hook, with_kwargs=True))
-    try:
-        return _call(model, example_inputs), calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _leaves(out: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
-    if isinstance(out, dict):
-        for k, v in out.items():
-            yield from _leaves(v, f"{path}[{k!r}]")
-    elif isinstance(out, (tuple, list)):
-        for i, v in enumerate(out):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, out
-
-
-def _compare(out: Any, reference: Any, tolerance: float | None) -> tuple[float, str | None]:
-    """``(largest relative L2 error, what differs or None)`` between two (nested) outputs."""
-    got, want = dict(_leaves(out)), dict(_leaves(reference))
-    if got.keys() != want.keys():
-        return math.inf, f"output structure changed: {sorted(got)} vs {sorted(want)}"
-    worst = 0.0
-    for key, ref in want.items():
-        new = got[key]
-        if not isinstance(ref, Tensor):
-            continue
-        if not ref.is_floating_point():
-            if not torch.equal(new, ref):
-                return math.inf, f"{key} differs from the original model's"
-            continue
-        tol = tolerance if tolerance is not None else (2e-2 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-4)
-        r = ref.double()
-        err = float((new.double() - r).norm() / r.norm().clamp_min(1e-30))
-        worst = max(worst, err)
-        if not err <= tol:
-            return worst, f"{key} differs from the original's: relative L2 error {err:.3g} > tolerance {tol:g}"
-    return worst, None
-
-
-def _culprits(model: nn.Module, converted: Sequence[str], calls: dict[str, list[tuple]], tol: float | None) -> str:
-    """Converted layers whose own outputs differ on the inputs they got in the dense model's run."""
-    found = []
-    for name in converted:
-        layer = model.get_submodule(name) if name else model
-        for args, kwargs, out in calls.get(name, []):
-            try:
-                with torch.no_grad():
-                    problem = _compare(layer(*args, **kwargs), out, tol)[1]
-            except Exception as err:  # a layer failing on its own inputs is a culprit too
-                problem = f"fails: {err!r}"
-            if problem:
-                found.append(f"{name or '<model>'} ({problem})")
-                break
-    return f" Layers that differ on their own inputs: {'; '.join(found)}." if found else ""
-
-
-def check_outputs(
-    model: nn.Module,
-    example_inputs: Any,
-    reference: Any,
-    tolerance: float | None = None,
-    converted: Sequence[str] = (),
-    calls: dict[str, list[tuple]] | None = None,
-) -> float:
-    """Run the converted ``model`` on ``example_inputs`` and compare with ``reference`` (relative L2 error per
-    floating-point output; other outputs must be equal). Returns the largest relative error.
-
-    ``tolerance`` defaults to 1e-4 for float32/float64 outputs and 2e-2 for float16/bfloat16. On a mismatch the
-    converted layers are run on the inputs they got in the dense run (``calls`` of :func:`reference_outputs`) and
-    those whose outputs differ are named in the error.
-
-    Raises:
-        ValueError: the converted model fails on the inputs, or an output differs beyond the tolerance.
-    """
-    hint = (
-        f" Converted layers: {', '.join(c or '<model>' for c in converted) or 'none'}; keep the culprit dense with "
-        "to_compressed_inference(..., exclude=['<name>'])."
-    )
-    try:
-        out = _call(model, example_inputs)
-    except Exception as err:  # any failure of the converted forward is reported as a conversion error
-        raise ValueError(
-            f"to_compressed_inference: the converted model fails on example_inputs: {err!r}.{hint}"
-        ) from err
-    worst, problem = _compare(out, reference, tolerance)
-    if problem:
-        culprits = _culprits(model, converted, calls or {}, tolerance)
-        raise ValueError(f"to_compressed_inference: {problem}.{culprits}{hint}")
-    return worst
-
-
 def to_compressed_inference(
     model_or_path: nn.Module | str | os.PathLike,
     device: torch.device | str | None = None,
@@ -581,7 +354,7 @@ def to_compressed_inference(
     is converted when one of its weight matrices carries a mask or codebook; it is kept dense, with one log line
     saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights, it overrides
     ``forward``, has hooks...; rules in :mod:`dc_lightning.inference.conversion`). Every decision is logged on the
-    ``dc_lightning.inference.linear`` logger.
+    ``dc_lightning.inference`` logger.
 
     Args:
         model_or_path: a model whose layers carry the compression buffers (nested anywhere), or the path of a
@@ -618,7 +391,8 @@ def to_compressed_inference(
         model = model.to(device)
     model.eval()
     checked = example_inputs is not None
-    reference, calls = reference_outputs(model, example_inputs) if checked else (None, None)
+    targets = [(name, m) for name, m, _ in named_targets(model)]
+    reference, calls = reference_outputs(model, example_inputs, targets) if checked else (None, None)
     model, decisions = convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
     if autotune_batches:
         for m in model.modules():

@@ -1,1 +1,2 @@
-"""The Hydra app: config composition and object builders (config.py), the staged pipeline (stages.py), the run summary (summary.py)."""
+"""The Hydra app: config composition and object builders (``config``), the staged pipeline (``stages``), the run
+summary (``summary``)."""

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dc_lightning.pruning.masks import check_densities, get_mask, magnitude_mask
+from dc_lightning.buffers import get_mask
+from dc_lightning.pruning.masks import check_densities, magnitude_mask
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
 from dc_lightning.utils import atomic_write
 

@@ -19,7 +19,8 @@ A step is then
 No atomics and a reduction order that depends only on the plan and the launch constants, so the result is
 bitwise reproducible and identical on every DDP rank (their gradients are identical after the all-reduce). The
 float64 accumulation keeps it within float64 rounding of the exact sum, i.e. equal to the float64 reference
-(``dc_lightning.quantization.codebooks.codebook_grad``, the CPU path) after rounding to float32 up to ties at the last bit.
+(``dc_lightning.quantization.codebooks.codebook_grad``, the CPU path) after rounding to float32 up to ties at the
+last bit.
 
 Layers are addressed through int64 pointer tables (as in Triton's grouped-GEMM tutorial), so one launch covers all
 layers of a dtype: the plan groups layers by weight dtype. Traffic per step: the members' gradients plus their

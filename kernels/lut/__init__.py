@@ -1,1 +1,2 @@
-"""The dense packed-code LUT layout: packing + reference (layout.py), @triton.jit kernel (jit.py), launcher + op dc_lightning::lut_linear (op.py)."""
+"""The dense packed-code LUT layout: packing + PyTorch reference (``layout``), the ``@triton.jit`` kernel (``jit``),
+launcher + op ``dc_lightning::lut_linear`` (``op``)."""

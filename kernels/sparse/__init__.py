@@ -1,1 +1,2 @@
-"""The sparse (EIE sliced-ELL) layout: packing + reference (layout.py), @triton.jit kernels (jit.py), tuning (tuning.py), launcher + op dc_lightning::eie_linear (op.py)."""
+"""The sparse (EIE sliced-ELL) layout: packing + PyTorch reference (``layout``), the ``@triton.jit`` kernels
+(``jit``), heuristics and tuned table (``tuning``), launcher + op ``dc_lightning::eie_linear`` (``op``)."""

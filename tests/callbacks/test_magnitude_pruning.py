@@ -14,8 +14,8 @@ from nets import Nested as Net
 from nets import cpu_trainer, toy_loader
 from torch import nn
 
+from dc_lightning.buffers import get_mask
 from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
-from dc_lightning.pruning.masks import get_mask
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 

@@ -12,8 +12,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from nets import cpu_trainer, toy_loader
 from torch import nn
 
+from dc_lightning.buffers import get_codebook
 from dc_lightning.callbacks.trained_quantization import TrainedQuantization
-from dc_lightning.quantization.codebooks import codebook_grad, decode_weight, get_codebook
+from dc_lightning.quantization.codebooks import codebook_grad, decode_weight
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 

@@ -61,7 +61,8 @@ def make_layers(case: dict, seed: int = 0) -> list[Layer]:
 
 def grad_error(got: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, layer: Layer) -> tuple[float, bool]:
     """max |got - ref| / (1e-30 + Σ|g| of the cluster's members), and whether got == ref bitwise."""
-    from dc_lightning.quantization.codebooks import codebook_grad, get_codebook
+    from dc_lightning.buffers import get_codebook
+    from dc_lightning.quantization.codebooks import codebook_grad
 
     _, assign = get_codebook(layer)
     mask = getattr(layer, "weight_mask", None)
@@ -73,9 +74,10 @@ def grad_error(got: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor, layer: 
 def _run_interpreter_cases(out_path: str) -> None:
     """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dc_lightning.buffers import get_codebook
     from dc_lightning.kernels.codebook import step as K
-
-    from dc_lightning.quantization.codebooks import CodebookStep, codebook_grad, decode_weight, get_codebook
+    from dc_lightning.quantization.codebooks import codebook_grad, decode_weight
+    from dc_lightning.quantization.step import CodebookStep
 
     results: dict = {}
     for case in CASES:
@@ -136,10 +138,10 @@ def _callback_run() -> dict:
 
     sys.path.insert(0, str(HERE.parents[1]))
     from callbacks.test_trained_quantization import Check, Module, prune_by_hand
-    from dc_lightning.kernels.codebook import step as K
     from nets import cpu_trainer, toy_loader
 
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization
+    from dc_lightning.kernels.codebook import step as K
 
     def fit() -> tuple[dict, list[str], int]:
         pl.seed_everything(0)
@@ -204,9 +206,10 @@ def test_callback_through_triton_matches_reference_backend(interp: dict) -> None
 
 
 def test_reference_backend_equals_per_layer_functions() -> None:
+    from dc_lightning.buffers import get_codebook
     from dc_lightning.kernels.codebook import step as K
-
-    from dc_lightning.quantization.codebooks import CodebookStep, codebook_grad, decode_weight, get_codebook
+    from dc_lightning.quantization.codebooks import codebook_grad, decode_weight
+    from dc_lightning.quantization.step import CodebookStep
 
     layers = make_layers(CASES[0], seed=3)
     grads = [torch.randn(m.weight.shape) for m in layers]
@@ -234,7 +237,7 @@ def test_reference_backend_equals_per_layer_functions() -> None:
 
 
 def test_auto_falls_back_to_reference_when_a_kernel_fails_first(caplog) -> None:
-    from dc_lightning.quantization.codebooks import CodebookStep
+    from dc_lightning.quantization.step import CodebookStep
 
     layers = make_layers(CASES[1], seed=0)
     grads = [torch.randn(m.weight.shape) for m in layers]
@@ -254,7 +257,7 @@ def test_auto_falls_back_to_reference_when_a_kernel_fails_first(caplog) -> None:
 
 
 def test_stale_after_mask_or_codes_change() -> None:
-    from dc_lightning.quantization.codebooks import CodebookStep
+    from dc_lightning.quantization.step import CodebookStep
 
     layers = make_layers(CASES[1], seed=0)
     step = CodebookStep(layers, backend="reference")
@@ -268,8 +271,7 @@ def test_stale_after_mask_or_codes_change() -> None:
 
 def test_bad_arguments_name_the_problem() -> None:
     from dc_lightning.kernels.codebook import step as K
-
-    from dc_lightning.quantization.codebooks import CodebookStep
+    from dc_lightning.quantization.step import CodebookStep
 
     with pytest.raises(ValueError, match="backend must be one of"):
         CodebookStep(make_layers(CASES[1]), backend="cuda")

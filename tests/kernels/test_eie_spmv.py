@@ -175,8 +175,8 @@ def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dic
 # In-process tests: packing, reference path, validation, op registration (no interpreter needed)
 # ---------------------------------------------------------------------------------------------------------------
 
-from dc_lightning.kernels.sparse import op as E  # noqa: E402
 from dc_lightning.kernels import runtime as R  # noqa: E402
+from dc_lightning.kernels.sparse import op as E  # noqa: E402
 
 
 def _layer(n=50, k=300, density=0.2, bits=4, seed=0):

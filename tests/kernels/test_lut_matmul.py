@@ -88,10 +88,9 @@ def _linear_module(case: dict, rows, cols, codes, codebook, bias) -> nn.Linear:
 def _run_interpreter_cases(out_path: str) -> None:
     """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dc_lightning.inference.linear import CompressedLinear
     from dc_lightning.kernels.lut import layout as L
     from dc_lightning.kernels.lut import op as M
-
-    from dc_lightning.inference.linear import CompressedLinear
 
     results = {}
     for case in CASES:
@@ -179,11 +178,10 @@ def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dic
 # In-process tests: packing, encoding choice, reference (CPU fallback), validation, op, layout choice, module
 # ---------------------------------------------------------------------------------------------------------------
 
+from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
 from dc_lightning.kernels.lut import layout as L  # noqa: E402
 from dc_lightning.kernels.lut import op as M  # noqa: E402
-
-from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 
 
 def _layer(n=30, k=300, density=0.4, bits=4, seed=0):

@@ -1,0 +1,58 @@
+"""Default and per-layer bit widths [DC §5]: the paper's 8 bits for conv layers and 5 bits for fc layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dc_lightning.targets import Target, pattern_aliases
+from dc_lightning.utils import resolve_per_layer
+
+_UNSET = object()  # resolve_per_layer default for layers no {pattern: bits} entry names
+
+
+def check_bits(bits: Any, where: str = "bits") -> int:
+    """Validate a bit width: an int in 1..8 (assignments are stored as uint8).
+
+    Raises:
+        ValueError: ``bits`` is not an int in 1..8; the message names ``where``.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"{where}: bits must be an int in 1..8 (codebook indices are stored as uint8), got {bits!r}")
+    return bits
+
+
+#: module types whose weight matrices get the fc layers' default width: matrix products like an fc layer's
+_FC_LIKE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
+
+
+def paper_bits(module: nn.Module) -> int:
+    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers.
+
+    Embedding tables, attention projections and recurrent gate matrices are fc-like matrices: 5 bits too (EIE's
+    NT-LSTM layer ran on the same 4-bit fc path). Any other module type gets 8 bits.
+    """
+    return 5 if isinstance(module, _FC_LIKE) else 8
+
+
+def bits_for_layers(layers: dict[str, Target], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
+    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{target: bits}``.
+
+    With a dict, the last matching pattern wins (a pattern matches a target's name, ``<module>.<param>`` name or
+    module name) and targets no pattern matches keep the paper default.
+
+    Raises:
+        ValueError: a pattern matches no target, or a bit width is outside 1..8 (the message names the target).
+    """
+    default = {n: paper_bits(t.module) for n, t in layers.items()}
+    if bits is None:
+        out = default
+    elif isinstance(bits, dict):
+        resolved = resolve_per_layer(bits, list(layers), field, default=_UNSET, aliases=pattern_aliases(layers))
+        out = {n: default[n] if b is _UNSET else b for n, b in resolved.items()}
+    else:
+        out = {n: bits for n in layers}
+    for n, b in out.items():
+        check_bits(b, f"{field} for layer {n!r}")
+    return out
