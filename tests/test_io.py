@@ -479,7 +479,8 @@ def test_decompress_and_cli(tmp_path, capsys):
     assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 0
     a, b = load_file(str(tmp_path / "d2.safetensors")), load_file(str(tmp_path / "dense.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 1  # exists
+    assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 2  # exists: usage error
+    assert "d2.safetensors exists; pass --overwrite" in capsys.readouterr().err
 
 
 def test_cli_export_lightning_checkpoint(tmp_path, capsys):

@@ -321,11 +321,19 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["export", "good.ckpt", "exists.dcz", "--model-class", "torch.nn:Linear"], "pass --overwrite"),
         (["export", "good.ckpt", "o.dcz", "--model-class", "mymodels_cwd_only.SmallCNN"], "pkg.module:QualName"),
         (["export", "good.ckpt", "o.dcz", "--model-class", "mymodels_cwd_only:SmallCNN"], "PYTHONPATH=."),
+        (["decompress", "missing.dcz", "o.safetensors"], "missing.dcz: no such file (expected the .dcz file)"),
+        (["decompress", "exists.dcz", "exists.dcz"], "exists.dcz exists; pass --overwrite"),
+        (["decompress", "exists.dcz", str(tmp_path)], "is a directory; give the output file's name"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    # a corrupt file is not a usage mistake: status 1, as inspect
+    assert main(["decompress", "random.bin", "o.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert "random.bin" in err and "not a .dcz file" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_not_a_dcz_says_so(tmp_path):
