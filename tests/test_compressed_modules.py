@@ -483,7 +483,9 @@ def _interpreter_cases(out_path: str) -> None:
     Path(out_path).write_text(json.dumps(results))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails, not skips
+@pytest.mark.skipif(sys.platform != "linux" and importlib.util.find_spec("triton") is None,
+                    reason="triton not installed")
 def test_triton_interpreter(tmp_path) -> None:
     out = tmp_path / "interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -132,10 +132,6 @@ def test_write_sensitivity(tmp_path, trained):
         write_sensitivity([], tmp_path)
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "dc_lightning", "config.py")),
-    reason="dc_lightning/config.py not present",
-)
 def test_cli_sensitivity(tmp_path, capsys):
     from dc_lightning.cli.sensitivity import cli_sensitivity
     from dc_lightning.config import build_module, compose
