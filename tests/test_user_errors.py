@@ -85,7 +85,7 @@ def test_any_header_edit_is_detected(tmp_path, edit):
 
 
 def test_files_written_before_header_digests_still_load_with_a_warning(tmp_path, caplog):
-    """A user's file from dc_lightning 0.1.0 (no header digest) is not lost; a malformed digest is refused."""
+    """A user's file from an early 0.1.0 build (no header digest) is not lost; a malformed digest is refused."""
     path = tmp_path / "old.dcz"
     save_compressed(_net(), path)
     header, data = _header(path.read_bytes())
