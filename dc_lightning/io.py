@@ -95,8 +95,8 @@ def save_compressed(
         overwrite: replace an existing file; without it an existing ``path`` raises.
         strict: raise when a layer breaks the buffer invariants (non-zero weights outside the mask, weights that
             differ from ``codebook[assign]``); with ``False`` the masked/quantized values are stored instead, with a
-            ``UserWarning`` naming the layer and the count. An unfilled all-zero codebook placeholder (checkpoints of
-            dc_lightning 0.1.0 written before clustering) is not a codebook: the layer is stored as not quantized.
+            ``UserWarning`` naming the layer and the count. An unfilled all-zero codebook placeholder (in checkpoints
+            that early 0.1.0 builds wrote before clustering) is not a codebook: the layer is stored as not quantized.
 
     Returns:
         The :class:`dc_lightning.report.Report` of the written file.

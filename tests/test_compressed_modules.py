@@ -464,6 +464,30 @@ def test_fullgraph_trace(case: str) -> None:
         assert zoo.rel_err(compiled(*args, **kwargs), conv(*args, **kwargs)) <= TOL
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", [CompressedLinear, CompressedLSTM, CompressedMultiheadAttention])
+def test_inductor_compile_matches_eager(kind: type) -> None:
+    """torch.compile with its default backend (inductor: generated C++ on the CPU) gives the eager converted model's
+    output, for a CompressedLinear stack, a CompressedLSTM and a CompressedMultiheadAttention (2-core CPU: 27 s for
+    the three with an empty inductor cache, the first compile of a process the slowest; 17 s with a warm cache)."""
+    torch.manual_seed(0)
+    model, args = {
+        CompressedLinear: (nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 7)), (torch.randn(3, 12),)),
+        CompressedLSTM: (nn.LSTM(6, 5, batch_first=True), (torch.randn(2, 3, 6), (torch.randn(1, 2, 5),) * 2)),
+        CompressedMultiheadAttention: (nn.MultiheadAttention(8, 2, batch_first=True), (torch.randn(2, 3, 8),) * 3),
+    }[kind]
+    model = zoo.compress_all(model, seed=0).eval()
+    conv = to_compressed_inference(model)
+    assert isinstance(conv if kind is not CompressedLinear else conv[0], kind)
+    torch._dynamo.reset()
+    compiled = torch.compile(conv)
+    # compile_threads=1: no worker pool to start on 2 cores
+    with torch.no_grad(), torch._inductor.config.patch(compile_threads=1):
+        eager, got = conv(*args), compiled(*args)
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    assert zoo.rel_err(got, _dense(model, *args)) <= TOL
+
+
 # ---------------------------------------------------------------------------------------- Triton interpreter run
 
 
@@ -479,7 +503,9 @@ def _interpreter_cases(out_path: str) -> None:
     Path(out_path).write_text(json.dumps(results))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails, not skips
+@pytest.mark.skipif(sys.platform != "linux" and importlib.util.find_spec("triton") is None,
+                    reason="triton not installed")
 def test_triton_interpreter(tmp_path) -> None:
     out = tmp_path / "interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -321,6 +321,7 @@ def _rewrite(path, edit_doc=None, edit_meta=None, edit_tensors=None):
         edit_meta(meta)
     if edit_tensors:  # a payload of another dtype: a plain safetensors file (no header digest)
         edit_tensors(tensors)
+        meta.pop("header_sha256")  # else the stale digest rejects the file before the payload checks run
         path.write_bytes(st_save(tensors, metadata=meta))
     else:  # re-sealed with a valid header digest, so the checks behind it are exercised
         path.write_bytes(assemble(tensors, meta))
@@ -364,18 +365,46 @@ def _corrupt_cases():
     }
 
 
+# what each corrupt case's error must say (the check that caught it, with the field and the bad value)
+_CORRUPT_MESSAGES = {
+    "unknown version (metadata)": r"unknown format version '2'; this reader supports 1",
+    "unknown version (document)": r"dc_lightning metadata has the wrong format name or version",
+    "wrong format name": r"format 'other' is not 'dc-lightning-compressed'",
+    "metadata not JSON": r"dc_lightning metadata is missing or not JSON",
+    "wrong checksum": r"layer '4': sha256 checksum mismatch",
+    "huge symbol count": r"layer '4': code stream holds 1000000000000000 symbols, expected nnz=",
+    "huge nbits": r"stream claims 1000000000000 bits but holds \d+ bytes",
+    "nnz lies": r"layer '4': code stream holds \d+ symbols, expected nnz=3",
+    "fillers lie": r"layer '4': gap stream holds \d+ symbols, expected nnz\+fillers",
+    "shape lies": r"layer '4': shape \(1000000000, 1000000000\) is implausibly large",
+    "section outside payload": r"layer '4'.code.data: section \[0, 1000000000\) lies outside its \d+-byte payload",
+    "negative size": r"layer '4'.nbytes = -5 is not an integer in \[0, ",
+    "bad kind": r"layer '4': unknown kind 'zz'",
+    "bits vs k": r"layer '4': bits=3 disagrees with codebook size 32",
+    "index bits out of range": r"layer '4'.index_bits = 40 is not an integer in \[1, 12\]",
+    "tensor dtype unknown": r"tensor '0.bias': unknown dtype 'complex128'",
+    "tensor shape lies": r"tensor '0.bias': payload size disagrees with shape \(100000000,\)",
+    "payload missing": r"layer '0': payload tensor 'layer.0000' is missing",
+    "payload wrong dtype": r"layer '0': payload 'layer.0000' has the wrong dtype/shape/size",
+    "layers not a list": r"metadata lacks the layers/tensors lists",
+}
+
+
 @pytest.mark.parametrize("case", sorted(_corrupt_cases()))
 def test_corrupt_metadata_raises(good_file, case):
+    assert set(_CORRUPT_MESSAGES) == set(_corrupt_cases())
     _rewrite(good_file, **_corrupt_cases()[case])
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match=_CORRUPT_MESSAGES[case]):
         load_compressed(good_file, model=tiny_net())
 
 
 def test_truncated_and_flipped_files(good_file):
     raw = good_file.read_bytes()
-    for cut in (0, 5, 8, 100, len(raw) // 2, len(raw) - 1):
+    for cut, match in ((0, "0 bytes is too short"), (5, "5 bytes is too short"), (8, "header claims .* holds 0 "),
+                       (100, "header claims .* holds 92 "), (len(raw) // 2, rf"holds {len(raw) // 2 - 8} \(truncated"),
+                       (len(raw) - 1, "safetensors payload is inconsistent")):
         good_file.write_bytes(raw[:cut])
-        with pytest.raises(CorruptFileError):
+        with pytest.raises(CorruptFileError, match=match):
             read_compressed(good_file)
     flipped = bytearray(raw)
     flipped[-20] ^= 0x40  # inside the last payload: checksum
@@ -450,10 +479,11 @@ def test_decompress_and_cli(tmp_path, capsys):
     assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 0
     a, b = load_file(str(tmp_path / "d2.safetensors")), load_file(str(tmp_path / "dense.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 1  # exists
+    assert cli_decompress([str(tmp_path / "n.dcz"), str(tmp_path / "d2.safetensors")]) == 2  # exists: usage error
+    assert "d2.safetensors exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_cli_export_lightning_checkpoint(tmp_path):
+def test_cli_export_lightning_checkpoint(tmp_path, capsys):
     from dc_lightning.cli import main
 
     lin = nn.Linear(9, 4)
@@ -483,8 +513,9 @@ def test_cli_export_lightning_checkpoint(tmp_path):
     args = [str(tmp_path / "x.ckpt"), str(tmp_path / "z.dcz"), "--model-class", "torch.nn:Linear"]
     assert main(["export", *args, "--index-bits", "auto"]) == 0
     assert 2 <= read_compressed(tmp_path / "z.dcz").layers[""].index_bits <= 10
-    with pytest.raises(SystemExit):  # argparse: "'five': expected an int in 1..12 or 'auto'"
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         main(["export", *args, "--index-bits", "five"])
+    assert "'five': expected an int in 1..12 or 'auto'" in capsys.readouterr().err
 
 
 def test_fixed_width_fallback_for_tiny_layers(tmp_path):

@@ -218,8 +218,11 @@ def test_geometric_schedule():
     assert geometric_schedule(0.09, 2)[0] == pytest.approx(0.3)
     q = quality_schedule(1.2, 3)
     assert q[-1] == 1.2 and q[0] == pytest.approx(0.4)
-    for bad in ((0.0, 3), (1.5, 3), (0.5, 0), (0.5, 1.5)):
-        with pytest.raises(ValueError):
+    for bad, match in (((0.0, 3), r"target: got 0.0; expected a number in \(0, 1\]"),
+                       ((1.5, 3), r"target: got 1.5; expected a number in \(0, 1\]"),
+                       ((0.5, 0), "rounds: got 0; expected an integer >= 1"),
+                       ((0.5, 1.5), "rounds: got 1.5; expected an integer >= 1")):
+        with pytest.raises(ValueError, match=match):
             geometric_schedule(*bad)
 
 
@@ -229,8 +232,11 @@ def test_adjusted_dropout_formula():
     assert adjusted_dropout(0.5, 100, 25) == pytest.approx(0.25)
     assert adjusted_dropout(0.3, 100, 100) == pytest.approx(0.3)
     assert adjusted_dropout(0.5, 100, 0) == 0.0
-    for bad in ((1.5, 10, 5), (0.5, 0, 0), (0.5, 10, 11), (0.5, 10, -1)):
-        with pytest.raises(ValueError):
+    for bad, match in (((1.5, 10, 5), r"adjusted_dropout: p_orig=1.5; expected a number in \[0, 1\]"),
+                       ((0.5, 0, 0), "adjusted_dropout: c_io=0; expected an integer > 0"),
+                       ((0.5, 10, 11), r"adjusted_dropout: c_ir=11; expected an integer in \[0, c_io=10\]"),
+                       ((0.5, 10, -1), r"adjusted_dropout: c_ir=-1; expected an integer in \[0, c_io=10\]")):
+        with pytest.raises(ValueError, match=match):
             adjusted_dropout(*bad)
 
 

@@ -129,11 +129,11 @@ def test_write_sensitivity(tmp_path, trained):
     ]
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sensitivity.csv", "sensitivity.png"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="write_sensitivity: no rows to write"):
         write_sensitivity([], tmp_path)
 
 
-def test_cli_sensitivity(tmp_path):
+def test_cli_sensitivity(tmp_path, capsys):
     from dc_lightning.cli.sensitivity import cli_sensitivity
     from dc_lightning.pipeline.config import build_module, compose
 
@@ -179,5 +179,6 @@ def test_cli_sensitivity(tmp_path):
     assert rc == 0
     with open(out2 / "sensitivity.csv") as f:
         assert {r["layer"] for r in csv.DictReader(f)} == {"model.ip3"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         cli_sensitivity(["--ckpt", "x", "--recipe", "lenet300", "--densities", "1.5"])
+    assert r"--densities: [1.5] must be numbers in (0, 1]" in capsys.readouterr().err

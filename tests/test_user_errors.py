@@ -84,7 +84,7 @@ def test_any_header_edit_is_detected(tmp_path, edit):
 
 
 def test_files_written_before_header_digests_still_load_with_a_warning(tmp_path, caplog):
-    """A user's file from dc_lightning 0.1.0 (no header digest) is not lost; a malformed digest is refused."""
+    """A user's file from an early 0.1.0 build (no header digest) is not lost; a malformed digest is refused."""
     path = tmp_path / "old.dcz"
     save_compressed(_net(), path)
     header, data = _header(path.read_bytes())
@@ -104,24 +104,28 @@ def test_files_written_before_header_digests_still_load_with_a_warning(tmp_path,
 
 def test_resealed_section_and_dtype_lies_are_still_rejected(tmp_path):
     # behind the digest: sections must tile their payload, a tensor's stored dtype must be the writer's
-    for edit in (lambda d: d["layers"][1]["codebook"].__setitem__(0, 4),
-                 lambda d: d["tensors"][0].__setitem__("dtype", "int8")):
+    for edit, match in ((lambda d: d["layers"][1]["codebook"].__setitem__(0, 4),
+                         r"layer '2': sections do not tile the payload \(offset 4, expected 0\)"),
+                        (lambda d: d["tensors"][0].__setitem__("dtype", "int8"),
+                         r"tensor '0.bias': dtype 'int8' cannot be stored as 'float32'")):
         path = tmp_path / "n.dcz"
         save_compressed(_net(), path, overwrite=True)
         _rewrite_header(path, edit, reseal=True)
-        with pytest.raises(CorruptFileError):
+        with pytest.raises(CorruptFileError, match=match):
             load_compressed(path, model=_fresh())
 
 
 def test_allocation_bounded_before_decoding(tmp_path, monkeypatch):
     # a re-sealed header declaring 24-bit codes or a huge chunk is refused before the decoder allocates its tables
     path = tmp_path / "n.dcz"
-    for edit in (lambda d: d["huffman"].__setitem__("max_len", 24),
-                 lambda d: d["layers"][1]["code"].__setitem__("chunk", 65535)):
+    for edit, match in ((lambda d: d["huffman"].__setitem__("max_len", 24),
+                         r"huffman.max_len = 24 is not an integer in \[1, 16\]"),
+                        (lambda d: d["layers"][1]["code"].__setitem__("chunk", 65535),
+                         r"layer '2'.code: chunk 65535 differs from the file's chunk 1024")):
         save_compressed(_net(), path, overwrite=True)
         _rewrite_header(path, edit, reseal=True)
         monkeypatch.setattr(huffman, "decode_many", lambda s: pytest.fail("decoded a rejected file"))
-        with pytest.raises(CorruptFileError):
+        with pytest.raises(CorruptFileError, match=match):
             load_compressed(path, model=_fresh())
     # declared shapes are checked against the model before decoding, with their own error type
     save_compressed(_net(), path, overwrite=True)
@@ -227,9 +231,10 @@ def test_inspect_and_report_verify_the_file(tmp_path, capsys):
     raw = path.read_bytes()
     flipped = bytearray(raw)
     flipped[-3] ^= 0x10
-    for bad in (raw[: len(raw) - 40], bytes(flipped)):
+    for bad, match in ((raw[: len(raw) - 40], "safetensors payload is inconsistent"),
+                       (bytes(flipped), r"record '2.bias': sha256 checksum mismatch")):
         path.write_bytes(bad)
-        with pytest.raises(CorruptFileError):
+        with pytest.raises(CorruptFileError, match=match):
             compression_report(path)
         assert main(["inspect", str(path), "--json"]) == 1
         assert capsys.readouterr().out == ""
@@ -243,23 +248,34 @@ def test_inspect_and_report_verify_the_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "build",
+    ("build", "match"),
     [
-        lambda: __import__("dc_lightning").CompressedCheckpoint(index_bits=40),
-        lambda: __import__("dc_lightning").CompressedCheckpoint(index_bits={"fc*": 0}),
-        lambda: __import__("dc_lightning").CompressedCheckpoint(strict="yes"),
-        lambda: __import__("dc_lightning").CompressedCheckpoint(dirpath=3),
-        lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, include="fc1"),
-        lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, types=(int,)),
-        lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, verbose="no"),
-        lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, prune_fraction=True),
-        lambda: __import__("dc_lightning").TrainedQuantization(refine=1),
-        lambda: __import__("dc_lightning").TrainedQuantization(seed=-1),
-        lambda: __import__("dc_lightning").TrainedQuantization(exclude=[""]),
+        (lambda: __import__("dc_lightning").CompressedCheckpoint(index_bits=40),
+         r"CompressedCheckpoint: index_bits=40; valid: None, an int in 1\.\.12"),
+        (lambda: __import__("dc_lightning").CompressedCheckpoint(index_bits={"fc*": 0}),
+         r"CompressedCheckpoint: index_bits\['fc\*'\]=0; valid"),
+        (lambda: __import__("dc_lightning").CompressedCheckpoint(strict="yes"),
+         r"CompressedCheckpoint: strict='yes'; expected True or False"),
+        (lambda: __import__("dc_lightning").CompressedCheckpoint(dirpath=3),
+         r"CompressedCheckpoint: dirpath=3; expected None or a folder path"),
+        (lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, include="fc1"),
+         r"MagnitudePruning: include='fc1'; expected None or a list of fnmatch patterns"),
+        (lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, types=(int,)),
+         r"MagnitudePruning: types=\(<class 'int'>,\); expected a non-empty tuple of nn\.Module classes"),
+        (lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, verbose="no"),
+         r"MagnitudePruning: verbose='no'; expected True or False"),
+        (lambda: __import__("dc_lightning").MagnitudePruning(densities=0.5, prune_fraction=True),
+         r"MagnitudePruning: prune_fraction=True; expected a number in \(0, 1\]"),
+        (lambda: __import__("dc_lightning").TrainedQuantization(refine=1),
+         r"TrainedQuantization: refine=1; expected True or False"),
+        (lambda: __import__("dc_lightning").TrainedQuantization(seed=-1),
+         r"TrainedQuantization: seed must be an int >= 0, got -1"),
+        (lambda: __import__("dc_lightning").TrainedQuantization(exclude=[""]),
+         r"TrainedQuantization: exclude=\[''\]; every pattern must be a non-empty string"),
     ],
 )
-def test_callback_arguments_checked_at_construction(build):
-    with pytest.raises(ValueError):
+def test_callback_arguments_checked_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
         build()
 
 
@@ -304,11 +320,19 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["export", "good.ckpt", "exists.dcz", "--model-class", "torch.nn:Linear"], "pass --overwrite"),
         (["export", "good.ckpt", "o.dcz", "--model-class", "mymodels_cwd_only.SmallCNN"], "pkg.module:QualName"),
         (["export", "good.ckpt", "o.dcz", "--model-class", "mymodels_cwd_only:SmallCNN"], "PYTHONPATH=."),
+        (["decompress", "missing.dcz", "o.safetensors"], "missing.dcz: no such file (expected the .dcz file)"),
+        (["decompress", "exists.dcz", "exists.dcz"], "exists.dcz exists; pass --overwrite"),
+        (["decompress", "exists.dcz", str(tmp_path)], "is a directory; give the output file's name"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    # a corrupt file is not a usage mistake: status 1, as inspect
+    assert main(["decompress", "random.bin", "o.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert "random.bin" in err and "not a .dcz file" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_not_a_dcz_says_so(tmp_path):

@@ -4,7 +4,6 @@ safetensors state dict)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from dc_lightning.cli import UsageError, input_file, output_file, user_errors
@@ -116,21 +115,22 @@ def cli_export(argv: list[str] | None = None) -> int:
     return 0
 
 
+@user_errors("dc-lightning decompress")
 def cli_decompress(argv: list[str] | None = None) -> int:
-    """``dc-lightning decompress <in.dcz> <out.safetensors> [--overwrite]``: dense safetensors state dict."""
-    p = argparse.ArgumentParser(prog="dc-lightning decompress", description=cli_decompress.__doc__)
+    """``dc-lightning decompress <in.dcz> <out.safetensors> [--overwrite]``: dense safetensors state dict.
+
+    User mistakes (a missing input, an existing output without ``--overwrite``) print one line and return 2, as in
+    the other subcommands; a corrupt ``.dcz`` file returns 1.
+    """
+    p = argparse.ArgumentParser(prog="dc-lightning decompress", description=cli_decompress.__doc__.split("\n")[0])
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    from dc_lightning.io import CorruptFileError, decompress
+    from dc_lightning.io import decompress
 
-    try:
-        output_file(args.output, args.overwrite)
-        decompress(input_file(args.input, ".dcz"), args.output, overwrite=args.overwrite)
-    except (CorruptFileError, UsageError) as e:
-        print(f"dc-lightning decompress: {e}", file=sys.stderr)
-        return 1
+    output_file(args.output, args.overwrite)
+    decompress(input_file(args.input, ".dcz"), args.output, overwrite=args.overwrite)
     print(f"wrote {args.output}")
     return 0

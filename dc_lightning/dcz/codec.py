@@ -288,7 +288,8 @@ def _gap_stream(
 
 def _unfilled_codebook(t: Target) -> bool:
     """A codebook placeholder nothing filled: all-zero codebook and assignments beside a non-zero weight (what
-    checkpoints written before clustering by dc_lightning 0.1.0 carry). A real codebook cannot be all zeros then."""
+    early 0.1.0 builds, which registered placeholders at setup, left in checkpoints written before clustering; the
+    current TrainedQuantization registers none). A real codebook cannot be all zeros then."""
     got = buffers.get_codebook(t.module, t.param)
     return got is not None and not bool(got[0].any()) and not bool(got[1].any()) and bool(t.weight.detach().any())
 

@@ -262,8 +262,8 @@ def _check_digest(raw: bytes, digest: Any, where: str) -> None:
         CorruptFileError: a malformed digest or a mismatch (no digest at all: a logged warning, see below).
     """
     if digest is None:
-        # files written before header digests (dc_lightning 0.1.0) stay loadable: the user's file is not lost, its
-        # records are still checked one by one and every payload by its sha256; only the header is unverified
+        # files without a header digest (early 0.1.0 builds wrote none) stay loadable: the user's file is not lost,
+        # its records are still checked one by one and every payload by its sha256; only the header is unverified
         log.warning(
             "%s: the header carries no %r (written before dc_lightning added header digests): the header is NOT "
             "verified, only the records and payload checksums; re-export the model (save_compressed) to add one",

@@ -17,7 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails, not skips
+@pytest.mark.skipif(sys.platform != "linux" and importlib.util.find_spec("triton") is None,
+                    reason="triton not installed")
 def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(

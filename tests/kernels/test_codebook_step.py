@@ -22,7 +22,8 @@ from torch import nn
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails these tests, not skips them
+HAS_TRITON = sys.platform == "linux" or importlib.util.find_spec("triton") is not None
 
 # layers of a case: (shape, bits, density (None = no mask, 0.0 = all pruned), weight dtype)
 CASES = [

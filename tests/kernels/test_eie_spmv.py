@@ -21,7 +21,8 @@ import torch
 from kernel_cases import reference, rel_err, run_interpreter_child
 
 HERE = Path(__file__).resolve()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails these tests, not skips them
+HAS_TRITON = sys.platform == "linux" or importlib.util.find_spec("triton") is not None
 
 # ---------------------------------------------------------------------------------------------------------------
 # Interpreter cases: tiny shapes, fp32, each vs a float64 dense reference (relative error <= 1e-5)

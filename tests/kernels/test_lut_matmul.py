@@ -22,7 +22,8 @@ from kernel_cases import reference, rel_err, run_interpreter_child
 from torch import nn
 
 HERE = Path(__file__).resolve()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+# triton is a hard dependency on Linux (pyproject.toml): there a missing triton fails these tests, not skips them
+HAS_TRITON = sys.platform == "linux" or importlib.util.find_spec("triton") is not None
 
 
 def _case(cid: str, n: int, k: int, density: float = 0.4, bits: int = 4, batch: int = 1, **kw) -> dict:
