@@ -19,6 +19,7 @@ never spells the names.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +30,12 @@ __all__ = [
     "CODEBOOK",
     "KINDS",
     "MASK",
+    "MAX_CODES",
     "WEIGHT",
+    "Codes",
     "buffer_keys",
     "buffer_name",
+    "codes_of",
     "compressed_params",
     "get_buffer",
     "get_codebook",
@@ -53,6 +57,8 @@ __all__ = [
 WEIGHT = "weight"
 KINDS = ("mask", "codebook", "assign")
 MASK, CODEBOOK, ASSIGN = (f"{WEIGHT}_{k}" for k in KINDS)  # "weight_mask", "weight_codebook", "weight_assign"
+#: the most codebook entries a layer may have: codes are uint8 in the file, the assignments and the kernels
+MAX_CODES = 256
 
 
 def buffer_name(kind: str, param: str = WEIGHT) -> str:
@@ -273,32 +279,84 @@ def sparse_coordinates(shape: tuple[int, ...], mask: Tensor | np.ndarray | None)
     return pos // C, pos % C
 
 
+class Codes(NamedTuple):
+    """The codes of one compressed parameter (or a row slice of it), on the parameter's device (:func:`codes_of`)."""
+
+    mask: Tensor  #: bool, the parameter's shape: True = kept
+    codes: Tensor  #: int64, the parameter's shape: the codebook index of every kept weight, 0 where pruned
+    codebook: Tensor  #: float32 ``[k]``, ``1 <= k <= MAX_CODES``
+
+
+@torch.no_grad()
+def codes_of(module: nn.Module, param: str = WEIGHT, rows: slice | None = None) -> Codes:
+    """``(mask, codes, codebook)`` of ``module.<param>`` (or of its ``rows``), computed on the parameter's device.
+
+    The one derivation of codes from the buffers; every packing (the EIE layout, the kernels, the inference modules)
+    goes through it. The rule:
+
+    * **kept weights**: the mask buffer's True entries; without a mask, every weight of a quantized parameter (its
+      assignments code them all, zeros included) and the non-zero weights of a plain one (no buffer at all);
+    * **codes**: a quantized parameter's assignments at the kept positions; otherwise the **distinct kept values
+      become the codebook** (sorted ascending, so decoding is exact) when there are at most :data:`MAX_CODES` of
+      them, and ``codebook = [0.0]`` when nothing is kept. With ``rows``, a parameter without a codebook gets the
+      distinct values of those rows only (an attention's q, k and v rows each get their own).
+
+    Raises:
+        ValueError: a buffer's shape differs from the parameter's, or the parameter has no codebook and more than
+            :data:`MAX_CODES` distinct kept values (the compressed path stores codebook indices, not floats).
+    """
+    weight = getattr(module, param)
+    shape = tuple(weight.shape)
+    mask = get_mask(module, param)
+    got = get_codebook(module, param)
+    for kind, t in (("assign", None if got is None else got[1]), ("mask", mask)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"{type(module).__name__}.{buffer_name(kind, param)} has shape {tuple(t.shape)}; expected {shape}"
+            )
+    sl = slice(None) if rows is None else rows
+    values = weight.detach()[sl]
+    if mask is not None:
+        keep = mask[sl].to(torch.bool)
+    elif got is not None:
+        keep = torch.ones_like(values, dtype=torch.bool)
+    else:
+        keep = values != 0
+    if got is not None:
+        codebook, assign = got
+        codes = torch.where(keep, assign[sl].to(torch.int64), 0)
+        return Codes(keep, codes, codebook.detach().reshape(-1).to(torch.float32))
+    centroids, inverse = torch.unique(values[keep].to(torch.float32), return_inverse=True)
+    if centroids.numel() > MAX_CODES:
+        raise ValueError(
+            f"{type(module).__name__}.{param} is not quantized and keeps {centroids.numel()} distinct values; the "
+            f"compressed path needs at most {MAX_CODES} (quantize it first, e.g. quantize_model)"
+        )
+    if centroids.numel() == 0:
+        centroids = torch.zeros(1, device=weight.device)
+    codes = torch.zeros(keep.shape, dtype=torch.int64, device=weight.device)
+    codes[keep] = inverse
+    return Codes(keep, codes, centroids)
+
+
 def layer_codes(
     module: nn.Module, param: str = WEIGHT
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[int, ...]]:
-    """``(rows, cols, codes, codebook, shape)`` of a quantized parameter, derived from its buffers.
+    """``(rows, cols, codes, codebook, shape)`` of a quantized parameter: :func:`codes_of` as host arrays.
 
-    ``rows``/``cols`` are the row-major coordinates of the kept weights (all of them without a mask), ``codes`` their
-    uint8 codebook indices, ``codebook`` float32. This is the one derivation the exporter, the EIE layout and the
-    kernel packing share.
+    ``rows``/``cols`` (int64) are the row-major coordinates of the kept weights in the ``(R, C)`` matrix view
+    (:func:`matrix_shape`; all of them without a mask), ``codes`` their uint8 codebook indices, ``codebook`` float32.
 
     Raises:
         ValueError: the parameter is not quantized, or a buffer's shape differs from the parameter's.
     """
-    got = get_codebook(module, param)
-    if got is None:
+    if get_codebook(module, param) is None:
         raise ValueError(
             f"{type(module).__name__}.{param} has no {buffer_name('codebook', param)}/{buffer_name('assign', param)} "
             "buffers: it is not quantized (run TrainedQuantization or quantize_model first)"
         )
-    codebook, assign = got
-    shape = tuple(getattr(module, param).shape)
-    mask = get_mask(module, param)
-    for name, t in (("assign", assign), ("mask", mask)):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(
-                f"{type(module).__name__}.{buffer_name(name, param)} has shape {tuple(t.shape)}; expected {shape}"
-            )
-    rows, cols = sparse_coordinates(shape, mask)
-    a = assign.detach().cpu().numpy().reshape(matrix_shape(shape))
-    return rows, cols, a[rows, cols], codebook.detach().cpu().float().numpy().reshape(-1), shape
+    mask, codes, codebook = codes_of(module, param)
+    shape = tuple(mask.shape)
+    rows, cols = torch.nonzero(mask.reshape(matrix_shape(shape)), as_tuple=True)  # row-major (the stored order)
+    picked = codes.reshape(matrix_shape(shape))[rows, cols].to(torch.uint8)
+    return rows.cpu().numpy(), cols.cpu().numpy(), picked.cpu().numpy(), codebook.cpu().numpy(), shape

@@ -1,20 +1,10 @@
 """What the compression callbacks compress: parameter-level targets, their names and how patterns select them.
 
-A **target** is one weight matrix of a module: ``(module, parameter name)``. The weight matrices of a module are
-(:func:`weight_params`):
-
-===================================  ==============================================================================
-module                               parameters
-===================================  ==============================================================================
-``nn.MultiheadAttention``            ``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
-                                     when key/value sizes differ (``out_proj`` is an ``nn.Linear`` subclass: a
-                                     module of its own)
-``nn.LSTM``/``nn.GRU``/``nn.RNN``    every ``weight_*`` parameter: ``weight_ih_l{k}[_reverse]``,
-                                     ``weight_hh_l{k}[_reverse]`` (and an LSTM's ``weight_hr_l{k}`` projections)
-anything else (``nn.Linear`` and     ``weight``
-subclasses, ``nn.Conv*``,
-``nn.Embedding``, a ``types=`` type)
-===================================  ==============================================================================
+A **target** is one weight matrix of a module: ``(module, parameter name)``. Which parameters of a module are
+weight matrices, and which module types are targets by default, is the weight-kind registry's business
+(:mod:`dc_lightning.kinds`: ``in_proj_weight`` or ``q/k/v_proj_weight`` of an ``nn.MultiheadAttention``, every
+2-D ``weight_*`` of an ``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``weight`` for ``nn.Linear``, ``nn.Conv*``,
+``nn.Embedding`` and for a module of a ``types=`` type the registry does not know).
 
 Biases, norms and other 1-D parameters are never targets.
 
@@ -38,33 +28,10 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from dc_lightning.buffers import WEIGHT
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES, weight_params
 from dc_lightning.utils import target_name
 
 __all__ = ["DEFAULT_TARGET_TYPES", "Target", "pattern_aliases", "select_targets", "target_name", "weight_params"]
-
-#: module types whose weight matrices the compression callbacks target by default
-DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Embedding,
-    nn.MultiheadAttention,
-    nn.RNNBase,  # nn.LSTM, nn.GRU, nn.RNN
-)
-
-_MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def weight_params(module: nn.Module) -> list[str]:
-    """The names of the weight matrices of ``module`` (see the module docstring); ``[]`` when it has none."""
-    own = dict(module.named_parameters(recurse=False))
-    if isinstance(module, nn.MultiheadAttention):
-        return [n for n in _MHA_WEIGHTS if n in own]
-    if isinstance(module, nn.RNNBase):
-        return [n for n, p in own.items() if n.startswith("weight_") and p.dim() >= 2]
-    return [WEIGHT] if isinstance(own.get(WEIGHT), nn.Parameter) else []
 
 
 @dataclass(frozen=True)
@@ -109,9 +76,10 @@ def select_targets(
 ) -> dict[str, Target]:
     """The targets to compress, ``{name: Target}`` in ``named_modules()`` order.
 
-    Candidates are the weight matrices (:func:`weight_params`) of the modules of ``types`` (``isinstance``, so
-    subclasses count); ``include``/``exclude`` fnmatch patterns then filter them (see the module docstring for what a
-    pattern matches). A parameter shared by two modules (tied weights) is one target, under its first name.
+    Candidates are the weight matrices (:func:`dc_lightning.kinds.weight_params`) of the modules of ``types``
+    (``isinstance``, so subclasses count); ``include``/``exclude`` fnmatch patterns then filter them (see the module
+    docstring for what a pattern matches). A parameter shared by two modules (tied weights) is one target, under its
+    first name.
 
     Raises:
         ValueError: the model has no candidate, or an include/exclude pattern matches none (the message lists them).

@@ -1,6 +1,7 @@
 """The package's shape, checked from the source (nothing is imported): no import cycles, no private names imported
-across modules, the per-layer buffer names spelled in ``dc_lightning/buffers.py`` only, subcommands only in
-``dc_lightning/cli/``, and the editor view of the public API (``TYPE_CHECKING`` block) equal to the lazy map.
+across modules, the per-layer buffer names spelled in ``dc_lightning/buffers.py`` only, torch's weight-layer types
+named in ``dc_lightning/kinds.py`` only (the weight-kind registry), subcommands only in ``dc_lightning/cli/``, and the
+editor view of the public API (``TYPE_CHECKING`` block) equal to the lazy map.
 
 The import graph covers ``dc_lightning/**/*.py`` and ``kernels/*.py`` (installed as ``dc_lightning.kernels``) and
 counts every import statement, also those inside functions (a lazy import still ties two modules together), but not
@@ -34,6 +35,21 @@ LIBRARY = (
     "kernels",
 )
 FRAMEWORK_IMPORTS = ("argparse", "hydra", "omegaconf", f"{PKG}.pipeline.config")
+KINDS = f"{PKG}.kinds"
+#: torch's weight-layer classes (those dc_lightning/kinds.py registers, and their relatives). Using one as a value
+#: (isinstance/issubclass, a type table, a class attribute; not constructing one, not a type hint) is weight-kind
+#: knowledge, which belongs in the registry
+TORCH_LAYER = re.compile(
+    r"(Lazy)?(Linear|Bilinear|NonDynamicallyQuantizableLinear|Conv(Transpose)?[123]d|_Conv(Transpose)?Nd|"
+    r"Embedding(Bag)?|MultiheadAttention|RNNBase|RNNCellBase|(LSTM|GRU|RNN)(Cell)?)"
+)
+#: the modules besides kinds.py, the model definitions (dc_lightning/models/) and the inference module of each kind
+#: (which checks it is handed its own torch type) that may name torch layer types, with the reason; at most 3
+TORCH_TYPE_USERS = {
+    f"{PKG}.module": "ClassifierModule reads the class count from the model's last nn.Linear (a model convention)",
+    f"{PKG}.pruning.dropout": "[NIPS] §3.2 lowers the rate of the nn.Dropout right before a pruned nn.Linear, by "
+    "that layer type and position (an fc-family Embedding or LSTM after a Dropout is not what the rule is about)",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -141,6 +157,64 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return ids
 
 
+def _torch_layer_uses(tree: ast.Module) -> list[tuple[int, str]]:
+    """``(line, class name)`` of every use of a torch weight-layer class as a value: ``nn.Linear``,
+    ``torch.nn.Conv2d``, ``nn.modules.conv._ConvNd`` or a name imported from ``torch.nn``, except as the callee of a
+    call (constructing one) and inside annotations."""
+    modules, classes = set(), {}  # local names bound to torch / torch.nn modules, to torch.nn classes
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "torch" or a.name.startswith("torch."):
+                    modules.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch" and not node.level:
+            for a in node.names:
+                (classes.__setitem__(a.asname or a.name, a.name) if TORCH_LAYER.fullmatch(a.name)
+                 else modules.add(a.asname or a.name))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        parts = []
+        if isinstance(node, ast.Call):
+            parts.append(node.func)
+        elif isinstance(node, ast.AnnAssign):
+            parts.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            every = args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+            parts += [a.annotation for a in every if a.annotation is not None]
+            parts += [node.returns] if node.returns is not None else []
+        skip.update(id(n) for part in parts for n in ast.walk(part))
+    hits = []
+    for node in ast.walk(tree):
+        if id(node) in skip or isinstance(node, ast.ImportFrom):
+            continue
+        if isinstance(node, ast.Attribute) and TORCH_LAYER.fullmatch(node.attr):
+            root = node.value
+            while isinstance(root, ast.Attribute):
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in modules:
+                hits.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Name) and node.id in classes:
+            hits.append((node.lineno, classes[node.id]))
+    return hits
+
+
+def _converter_modules(tree: ast.Module) -> dict[str, set[str]]:
+    """``{inference module: names of the torch types it converts}`` read from the registry's source: each
+    ``Kind(nn.<Type>, ..., converter=<loader>)`` entry and the modules that ``<loader>`` imports."""
+    loaders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    out: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Kind"):
+            continue
+        torch_type = node.args[0]
+        loader = next((k.value for k in node.keywords if k.arg == "converter"), None)
+        if isinstance(torch_type, ast.Attribute) and isinstance(loader, ast.Name) and loader.id in loaders:
+            for target, _, _ in _imports(KINDS, loaders[loader.id]):
+                out.setdefault(target, set()).add(torch_type.attr)
+    return out
+
+
 def _in(module: str, group: str) -> bool:
     return module == f"{PKG}.{group}" or module.startswith(f"{PKG}.{group}.")
 
@@ -177,6 +251,27 @@ def test_the_checks_catch_what_they_look_for() -> None:
         ("import numpy as np\nnp._private", False),
     ]:
         assert bool(_private_uses(f"{PKG}.probe", ast.parse(text))) is hit, text
+    for text, hit in [
+        ("from torch import nn\nisinstance(m, nn.Linear)", True),
+        ("import torch\nissubclass(t, torch.nn.Conv2d)", True),
+        ("from torch import nn\nFC_LIKE = (nn.Embedding, nn.LSTM)", True),
+        ("from torch import nn\nTYPES = {nn.GRU: 1}", True),
+        ("from torch import nn\nconv = nn.modules.conv._ConvNd", True),
+        ("from torch.nn import MultiheadAttention as MHA\nisinstance(m, MHA)", True),
+        ("from torch import nn\nclass C:\n    torch_type = nn.RNN", True),
+        ("from torch import nn\nsame = type(m).forward is nn.Linear.forward", True),
+        ("from torch import nn\nlin = nn.Linear(3, 2)", False),
+        ("from torch import nn\ndef f(m: nn.Linear, *a: nn.GRU) -> type[nn.Embedding]: ...", False),
+        ("from torch import nn\nt: type[nn.RNNBase]", False),
+        ("from torch import nn\nisinstance(m, (nn.Sequential, nn.ReLU, nn.TransformerEncoderLayer))", False),
+        ("nn = object()\nnn.Linear", False),
+    ]:
+        assert bool(_torch_layer_uses(ast.parse(text))) is hit, text
+    registry = ast.parse(
+        "def _lin():\n    from dc_lightning.inference.linear import CompressedLinear\n"
+        "KINDS = (Kind(nn.Linear, 'fc', converter=_lin), Kind(nn.Conv2d, 'conv'))"
+    )
+    assert _converter_modules(registry) == {f"{PKG}.inference.linear": {"Linear"}}
 
 
 def test_no_import_cycle() -> None:
@@ -236,6 +331,27 @@ def test_buffer_names_are_spelled_in_buffers_only() -> None:
         for line, what in _buffer_name_uses(tree)
     ]
     assert not bad, bad
+
+
+def test_torch_layer_types_are_named_in_kinds_only() -> None:
+    """Only dc_lightning/kinds.py uses torch's weight-layer classes as values; besides it, the model definitions
+    (dc_lightning/models/), each kind's inference module (for its own types, read from the registry) and the few
+    modules of :data:`TORCH_TYPE_USERS`, which must still need their entry."""
+    assert len(TORCH_TYPE_USERS) <= 3, "the weight-kind registry is the place for this knowledge"
+    converters = _converter_modules(SOURCES[KINDS][1])
+    assert converters[f"{PKG}.inference.recurrent"] == {"LSTM", "GRU", "RNN"}  # the derivation sees the registry
+    bad, used = [], set()
+    for module, (path, tree) in SOURCES.items():
+        if module == KINDS or _in(module, "models"):
+            continue
+        hits = _torch_layer_uses(tree)
+        if module in TORCH_TYPE_USERS:
+            used.update([module] if hits else [])
+            continue
+        allowed = converters.get(module, set())
+        bad += [f"{path.relative_to(ROOT)}:{line} uses {name}" for line, name in hits if name not in allowed]
+    assert not bad, bad
+    assert used == set(TORCH_TYPE_USERS), f"stale TORCH_TYPE_USERS entries: {set(TORCH_TYPE_USERS) - used}"
 
 
 def test_subcommands_live_in_the_cli_package() -> None:

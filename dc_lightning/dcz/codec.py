@@ -73,6 +73,7 @@ from dc_lightning.dcz.relative_index import (
     encode_gaps,
     positions_to_rows_cols,
 )
+from dc_lightning.kinds import PAPER_INDEX_BITS, paper_index_bits
 from dc_lightning.targets import Target, pattern_aliases, target_name
 from dc_lightning.utils import resolve_per_layer
 
@@ -91,8 +92,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: paper defaults for the relative index [DC §2]: 8 bits for conv, 5 bits for fc
-PAPER_INDEX_BITS = {"conv": 8, "fc": 5}
 #: ``index_bits="auto"``: export tries these relative-index widths per layer and keeps the smallest coded stream
 AUTO = "auto"
 AUTO_INDEX_BITS = tuple(range(2, 11))
@@ -218,10 +217,6 @@ class CompressedFile:
 # --------------------------------------------------------------------------------------------------- encoding
 
 
-def _layer_kind(module: nn.Module) -> str:
-    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "fc"
-
-
 def _compressed_layers(model: nn.Module) -> dict[str, Target]:
     """The parameters carrying a mask and/or a codebook buffer, by target name, in ``named_modules()`` order."""
     out = {}
@@ -235,7 +230,7 @@ def _compressed_layers(model: nn.Module) -> dict[str, Target]:
 def _resolve_index_bits(index_bits: Any, layers: dict[str, Target]) -> dict[str, int | str]:
     names = list(layers)
     if index_bits is None:
-        out = {n: PAPER_INDEX_BITS[_layer_kind(t.module)] for n, t in layers.items()}
+        out = {n: paper_index_bits(t.module) for n, t in layers.items()}
     elif index_bits == AUTO:
         out = {n: AUTO for n in names}
     else:
@@ -244,7 +239,7 @@ def _resolve_index_bits(index_bits: Any, layers: dict[str, Target]) -> dict[str,
         out = resolve_per_layer(index_bits, names, "index_bits", default=-1, aliases=pattern_aliases(layers))
         for n, v in out.items():
             if isinstance(v, int) and not isinstance(v, bool) and v == -1:
-                out[n] = PAPER_INDEX_BITS[_layer_kind(layers[n].module)]
+                out[n] = paper_index_bits(layers[n].module)
     for n, v in out.items():
         if v == AUTO:
             continue

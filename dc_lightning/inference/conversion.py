@@ -2,10 +2,10 @@
 
 ``to_compressed_inference`` (``dc_lightning.inference.linear``) calls :func:`convert_model`. The rules:
 
-* **Targets.** ``nn.Linear`` and subclasses -> ``CompressedLinear``; ``nn.MultiheadAttention`` -> converted as a
-  whole (never its ``out_proj`` alone: the attention reads ``out_proj.weight``); ``nn.LSTM`` / ``nn.GRU`` /
-  ``nn.RNN``; ``nn.Embedding`` (see :mod:`dc_lightning.inference.attention`). A target is converted when at least one
-  of its weight matrices carries a mask or codebook (:mod:`dc_lightning.buffers`).
+* **Targets.** Every module whose weight kind has an inference module (:mod:`dc_lightning.kinds`: ``nn.Linear`` and
+  subclasses -> ``CompressedLinear``; ``nn.MultiheadAttention`` converted as a whole, never its ``out_proj`` alone:
+  the attention reads ``out_proj.weight``; ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``; ``nn.Embedding``). A target is
+  converted when at least one of its weight matrices carries a mask or codebook (:mod:`dc_lightning.buffers`).
 * **Provably safe only.** Replacing a layer removes its dense weight attributes. A layer is skipped, with one log
   line saying why, when: an ``exclude`` pattern (``fnmatch`` on the module name) matches; its class overrides
   ``forward`` (the replacement would drop that code); it has forward hooks or parametrizations; its parent is a
@@ -35,13 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dc_lightning import buffers
-from dc_lightning.inference.attention import CompressedMultiheadAttention
-from dc_lightning.inference.embedding import CompressedEmbedding
+from dc_lightning import buffers, kinds
 from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import param_codes
-from dc_lightning.inference.memory import compressed_memory, compressed_module_types
-from dc_lightning.inference.recurrent import CompressedGRU, CompressedLSTM, CompressedRNN
+from dc_lightning.inference.memory import compressed_memory
 from dc_lightning.inference.source_check import is_torch_class, weight_reader
 from dc_lightning.inference.verify import check_outputs, reference_outputs
 
@@ -66,7 +63,6 @@ _SAFE_TORCH_PARENTS = (
     nn.TransformerDecoder,
     nn.Transformer,
 )
-_RNN_TYPES = {nn.LSTM: CompressedLSTM, nn.GRU: CompressedGRU, nn.RNN: CompressedRNN}
 
 
 @dataclass
@@ -85,33 +81,10 @@ class Decision:
 # ------------------------------------------------------------------------------------------------ target kinds
 
 
-def _weights(m: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """``(owner, parameter, label)`` of every weight matrix the replacement of ``m`` would hold in compressed form."""
-    if isinstance(m, nn.MultiheadAttention):
-        names = ["in_proj_weight"] if m._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        return [(m, n, n) for n in names] + [(m.out_proj, "weight", "out_proj.weight")]
-    if isinstance(m, nn.RNNBase):
-        return [(m, n, n) for n in m._flat_weights_names if n.startswith("weight_")]
-    return [(m, "weight", "weight")]
-
-
-def _removed_attrs(m: nn.Module) -> set[tuple[str | None, str]]:
-    """``(owner, attribute)`` reads that would break once ``m`` is replaced (owner ``None`` = ``m`` itself)."""
-    if isinstance(m, nn.MultiheadAttention):
-        names = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
-        return {(None, n) for n in names} | {("out_proj", "weight")}
-    if isinstance(m, nn.RNNBase):
-        names = {n for n, _ in m.named_parameters(recurse=False)} | {"_flat_weights", "all_weights"}
-        return {(None, n) for n in names}
-    return {(None, "weight")}
-
-
-def _kind(m: nn.Module) -> tuple[str, type[nn.Module]] | None:
-    """``(label, torch base class)`` of a conversion target, else ``None``."""
-    for base in (nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding, nn.Linear):
-        if isinstance(m, base):
-            return base.__name__, base
-    return None
+def _kind(m: nn.Module) -> kinds.Kind | None:
+    """The weight kind of a conversion target (a kind with an inference module), else ``None``."""
+    kind = kinds.kind_of(m)
+    return kind if kind is not None and kind.converter is not None else None
 
 
 def _packable(owner: nn.Module, param: str) -> str | None:
@@ -133,7 +106,7 @@ def named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module 
     of the attention) nor into modules that are already compressed."""
 
     def walk(prefix: str, m: nn.Module, parent: nn.Module | None) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-        if isinstance(m, compressed_module_types()):
+        if isinstance(m, kinds.compressed_module_types()):
             return
         if _kind(m) is not None:
             yield prefix, m, parent
@@ -171,26 +144,26 @@ def plan_conversion(
         holders.setdefault(id(p), []).append(pname)
     targets = list(named_targets(model))
     for name, m, parent in targets:
-        label, base = _kind(m)
-        weights = _weights(m)
+        kind = _kind(m)
+        weights = kinds.held_weights(m)
         compressed = tuple(lbl for owner, p, lbl in weights if buffers.has_compression(owner, p))
         excluded = tuple(lbl for lbl in compressed if _matches(f"{name}.{lbl}" if name else lbl, exclude))
-        reason = _skip_reason(model, name, m, parent, base, weights, exclude, outputs_checked)
+        reason = _skip_reason(model, name, m, parent, kind, weights, exclude, outputs_checked)
         if not reason and compressed and len(excluded) == len(compressed):
             reason = f"excluded by pattern {_matches(f'{name}.{excluded[0]}' if name else excluded[0], exclude)!r}"
         kept = tuple(lbl for lbl in compressed if lbl not in excluded)
         if not compressed:
-            decisions.append(Decision(name, label, "dense", "no mask or codebook"))
+            decisions.append(Decision(name, kind.name, "dense", "no mask or codebook"))
         elif reason:
-            decisions.append(Decision(name, label, "skip", reason, compressed))
+            decisions.append(Decision(name, kind.name, "skip", reason, compressed))
         else:
             note = f"excluded, kept dense inside: {', '.join(excluded)}" if excluded else ""
-            decisions.append(Decision(name, label, "convert", note, kept, excluded))
+            decisions.append(Decision(name, kind.name, "convert", note, kept, excluded))
     inside_converted = [d.name + "." for d in decisions if d.action == "convert"]
     for d in decisions:  # tied weights: say where a dense copy stays alive
         if d.action != "convert" or not d.name:
             continue
-        for owner, p, _ in _weights(model.get_submodule(d.name)):
+        for owner, p, _ in kinds.held_weights(model.get_submodule(d.name)):
             others = [h for h in holders.get(id(getattr(owner, p)), []) if not h.startswith(tuple(inside_converted))]
             if others:
                 d.reason = f"{p} is shared with {others[0]}, which stays dense (the dense copy stays alive)"
@@ -199,7 +172,7 @@ def plan_conversion(
         if any(name == t or not t or name.startswith(t + ".") for t in covered):
             continue
         params = tuple(p for p, _ in m.named_parameters(recurse=False) if buffers.has_compression(m, p))
-        if params and not isinstance(m, compressed_module_types()):
+        if params and not isinstance(m, kinds.compressed_module_types()):
             decisions.append(
                 Decision(name, type(m).__name__, "skip", f"no compressed inference module for {type(m).__name__}",
                          params)
@@ -217,7 +190,7 @@ def _skip_reason(
     name: str,
     m: nn.Module,
     parent: nn.Module | None,
-    base: type[nn.Module],
+    kind: kinds.Kind,
     weights: list[tuple[nn.Module, str, str]],
     exclude: Sequence[str],
     outputs_checked: bool,
@@ -225,17 +198,18 @@ def _skip_reason(
     pattern = _matches(name, exclude)
     if pattern is not None:
         return f"excluded by pattern {pattern!r}"
-    if type(m).forward is not base.forward:
-        return f"{type(m).__qualname__} overrides {base.__name__}.forward (the replacement would drop that code)"
+    if type(m).forward is not kind.torch_type.forward:
+        return f"{type(m).__qualname__} overrides {kind.name}.forward (the replacement would drop that code)"
     if m._forward_hooks or m._forward_pre_hooks:
         return "it has forward hooks (they would be lost)"
     if torch.nn.utils.parametrize.is_parametrized(m):
         return "its weights are parametrized (torch.nn.utils.parametrize)"
-    if isinstance(m, nn.Embedding) and m.max_norm is not None:
-        return f"max_norm={m.max_norm}: torch renormalises the dense weight in place on lookup"
+    refused = kind.refuses(m) if kind.refuses is not None else ""
+    if refused:
+        return refused
     if parent is not None and is_torch_class(type(parent)) and not isinstance(parent, _SAFE_TORCH_PARENTS):
         return f"its parent is a {type(parent).__name__}, which may read its weights"
-    reader = weight_reader(model, name, _removed_attrs(m))
+    reader = weight_reader(model, name, kind.removes(m))
     if reader is not None:
         if not reader.startswith("unavailable:"):
             return reader
@@ -255,17 +229,6 @@ def _skip_reason(
 # ------------------------------------------------------------------------------------------------------ converting
 
 
-def _build(m: nn.Module, relu: bool, keep_dense: tuple[str, ...]) -> nn.Module:
-    if isinstance(m, nn.MultiheadAttention):
-        return CompressedMultiheadAttention.from_module(m, keep_dense)
-    for base, cls in _RNN_TYPES.items():
-        if isinstance(m, base):
-            return cls.from_module(m, keep_dense)
-    if isinstance(m, nn.Embedding):
-        return CompressedEmbedding.from_module(m)
-    return CompressedLinear.from_linear(m, relu=relu)
-
-
 def convert_model(
     model: nn.Module, exclude: Sequence[str] = (), *, fuse_relu: bool = True, outputs_checked: bool = False
 ) -> tuple[nn.Module, list[Decision]]:
@@ -282,14 +245,15 @@ def convert_model(
         m = model.get_submodule(d.name) if d.name else model
         parent_name, _, local = d.name.rpartition(".")
         parent = (model.get_submodule(parent_name) if parent_name else model) if d.name else None
+        kind = _kind(m)
         relu = False
-        if fuse_relu and isinstance(parent, nn.Sequential) and isinstance(m, nn.Linear):
+        if fuse_relu and isinstance(parent, nn.Sequential) and kind.fuses_relu:
             names = list(parent._modules)
             nxt = names.index(local) + 1
             relu = nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU)
         key = (id(m), relu, d.keep_dense)
         try:
-            new = built[key] if key in built else _build(m, relu, d.keep_dense)
+            new = built[key] if key in built else kind.converter().build(m, relu, d.keep_dense)
         except ValueError as err:
             d.action, d.reason = "skip", str(err)
             continue

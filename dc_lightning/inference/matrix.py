@@ -7,49 +7,26 @@ import torch
 from torch import Tensor, nn
 
 from dc_lightning import buffers
+from dc_lightning.buffers import MAX_CODES, Codes
 from dc_lightning.inference.linear import CompressedLinear
 
-MAX_CODES = 256
+__all__ = ["MAX_CODES", "compressed_matrix", "float_mask", "linear_numel", "param_codes", "projection"]
 
 
 # ------------------------------------------------------------------------------------------- one matrix at a time
 
 
-@torch.no_grad()
-def param_codes(module: nn.Module, param: str, rows: slice | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mask, codes, codebook)`` of a compressed parameter (optionally a row slice of it), on the parameter's device.
-
-    ``mask`` is bool (True = kept; all True without a mask buffer), ``codes`` int64 codebook indices (0 where pruned),
-    ``codebook`` float32. A quantized parameter gives its buffers; a pruned-only one gets a codebook of its distinct
-    kept values (exact) when there are at most 256 of them.
+def param_codes(module: nn.Module, param: str, rows: slice | None = None) -> Codes:
+    """``(mask, codes, codebook)`` of a *compressed* parameter (optionally a row slice of it), on its device:
+    :func:`dc_lightning.buffers.codes_of` (the one derivation and its rule), refusing a parameter that carries no
+    compression buffer (a replacement must not pack a weight the user left dense).
 
     Raises:
-        ValueError: the parameter carries no compression buffer, or it is pruned only and keeps more than 256 distinct
-            values (the compressed path stores codebook indices, not floats).
+        ValueError: the parameter carries no mask or codebook, or as :func:`~dc_lightning.buffers.codes_of`.
     """
-    weight = getattr(module, param)
-    sl = slice(None) if rows is None else rows
-    mask = buffers.get_mask(module, param)
-    got = buffers.get_codebook(module, param)
-    if mask is None and got is None:
+    if buffers.get_mask(module, param) is None and buffers.get_codebook(module, param) is None:
         raise ValueError(f"{type(module).__name__}.{param} carries no mask or codebook: it is not compressed")
-    mask = (torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.to(torch.bool))[sl]
-    if got is not None:
-        codebook, assign = got
-        codes = torch.where(mask, assign[sl].to(torch.int64), 0)
-        return mask, codes, codebook.detach().reshape(-1).to(torch.float32)
-    values = weight.detach()[sl]
-    centroids, inverse = torch.unique(values[mask].to(torch.float32), return_inverse=True)
-    if centroids.numel() > MAX_CODES:
-        raise ValueError(
-            f"{type(module).__name__}.{param} is pruned but not quantized and keeps {centroids.numel()} distinct "
-            f"values; the compressed path needs at most {MAX_CODES} (quantize it first, e.g. quantize_model)"
-        )
-    if centroids.numel() == 0:
-        centroids = torch.zeros(1, device=weight.device)
-    codes = torch.zeros(mask.shape, dtype=torch.int64, device=weight.device)
-    codes[mask] = inverse
-    return mask, codes, centroids
+    return buffers.codes_of(module, param, rows)
 
 
 def compressed_matrix(

@@ -4,30 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------------- accounting
-from dc_lightning.inference.attention import CompressedMultiheadAttention
-from dc_lightning.inference.embedding import CompressedEmbedding
-from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import linear_numel
-from dc_lightning.inference.recurrent import CompressedRNNBase
+from dc_lightning.kinds import compressed_module_types
 
-
-def compressed_module_types() -> tuple[type[nn.Module], ...]:
-    """The module types that hold compressed weights after ``to_compressed_inference``."""
-    return (CompressedLinear, CompressedMultiheadAttention, CompressedRNNBase, CompressedEmbedding)
+__all__ = ["compressed_memory", "dense_numel"]
 
 
 def dense_numel(module: nn.Module) -> int:
-    """Parameters (weights and biases) the dense layer that ``module`` replaced had."""
-    if isinstance(module, CompressedLinear):
-        return linear_numel(module)
-    return module.dense_numel()
+    """Parameters (weights and biases) the dense layer that ``module`` replaced had: its ``dense_numel()``, or, for
+    a module without one (``CompressedLinear``), :func:`~dc_lightning.inference.matrix.linear_numel`."""
+    own = getattr(module, "dense_numel", None)
+    return own() if callable(own) else linear_numel(module)
 
 
 def compressed_memory(model: nn.Module) -> dict:
     """Bytes held by the compressed layers of a converted model against their dense fp16 size.
 
-    Walks ``model`` for the outermost compressed modules (``CompressedLinear`` and this module's classes; a
+    Walks ``model`` for the outermost compressed modules (the inference modules of :mod:`dc_lightning.kinds`; a
     ``CompressedLinear`` inside a ``CompressedMultiheadAttention`` counts with it) and sums the bytes of every tensor
     they hold (parameters and buffers, each storage once: packed indices, codebooks, biases, small dense parts).
 

@@ -1,11 +1,11 @@
-"""Default and per-layer bit widths [DC §5]: the paper's 8 bits for conv layers and 5 bits for fc layers."""
+"""Default and per-layer bit widths [DC §5]: the paper's 8 bits for conv layers and 5 bits for fc layers (the family
+of each layer type is in :mod:`dc_lightning.kinds`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
+from dc_lightning.kinds import paper_bits
 from dc_lightning.targets import Target, pattern_aliases
 from dc_lightning.utils import resolve_per_layer
 
@@ -23,21 +23,9 @@ def check_bits(bits: Any, where: str = "bits") -> int:
     return bits
 
 
-#: module types whose weight matrices get the fc layers' default width: matrix products like an fc layer's
-_FC_LIKE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
-
-
-def paper_bits(module: nn.Module) -> int:
-    """Default bit width of [DC §5]: 8 bits (256 shared weights) for conv layers, 5 bits (32) for fc layers.
-
-    Embedding tables, attention projections and recurrent gate matrices are fc-like matrices: 5 bits too (EIE's
-    NT-LSTM layer ran on the same 4-bit fc path). Any other module type gets 8 bits.
-    """
-    return 5 if isinstance(module, _FC_LIKE) else 8
-
-
 def bits_for_layers(layers: dict[str, Target], bits: int | dict[str, int] | None, field: str = "bits") -> dict:
-    """Resolve ``bits`` (None = paper default, an int, or ``{fnmatch pattern: bits}``) to ``{target: bits}``.
+    """Resolve ``bits`` (None = paper default, :func:`dc_lightning.kinds.paper_bits`; an int; or ``{fnmatch pattern:
+    bits}``) to ``{target: bits}``.
 
     With a dict, the last matching pattern wins (a pattern matches a target's name, ``<module>.<param>`` name or
     module name) and targets no pattern matches keep the paper default.
