@@ -1,6 +1,7 @@
 """The ``.dcz`` container: a plain safetensors file with a versioned JSON document in its metadata.
 
-What this module owns (the codec, :mod:`dc_lightning.dcz.codec`, gives the bytes their meaning):
+What this module owns (:mod:`dc_lightning.dcz.encode` and :mod:`~dc_lightning.dcz.decode` give the bytes their
+meaning):
 
 * the file's identity: safetensors metadata ``format`` (:data:`FORMAT_NAME`), ``format_version``
   (:data:`FORMAT_VERSION`) and ``dc_lightning``, a JSON document that repeats both and records the scan order;
