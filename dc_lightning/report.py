@@ -116,6 +116,8 @@ class LayerStats:
 
 
 def _layer_stats(rec: dict) -> LayerStats:
+    from dc_lightning.dcz.container import DEFAULT_PARAM
+
     n = int(rec["numel"])
     kind = rec["kind"]
     kept = int(rec["nnz"])
@@ -136,7 +138,7 @@ def _layer_stats(rec: dict) -> LayerStats:
     size_p = kept * 32 + idx_pq_bits if kind != "q" else n * 32
     ib_h = rec["gap"]["nbits"] / kept if rec.get("gap") and kept else 0.0
     return LayerStats(
-        name=target_name(rec["module"], rec.get("param", "weight")),
+        name=target_name(rec["module"], rec.get("param", DEFAULT_PARAM)),
         kind=kind,
         weights=n,
         kept=kept,

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dc_lightning import buffers
 from dc_lightning.buffers import matrix_shape
 from dc_lightning.dcz import huffman
 from dc_lightning.dcz.container import (
+    DEFAULT_PARAM,
     DTYPES,
     NP_FLOAT,
     CorruptFileError,
@@ -132,7 +132,7 @@ def _check_layer(
     if not isinstance(rec, dict):
         raise CorruptFileError(f"{where}: layer record is not an object")
     module, key = rec.get("module"), rec.get("key")
-    param = rec.get("param", buffers.WEIGHT)  # absent in files written before parameter-level targets
+    param = rec.get("param", DEFAULT_PARAM)  # an optional field (container.OPTIONAL_FIELDS)
     if (
         not isinstance(module, str)
         or not isinstance(param, str)
