@@ -29,8 +29,9 @@ class CodebookStep:
       dtype in two launches (a fixed-order float64 segmented sum over the members' gradients), the rewrite
       ``weight = where(mask, codebook[assign], 0)`` of all layers in one more. Deterministic (no atomics), hence
       identical on every DDP rank.
-    * ``"reference"``: :func:`codebook_grad` (float64 prefix sums) and :func:`decode_weight`, layer by layer; the
-      CPU path and the tests' oracle.
+    * ``"reference"``: :func:`codebook_grad` (float64 prefix sums), layer by layer, and :func:`decode_weight` as
+      one gather from cached codes straight into the weight; the CPU path. ``codebook_grad`` and ``decode_weight``
+      are the package's one reference (the tests' oracle; the kernels file defines none).
 
     ``"auto"`` picks Triton on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) when the weights are contiguous, the
     reference otherwise (and for good, with a logged warning, if an automatically chosen kernel fails on its first
