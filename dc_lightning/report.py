@@ -359,12 +359,10 @@ class Report:
                 active ``wandb.run``.
 
         Raises:
-            ImportError: wandb is not installed.
+            ValueError: no ``logger`` and no active wandb run.
         """
-        try:
-            import wandb
-        except ImportError as e:  # pragma: no cover - wandb is a dependency, but keep the message helpful
-            raise ImportError("log_wandb needs the wandb package: pip install wandb") from e
+        import wandb
+
         run = getattr(logger, "experiment", logger) if logger is not None else wandb.run
         if run is None:
             raise ValueError("log_wandb: no wandb run; pass a WandbLogger or call wandb.init() first")

@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 
 #: optimizers whose step size does not grow with the gradient's magnitude (see "How the codebook LR is chosen")
-_SCALE_INVARIANT = tuple(
-    getattr(torch.optim, n) for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
-    if hasattr(torch.optim, n)
+_SCALE_INVARIANT = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
+    torch.optim.Adagrad,
 )
 
 
@@ -64,10 +64,11 @@ class TrainedQuantization(Callback):
     **Clustering.** At the start of epoch ``start_epoch`` every target layer's surviving weights (``weight_mask``
     True, or all entries of an unpruned layer) are clustered into ``2**bits`` centroids with
     :func:`~dc_lightning.quantization.kmeans.kmeans_1d` (default init ``"linear"``, the paper's choice [DC §3.2]).
-    The layer gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8, ``weight.shape``) and
-    its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the callback starts one epoch
-    after the last round of a :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the
-    same trainer, or at epoch 0 without one.
+    The layer gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8,
+    ``weight.shape``) and its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the
+    callback starts one epoch after the last round of a
+    :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the same trainer, or at epoch 0
+    without one.
 
     **Targets** are the weight matrices of :mod:`dc_lightning.targets` (by default those of Linear, Conv, Embedding,
     MultiheadAttention and LSTM/GRU/RNN modules); a parameter ``<param>`` other than ``weight`` gets the buffers
@@ -589,15 +590,9 @@ def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], devic
 
 
 def _find_pruning(trainer: pl.Trainer) -> Any:
-    """The trainer's MagnitudePruning callback (or any callback with ``last_round_epoch``), else None."""
-    try:
-        from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
-    except ImportError:
-        MagnitudePruning = None  # noqa: N806
+    """The trainer's MagnitudePruning callback (any callback with a ``last_round_epoch`` method), else None."""
     for cb in trainer.callbacks:
-        if (MagnitudePruning is not None and isinstance(cb, MagnitudePruning)) or callable(
-            getattr(cb, "last_round_epoch", None)
-        ):
+        if callable(getattr(cb, "last_round_epoch", None)):
             return cb
     return None
 
@@ -606,18 +601,12 @@ def _log_histograms(
     trainer: pl.Trainer, layers: Mapping[str, Target], before: Mapping[str, Tensor], step: int
 ) -> None:
     """Weight histograms before/after clustering to every WandbLogger ([DC] Figs. 4/5)."""
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover - part of lightning
-        return
+    from lightning.pytorch.loggers import WandbLogger
+
     wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
     if not wandb_loggers or rank_zero_only.rank != 0:
         return
-    try:
-        import wandb
-    except ImportError:
-        rank_zero_warn("TrainedQuantization(log_histograms=True): wandb is not installed; no histograms logged")
-        return
+    import wandb
     payload = {}
     for name, t in layers.items():
         mask = get_mask(t.module, t.param)

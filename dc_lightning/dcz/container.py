@@ -268,16 +268,15 @@ def _check_identity(data: bytes, where: str) -> None:
     if n <= MAX_HEADER and (len(data) <= 8 or data[8:9] == b"{"):
         return  # a safetensors header (whatever its length's first byte: 0x80 is a length too, not a pickle)
     if data[:4] == b"PK\x03\x04":
-        kind = "a zip archive (a PyTorch / Lightning checkpoint?)"
+        looks_like = "a zip archive (a PyTorch / Lightning checkpoint?)"
     elif data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        kind = "a Python pickle (a torch.save file?)"
+        looks_like = "a Python pickle (a torch.save file?)"
     else:
-        kind = "bytes without a safetensors header"
-    if kind is not None:
-        raise CorruptFileError(
-            f"{where}: not a {EXTENSION} file: it looks like {kind}. A {EXTENSION} file starts with an 8-byte header "
-            f"length and a JSON header (format {FORMAT_NAME!r}); write one with save_compressed or dc-lightning export"
-        )
+        looks_like = "bytes without a safetensors header"
+    raise CorruptFileError(
+        f"{where}: not a {EXTENSION} file: it looks like {looks_like}. A {EXTENSION} file starts with an 8-byte header "
+        f"length and a JSON header (format {FORMAT_NAME!r}); write one with save_compressed or dc-lightning export"
+    )
 
 
 def _check_digest(raw: bytes, digest: Any, where: str) -> None:

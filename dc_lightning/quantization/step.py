@@ -93,12 +93,7 @@ class CodebookStep:
     def _build(self, backend: str) -> str:
         if backend == "reference":
             return backend
-        try:
-            from dc_lightning.kernels.codebook import step as kcs
-        except ImportError as err:  # pragma: no cover - the kernels folder ships with the package
-            if backend == "triton":
-                raise ValueError(f"CodebookStep: backend='triton' but the kernels cannot be imported: {err}") from err
-            return "reference"
+        from dc_lightning.kernels.codebook import step as kcs  # Triton itself is optional: see triton_usable
         groups: dict[tuple, list[int]] = {}
         for i in range(len(self.modules)):
             w = self._weight(i)
