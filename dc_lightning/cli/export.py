@@ -104,7 +104,8 @@ def cli_decompress(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
-    from dc_lightning.io import CorruptFileError, decompress
+    from dc_lightning.dcz import CorruptFileError
+    from dc_lightning.io import decompress
 
     try:
         output_file(args.output, args.overwrite)
