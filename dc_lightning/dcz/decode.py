@@ -48,7 +48,7 @@ class _PendingLayer:
     name: str
     key: str
     shape: tuple[int, ...]
-    kind: str
+    storage: str  # the record's "kind": "pq", "q" or "p" (records.STORAGES)
     nnz: int
     index_bits: int | None = None
     codebook: np.ndarray | None = None
@@ -149,36 +149,36 @@ def _check_layer(
     numel = math.prod(shape)
     if checked_int(rec.get("numel"), what + ".numel") != numel:
         raise CorruptFileError(f"{where}: {what}: numel disagrees with shape {shape}")
-    kind = rec.get("kind")
+    storage = rec.get("kind")
     has_mask = rec.get("has_mask")
-    if kind not in STORAGES or has_mask is not (kind != "q"):
-        raise CorruptFileError(f"{where}: {what}: unknown kind {kind!r} / has_mask {has_mask!r}")
+    if storage not in STORAGES or has_mask is not (storage != "q"):
+        raise CorruptFileError(f"{where}: {what}: unknown kind {storage!r} / has_mask {has_mask!r}")
     pay = checked_payload(payloads, rec, what, where)
     nnz = checked_int(rec.get("nnz"), what + ".nnz", 0, numel)
-    item = _PendingLayer(rec=rec, name=name, key=key, shape=shape, kind=kind, nnz=nnz)
-    if kind in ("pq", "q"):
-        item.codebook, stream = _check_code_stream(rec, pay, kind, (nnz, numel), what, where, (max_len, chunk))
+    item = _PendingLayer(rec=rec, name=name, key=key, shape=shape, storage=storage, nnz=nnz)
+    if storage in ("pq", "q"):
+        item.codebook, stream = _check_code_stream(rec, pay, storage, (nnz, numel), what, where, (max_len, chunk))
         item.code = len(streams)
         streams.append(stream)
     else:
         item.values = _float_section(rec, pay, "values", "value", ("nnz", nnz), what, where)
-    if kind in ("pq", "p"):
+    if storage in ("pq", "p"):
         item.index_bits = checked_int(rec.get("index_bits"), what + ".index_bits", 1, MAX_INDEX_BITS)
         stream = read_stream(pay, rec.get("gap"), 1 << item.index_bits, what + ".gap", max_len, chunk)
         if stream.count != nnz + checked_int(rec.get("n_fill"), what + ".n_fill"):
             raise CorruptFileError(f"{where}: {what}: gap stream holds {stream.count} symbols, expected nnz+fillers")
         item.gap = len(streams)
         streams.append(stream)
-    _check_tiling(rec, kind, pay.size, what, where)
+    _check_tiling(rec, storage, pay.size, what, where)
     return item
 
 
-def _check_tiling(rec: dict, kind: str, nbytes: int, what: str, where: str) -> None:
+def _check_tiling(rec: dict, storage: str, nbytes: int, what: str, where: str) -> None:
     """The sections of a layer's payload tile it in the writer's order (codebook or values, code stream, gap
     stream), so a record cannot point a section at other bytes of a payload whose checksum still holds."""
     stream_parts = ("lengths", "sync", "data")
-    secs = [rec["codebook"], *(rec["code"][p] for p in stream_parts)] if kind in ("pq", "q") else [rec["values"]]
-    if kind in ("pq", "p"):
+    secs = [rec["codebook"], *(rec["code"][p] for p in stream_parts)] if storage in ("pq", "q") else [rec["values"]]
+    if storage in ("pq", "p"):
         secs += [rec["gap"][p] for p in stream_parts]
     end = 0
     for off, n in secs:
@@ -190,7 +190,7 @@ def _check_tiling(rec: dict, kind: str, nbytes: int, what: str, where: str) -> N
 
 
 def _check_code_stream(
-    rec: dict, pay: np.ndarray, kind: str, counts: tuple[int, int], what: str, where: str, params: tuple[int, int]
+    rec: dict, pay: np.ndarray, storage: str, counts: tuple[int, int], what: str, where: str, params: tuple[int, int]
 ) -> tuple[np.ndarray, huffman.HuffmanStream]:
     """``(float32 codebook, codebook-index stream)`` of a quantized layer's record; ``counts`` = (nnz, numel),
     ``params`` = the file's (max_len, chunk)."""
@@ -201,7 +201,7 @@ def _check_code_stream(
         raise CorruptFileError(f"{where}: {what}: bits={bits} disagrees with codebook size {k}")
     codebook = _float_section(rec, pay, "codebook", "codebook", ("k", k), what, where)
     stream = read_stream(pay, rec.get("code"), k, what + ".code", *params)
-    if stream.count != (nnz if kind == "pq" else numel) or (kind == "q" and nnz != numel):
+    if stream.count != (nnz if storage == "pq" else numel) or (storage == "q" and nnz != numel):
         raise CorruptFileError(f"{where}: {what}: code stream holds {stream.count} symbols, expected nnz={nnz}")
     return codebook, stream
 
@@ -237,8 +237,8 @@ def _decode_layers(pending: list[_PendingLayer], decoded: list[np.ndarray], wher
             name=it.name,
             key=it.key,
             shape=it.shape,
-            kind=it.kind,
-            has_mask=it.kind != "q",
+            kind=it.storage,
+            has_mask=it.storage != "q",
             bits=it.rec.get("bits"),
             index_bits=it.index_bits,
             rows=rows,

@@ -38,7 +38,8 @@ class CompressedLayer:
             ``<module>.<param>`` for another parameter (``attn.in_proj_weight``).
         key: state-dict key of the weight (``<module>.<param>``).
         shape: the weight's shape.
-        kind: ``"pq"`` pruned+quantized, ``"q"`` quantized only (every position stored), ``"p"`` pruned only.
+        kind: the layer's storage (:data:`STORAGES`, the record's ``kind`` field): ``"pq"`` pruned+quantized,
+            ``"q"`` quantized only (every position stored), ``"p"`` pruned only.
         has_mask: whether the layer carried a mask buffer (``weight_mask``).
         bits: codebook-index width (``None`` for ``"p"``); index_bits: relative-index width (``None`` for ``"q"``).
         rows, cols: int64 coordinates of the stored entries; codes: uint8 codebook indices (``None`` for ``"p"``).
@@ -91,7 +92,8 @@ class CompressedLayer:
         return self.key.rpartition(".")[2]
 
     def buffer_key(self, kind: str) -> str:
-        """The state-dict key of this layer's ``kind`` buffer (``"mask"``, ``"codebook"``, ``"assign"``)."""
+        """The state-dict key of this layer's buffer ``kind`` (``"mask"``, ``"codebook"``, ``"assign"``: the buffer
+        roles of :mod:`dc_lightning.buffers`; ``kind`` here is not the layer's storage)."""
         module = self.module_name
         return (module + "." if module else "") + buffers.buffer_name(kind, self.param)
 

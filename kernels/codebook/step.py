@@ -308,7 +308,8 @@ def codebook_grads_triton(plan: CodebookPlan, grads: Sequence[Tensor]) -> Tensor
         grads: ``∂L/∂W`` of each layer, contiguous, the weights' shapes, dtype and device.
 
     Raises:
-        ValueError: a gradient of the wrong shape, dtype, device or layout (the message names the layer index).
+        ValueError: a gradient of the wrong shape, dtype or device, or not contiguous (the message names the layer
+            index).
         RuntimeError: Triton cannot run on the plan's device.
     """
     _check_triton(plan)
