@@ -27,7 +27,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dc_lightning.io import read_compressed, save_compressed  # noqa: E402
+from dc_lightning.dcz import read_compressed  # noqa: E402
+from dc_lightning.io import save_compressed  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 

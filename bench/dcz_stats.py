@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dc_lightning.dcz import CorruptFileError, read_compressed  # noqa: E402
 from dc_lightning.dcz.relative_index import encode_gaps  # noqa: E402
-from dc_lightning.io import CorruptFileError, read_compressed  # noqa: E402
 
 ORDERS = {"oihw": (0, 1, 2, 3), "ihwo": (1, 2, 3, 0), "hwio": (2, 3, 1, 0)}
 

@@ -43,7 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dc_lightning.io import CorruptFileError, load_compressed, save_compressed  # noqa: E402
+from dc_lightning.dcz import CorruptFileError  # noqa: E402
+from dc_lightning.io import load_compressed, save_compressed  # noqa: E402
 
 try:  # absent before the header digest (issue 14): the fuzz then runs byte- and header-level mutants only
     from dc_lightning.dcz.container import assemble

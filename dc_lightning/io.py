@@ -31,34 +31,17 @@ import torch
 from torch import nn
 
 from dc_lightning import buffers
-from dc_lightning.dcz import (
-    EXTENSION,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    CompressedFile,
-    CompressedLayer,
-    CorruptFileError,
-    build_file,
-    read_compressed,
-    read_header,
-)
+from dc_lightning.dcz import build_file, read_compressed, read_header
 from dc_lightning.report import Report
 from dc_lightning.utils import atomic_write
 
 __all__ = [
-    "EXTENSION",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "CompressedFile",
-    "CompressedLayer",
-    "CorruptFileError",
     "ModelMismatchError",
     "TRUSTED_BUILDERS",
     "build_from_record",
     "decompress",
     "import_callable",
     "load_compressed",
-    "read_compressed",
     "save_compressed",
 ]
 

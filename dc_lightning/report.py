@@ -1,7 +1,9 @@
-"""Per-layer compression report in the layout of Deep Compression Tables 2-5.
+"""Per-layer compression report with the columns of Deep Compression Tables 2-5.
 
 Columns (one row per layer; ``P`` = pruning, ``Q`` = quantization, ``H`` = Huffman; dense = 32 bits per weight):
 
+* ``kind``: the layer's storage, ``pq`` / ``q`` / ``p`` (the file record's ``kind``: pruned+quantized, quantized
+  only, pruned only), or ``dense`` for a weight matrix stored as a plain tensor.
 * ``weights``: ``#W``, the weight's element count.
 * ``kept_pct``: ``W%``, kept (non-zero-mask) weights in percent (100 for unpruned layers).
 * ``weight_bits_pq``: fixed-width bits per stored weight: ``log2(#codebook)`` for a quantized layer, the value
@@ -116,14 +118,16 @@ class LayerStats:
 
 
 def _layer_stats(rec: dict) -> LayerStats:
+    from dc_lightning.dcz.container import DEFAULT_PARAM
+
     n = int(rec["numel"])
-    kind = rec["kind"]
+    storage = rec["kind"]
     kept = int(rec["nnz"])
     fill = int(rec.get("n_fill") or 0)
     ib = int(rec["index_bits"]) if rec.get("index_bits") else 0
-    gap_entries = kept + fill if kind != "q" else 0
+    gap_entries = kept + fill if storage != "q" else 0
     idx_pq_bits = gap_entries * ib
-    if kind in ("pq", "q"):
+    if storage in ("pq", "q"):
         wb = float(rec["bits"])
         cb_bits = int(rec["k"]) * 8 * _ITEM[rec["codebook_dtype"]]
         n_codes = int(rec["code"]["n"])
@@ -133,11 +137,11 @@ def _layer_stats(rec: dict) -> LayerStats:
         wb = 8.0 * _ITEM[rec["value_dtype"]]
         wb_h = wb
         size_pq = kept * wb + idx_pq_bits
-    size_p = kept * 32 + idx_pq_bits if kind != "q" else n * 32
+    size_p = kept * 32 + idx_pq_bits if storage != "q" else n * 32
     ib_h = rec["gap"]["nbits"] / kept if rec.get("gap") and kept else 0.0
     return LayerStats(
-        name=target_name(rec["module"], rec.get("param", "weight")),
-        kind=kind,
+        name=target_name(rec["module"], rec.get("param", DEFAULT_PARAM)),
+        kind=storage,
         weights=n,
         kept=kept,
         fillers=fill,
@@ -357,12 +361,10 @@ class Report:
                 active ``wandb.run``.
 
         Raises:
-            ImportError: wandb is not installed.
+            ValueError: no ``logger`` and no active wandb run.
         """
-        try:
-            import wandb
-        except ImportError as e:  # pragma: no cover - wandb is a dependency, but keep the message helpful
-            raise ImportError("log_wandb needs the wandb package: pip install wandb") from e
+        import wandb
+
         run = getattr(logger, "experiment", logger) if logger is not None else wandb.run
         if run is None:
             raise ValueError("log_wandb: no wandb run; pass a WandbLogger or call wandb.init() first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -46,6 +47,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def is_number(v: Any) -> bool:
+    """A real number, not a bool (``True`` is an ``int`` to Python, never a density or a rate to us)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def target_name(module_name: str, param: str) -> str:

@@ -14,15 +14,9 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 from dc_lightning.cli.export import cli_decompress, cli_export
+from dc_lightning.dcz import CorruptFileError, read_compressed
 from dc_lightning.dcz.container import assemble
-from dc_lightning.io import (
-    CorruptFileError,
-    ModelMismatchError,
-    decompress,
-    load_compressed,
-    read_compressed,
-    save_compressed,
-)
+from dc_lightning.io import ModelMismatchError, decompress, load_compressed, save_compressed
 
 
 def compress_layer(m: nn.Module, bits: int | None, density: float | None, seed: int = 0) -> None:

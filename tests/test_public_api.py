@@ -1,7 +1,11 @@
 """The public API: every exported name resolves, imports stay lazy, the console script answers."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import dc_lightning
 from dc_lightning.cli import SUBCOMMANDS, main
@@ -30,3 +34,81 @@ def test_console_script_help(capsys):
     for name, (module, _) in SUBCOMMANDS.items():  # every subcommand's handler exists
         mod = __import__(module, fromlist=["_"])
         assert callable(getattr(mod, f"cli_{name}")), name
+
+
+# ------------------------------------------------------------- one home per name: __all__ lists what a module defines
+
+ROOT = Path(__file__).resolve().parents[1]
+#: modules of issue-21 work owned elsewhere that still list names they import; each entry goes when its module is
+#: fixed (strict xfail: the test then passes and the mark fails, so the entry cannot outlive the re-export)
+REEXPORTS_PENDING = {
+    "dc_lightning.targets": "lists target_name, defined in dc_lightning.utils",
+    "dc_lightning.kernels.sparse.op": "lists the layout/tuning/runtime names it imports",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":  # kernels/ ships as dc_lightning.kernels
+        parts = ["dc_lightning", *parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    files = [p for p in (ROOT / "dc_lightning").rglob("*.py") if "kernels" not in p.relative_to(ROOT).parts[1:2]]
+    files += (ROOT / "kernels").rglob("*.py")
+    return {_module_name(p): p for p in sorted(files)}
+
+
+def _top_level(body: list[ast.stmt]):
+    """The module-level statements, those under ``if``/``try``/``with`` included (not those inside functions)."""
+    for node in body:
+        yield node
+        for field in ("body", "orelse", "finalbody"):
+            if isinstance(node, (ast.If, ast.Try, ast.With)):
+                yield from _top_level(getattr(node, field, []))
+        for handler in getattr(node, "handlers", []):
+            yield from _top_level(handler.body)
+
+
+def undefined_in_all(module: str, source: str, is_package: bool) -> list[str]:
+    """The names ``__all__`` lists that ``module`` does not define: a def, class or assignment of its own; for a
+    package, also a name imported from one of its own submodules (a package's ``__init__`` is its public face)."""
+    defined, listed = set(), []
+    for node in _top_level(ast.parse(source).body):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defined.add(name.id)
+                        if name.id == "__all__" and isinstance(node.value, (ast.List, ast.Tuple)):
+                            listed = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+        elif isinstance(node, ast.ImportFrom) and is_package:
+            origin = node.module or ""
+            if node.level == 1 or origin.startswith(module + "."):
+                defined.update(a.asname or a.name for a in node.names)
+    return [name for name in listed if name not in defined]
+
+
+def test_the_all_check_catches_a_reexport():
+    src = "from dc_lightning.buffers import get_mask\nfrom .x import y\ndef f(): pass\n"
+    src += "__all__ = ['f', 'get_mask', 'y']\n"
+    assert undefined_in_all("dc_lightning.pkg", src, is_package=False) == ["get_mask", "y"]
+    assert undefined_in_all("dc_lightning.pkg", src, is_package=True) == ["get_mask"]
+    assert undefined_in_all("dc_lightning.pkg", "try:\n    A = 1\nexcept ImportError:\n    A = 0\n__all__ = ['A']\n",
+                            is_package=False) == []
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=REEXPORTS_PENDING[m])) if m in REEXPORTS_PENDING
+        else m
+        for m in _modules()
+    ],
+)
+def test_all_lists_only_names_the_module_defines(module):
+    path = _modules()[module]
+    assert undefined_in_all(module, path.read_text(), path.name == "__init__.py") == []

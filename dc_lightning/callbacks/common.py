@@ -1,5 +1,5 @@
-"""What the compression callbacks share: rank-0 broadcast, the logger step, metrics, per-layer tables and the checks
-of their common constructor arguments.
+"""What the compression callbacks share: rank-0 broadcast, the logger step, metrics, histograms, per-layer tables and
+the checks of their common constructor arguments.
 
 The callbacks decide *when*; these helpers keep the distributed and reporting details in one place so that every
 callback broadcasts, logs and prints the same way.
@@ -7,6 +7,7 @@ callback broadcasts, logs and prints the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +53,32 @@ def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | N
     step = logger_step(trainer) if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
+
+
+def log_histograms(trainer: pl.Trainer, values: Mapping[str, Tensor], step: int) -> None:
+    """Each 1-D tensor of ``values`` as a 512-bin histogram (under its key) to every ``WandbLogger`` of ``trainer``,
+    from rank 0; other loggers have no histogram type. Empty tensors are left out."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers or rank_zero_only.rank != 0:
+        return
+    import wandb
+
+    payload = {}
+    for key, v in values.items():
+        if v.numel() == 0:
+            continue
+        lo, hi = float(v.min()), float(v.max())
+        if hi <= lo:
+            hi = lo + 1e-12
+        counts = torch.histc(v, bins=512, min=lo, max=hi)
+        edges = torch.linspace(lo, hi, 513)
+        payload[key] = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.experiment.log({**payload, "trainer/global_step": step})
 
 
 @rank_zero_only

@@ -37,6 +37,7 @@ from dc_lightning.pruning.masks import (
 )
 from dc_lightning.pruning.schedules import geometric_schedule, quality_schedule
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target
+from dc_lightning.utils import is_number
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,7 @@ class MagnitudePruning(Callback):
                 )
             self._points = [int(p) for p in pts]
             rounds = len(pts)
-        if isinstance(prune_fraction, bool) or not isinstance(prune_fraction, numbers.Real) or not (
-            0.0 < prune_fraction <= 1.0
-        ):
+        if not is_number(prune_fraction) or not 0.0 < prune_fraction <= 1.0:
             raise ValueError(f"MagnitudePruning: prune_fraction={prune_fraction!r}; expected a number in (0, 1]")
         check_std_of(std_of, "MagnitudePruning: std_of")
         self.rounds = int(rounds)

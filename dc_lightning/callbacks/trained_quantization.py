@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +21,7 @@ from dc_lightning.callbacks.common import (
     check_bool,
     check_patterns,
     check_types,
+    log_histograms,
     log_metrics,
     logger_step,
     print_table,
@@ -32,14 +31,15 @@ from dc_lightning.quantization.codebooks import decode_weight, quantize_layer
 from dc_lightning.quantization.kmeans import INITS
 from dc_lightning.quantization.step import CodebookStep
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets
+from dc_lightning.utils import is_number
 
 log = logging.getLogger(__name__)
 
 
 #: optimizers whose step size does not grow with the gradient's magnitude (see "How the codebook LR is chosen")
-_SCALE_INVARIANT = tuple(
-    getattr(torch.optim, n) for n in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad")
-    if hasattr(torch.optim, n)
+_SCALE_INVARIANT = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop,
+    torch.optim.Adagrad,
 )
 
 
@@ -64,10 +64,11 @@ class TrainedQuantization(Callback):
     **Clustering.** At the start of epoch ``start_epoch`` every target layer's surviving weights (``weight_mask``
     True, or all entries of an unpruned layer) are clustered into ``2**bits`` centroids with
     :func:`~dc_lightning.quantization.kmeans.kmeans_1d` (default init ``"linear"``, the paper's choice [DC §3.2]).
-    The layer gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8, ``weight.shape``) and
-    its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the callback starts one epoch
-    after the last round of a :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the
-    same trainer, or at epoch 0 without one.
+    The layer gets the buffers ``weight_codebook`` (float32 ``[2**bits]``) and ``weight_assign`` (uint8,
+    ``weight.shape``) and its weight becomes ``where(mask, codebook[assign], 0)``. With ``start_epoch=None`` the
+    callback starts one epoch after the last round of a
+    :class:`~dc_lightning.callbacks.magnitude_pruning.MagnitudePruning` callback in the same trainer, or at epoch 0
+    without one.
 
     **Targets** are the weight matrices of :mod:`dc_lightning.targets` (by default those of Linear, Conv, Embedding,
     MultiheadAttention and LSTM/GRU/RNN modules); a parameter ``<param>`` other than ``weight`` gets the buffers
@@ -181,11 +182,11 @@ class TrainedQuantization(Callback):
             isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0
         ):
             raise ValueError(f"TrainedQuantization: start_epoch must be None or an int >= 0, got {start_epoch!r}")
-        if lr_scale != "auto" and (not _is_real(lr_scale) or not (0 < lr_scale < math.inf)):
+        if lr_scale != "auto" and (not is_number(lr_scale) or not (0 < lr_scale < math.inf)):
             raise ValueError(
                 f"TrainedQuantization: lr_scale must be 'auto' or a finite number > 0, got {lr_scale!r}"
             )
-        if not _is_real(codebook_weight_decay) or not (0 <= codebook_weight_decay < math.inf):
+        if not is_number(codebook_weight_decay) or not (0 <= codebook_weight_decay < math.inf):
             raise ValueError(
                 "TrainedQuantization: codebook_weight_decay must be a finite number >= 0, "
                 f"got {codebook_weight_decay!r}"
@@ -343,10 +344,8 @@ class TrainedQuantization(Callback):
             )
         before: dict[str, Tensor] = {}
         for name, t in self._layers.items():
-            mask = get_mask(t.module, t.param)
-            w = t.weight.detach()
             if self.log_histograms:
-                before[name] = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
+                before[name] = _members(t)
             self.summary[name] = quantize_layer(
                 t.module,
                 self._bits[name],
@@ -366,8 +365,10 @@ class TrainedQuantization(Callback):
 
         metrics = {f"compression/{n}/bits": float(b) for n, b in self._bits.items()}
         log_metrics(trainer, metrics)
-        if self.log_histograms:
-            _log_histograms(trainer, self._layers, before, logger_step(trainer))
+        if self.log_histograms:  # [DC] Figs. 4/5: each layer's weights before and after clustering
+            values = {f"quantization/{n}/before": v for n, v in before.items()}
+            values.update({f"quantization/{n}/after": _members(t) for n, t in self._layers.items()})
+            log_histograms(trainer, values, logger_step(trainer))
         if rank_zero_only.rank == 0:
             log.info("TrainedQuantization: clustered %d layers at epoch %d", len(self._layers), trainer.current_epoch)
         if self.verbose:
@@ -570,10 +571,6 @@ class TrainedQuantization(Callback):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], device: torch.device) -> list[Tensor] | None:
     """``params`` and all their optimizer state, or None unless all of it is tensors of one float dtype on
     ``device`` (what a snapshot-and-restore on the device needs)."""
@@ -588,51 +585,15 @@ def _state_tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], devic
     return tensors
 
 
+def _members(t: Target) -> Tensor:
+    """The weights that are clustered: the kept ones of a pruned target, all of an unpruned one (float32, CPU)."""
+    mask, w = get_mask(t.module, t.param), t.weight.detach()
+    return (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
+
+
 def _find_pruning(trainer: pl.Trainer) -> Any:
-    """The trainer's MagnitudePruning callback (or any callback with ``last_round_epoch``), else None."""
-    try:
-        from dc_lightning.callbacks.magnitude_pruning import MagnitudePruning
-    except ImportError:
-        MagnitudePruning = None  # noqa: N806
+    """The trainer's MagnitudePruning callback (any callback with a ``last_round_epoch`` method), else None."""
     for cb in trainer.callbacks:
-        if (MagnitudePruning is not None and isinstance(cb, MagnitudePruning)) or callable(
-            getattr(cb, "last_round_epoch", None)
-        ):
+        if callable(getattr(cb, "last_round_epoch", None)):
             return cb
     return None
-
-
-def _log_histograms(
-    trainer: pl.Trainer, layers: Mapping[str, Target], before: Mapping[str, Tensor], step: int
-) -> None:
-    """Weight histograms before/after clustering to every WandbLogger ([DC] Figs. 4/5)."""
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover - part of lightning
-        return
-    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    if not wandb_loggers or rank_zero_only.rank != 0:
-        return
-    try:
-        import wandb
-    except ImportError:
-        rank_zero_warn("TrainedQuantization(log_histograms=True): wandb is not installed; no histograms logged")
-        return
-    payload = {}
-    for name, t in layers.items():
-        mask = get_mask(t.module, t.param)
-        w = t.weight.detach()
-        after = (w[mask] if mask is not None else w.reshape(-1)).float().cpu()
-        for tag, values in (("before", before[name]), ("after", after)):
-            if values.numel() == 0:
-                continue
-            lo, hi = float(values.min()), float(values.max())
-            if hi <= lo:
-                hi = lo + 1e-12
-            counts = torch.histc(values, bins=512, min=lo, max=hi)
-            edges = torch.linspace(lo, hi, 513)
-            payload[f"quantization/{name}/{tag}"] = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for lg in wandb_loggers:
-            lg.experiment.log({**payload, "trainer/global_step": step})

@@ -39,26 +39,6 @@ def _model_class(spec: str) -> object:
         raise UsageError(f"--model-class {spec}: {e}") from None
 
 
-def _load_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint's dict (``torch.load``, which unpickles: only your own files)."""
-    import torch
-
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head[8:9] == b"{" and b"dc-lightning-compressed" in head:
-        raise UsageError(f"{path} is already a compressed .dcz file; export reads a Lightning .ckpt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UsageError(
-            f"{path} is not a Lightning checkpoint (torch.load failed: {type(e).__name__}: {e}); give the .ckpt "
-            "file written by Trainer.fit / ModelCheckpoint"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UsageError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return ckpt
-
-
 @user_errors("dc-lightning export")
 def cli_export(argv: list[str] | None = None) -> int:
     """``dc-lightning export <lightning.ckpt> <out.dcz> [--model-class pkg.mod:Class] [...]``.
@@ -82,11 +62,12 @@ def cli_export(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
 
-    from dc_lightning.buffers import register_placeholders
+    from dc_lightning.checkpoint import read_checkpoint, restore_checkpoint
     from dc_lightning.io import save_compressed
 
     out = output_file(args.out, args.overwrite)
-    ckpt = _load_checkpoint(input_file(args.checkpoint, "Lightning .ckpt"))
+    # torch.load unpickles here (hyper_parameters may hold objects): documented above, only your own checkpoints
+    ckpt = read_checkpoint(input_file(args.checkpoint, "Lightning .ckpt"), weights_only=False)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     spec = args.model_class
     if spec is None:
@@ -96,9 +77,8 @@ def cli_export(argv: list[str] | None = None) -> int:
         model = cls(**hparams)
     except Exception as e:
         raise UsageError(f"cannot build {spec}(**hyper_parameters): {type(e).__name__}: {e}") from None
-    register_placeholders(model, ckpt["state_dict"])
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        restore_checkpoint(model, ckpt)
     except RuntimeError as e:
         raise UsageError(f"{args.checkpoint} does not fit {spec}: {' '.join(str(e).split())[:400]}") from None
     builder = None if getattr(model, "dc_builder", None) else {"callable": spec, "kwargs": hparams}

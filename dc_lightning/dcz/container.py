@@ -1,6 +1,7 @@
 """The ``.dcz`` container: a plain safetensors file with a versioned JSON document in its metadata.
 
-What this module owns (the codec, :mod:`dc_lightning.dcz.codec`, gives the bytes their meaning):
+What this module owns (:mod:`dc_lightning.dcz.encode` and :mod:`~dc_lightning.dcz.decode` give the bytes their
+meaning):
 
 * the file's identity: safetensors metadata ``format`` (:data:`FORMAT_NAME`), ``format_version``
   (:data:`FORMAT_VERSION`) and ``dc_lightning``, a JSON document that repeats both and records the scan order;
@@ -16,6 +17,15 @@ What this module owns (the codec, :mod:`dc_lightning.dcz.codec`, gives the bytes
 
 The file is written byte for byte by :func:`write_container` (fixed key order, sorted payload names): the same model
 gives the same bytes in every process.
+
+**Versioning** (docs/DESIGN.md "File format versioning"). Readers accept exactly :data:`FORMAT_VERSION` and ignore
+fields they do not know. A new field may be added *without* a version bump only as an **optional field**: a reader
+of the same version that ignores it still decodes every tensor exactly as the writer meant (the field adds a check,
+or repeats what other fields already say), and it has a documented default that readers use when a file lacks it,
+so files written before it load unchanged. Anything an older reader of the same version would misread, or would
+ignore and return wrong results (a new storage ``kind``, a new section in a payload, a changed meaning, unit, order
+or encoding of a field), changes :data:`FORMAT_VERSION`, so older readers refuse the file by its version. The
+optional fields of version 1 are :data:`OPTIONAL_FIELDS`.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ __all__ = [
     "FORMAT_VERSION",
     "SCAN_ORDER",
     "CorruptFileError",
+    "DEFAULT_PARAM",
+    "OPTIONAL_FIELDS",
     "Sections",
     "assemble",
     "checked_int",
@@ -61,6 +73,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "dc-lightning-compressed"
+#: bumped for any change an older reader would misread or silently ignore with wrong results; an optional field with
+#: a documented default (:data:`OPTIONAL_FIELDS`) is added without a bump (the module docstring, "Versioning")
 FORMAT_VERSION = 1
 EXTENSION = ".dcz"
 #: the order non-zeros are scanned in (see dc_lightning.dcz.relative_index); recorded in every file and checked on read
@@ -68,6 +82,17 @@ SCAN_ORDER = "row-major over weight.reshape(out, -1)"
 MAX_HEADER = 100 << 20
 HEADER_DIGEST = "header_sha256"
 _DIGEST_FIELD = b'"' + HEADER_DIGEST.encode() + b'":"'
+#: a layer record without ``param`` (written before parameter-level targets) holds its module's ``weight``
+DEFAULT_PARAM = "weight"
+#: the optional fields of format version 1, both added on 2026-12-02, and what a reader does when a file lacks one:
+#:
+#: * ``header_sha256`` (safetensors metadata): the header digest. It only adds a check, so a reader that ignores it
+#:   decodes the same numbers; a file without it loads with a logged warning that the header is unverified (its
+#:   records are still checked one by one and every payload against its sha256).
+#: * ``param`` (layer record): the parameter's name in its module. It repeats what the record's ``key``
+#:   (``<module>.<param>``, checked by every reader) already says, so a reader that ignores it stores the layer
+#:   under the same key; a record without it reads as :data:`DEFAULT_PARAM` (``weight``).
+OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM}
 #: a reader's bounds on the Huffman parameters a file declares (the decode tables hold 2**max_len entries per stream)
 MAX_CODE_LEN = huffman.DEFAULT_MAX_LEN
 MAX_CHUNK = (1 << 16) - 1
@@ -243,16 +268,15 @@ def _check_identity(data: bytes, where: str) -> None:
     if n <= MAX_HEADER and (len(data) <= 8 or data[8:9] == b"{"):
         return  # a safetensors header (whatever its length's first byte: 0x80 is a length too, not a pickle)
     if data[:4] == b"PK\x03\x04":
-        kind = "a zip archive (a PyTorch / Lightning checkpoint?)"
+        looks_like = "a zip archive (a PyTorch / Lightning checkpoint?)"
     elif data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        kind = "a Python pickle (a torch.save file?)"
+        looks_like = "a Python pickle (a torch.save file?)"
     else:
-        kind = "bytes without a safetensors header"
-    if kind is not None:
-        raise CorruptFileError(
-            f"{where}: not a {EXTENSION} file: it looks like {kind}. A {EXTENSION} file starts with an 8-byte header "
-            f"length and a JSON header (format {FORMAT_NAME!r}); write one with save_compressed or dc-lightning export"
-        )
+        looks_like = "bytes without a safetensors header"
+    raise CorruptFileError(
+        f"{where}: not a {EXTENSION} file: it looks like {looks_like}. A {EXTENSION} file starts with an 8-byte header "
+        f"length and a JSON header (format {FORMAT_NAME!r}); write one with save_compressed or dc-lightning export"
+    )
 
 
 def _check_digest(raw: bytes, digest: Any, where: str) -> None:
@@ -262,8 +286,9 @@ def _check_digest(raw: bytes, digest: Any, where: str) -> None:
         CorruptFileError: a malformed digest or a mismatch (no digest at all: a logged warning, see below).
     """
     if digest is None:
-        # files without a header digest (early 0.1.0 builds wrote none) stay loadable: the user's file is not lost,
-        # its records are still checked one by one and every payload by its sha256; only the header is unverified
+        # an optional field (OPTIONAL_FIELDS): files written before header digests stay loadable, the user's file is
+        # not lost: its records are still checked one by one and every payload by its sha256, only the header is not
+        # verified
         log.warning(
             "%s: the header carries no %r (written before dc_lightning added header digests): the header is NOT "
             "verified, only the records and payload checksums; re-export the model (save_compressed) to add one",

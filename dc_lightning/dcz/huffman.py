@@ -87,11 +87,6 @@ class HuffmanStream:
     sync: np.ndarray
     chunk: int = DEFAULT_CHUNK
 
-    @property
-    def payload_bits(self) -> int:
-        """Bits of the coded symbols only (what the paper's "bits per weight/index" column counts)."""
-        return int(self.nbits)
-
 
 def code_lengths(counts: np.ndarray, max_len: int = DEFAULT_MAX_LEN) -> np.ndarray:
     """Huffman code lengths for symbol frequencies ``counts``, limited to ``max_len`` bits.

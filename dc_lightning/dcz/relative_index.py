@@ -42,11 +42,12 @@ from dc_lightning import buffers
 from dc_lightning.buffers import matrix_shape
 
 __all__ = [
+    "MAX_INDEX_BITS",
     "EIELayout",
+    "SparseFormatError",
     "decode_gaps",
     "eie_layout",
     "encode_gaps",
-    "matrix_shape",
     "positions_from_mask",
     "positions_to_rows_cols",
 ]

@@ -11,10 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-
-from dc_lightning.buffers import register_placeholders
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -145,19 +142,15 @@ def build_trainer(cfg: DictConfig, stage: str, max_epochs: int, callbacks: Seque
 
 
 def load_module_checkpoint(cfg: DictConfig, path: str | os.PathLike, **overrides: Any):
-    """Rebuild the recipe's module and load a Lightning checkpoint (mask/codebook buffers and dropout rates included).
+    """Rebuild the recipe's module and load a Lightning checkpoint into it (mask/codebook buffers and dropout rates
+    included: :func:`dc_lightning.checkpoint.restore_checkpoint`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a Lightning checkpoint.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {str(path)!r}")
-    module = build_module(cfg, **overrides)
+    from dc_lightning.checkpoint import read_checkpoint, restore_checkpoint
+
     # a Lightning checkpoint is the user's own file; weights_only keeps torch.load from running pickled code
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
-    register_placeholders(module, state)  # the mask/codebook buffers a fresh model lacks
-    module.load_state_dict(state)
-    module.on_load_checkpoint(ckpt)  # as Lightning's load_from_checkpoint: what the state_dict lacks (dropout rates)
-    return module
+    ckpt = read_checkpoint(path, weights_only=True)
+    return restore_checkpoint(build_module(cfg, **overrides), ckpt)

@@ -61,8 +61,8 @@ def build_stage_callback(cfg: DictConfig, stage: str) -> Any:
     except InstantiationException as e:  # Hydra wraps the constructor's own error: re-raise it, with the node's path
         cause = e.__cause__
         if isinstance(cause, (ValueError, TypeError)):
-            kind = TypeError if isinstance(cause, TypeError) else ValueError
-            raise kind(f"pipeline.{stage}.callback ({node._target_}): {cause}") from cause
+            error_type = TypeError if isinstance(cause, TypeError) else ValueError
+            raise error_type(f"pipeline.{stage}.callback ({node._target_}): {cause}") from cause
         raise
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from dc_lightning.buffers import get_mask
-from dc_lightning.pruning.masks import is_number
+from dc_lightning.utils import is_number
 
 # ------------------------------------------------------------------------------------------ dropout adjustment
 

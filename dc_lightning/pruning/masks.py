@@ -35,17 +35,13 @@ from torch import Tensor, nn
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, pattern_aliases, select_targets
-from dc_lightning.utils import resolve_per_layer
+from dc_lightning.utils import is_number, resolve_per_layer
 
 _STD_OF = ("all", "kept")
 _SKIP = object()  # resolve_per_layer default for layers that a {pattern: value} dict does not name
 
 
 # --------------------------------------------------------------------------------------------- argument checks
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_densities(value: Any, field: str = "densities") -> float | dict[str, float]:

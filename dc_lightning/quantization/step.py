@@ -29,8 +29,9 @@ class CodebookStep:
       dtype in two launches (a fixed-order float64 segmented sum over the members' gradients), the rewrite
       ``weight = where(mask, codebook[assign], 0)`` of all layers in one more. Deterministic (no atomics), hence
       identical on every DDP rank.
-    * ``"reference"``: :func:`codebook_grad` (float64 prefix sums) and :func:`decode_weight`, layer by layer; the
-      CPU path and the tests' oracle.
+    * ``"reference"``: :func:`codebook_grad` (float64 prefix sums), layer by layer, and :func:`decode_weight` as
+      one gather from cached codes straight into the weight; the CPU path. ``codebook_grad`` and ``decode_weight``
+      are the package's one reference (the tests' oracle; the kernels file defines none).
 
     ``"auto"`` picks Triton on CUDA (or on the CPU under ``TRITON_INTERPRET=1``) when the weights are contiguous, the
     reference otherwise (and for good, with a logged warning, if an automatically chosen kernel fails on its first
@@ -92,12 +93,7 @@ class CodebookStep:
     def _build(self, backend: str) -> str:
         if backend == "reference":
             return backend
-        try:
-            from dc_lightning.kernels.codebook import step as kcs
-        except ImportError as err:  # pragma: no cover - the kernels folder ships with the package
-            if backend == "triton":
-                raise ValueError(f"CodebookStep: backend='triton' but the kernels cannot be imported: {err}") from err
-            return "reference"
+        from dc_lightning.kernels.codebook import step as kcs  # Triton itself is optional: see triton_usable
         groups: dict[tuple, list[int]] = {}
         for i in range(len(self.modules)):
             w = self._weight(i)

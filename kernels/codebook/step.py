@@ -18,17 +18,17 @@ A step is then
 
 No atomics and a reduction order that depends only on the plan and the launch constants, so the result is
 bitwise reproducible and identical on every DDP rank (their gradients are identical after the all-reduce). The
-float64 accumulation keeps it within float64 rounding of the exact sum, i.e. equal to the float64 reference
-(``dc_lightning.quantization.codebooks.codebook_grad``, the CPU path) after rounding to float32 up to ties at the
-last bit.
+float64 accumulation keeps it within float64 rounding of the exact sum, i.e. equal to the float64 reference after
+rounding to float32 up to ties at the last bit. That reference is the one of the package,
+:func:`dc_lightning.quantization.codebooks.codebook_grad` (and ``decode_weight`` for the rewrite): the CPU path of
+``quantization.CodebookStep`` and the oracle of ``tests/kernels/test_codebook_step.py``; this file defines none.
 
 Layers are addressed through int64 pointer tables (as in Triton's grouped-GEMM tutorial), so one launch covers all
 layers of a dtype: the plan groups layers by weight dtype. Traffic per step: the members' gradients plus their
 int32 positions, then 2 bytes read (codes, mask) and one weight written per weight.
 
 Public API: :func:`build_plan`, :class:`CodebookPlan`, :func:`codebook_grads_triton`, :func:`rewrite_triton`,
-:func:`codebook_grads_reference` and :func:`rewrite_reference` (pure PyTorch, same inputs; the references of the
-tests and the CPU fallback).
+:func:`triton_usable`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..runtime import (  # Triton is optional: without it only the reference path runs
+from ..runtime import (  # Triton is optional: without it CodebookStep runs the float64 reference
     HAS_TRITON,
     interpret_mode,
     tl,
@@ -47,12 +47,9 @@ from ..runtime import (  # Triton is optional: without it only the reference pat
 )
 
 __all__ = [
-    "HAS_TRITON",
     "CodebookPlan",
     "build_plan",
-    "codebook_grads_reference",
     "codebook_grads_triton",
-    "rewrite_reference",
     "rewrite_triton",
     "triton_usable",
 ]
@@ -226,33 +223,6 @@ def build_plan(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# references (pure PyTorch, float64): the tests' oracle and the path without Triton
-# ----------------------------------------------------------------------------------------------------------------------
-def codebook_grads_reference(plan: CodebookPlan, grads: Sequence[Tensor]) -> Tensor:
-    """float32 ``[G]``: every layer's codebook gradient [DC eq. 3], float64 sums of the members in ``order``."""
-    acc = torch.float32 if plan.device.type == "mps" else torch.float64
-    out = torch.zeros(plan.total_k, dtype=acc, device=plan.device)
-    start = 0
-    for i, gr in enumerate(grads):
-        k, off = plan.ks[i], plan.cb_offsets[i]
-        code = _codes(plan.assigns[i], plan.masks[i], k)
-        members = int((code < k).sum())
-        idx = plan.order[start : start + members].long()
-        start += members
-        out[off : off + k].index_add_(0, code[idx], gr.reshape(-1)[idx].to(acc))
-    return out.float()
-
-
-def rewrite_reference(plan: CodebookPlan, codebooks: Sequence[Tensor]) -> None:
-    """``weight <- where(mask, codebook[assign], 0)`` for every layer of the plan, in the weight's dtype."""
-    for w, a, m, cb in zip(plan.weights, plan.assigns, plan.masks, codebooks, strict=True):
-        v = cb.float()[a.long()]
-        if m is not None:
-            v = torch.where(m, v, torch.zeros((), dtype=v.dtype, device=v.device))
-        w.copy_(v.to(w.dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------------
 if HAS_TRITON:
@@ -338,7 +308,8 @@ def codebook_grads_triton(plan: CodebookPlan, grads: Sequence[Tensor]) -> Tensor
         grads: ``∂L/∂W`` of each layer, contiguous, the weights' shapes, dtype and device.
 
     Raises:
-        ValueError: a gradient of the wrong shape, dtype, device or layout (the message names the layer index).
+        ValueError: a gradient of the wrong shape, dtype or device, or not contiguous (the message names the layer
+            index).
         RuntimeError: Triton cannot run on the plan's device.
     """
     _check_triton(plan)

@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dc_lightning import CompressedCheckpoint, MagnitudePruning, TrainedQuantization, load_from_checkpoint
 from dc_lightning.buffers import get_buffer, get_mask
+from dc_lightning.checkpoint import read_checkpoint, restore_checkpoint
 from dc_lightning.cli.export import cli_export
 from dc_lightning.dcz import read_compressed
 from dc_lightning.io import load_compressed, save_compressed
+from dc_lightning.pruning.dropout import dropout_rates, set_dropout_rates
 
 
 class Net(pl.LightningModule):
@@ -133,3 +135,48 @@ def test_resume_a_dense_checkpoint_after_adding_pruning(tmp_path):
         mask = get_mask(m)
         assert abs(mask.float().mean().item() - 0.25) < 0.05
         assert torch.equal(m.weight[~mask], torch.zeros(int((~mask).sum())))
+
+
+class DropNet(Net):
+    """Net with a dropout layer whose rate travels in the checkpoint, as ``ClassifierModule`` does it."""
+
+    def __init__(self, hidden: int = 24):
+        super().__init__(hidden)
+        self.net.insert(2, nn.Dropout(0.5))
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["dropout_rates"] = dropout_rates(self)
+
+    def on_load_checkpoint(self, checkpoint):
+        set_dropout_rates(self, checkpoint.get("dropout_rates", {}))
+
+
+def test_every_loader_restores_buffers_and_dropout_rates(tmp_path):
+    trained = DropNet()
+    trainer = _trainer(tmp_path, [MagnitudePruning(densities=0.3, rounds=1, verbose=False)], max_epochs=1)
+    trainer.fit(trained)
+    trained.net[2].p = 0.2  # as MagnitudePruning(adjust_dropout=True) would lower it
+    trainer.save_checkpoint(tmp_path / "pruned.ckpt")
+    ckpt = read_checkpoint(tmp_path / "pruned.ckpt")
+    for model in (load_from_checkpoint(DropNet, tmp_path / "pruned.ckpt"), restore_checkpoint(DropNet(), ckpt)):
+        assert type(model) is DropNet and model.net[2].p == 0.2
+        assert torch.equal(get_mask(model.net[0]), get_mask(trained.net[0]))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
+    with pytest.raises(ValueError, match="has no layer 'net.3'"):  # a checkpoint of another model
+        restore_checkpoint(Net(), ckpt)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # strict load_state_dict
+        restore_checkpoint(DropNet(hidden=8), ckpt)
+
+
+def test_read_checkpoint_says_what_the_file_is(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint: no file at"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    torch.save(Net().state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint \\(no state_dict\\)"):
+        read_checkpoint(tmp_path / "bare.pt")
+    save_compressed(Net(), tmp_path / "m.dcz")
+    with pytest.raises(ValueError, match="is a compressed .dcz file"):
+        read_checkpoint(tmp_path / "m.dcz")
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="torch.load failed"):
+        read_checkpoint(tmp_path / "junk.ckpt")

@@ -100,8 +100,6 @@ def _run_interpreter_cases(out_path: str) -> None:
         )
         flat = K.codebook_grads_triton(plan, grads)
         res["deterministic"] = bool(torch.equal(flat, K.codebook_grads_triton(plan, grads)))
-        res["reference_equal"] = bool(torch.allclose(flat, K.codebook_grads_reference(plan, grads), rtol=1e-6,
-                                                     atol=1e-6))  # fmt: skip
         for i, (m, gr, ref) in enumerate(zip(layers, grads, refs, strict=True)):
             err, same = grad_error(flat[plan.cb_offsets[i] : plan.cb_offsets[i + 1]], ref, gr, m)
             res["errors"].append(err)
@@ -182,7 +180,7 @@ def test_fused_grads_match_float64_reference(case: dict, interp: dict) -> None:
     res = interp[case["id"]]
     assert max(res["errors"]) <= 1e-6, res["errors"]
     assert max(res["step_errors"]) <= 1e-6, res["step_errors"]
-    assert res["deterministic"] and res["reference_equal"]
+    assert res["deterministic"]
     assert sum(res["bitwise"]) >= len(res["bitwise"]) - 1  # float64 sums: ties at float32's last bit are rare
     assert res["step_backend"] == "triton" and res["step_finite"] and res["nan_flagged"]
 
@@ -223,16 +221,6 @@ def test_reference_backend_equals_per_layer_functions() -> None:
         m = layers[i]
         want = codebook_grad(grads[i], get_codebook(m)[1], m.weight_mask, get_codebook(m)[0].numel())
         assert torch.equal(got[i], want)
-    plan = K.build_plan(
-        [m.weight.data for m in layers],
-        [get_codebook(m)[1] for m in layers],
-        [m.weight_mask for m in layers],
-        [get_codebook(m)[0].numel() for m in layers],
-    )
-    flat = K.codebook_grads_reference(plan, grads)
-    for i, m in enumerate(layers):
-        want = codebook_grad(grads[i], get_codebook(m)[1], m.weight_mask, get_codebook(m)[0].numel())
-        assert torch.allclose(flat[plan.cb_offsets[i] : plan.cb_offsets[i + 1]], want, rtol=1e-6, atol=1e-6)
     step.rewrite()
     assert all(torch.equal(m.weight.detach(), decode_weight(m)) for m in layers)
 
