@@ -10,7 +10,7 @@ from dc_lightning import buffers
 from dc_lightning.buffers import MAX_CODES, Codes
 from dc_lightning.inference.linear import CompressedLinear
 
-__all__ = ["MAX_CODES", "compressed_matrix", "float_mask", "linear_numel", "param_codes", "projection"]
+__all__ = ["compressed_matrix", "float_mask", "linear_numel", "param_codes", "projection"]
 
 
 # ------------------------------------------------------------------------------------------- one matrix at a time
