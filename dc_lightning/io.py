@@ -238,9 +238,12 @@ def _trusted_callable(spec: Any, trusted: tuple[str, ...] | bool, where: str) ->
     ``trusted``), and accepted only when the object found is defined in an allowed module too (so an allowed module
     cannot hand out something it merely imports)."""
     allowed = TRUSTED_BUILDERS + (trusted if isinstance(trusted, tuple) else ())
+    module = spec.split(":", 1)[0] if isinstance(spec, str) else "pkg"
     hint = (
-        f"build the model yourself and pass it (load_compressed(path, model=...)), or, if you trust the file, allow "
-        f"its builder: trusted=['{spec.split(':', 1)[0] if isinstance(spec, str) else 'pkg'}.*']"
+        # a class of a script (__main__) cannot be imported by another process: trusting it would not help
+        "build the model yourself and pass it (load_compressed(path, model=...); dc-lightning: --model "
+        "pkg.module:builder)"
+        + ("" if module == "__main__" else f", or, if you trust the file, allow its builder: trusted=['{module}.*']")
     )
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"{where}: builder callable {spec!r} is not of the form 'pkg.module:QualName'; {hint}")
@@ -320,7 +323,7 @@ def _expect_model(model: nn.Module, where: str, rebuilt: str | None) -> Any:
                 raise ModelMismatchError(f"{where}: tensor {key!r} of the file does not exist in the model{hint}")
             if tuple(weight.shape) != shape:
                 raise ModelMismatchError(
-                    f"{where}: layer {name!r} has shape {shape} in the file but {tuple(weight.shape)} in the model"
+                    f"{where}: parameter {key!r} has shape {shape} in the file but {tuple(weight.shape)} in the model"
                     + hint
                 )
             allowed_missing.update(buffers.buffer_keys(name + "." if name else "", param))

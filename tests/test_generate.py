@@ -67,4 +67,55 @@ def test_generate_rejects_a_classifier_file(tmp_path, capsys):
     prune_model(net, densities=0.5)
     save_compressed(net, tmp_path / "clf.dcz")
     assert cli_generate([str(tmp_path / "clf.dcz"), "--prompt", "x", "--device", "cpu"]) != 0
-    assert "not a byte-level language model" in capsys.readouterr().err
+    assert "not a language model" in capsys.readouterr().err
+
+
+def _user_lm_file(tmp_path, record: bool):
+    """A nanoGPT-style model of the user's own (tests/lm_nets.py), pruned + quantized, saved with or without a
+    builder record that names it."""
+    from lm_nets import NanoGPT
+
+    torch.manual_seed(0)
+    net = NanoGPT(vocab=64).eval()
+    prune_model(net, densities=0.5)
+    quantize_model(net, bits=4)
+    if record:
+        net.dc_builder = {"callable": "lm_nets:NanoGPT", "kwargs": {"vocab": 64}}
+    path = tmp_path / "user.dcz"
+    save_compressed(net, path)
+    return net, path
+
+
+def test_generate_runs_a_users_model_with_model_or_trusted(tmp_path, capsys):
+    net, path = _user_lm_file(tmp_path, record=True)
+    want = sample(net, torch.tensor([3, 1, 4]), 6, temperature=0).tolist()
+    # the file's record names lm_nets:NanoGPT, which is not on the allowlist: refused, nothing imported
+    assert cli_generate([str(path), "--prompt-ids", "3,1,4", "--tokens", "6", "--device", "cpu"]) == 2
+    assert "trusted=['lm_nets.*']" in capsys.readouterr().err
+    for extra in (["--trusted", "lm_nets.*"], ["--model", "lm_nets:NanoGPT", "--model-kwargs", '{"vocab": 64}']):
+        assert cli_generate([str(path), "--prompt-ids", "3,1,4", "--tokens", "6", "--temperature", "0",
+                             "--device", "cpu", *extra]) == 0
+        assert capsys.readouterr().out.split() == [str(i) for i in [3, 1, 4, *want]]
+
+
+def test_generate_names_the_fix_for_a_vocabulary_that_is_not_bytes(tmp_path, capsys):
+    _, path = _user_lm_file(tmp_path, record=True)
+    assert cli_generate([str(path), "--prompt", "hi", "--device", "cpu", "--trusted", "lm_nets.*"]) == 2
+    assert "predicts 64 tokens, not 256 bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's own usage error
+        cli_generate([str(path), "--prompt-ids", "x1", "--trusted", "lm_nets.*"])
+    assert "expected token ids" in capsys.readouterr().err
+    assert cli_generate([str(path), "--prompt-ids", "1", "--model-kwargs", "{}"]) == 2
+    assert "--model-kwargs needs --model" in capsys.readouterr().err
+    assert cli_generate([str(path), "--prompt-ids", "1", "--model", "lm_nets:NoSuchModel"]) == 2
+    assert "has no attribute 'NoSuchModel'" in capsys.readouterr().err
+
+
+def test_generate_does_not_suggest_trusting_a_script(tmp_path, capsys):
+    net, path = _user_lm_file(tmp_path, record=True)
+    net.dc_builder = {"callable": "__main__:NanoGPT", "kwargs": {}}
+    with pytest.warns(UserWarning, match="__main__"):
+        save_compressed(net, path, overwrite=True)
+    assert cli_generate([str(path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--model pkg.module:builder" in err and "__main__.*" not in err

@@ -135,3 +135,20 @@ def test_inspect_memory_reports_disk_device_and_dense_bytes(tmp_path, capsys):
     # fp32 biases: below dense fp16 (2 B/position), and exactly what the rows add up to
     assert 0 < mem["bytes"] < dense * 0.6
     assert mem["bytes"] == sum(r["bytes"] for r in mem["layers"])
+
+
+def test_inspect_memory_takes_the_file_before_or_after_it(tmp_path, capsys):
+    from dc_lightning.cli import main
+    from dc_lightning.models import build_model
+    from dc_lightning.pruning.masks import prune_model
+
+    net = build_model("lenet300")
+    prune_model(net, densities=0.1)
+    path = tmp_path / "m.dcz"
+    save_compressed(net, path)
+    assert main(["inspect", str(path), "--memory", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["memory"]
+    assert main(["inspect", "--memory", str(path), "--json"]) == 0  # argparse would read the file as --memory's DEVICE
+    assert json.loads(capsys.readouterr().out)["memory"] == first and first["device"] == "cpu"
+    assert main(["inspect", "--memory", "cpu"]) == 2
+    assert "give the .dcz file" in capsys.readouterr().err

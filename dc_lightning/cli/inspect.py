@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
-from dc_lightning.cli import input_file, user_errors
+from dc_lightning.cli import UsageError, input_file, user_errors
 
 __all__ = ["cli_inspect"]
+
+#: what ``--memory``'s optional value is when it names a device (``cpu``, ``cuda``, ``cuda:1``, ``mps``...)
+DEVICE = r"(cpu|cuda|mps|xpu|meta)(:\d+)?"
 
 
 @user_errors("dc-lightning inspect")
@@ -19,7 +23,7 @@ def cli_inspect(argv: list[str] | None = None) -> int:
     file or a directory with 2. ``--no-verify`` reads the header only and says so on every rendering.
     """
     p = argparse.ArgumentParser(prog="dc-lightning inspect", description=cli_inspect.__doc__.split("\n")[0])
-    p.add_argument("file")
+    p.add_argument("file", nargs="?")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="print JSON")
     g.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -30,6 +34,11 @@ def cli_inspect(argv: list[str] | None = None) -> int:
     p.add_argument("--trusted", action="append", default=None, metavar="PATTERN",
                    help="with --memory: a builder the file may name (as load_compressed(trusted=...))")
     args = p.parse_args(argv)
+    if args.file is None:
+        # `inspect --memory FILE`: argparse hands FILE to --memory's optional DEVICE; a device name looks otherwise
+        if args.memory is None or re.fullmatch(DEVICE, args.memory):
+            raise UsageError("give the .dcz file: dc-lightning inspect FILE.dcz [--memory [DEVICE]]")
+        args.file, args.memory = args.memory, "cpu"
 
     from dc_lightning.report import compression_report
 

@@ -13,6 +13,8 @@ calls them, so the recipes' densities and the per-layer report read alike:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -92,17 +94,54 @@ def build_lm(name: str, **kwargs: int | float) -> nn.Module:
 
 
 @torch.no_grad()
+def next_token_logits(model: nn.Module, window: torch.Tensor, where: str = "model") -> torch.Tensor:
+    """The logits of the token after ``window`` (int64 ``[T]``): ``model(window[None])`` read as ``[1, T, vocab]``
+    (a tensor, the first element of a tuple, or an output object's ``.logits`` as Hugging Face models return).
+
+    Raises:
+        ValueError: the model does not map token ids ``[1, T]`` to logits ``[1, T, vocab]`` (e.g. a classifier).
+    """
+    try:
+        out = model(window[None])
+    except (RuntimeError, TypeError, IndexError, ValueError) as e:
+        raise ValueError(f"{where}: not a language model: calling it on token ids [1, {window.numel()}] failed "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != (1, window.numel()):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"{where}: not a language model: token ids [1, {window.numel()}] gave {shape}, not logits "
+                         f"[1, {window.numel()}, vocab]")
+    return out[0, -1].float()
+
+
+def _context_limit(model: nn.Module) -> int | None:
+    """The longest context the model takes: ``max_len`` (this module's networks) or a Hugging Face config's
+    ``n_positions`` / ``max_position_embeddings``."""
+    inner = getattr(model, "model", model)
+    for obj in (inner, model, getattr(model, "config", None)):
+        for attr in ("max_len", "n_positions", "max_position_embeddings"):
+            value = getattr(obj, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
 def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: float = 1.0, top_k: int | None = None,
-           generator: torch.Generator | None = None, max_context: int | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, max_context: int | None = None, where: str = "model"
+           ) -> torch.Tensor:
     """Extend ``prompt`` (int64 ``[T]``) by ``tokens`` tokens sampled from ``model`` (tokens ``[1, T]`` -> logits
     ``[1, T, vocab]``, dense or compressed); returns the generated ids only, ``[tokens]``.
 
     Each step runs the model on the whole context (at most ``max_context`` trailing tokens; default: the model's
-    ``max_len`` when it has one), so any network of this module works unchanged, the compressed inference modules
-    included. ``temperature=0`` is greedy decoding.
+    ``max_len``, or a Hugging Face config's position limit), so any causal LM works unchanged (this module's networks,
+    a user's model, a Hugging Face ``...ForCausalLM``), the compressed inference modules included. ``temperature=0``
+    is greedy decoding.
 
     Raises:
-        ValueError: an empty prompt, ``tokens < 0``, a negative temperature or ``top_k < 1``.
+        ValueError: an empty prompt, ``tokens < 0``, a negative temperature or ``top_k < 1``; a model that does not
+            map token ids to logits (:func:`next_token_logits`).
     """
     if prompt.dim() != 1 or prompt.numel() == 0:
         raise ValueError(f"sample: the prompt must be a non-empty 1-D tensor of token ids, got shape "
@@ -110,15 +149,14 @@ def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: flo
     if tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"sample: tokens={tokens}, temperature={temperature}, top_k={top_k}: need tokens >= 0, "
                          "temperature >= 0 (0 = greedy), top_k >= 1 or None")
-    inner = getattr(model, "model", model)
-    max_context = max_context or getattr(inner, "max_len", None)
+    max_context = max_context or _context_limit(model)
     # compressed inference modules may hold buffers only (codes, codebooks): either tells the device
     device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
     ctx = prompt.to(device)
     out = []
     for _ in range(tokens):
         window = ctx if max_context is None else ctx[-max_context:]
-        logits = model(window[None])[0, -1].float()  # [vocab]
+        logits = next_token_logits(model, window, where)  # [vocab]
         if temperature == 0:
             nxt = logits.argmax()
         else:
@@ -131,3 +169,22 @@ def sample(model: nn.Module, prompt: torch.Tensor, tokens: int, temperature: flo
         out.append(nxt)
         ctx = torch.cat([ctx, nxt.view(1)])
     return torch.stack(out).cpu() if out else torch.empty(0, dtype=torch.long)
+
+
+def generate_ids(model: nn.Module, prompt: torch.Tensor, tokens: int, *, byte_level: bool, where: str = "model",
+                 **kwargs: Any) -> torch.Tensor:
+    """:func:`sample` for ``dc-lightning generate``: with ``byte_level`` the model must predict 256 byte values.
+
+    Raises:
+        ValueError: as :func:`sample`; a byte-level prompt for a model whose vocabulary is not 256 bytes (the message
+            says to pass token ids or a tokenizer).
+    """
+    if byte_level:
+        device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+        with torch.no_grad():
+            vocab = next_token_logits(model, torch.zeros(1, dtype=torch.long, device=device), where).numel()
+        if vocab != 256:
+            raise ValueError(f"{where}: the model predicts {vocab} tokens, not 256 bytes; give the prompt as token ids "
+                             "(--prompt-ids 15496,11) or a tokenizer folder (--tokenizer DIR)")
+    with torch.no_grad():
+        return sample(model, prompt, tokens, where=where, **kwargs)
