@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from dc_lightning import buffers
-from dc_lightning.buffers import MAX_CODES, Codes
+from dc_lightning.buffers import Codes
 from dc_lightning.inference.linear import CompressedLinear
 
 __all__ = ["compressed_matrix", "float_mask", "linear_numel", "param_codes", "projection"]
