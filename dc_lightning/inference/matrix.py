@@ -8,9 +8,7 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.inference.linear import CompressedLinear
-
-MAX_CODES = 256
-
+from dc_lightning.kernels.runtime import MAX_CODEBOOK as MAX_CODES
 
 # ------------------------------------------------------------------------------------------- one matrix at a time
 
