@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime import MAX_CODEBOOK, PackedLayer, decoded_linear, sorted_coordinates
@@ -221,15 +222,19 @@ def pack_lut(
 
 def decode_dense_lut(packed: LUTPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
+    # Byte by byte through lookup tables: byte b of word j of group g holds the codes of slices b * cpb + i
+    # (i < cpb = 8 // cbits), column g * G + (b * cpb + i) * 32 + j (the words' bytes in memory order: little-endian,
+    # as on every CPU and GPU PyTorch runs on). One gather per byte, not per position.
     p = packed
-    pw = p.codes_per_word
-    shifts = torch.arange(pw, device=p.codes.device, dtype=torch.int32) * p.cbits
-    words = p.codes.view(p.out_features, -1, 1, WORDS_PER_GROUP)
-    codes = (words >> shifts.view(1, 1, pw, 1)) & ((1 << p.cbits) - 1)  # [n, g, s, j]
-    w = p.codebook.to(torch.float32)[codes.reshape(p.out_features, -1).long()]
-    if p.mask is not None:
-        bits = (p.mask.unsqueeze(-1) >> torch.arange(32, device=p.mask.device, dtype=torch.int32)) & 1
-        w = w * bits.reshape(p.out_features, -1).to(torch.float32)
+    n, cpb, dev = p.out_features, 8 // p.cbits, p.codes.device
+    byte = torch.arange(256, device=dev)
+    shifts = torch.arange(cpb, device=dev) * p.cbits
+    table = p.codebook.to(torch.float32)[(byte[:, None] >> shifts) & ((1 << p.cbits) - 1)]  # [256, cpb]
+    w = F.embedding(p.codes.view(torch.uint8).view(n, -1, WORDS_PER_GROUP, 4).long(), table)  # [n, g, j, b, i]
+    w = w.permute(0, 1, 3, 4, 2).reshape(n, -1)  # [n, g, s = (b, i), j]: column order
+    if p.mask is not None:  # bit i of byte b of bitmap word m: column 32 * m + 8 * b + i
+        kept = ((byte[:, None] >> torch.arange(8, device=dev)) & 1).to(torch.float32)  # [256, 8]
+        w = w * F.embedding(p.mask.view(torch.uint8).view(n, -1).long(), kept).view(n, -1)
     return w[:, : p.in_features]
 
 

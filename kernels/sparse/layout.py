@@ -310,16 +310,19 @@ def _unpack_tensors(p: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, cols, codes) of every stored entry, padding included (padding has code ``2**(code_shift-1)``)."""
     n_tiles = -(-p.out_features // p.row_tile)
     n_blocks = p.block_ptr.numel() - 1
-    n_chunks = n_blocks // max(n_tiles, 1)
+    n_chunks = max(n_blocks // max(n_tiles, 1), 1)
     bp = p.block_ptr.to(torch.int64)
     sizes = bp[1:] - bp[:-1]
     entries = p.entries
     dev = entries.device
-    blk = torch.repeat_interleave(torch.arange(n_blocks, device=dev), sizes, output_size=entries.numel())
-    off = torch.arange(entries.numel(), device=dev) - bp[:-1][blk]
-    rows = (blk // max(n_chunks, 1)) * p.row_tile + off % p.row_tile
+    blk = torch.arange(n_blocks, device=dev)
+    # Block sizes are multiples of row_tile, so entry e sits in row e % row_tile of its tile: no per-entry lookup of
+    # its block's start, only its tile's first row and its chunk's first column, repeated over the block's entries.
+    rows = torch.repeat_interleave((blk // n_chunks) * p.row_tile, sizes, output_size=entries.numel())
+    rows += torch.arange(entries.numel(), device=dev) & (p.row_tile - 1)
     words = entries.to(torch.int64) & 0xFFFF if entries.dtype == torch.int16 else entries.to(torch.int64)
-    cols = (blk % max(n_chunks, 1)) * p.chunk + (words >> p.code_shift)
+    cols = torch.repeat_interleave((blk % n_chunks) * p.chunk, sizes, output_size=entries.numel())
+    cols += words >> p.code_shift
     codes = words & ((1 << p.code_shift) - 1)
     return rows, cols, codes
 
@@ -333,15 +336,16 @@ def unpack(packed: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
 
 def decode_dense(packed: EIEPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
-    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries scatter-add
-    # 0.0 (their codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped.
+    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries add 0.0 (their
+    # codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped. Every position
+    # gets at most one non-zero, so the sums are exact in any order.
     p = packed
     rows, cols, codes = _unpack_tensors(p)
     n_rows = -(-p.out_features // p.row_tile) * p.row_tile
     n_cols = -(-p.in_features // p.chunk) * p.chunk
-    w = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=p.entries.device)
-    w.index_put_((rows, cols), p.codebook.to(torch.float32)[codes], accumulate=True)
-    return w[: p.out_features, : p.in_features]
+    w = torch.zeros(n_rows * n_cols, dtype=torch.float32, device=p.entries.device)
+    w.index_add_(0, rows * n_cols + cols, p.codebook.to(torch.float32)[codes])
+    return w.view(n_rows, n_cols)[: p.out_features, : p.in_features]
 
 
 # --------------------------------------------------------------------------------------------------------------
