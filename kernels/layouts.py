@@ -28,8 +28,8 @@ Adding a layout is one folder plus one entry:
 2. One :class:`LayoutSpec` in :data:`REGISTRY` naming those functions, the module buffer each tensor field is
    stored under (the state-dict keys of the modules holding the layout) and the extra-state key of each integer.
 
-The new layout then packs, runs, decodes, saves and loads in ``CompressedLinear`` (``layout="<name>"``) and, with
-``rows``, in ``CompressedEmbedding``, and ``tests/kernels/test_layouts.py`` checks it against a float64 reference.
+The new layout then packs, runs, decodes, saves and loads in ``CompressedLinear.from_linear(layout="<name>")`` and,
+with ``rows``, in ``CompressedEmbedding``, and ``tests/kernels/test_layouts.py`` checks it against a float64 reference.
 Only the automatic choice names layouts: :func:`choose_layout` (sparse or LUT by density), :func:`lut_batch_min`
 and :func:`alternate_layout` (the copy a layer keeps for the other end of the batch range: a sparse layer's LUT copy
 for large batches, ``CompressedLinear``'s ``batch_min`` is the switch) and :func:`choose_row_layout`; a layout
@@ -95,7 +95,7 @@ class LayoutSpec:
     """One layout: how to pack, run, decode and store a layer in it.
 
     Attributes:
-        name: the registry key (configs, ``extra_repr``, ``CompressedLinear(layout=...)``).
+        name: the registry key (configs, ``extra_repr``, ``CompressedLinear.from_linear(layout=...)``).
         packed: its ``runtime.PackedLayer`` dataclass.
         pack: ``pack(out_features, in_features, rows, cols, codes, codebook, *, device=None, **options)``.
         reference: ``reference(x, packed, bias=None, relu=False)``, the PyTorch product (decode once, ``F.linear``).
