@@ -1,57 +1,225 @@
-"""One enum for the GPU layouts of a weight-shared layer, the rule that picks one per layer, and dispatch.
+"""The one registry of weight layouts, and the rules that pick a layout per layer.
 
-Each layout is a sibling family of files (layout + reference, ``@triton.jit`` kernels, launcher + op):
+A *layout* is how a compressed (pruned, weight-shared) matrix is stored on the device and multiplied or looked up
+from there. Every layout is one family folder of ``kernels/`` plus one :class:`LayoutSpec` entry in
+:data:`REGISTRY` below; everything that uses layouts goes through the registry (``CompressedLinear`` holds a layout
+name and that layout's buffers, ``CompressedEmbedding`` likewise, the tests run every entry), so nothing else names
+a layout's classes or functions:
 
-* :attr:`Layout.SPARSE`: ``eie_layout`` / ``eie_kernels`` / ``eie_tuning`` / ``eie_spmv``: sliced-ELL
-  ``(column, code)`` entries, 16 bits per non-zero plus ELL padding; gathers ``x`` per non-zero. Fewest bytes at
-  low density; its kernels run on CUDA cores and re-read ``x`` per non-zero, so it wins at small batches.
-* :attr:`Layout.LUT`: ``lut_layout`` / ``lut_kernels`` / ``lut_matmul``: every position holds a 2-8-bit code
-  (plus a bitmap of kept positions, or a zero code); decodes a tile once per program and multiplies it on tensor
-  cores with the batch tile.
+* ``"sparse"`` (``sparse/``): sliced-ELL ``(column, code)`` entries, 16 bits per non-zero plus ELL padding; its
+  kernels gather ``x`` per non-zero on CUDA cores. Fewest bytes at low density, the fastest at small batches.
+  ``layout.py`` (packing, decode, reference), ``jit.py``, ``tuning.py``, ``op.py`` (op ``dc_lightning::eie_linear``).
+* ``"lut"`` (``lut/``): every position holds a 2-8-bit code (plus a bitmap of kept positions, or a zero code); its
+  kernel decodes a tile once per program and multiplies it on tensor cores with the batch tile. ``layout.py``,
+  ``jit.py``, ``op.py`` (op ``dc_lightning::lut_linear``).
+* ``"ell"``, ``"codes"`` (``rows/``): row layouts of embedding tables, pure PyTorch; a lookup decodes only the
+  rows it is asked for (``LayoutSpec.rows``).
 
-:func:`choose_layout` says which one a layer gets and why (shown by ``CompressedLinear.extra_repr``). A sparse layer
-may also keep a LUT copy for large batches (``CompressedLinear``'s ``batch_layout``). Adding a layout means a new
-sibling family, a member here and one branch in each dispatch function below.
+Adding a layout is one folder plus one entry:
+
+1. ``kernels/<family>/layout.py``: a ``@dataclass`` deriving from ``runtime.PackedLayer`` (its tensors and integers
+   plus ``out_features``, ``in_features``, ``nnz``; ``check()`` validates them for a call), the packer
+   ``pack(out_features, in_features, rows, cols, codes, codebook, *, device=None, **options)`` (start from
+   ``runtime.sorted_coordinates``), the dense ``decode(packed)`` and the PyTorch ``reference(x, packed, bias,
+   relu)`` (``runtime.decoded_linear`` on the decode); for lookups ``rows(packed, idx)``. With a GPU kernel, also
+   ``jit.py`` and ``op.py``: the launcher starts with ``runtime.start_launch``, the op is registered by
+   ``runtime.register_op`` with ``runtime.run_op`` / ``runtime.fake_op`` as its body, ``autotune`` runs
+   ``runtime.autotune_batches``.
+2. One :class:`LayoutSpec` in :data:`REGISTRY` naming those functions, the module buffer each tensor field is
+   stored under (the state-dict keys of the modules holding the layout) and the extra-state key of each integer.
+
+The new layout then packs, runs, decodes, saves and loads in ``CompressedLinear.from_linear(layout="<name>")`` and,
+with ``rows``, in ``CompressedEmbedding``, and ``tests/kernels/test_layouts.py`` checks it against a float64 reference.
+Only the automatic choice names layouts: :func:`choose_layout` (sparse or LUT by density), :func:`lut_batch_min`
+and :func:`alternate_layout` (the copy a layer keeps for the other end of the batch range: a sparse layer's LUT copy
+for large batches, ``CompressedLinear``'s ``batch_min`` is the switch) and :func:`choose_row_layout`; a layout
+joins that choice by a rule there.
+
+Type tests against the packed classes live in this module only (:func:`spec_of`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .lut import op as lut_matmul
+from dc_lightning.buffers import MAX_CODES
+
+from .lut import op as lut_op
 from .lut.layout import LUTPacked, decode_dense_lut, lut_encoding, lut_linear_reference, pack_lut
-from .sparse import op as eie_spmv
-from .sparse.layout import EIEPacked, pack
+from .rows import layout as rows_layout
+from .rows.layout import RowCodes, RowELL
+from .runtime import PackedLayer, check_call
+from .sparse import op as sparse_op
+from .sparse.layout import EIEPacked, decode_dense, eie_linear_reference, pack
 
 __all__ = [
     "Layout",
+    "LayoutSpec",
     "Packed",
+    "REGISTRY",
     "SPARSE_BELOW",
-    "lut_batch_min",
+    "DUAL_BELOW",
+    "spec",
+    "spec_of",
+    "row_layouts",
     "choose_layout",
+    "lut_batch_min",
+    "alternate_layout",
+    "choose_row_layout",
     "layout_of",
     "pack_layer",
     "linear",
     "reference",
     "decode_dense",
+    "rows",
     "autotune",
 ]
 
-Packed = EIEPacked | LUTPacked
+Packed = PackedLayer  # the packed layer of any layout
 
 # H200, bench_eie_layouts.py 2026-12-02 (bench/RESULTS.md): at batch 1 the sparse kernel beat the LUT kernel on every
 # layer up to 30 % density (VGG-8, 23 %: 7.3 vs 16.1 us; T-4096x4096 at 30 %: 15.0 vs 42 us), so it is the batch-1
 # layout up to there; the LUT copy takes over at large batches (see lut_batch_min)
 SPARSE_BELOW = 0.30
+# a LUT layer below this density keeps a sparse copy for small batches (CompressedLinear.from_linear's default)
+DUAL_BELOW = 0.6
 _ELL_BYTES_PER_NNZ = 2.3  # 16-bit entry x ~1.15 ELL padding (bench/RESULTS.md)
 
 
+@dataclass(frozen=True)
+class LayoutSpec:
+    """One layout: how to pack, run, decode and store a layer in it.
+
+    Attributes:
+        name: the registry key (configs, ``extra_repr``, ``CompressedLinear.from_linear(layout=...)``).
+        packed: its ``runtime.PackedLayer`` dataclass.
+        pack: ``pack(out_features, in_features, rows, cols, codes, codebook, *, device=None, **options)``.
+        reference: ``reference(x, packed, bias=None, relu=False)``, the PyTorch product (decode once, ``F.linear``).
+        decode: ``decode(packed)``, the dense ``[out_features, in_features]`` weight.
+        buffers: packed field -> the module buffer holding it (a state-dict key), in registration order.
+        describe: ``describe(packed)``, the layout's phrase in ``extra_repr``.
+        state: packed integer field -> its key in the module's extra state.
+        linear: the registered ``torch.library`` op (Triton on CUDA, the reference elsewhere); ``None``: the
+            reference everywhere.
+        autotune: ``autotune(packed, batch_sizes, dtype, bias, relu)`` -> ``{batch: config with "us"}``, or ``None``.
+        rows: ``rows(packed, idx)``, the decoded rows ``idx`` (embedding lookups), or ``None``.
+        batch_rank: of two layouts held by one layer, the lower rank runs batches below ``batch_min``.
+    """
+
+    name: str
+    packed: type[PackedLayer]
+    pack: Callable[..., PackedLayer]
+    reference: Callable[..., Tensor]
+    decode: Callable[[Any], Tensor]
+    buffers: Mapping[str, str]
+    describe: Callable[[Any], str]
+    state: Mapping[str, str] = field(default_factory=dict)
+    linear: Callable[..., Tensor] | None = None
+    autotune: Callable[..., dict[int, dict[str, Any]]] | None = None
+    rows: Callable[[Any, Tensor], Tensor] | None = None
+    batch_rank: int = 0
+
+    def run(self, x: Tensor, packed: PackedLayer, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+        """``act(x @ W.T + bias)``: the op, or the checked reference for a layout without one."""
+        if self.linear is not None:
+            return self.linear(x, packed, bias, relu)
+        check_call(x, packed, bias)
+        return self.reference(x, packed, bias, relu)
+
+    def tensors(self, packed: PackedLayer) -> dict[str, Tensor | None]:
+        """The layer's tensors by module buffer name (what a module registers)."""
+        return {buf: getattr(packed, f) for f, buf in self.buffers.items()}
+
+    def state_of(self, packed: PackedLayer) -> dict[str, int]:
+        """The layer's integers by extra-state key."""
+        return {key: int(getattr(packed, f)) for f, key in self.state.items()}
+
+    def build(
+        self, tensors: Mapping[str, Tensor | None], state: Mapping[str, int], out_features: int, in_features: int,
+        nnz: int = -1,
+    ) -> PackedLayer:  # fmt: skip
+        """The packed layer from a module's buffers (by buffer name) and integers (by extra-state key)."""
+        fields = {f: tensors[buf] for f, buf in self.buffers.items()}
+        fields.update({f: int(state[key]) for f, key in self.state.items()})
+        return self.packed(**fields, out_features=out_features, in_features=in_features, nnz=nnz)
+
+
+REGISTRY: dict[str, LayoutSpec] = {
+    s.name: s
+    for s in (
+        LayoutSpec(
+            "sparse", EIEPacked, pack, eie_linear_reference, decode_dense,
+            buffers={"entries": "entries", "block_ptr": "block_ptr", "codebook": "codebook"},
+            describe=lambda p: f"sparse codebook_bits={p.code_shift - 1}",
+            state={"row_tile": "row_tile", "chunk": "chunk", "code_shift": "code_shift"},
+            linear=sparse_op.eie_linear, autotune=sparse_op.autotune, batch_rank=0,
+        ),
+        LayoutSpec(
+            "lut", LUTPacked, pack_lut, lut_linear_reference, decode_dense_lut,
+            buffers={"codes": "lut_codes", "mask": "lut_mask", "codebook": "lut_codebook"},
+            describe=lambda p: f"lut code_bits={p.cbits} bitmap={p.mask is not None}",
+            state={"cbits": "lut_cbits"},
+            linear=lut_op.lut_linear, autotune=lut_op.autotune_lut, batch_rank=1,
+        ),
+        LayoutSpec(
+            "ell", RowELL, rows_layout.pack_ell, rows_layout.ell_reference, rows_layout.decode_ell,
+            buffers={"codes": "codes", "codebook": "codebook", "cols": "cols", "lengths": "lengths"},
+            describe=lambda p: "ell", rows=rows_layout.ell_rows,
+        ),
+        LayoutSpec(
+            "codes", RowCodes, rows_layout.pack_codes, rows_layout.codes_reference, rows_layout.decode_codes,
+            buffers={"codes": "codes", "codebook": "codebook"},
+            describe=lambda p: f"codes code_bits={rows_layout.codes_bits(p.codebook.numel())}",
+            rows=rows_layout.codes_rows,
+        ),
+    )
+}  # fmt: skip
+
+
+def spec(name: str | Enum) -> LayoutSpec:
+    """The registry entry of a layout name (a :class:`Layout` member too).
+
+    Raises:
+        ValueError: on an unknown name, listing the registered ones.
+    """
+    key = name.value if isinstance(name, Enum) else name
+    got = REGISTRY.get(key) if isinstance(key, str) else None
+    if got is None:
+        raise ValueError(f"unknown layout {name!r}; registered layouts: {list(REGISTRY)}")
+    return got
+
+
+def spec_of(packed: PackedLayer) -> LayoutSpec:
+    """The registry entry of a packed layer (the one place that tests a packed layer's class).
+
+    Raises:
+        TypeError: if ``packed`` is no registered layout's packed layer.
+    """
+    for s in REGISTRY.values():
+        if isinstance(packed, s.packed):
+            return s
+    names = [s.packed.__name__ for s in REGISTRY.values()]
+    raise TypeError(f"expected a packed layer of a registered layout ({', '.join(names)}), got {type(packed).__name__}")
+
+
+def row_layouts() -> list[str]:
+    """The layouts that decode single rows (embedding lookups)."""
+    return [name for name, s in REGISTRY.items() if s.rows is not None]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The choice rules
+# --------------------------------------------------------------------------------------------------------------
+
+
 class Layout(str, Enum):
-    """The GPU layouts of a compressed ``Linear`` (values are the names used in configs and ``extra_repr``)."""
+    """The two layouts :func:`choose_layout` picks between (values are their registry names)."""
 
     SPARSE = "sparse"
     LUT = "lut"
@@ -74,7 +242,7 @@ def choose_layout(
     if positions < 1:
         raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
     density = nnz / positions
-    cbits, bitmap = lut_encoding(max(1, min(int(n_centroids), 256)), nnz == positions)
+    cbits, bitmap = lut_encoding(max(1, min(int(n_centroids), MAX_CODES)), nnz == positions)
     lut_b = (cbits + bitmap) / 8.0
     ell_b = _ELL_BYTES_PER_NNZ * density
     code = f"{cbits}-bit codes{' + bitmap' if bitmap else ''}"
@@ -94,17 +262,41 @@ def lut_batch_min(density: float) -> int:
     return 64 if density < 0.10 else 16
 
 
-def layout_of(packed: Packed) -> Layout:
-    """The :class:`Layout` of a packed layer.
+def alternate_layout(name: str, nnz: int, positions: int, dual_below: float = DUAL_BELOW) -> str | None:
+    """The layout of the copy a layer in ``name`` keeps for the other end of the batch range, or ``None``.
+
+    A sparse layer keeps a LUT copy for large batches; a LUT layer below ``dual_below`` density a sparse copy for
+    small ones (measured on the H200: the sparse kernel wins at batch 1 up to 30 % density and stays close up to
+    60 %); other layouts none.
+    """
+    if name == Layout.SPARSE.value:
+        return Layout.LUT.value
+    if name == Layout.LUT.value and nnz < dual_below * positions:
+        return Layout.SPARSE.value
+    return None
+
+
+def choose_row_layout(row_lengths: Tensor, n_cols: int, n_centroids: int) -> str:
+    """The row layout of a table whose rows keep ``row_lengths`` entries: the one with fewer index bytes
+    (``"codes"`` on a tie; ``"ell"`` when a pruned table leaves ``"codes"`` no free code)."""
+    n_rows = row_lengths.numel()
+    pruned = int(row_lengths.sum()) < n_rows * n_cols
+    dense_b = rows_layout.codes_bytes(n_rows, n_cols, n_centroids, pruned)
+    return "codes" if dense_b is not None and dense_b <= rows_layout.ell_bytes(row_lengths, n_cols) else "ell"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dispatch through the registry
+# --------------------------------------------------------------------------------------------------------------
+
+
+def layout_of(packed: PackedLayer) -> str:
+    """The registry name of a packed layer's layout.
 
     Raises:
         TypeError: if ``packed`` is not a packed layer.
     """
-    if isinstance(packed, EIEPacked):
-        return Layout.SPARSE
-    if isinstance(packed, LUTPacked):
-        return Layout.LUT
-    raise TypeError(f"expected an EIEPacked or LUTPacked layer, got {type(packed).__name__}")
+    return spec_of(packed).name
 
 
 def pack_layer(
@@ -114,17 +306,16 @@ def pack_layer(
     cols: Tensor,
     codes: Tensor,
     codebook: Tensor,
-    layout: Layout | str = "auto",
+    layout: str | Layout = "auto",
     *,
     device: torch.device | str | None = None,
     sparse_below: float = SPARSE_BELOW,
-    sparse_options: dict[str, Any] | None = None,
-    lut_options: dict[str, Any] | None = None,
-) -> tuple[Packed, str]:
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[PackedLayer, str]:
     """Pack a layer in ``layout`` (``"auto"``: :func:`choose_layout`); returns ``(packed, reason)``.
 
-    ``sparse_options`` go to ``eie_layout.pack`` (``row_tile``, ``chunk``), ``lut_options`` to
-    ``lut_layout.pack_lut`` (``cbits``, ``bitmap``), whichever layout the layer gets.
+    ``options`` maps a layout name to keyword options of its packer (``{"sparse": {"row_tile": 16}}``); the entry
+    of the layout the layer gets is used.
 
     Raises:
         ValueError: on an unknown layout name, or what the packer raises.
@@ -133,49 +324,53 @@ def pack_layer(
         layout, why = choose_layout(out_features, in_features, int(torch.as_tensor(rows).numel()),
                                     int(torch.as_tensor(codebook).numel()), sparse_below)  # fmt: skip
     else:
-        try:
-            layout = Layout(layout)
-        except ValueError:
-            valid = ["auto"] + [m.value for m in Layout]
-            raise ValueError(f"layout must be one of {valid}, got {layout!r}") from None
         why = "requested"
-    if layout is Layout.SPARSE:
-        opts = sparse_options or {}
-        return pack(out_features, in_features, rows, cols, codes, codebook, device=device, **opts), why
-    opts = lut_options or {}
-    return pack_lut(out_features, in_features, rows, cols, codes, codebook, device=device, **opts), why
+    try:
+        s = spec(layout)
+    except ValueError:
+        raise ValueError(f"layout must be one of {['auto', *REGISTRY]}, got {layout!r}") from None
+    opts = dict((options or {}).get(s.name, {}))
+    return s.pack(out_features, in_features, rows, cols, codes, codebook, device=device, **opts), why
 
 
-def linear(x: Tensor, packed: Packed, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+def linear(x: Tensor, packed: PackedLayer, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """``act(x @ W.T + bias)`` through the layout's registered op (Triton on CUDA, PyTorch reference on CPU)."""
-    if isinstance(packed, LUTPacked):
-        return lut_matmul.lut_linear(x, packed, bias, relu)
-    return eie_spmv.eie_linear(x, packed, bias, relu)
+    return spec_of(packed).run(x, packed, bias, relu)
 
 
-def reference(x: Tensor, packed: Packed, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """The layout's pure-PyTorch product (the CPU fallback)."""
-    if isinstance(packed, LUTPacked):
-        return lut_linear_reference(x, packed, bias, relu)
-    return eie_spmv.eie_linear_reference(x, packed, bias, relu)
+def reference(x: Tensor, packed: PackedLayer, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """The layout's pure-PyTorch product (the CPU fallback): the weight decoded once, then ``F.linear``."""
+    return spec_of(packed).reference(x, packed, bias, relu)
 
 
-def decode_dense(packed: Packed) -> Tensor:
-    """The dense float32 ``[out, in]`` weight of a packed layer of any layout."""
-    if isinstance(packed, LUTPacked):
-        return decode_dense_lut(packed)
-    return eie_spmv.decode_dense(packed)
+def decode_dense(packed: PackedLayer) -> Tensor:
+    """The dense ``[out, in]`` weight of a packed layer of any layout (float32; a row layout's codebook dtype)."""
+    return spec_of(packed).decode(packed)
+
+
+def rows(packed: PackedLayer, idx: Tensor) -> Tensor:
+    """The decoded rows ``idx`` (1-D) of a row layout's table, ``[len(idx), in_features]``.
+
+    Raises:
+        ValueError: if the layout has no row lookup.
+    """
+    s = spec_of(packed)
+    if s.rows is None:
+        raise ValueError(f"layout {s.name!r} has no row lookup; row layouts: {row_layouts()}")
+    return s.rows(packed, idx)
 
 
 def autotune(
-    packed: Packed,
+    packed: PackedLayer,
     batch_sizes: tuple[int, ...] = (1,),
     dtype: torch.dtype = torch.float32,
     bias: Tensor | None = None,
     relu: bool = False,
     rep_ms: int = 20,
 ) -> dict[int, dict[str, Any]]:
-    """Time the layout's launch configurations once per batch size and record the fastest (CUDA only)."""
-    if isinstance(packed, LUTPacked):
-        return lut_matmul.autotune_lut(packed, batch_sizes, dtype, bias, relu, rep_ms)
-    return eie_spmv.autotune(packed, batch_sizes, dtype, bias, relu, rep_ms)
+    """Time the layout's launch configurations once per batch size and record the fastest (CUDA only); ``{}`` for
+    a layout without launch configurations."""
+    s = spec_of(packed)
+    if s.autotune is None:
+        return {}
+    return s.autotune(packed, batch_sizes, dtype, bias, relu, rep_ms)

@@ -1,22 +1,28 @@
 """What every kernel family of ``dc_lightning.kernels`` shares: the optional Triton import, the interpreter switch,
-the per-device split-K workspace and its ``@triton.jit`` epilogue, the CUDA-graph timing harness of the
-autotuners, the ``torch.library`` registration and the argument checks common to every layout.
+the codebook limit, the base of the packed layouts, the argument checks, the launch prologue, the op plumbing and
+the PyTorch reference product common to every layout, the per-device split-K workspace and its ``@triton.jit``
+epilogue, and the CUDA-graph timing harness of the autotuners.
 
-A layout (``eie_layout`` sparse ELL, ``lut_layout`` dense packed codes) owns its data and its PyTorch reference; its
-``*_kernels`` file holds the ``@triton.jit`` code; its launcher file validates, picks a configuration and registers
-the ``torch.library`` op. This module has no layout knowledge.
+A family folder (``sparse/``, ``lut/``, ``rows/``) owns its layout's data (``layout.py``: a :class:`PackedLayer`
+dataclass, packing, decode), its ``@triton.jit`` code (``jit.py``) and its launcher + ``torch.library`` op
+(``op.py``); ``layouts.py`` lists them in one registry. This module has no layout knowledge.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from dc_lightning.buffers import MAX_CODES
 
 try:  # Triton is optional: without it (macOS, Windows, minimal CI) only the reference paths run.
     import triton
@@ -31,6 +37,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 __all__ = [
     "HAS_TRITON",
     "ACT_DTYPES",
+    "PackedLayer",
     "triton",
     "tl",
     "interpret_mode",
@@ -42,14 +49,56 @@ __all__ = [
     "launcher",
     "time_candidates",
     "register_op",
-    "check_coordinates",
+    "run_op",
+    "fake_op",
+    "start_launch",
+    "autotune_batches",
+    "sorted_coordinates",
     "check_activation",
     "check_bias_and_devices",
+    "check_call",
+    "decoded_linear",
 ]
 
 log = logging.getLogger(__name__)
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: most centroids a codebook may hold, in every layout: codes are bytes (``weight_assign`` is uint8), an 8-bit
+#: container is the LUT layout's widest and the sparse entry's code field is sized for it
+
+
+class PackedLayer(ABC):
+    """What the packed form of every layout shares; each layout's is a ``@dataclass`` deriving from this class.
+
+    Its fields are its tensors (``None`` for an absent optional one), its integers, and ``out_features``,
+    ``in_features`` (the shape of ``W``) and ``nnz`` (kept weights, -1 when unknown).
+    """
+
+    out_features: int
+    in_features: int
+    nnz: int
+
+    @abstractmethod
+    def check(self) -> None:
+        """Validate the layout's own tensors and integers for a call (shapes, dtypes, contiguity; no data reads).
+
+        Raises:
+            ValueError: naming the field, the bad value and what is valid.
+        """
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The layer's tensors by field name, in field order (absent optional ones left out)."""
+        found = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: t for name, t in found if isinstance(t, Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layer's tensors (what a kernel reads for the weights)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: torch.device | str) -> Any:
+        """A copy with every tensor on ``device``."""
+        return dataclasses.replace(self, **{k: t.to(device) for k, t in self.tensors().items()})
 
 
 def interpret_mode() -> bool:
@@ -196,24 +245,92 @@ def register_op(name: str, impl: Callable[..., Tensor], fake: Callable[..., Tens
         return None
 
 
-def check_coordinates(
-    out_features: int, in_features: int, rows: Tensor, cols: Tensor, codes: Tensor, codebook: Tensor,
-    max_codebook: int = 256,
-) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Validate the coordinates and codes of a layer's kept weights before a layout packs them.
+def run_op(
+    x: Tensor,
+    packed: PackedLayer,
+    bias: Tensor | None,
+    relu: bool,
+    triton_fn: Callable[..., Tensor],
+    reference_fn: Callable[..., Tensor],
+) -> Tensor:
+    """The body of a layout's registered op: check the call, then the Triton launcher (with ``wrap_triton`` inside
+    a ``triton_op``) where :func:`use_triton` says so, else the layout's PyTorch reference."""
+    check_call(x, packed, bias)
+    if use_triton(x):
+        return triton_fn(x, packed, bias, relu, wrap=triton_wrapper())
+    return reference_fn(x, packed, bias, relu)
 
-    Returns ``(out_features, in_features, rows, cols, codes, codebook)``: ints, three 1-D int64 tensors, the 1-D
-    float codebook (each on the device it came on).
+
+def fake_op(x: Tensor, packed: PackedLayer, bias: Tensor | None) -> Tensor:
+    """The fake (meta) implementation of a layout's op: the same checks, an empty ``[batch, out_features]``."""
+    check_call(x, packed, bias)
+    return x.new_empty((x.shape[0], packed.out_features))
+
+
+def start_launch(
+    x: Tensor, packed: PackedLayer, bias: Tensor | None, wrap: Any, op: str
+) -> tuple[Callable[[Any], Any], Tensor]:
+    """What every Triton launcher does first: check the call, get the ``kernel -> launchable`` wrapper
+    (:func:`launcher`) and allocate the output ``y`` (``[batch, out_features]`` in ``x.dtype``).
 
     Raises:
-        ValueError: on an empty shape, a codebook that is not 1-D float with ``1..max_codebook`` centroids,
-            coordinate tensors of different sizes or a row, column or code out of range.
+        RuntimeError, ValueError, TypeError: as :func:`launcher` and :func:`check_call`.
+    """
+    check_call(x, packed, bias)
+    launch = launcher(x, wrap, op)
+    return launch, torch.empty((x.shape[0], packed.out_features), dtype=x.dtype, device=x.device)
+
+
+def autotune_batches(
+    packed: PackedLayer,
+    batch_sizes: Iterable[int],
+    dtype: torch.dtype,
+    run: Callable[[Tensor, dict[str, Any]], Tensor],
+    candidates: Callable[[int], Iterable[dict[str, Any]]],
+    record: Callable[[int, dict[str, Any]], None],
+    rep_ms: int = 20,
+    check: Callable[[Tensor], Callable[[Tensor], bool]] | None = None,
+) -> dict[int, dict[str, Any]]:
+    """The autotuning loop every layout shares: per batch size, a ReLU'd random ``x`` on the layer's device, the
+    median time of ``run(x, cfg)`` for every ``candidates(batch)`` (:func:`time_candidates`; ``check(x)``, when
+    given, builds the output check of that ``x``), and ``record(batch, fastest_cfg)``.
+
+    Returns ``{batch: fastest config with its median time under "us"}`` (a batch whose candidates all failed is
+    left out).
+    """
+    device = next(iter(packed.tensors().values())).device
+    best = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, packed.in_features, device=device).relu_().to(dtype)
+        results = time_candidates(
+            lambda cfg, x=x: run(x, cfg), candidates(batch), rep_ms, check=None if check is None else check(x)
+        )
+        if not results:
+            continue
+        us, cfg = min(results, key=lambda r: r[0])
+        record(batch, cfg)
+        best[batch] = {**cfg, "us": us}
+    return best
+
+
+def sorted_coordinates(
+    out_features: int, in_features: int, rows: Tensor, cols: Tensor, codes: Tensor, codebook: Tensor
+) -> tuple[int, int, Tensor, Tensor, Tensor, Tensor]:
+    """Validate the coordinates and codes of a layer's kept weights before a layout packs them, and sort them.
+
+    Returns ``(out_features, in_features, rows, cols, codes, codebook)``: ints, three 1-D int64 tensors in row-major
+    order (by row, then column), the 1-D float codebook (each on the device it came on).
+
+    Raises:
+        ValueError: on an empty shape, a codebook that is not 1-D float with ``1..MAX_CODES`` centroids,
+            coordinate tensors of different sizes, a row, column or code out of range, or duplicate
+            ``(row, col)`` pairs.
     """
     if int(out_features) < 1 or int(in_features) < 1:
         raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
     codebook = torch.as_tensor(codebook)
-    if codebook.dim() != 1 or not 1 <= codebook.numel() <= max_codebook:
-        raise ValueError(f"codebook must be 1-D with 1..{max_codebook} centroids, got shape {tuple(codebook.shape)}")
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= MAX_CODES:
+        raise ValueError(f"codebook must be 1-D with 1..{MAX_CODES} centroids, got shape {tuple(codebook.shape)}")
     if not codebook.is_floating_point():
         raise ValueError(f"codebook must be a floating-point tensor, got dtype {codebook.dtype}")
     rows, cols, codes = (torch.as_tensor(t).reshape(-1).to(torch.int64) for t in (rows, cols, codes))
@@ -228,6 +345,11 @@ def check_coordinates(
             lo_v, hi_v = int(t.min()), int(t.max())
             if lo_v < 0 or hi_v >= hi:
                 raise ValueError(f"{name} must lie in [0, {hi}), got values in [{lo_v}, {hi_v}]")
+    if rows.numel() > 1:
+        key, order = torch.sort(rows * int(in_features) + cols)
+        if bool((key[1:] == key[:-1]).any()):
+            raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
+        rows, cols, codes = rows[order], cols[order], codes[order]
     return int(out_features), int(in_features), rows, cols, codes, codebook
 
 
@@ -259,6 +381,28 @@ def check_bias_and_devices(x: Tensor, bias: Tensor | None, out_features: int, te
     for name, t in tensors.items():
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move the layer to x's device")
+
+
+def check_call(x: Tensor, packed: PackedLayer, bias: Tensor | None = None) -> None:
+    """Validate a product ``act(x @ W.T + bias)`` of any layout: ``x`` (:func:`check_activation`), the layer's own
+    tensors (``packed.check()``), ``bias`` and devices (:func:`check_bias_and_devices`). No data reads: no host sync.
+
+    Raises:
+        TypeError: if ``x`` is not a tensor or not float32/float16/bfloat16.
+        ValueError: on any other mismatch, naming the field, the bad value and what is valid.
+    """
+    check_activation(x, packed.in_features)
+    packed.check()
+    check_bias_and_devices(x, bias, packed.out_features, packed.tensors())
+
+
+def decoded_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """The reference product of every layout (the tests' oracle and the CPU fallback of the ops): ``act(x @ w.T +
+    bias)`` by ``F.linear`` on the decoded dense weight ``w``, fp32 accumulation, output in ``x.dtype``."""
+    y = F.linear(x.to(torch.float32), w.to(torch.float32), None if bias is None else bias.to(torch.float32))
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

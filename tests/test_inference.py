@@ -224,3 +224,51 @@ def test_cast_after_conversion_keeps_fp32_codebooks(layout: str, dtype: torch.dt
         got = layer(x.to(dtype))
     assert got.dtype == dtype
     assert ((got.float() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+# the text, state-dict keys and extra state (as written before the layout registry) of four layers: the format saved
+_SAVED = [
+    ((0.05, 4, True, {"batch_min": 4}),
+     "in_features=40, out_features=24, nnz=53, layout=sparse, layouts=[sparse codebook_bits=4, lut code_bits=4 "
+     "bitmap=True], lut from batch 4, bias=True, relu=False, why='density 5.5% < 30%: sparse ~0.13 B/position vs lut "
+     "0.62'",
+     ["entries", "block_ptr", "codebook", "lut_codes", "lut_mask", "lut_codebook", "bias", "_extra_state"],
+     {"in_features": 40, "out_features": 24, "row_tile": 8, "chunk": 1024, "code_shift": 5, "nnz": 53, "relu": 0,
+      "lut_cbits": 4, "batch_min": 4}),
+    ((0.45, 3, True, {}),
+     "in_features=40, out_features=24, nnz=440, layout=sparse, layouts=[sparse codebook_bits=3, lut code_bits=4 "
+     "bitmap=False], lut from batch 16, bias=True, relu=False, why='density 45.8% >= 30%: 4-bit codes, 0.50 "
+     "B/position'",
+     ["entries", "block_ptr", "codebook", "lut_codes", "lut_codebook", "bias", "_extra_state"],
+     {"in_features": 40, "out_features": 24, "row_tile": 8, "chunk": 256, "code_shift": 4, "nnz": 440, "relu": 0,
+      "lut_cbits": 4, "batch_min": 16}),
+    ((0.9, 5, False, {}),
+     "in_features=40, out_features=24, nnz=851, layout=lut, layouts=[lut code_bits=8 bitmap=False], bias=False, "
+     "relu=False, why='density 88.6% >= 30%: 8-bit codes, 1.00 B/position'",
+     ["lut_codes", "lut_codebook", "_extra_state"],
+     {"in_features": 40, "out_features": 24, "code_shift": 0, "nnz": 851, "relu": 0, "lut_cbits": 8, "batch_min": 0}),
+    ((1.0, 4, True, {"layout": "sparse", "alternate": False}),
+     "in_features=40, out_features=24, nnz=960, layout=sparse, layouts=[sparse codebook_bits=4], bias=True, "
+     "relu=False, why='requested'",
+     ["entries", "block_ptr", "codebook", "bias", "_extra_state"],
+     {"in_features": 40, "out_features": 24, "row_tile": 8, "chunk": 256, "code_shift": 5, "nnz": 960, "relu": 0,
+      "lut_cbits": 0, "batch_min": 0}),
+]  # fmt: skip
+
+
+def test_repr_state_dict_keys_and_saved_extra_state_are_stable() -> None:
+    """What a converted layer prints and saves is unchanged, and state dicts saved before load into it."""
+    torch.manual_seed(0)
+    for (density, bits, bias, kw), text, keys, old_extra in _SAVED:
+        layer = CompressedLinear.from_linear(_quantize(nn.Linear(40, 24, bias=bias), density=density, bits=bits), **kw)
+        assert layer.extra_repr() == text
+        sd = layer.state_dict()
+        assert list(sd) == keys
+        # the extra state now leaves out the layouts a layer does not hold (code_shift / lut_cbits 0)
+        assert sd["_extra_state"] == {k: v for k, v in old_extra.items() if v or k not in ("code_shift", "lut_cbits")}
+        fresh = CompressedLinear.from_linear(_quantize(nn.Linear(40, 24, bias=bias), density, bits), **kw)
+        for t in fresh.buffers():
+            t.zero_()
+        fresh.load_state_dict({**sd, "_extra_state": dict(old_extra, relu=1)})
+        x = torch.randn(3, 40)
+        assert fresh.relu and torch.equal(fresh(x), torch.relu(layer(x)))

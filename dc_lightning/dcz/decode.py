@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dc_lightning.buffers import matrix_shape
+from dc_lightning.buffers import MAX_CODES, matrix_shape
 from dc_lightning.dcz import huffman
 from dc_lightning.dcz.container import (
     DEFAULT_PARAM,
@@ -195,7 +195,7 @@ def _check_code_stream(
     """``(float32 codebook, codebook-index stream)`` of a quantized layer's record; ``counts`` = (nnz, numel),
     ``params`` = the file's (max_len, chunk)."""
     nnz, numel = counts
-    k = checked_int(rec.get("k"), what + ".k", 1, 256)
+    k = checked_int(rec.get("k"), what + ".k", 1, MAX_CODES)
     bits = checked_int(rec.get("bits"), what + ".bits", 1, 8)
     if bits != max(1, math.ceil(math.log2(k))):
         raise CorruptFileError(f"{where}: {what}: bits={bits} disagrees with codebook size {k}")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from dc_lightning import buffers
-from dc_lightning.buffers import matrix_shape
+from dc_lightning.buffers import MAX_CODES, matrix_shape
 from dc_lightning.dcz import huffman
 from dc_lightning.dcz.container import (
     DTYPE_NAMES,
@@ -171,8 +171,8 @@ def _encode_codebook(
         raise ValueError(f"layer {name!r}: {cb_name} without a {assign_name} buffer of shape {shape}")
     cb = cb_t.detach().cpu().to(torch.float32).numpy().reshape(-1)
     k = cb.size
-    if not 1 <= k <= 256:
-        raise ValueError(f"layer {name!r}: codebook has {k} entries; valid: 1..256 (uint8 {assign_name})")
+    if not 1 <= k <= MAX_CODES:
+        raise ValueError(f"layer {name!r}: codebook has {k} entries; valid: 1..{MAX_CODES} (uint8 {assign_name})")
     codes = assign_t.detach().cpu().numpy().reshape(matrix_shape(shape))[rows, cols]
     if codes.size and int(codes.max()) >= k:
         raise ValueError(f"layer {name!r}: {assign_name} holds index {int(codes.max())} >= codebook size {k}")

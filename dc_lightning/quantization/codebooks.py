@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from dc_lightning import buffers
-from dc_lightning.buffers import get_codebook, get_mask
+from dc_lightning.buffers import MAX_CODES, get_codebook, get_mask
 from dc_lightning.quantization.bits import bits_for_layers, check_bits
 from dc_lightning.quantization.kmeans import INITS, acc_dtype, kmeans_1d, wcss
 from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
@@ -53,7 +53,7 @@ def attach_codebook(module: nn.Module, codebook: Tensor, assign: Tensor, param: 
         raise ValueError(f"attach_codebook: {type(module).__name__} has no {param} tensor")
     codebook = codebook.detach().reshape(-1)
     k = codebook.numel()
-    if k < 2 or k > 256 or k & (k - 1):
+    if k < 2 or k > MAX_CODES or k & (k - 1):
         raise ValueError(f"attach_codebook: codebook length must be 2**bits with bits in 1..8, got {k}")
     if tuple(assign.shape) != tuple(w.shape):
         raise ValueError(f"attach_codebook: assign shape {tuple(assign.shape)} != weight shape {tuple(w.shape)}")

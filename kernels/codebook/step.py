@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from dc_lightning.buffers import MAX_CODES
+
 from ..runtime import (  # Triton is optional: without it CodebookStep runs the float64 reference
     HAS_TRITON,
     interpret_mode,
@@ -129,7 +131,7 @@ def build_plan(
         weights: the layers' weights (one device, one dtype of float32/float16/bfloat16); only their storage is used.
         assigns: uint8 codes, each the shape of its weight.
         masks: bool masks of the weights' shapes, or None for a layer without a mask (every weight a member).
-        ks: codebook size of each layer (1..256).
+        ks: codebook size of each layer (1..MAX_CODES = 256).
         chunk: gradients per partial sum (a multiple of ``block``).
         block: float64 lanes per program of the first pass (a power of two).
         rewrite_block: weights per program of the rewrite (a power of two).
@@ -161,8 +163,8 @@ def build_plan(
         if m is not None and (m.dtype != torch.bool or m.shape != w.shape or m.device != device or
                               not m.is_contiguous()):  # fmt: skip
             raise ValueError(f"build_plan: layer {i}: mask must be a contiguous bool tensor of shape {tuple(w.shape)}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 256:
-            raise ValueError(f"build_plan: layer {i}: k must be an int in 1..256, got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_CODES:
+            raise ValueError(f"build_plan: layer {i}: k must be an int in 1..{MAX_CODES}, got {k!r}")
 
     orders, counts = [], []
     for a, m, k in zip(assigns, masks, ks, strict=True):

@@ -2,7 +2,7 @@
 
 For layers that were quantized but barely pruned (transformer layers look like that) a sparse layout spends more
 bytes on positions than on codes; here every position stores its code, in ``cbits``-bit fields packed into int32
-words, and the kernel (``lut_kernels``) decodes a tile once per program and multiplies it on tensor cores with the
+words, and the kernel (``jit.py``) decodes a tile once per program and multiplies it on tensor cores with the
 batch tile. Pruned positions are encoded in one of two ways, whichever needs fewer bits per position:
 
 * a **zero code**: the codebook gets one more entry, 0.0 (4-bit codebooks with at most 15 centroids, 3-bit ones ...);
@@ -15,8 +15,8 @@ each: a slice is one ``[rows, 32]`` operand of ``tl.dot`` with no interleaving s
 row-major bit matrix: ``mask[n, c // 32]`` bit ``c % 32`` (``c`` = column), i.e. word ``g * PW + s`` of a row covers
 slice ``s`` of group ``g``.
 
-This module owns the layout (:class:`LUTPacked`, :func:`pack_lut`, :func:`decode_dense_lut`), the launcher's
-argument checks (:func:`check_lut_args`) and :func:`lut_linear_reference`, the pure-PyTorch product that is both
+This module owns the layout (:class:`LUTPacked` with its checks of a call, :meth:`LUTPacked.check`,
+:func:`pack_lut`, :func:`decode_dense_lut`) and :func:`lut_linear_reference`, the pure-PyTorch product that is both
 the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.lut_linear``.
 """
 
@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime import check_activation, check_bias_and_devices, check_coordinates
+from dc_lightning.buffers import MAX_CODES
+
+from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 
 __all__ = [
     "LUTPacked",
@@ -38,13 +40,11 @@ __all__ = [
     "bytes_per_position",
     "pack_lut",
     "decode_dense_lut",
-    "check_lut_args",
     "lut_linear_reference",
 ]
 
 CONTAINER_BITS = (2, 4, 8)
 WORDS_PER_GROUP = 32  # words of one row per column group: one slice = 32 columns = one int32 of the bitmap
-MAX_CODEBOOK = 256
 
 
 def _container(n_values: int) -> int | None:
@@ -61,10 +61,10 @@ def lut_encoding(n_centroids: int, dense: bool) -> tuple[int, bool]:
     bitmap ``container(n) + 1``; ties go to the zero code (one load less per slice).
 
     Raises:
-        ValueError: if ``n_centroids`` is not in ``[1, 256]``.
+        ValueError: if ``n_centroids`` is not in ``[1, MAX_CODES]`` (256).
     """
-    if not 1 <= n_centroids <= MAX_CODEBOOK:
-        raise ValueError(f"codebook must have 1..{MAX_CODEBOOK} centroids, got {n_centroids}")
+    if not 1 <= n_centroids <= MAX_CODES:
+        raise ValueError(f"codebook must have 1..{MAX_CODES} centroids, got {n_centroids}")
     plain = _container(n_centroids)
     if dense:
         return plain, False
@@ -75,7 +75,7 @@ def lut_encoding(n_centroids: int, dense: bool) -> tuple[int, bool]:
 
 
 @dataclass
-class LUTPacked:
+class LUTPacked(PackedLayer):
     """A layer in the dense packed-code layout (see the module docstring).
 
     Attributes:
@@ -111,12 +111,6 @@ class LUTPacked:
         return -(-self.in_features // self.group_cols)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the weights (codes + bitmap + codebook)."""
-        ts = [self.codes, self.codebook] + ([self.mask] if self.mask is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
-
-    @property
     def bits_per_position(self) -> int:
         return self.cbits + (1 if self.mask is not None else 0)
 
@@ -124,12 +118,34 @@ class LUTPacked:
         """The positional arguments of the registered op ``torch.ops.dc_lightning.lut_linear`` for ``x``."""
         return (x, self.codes, self.mask, self.codebook, bias, self.out_features, self.in_features, self.cbits, relu)
 
-    def to(self, device: torch.device | str) -> LUTPacked:
-        mask = None if self.mask is None else self.mask.to(device)
-        return LUTPacked(
-            self.codes.to(device), mask, self.codebook.to(device), self.out_features, self.in_features, self.cbits,
-            self.nnz,
-        )  # fmt: skip
+    def check(self) -> None:
+        """Validate codes, bitmap, codebook and ``cbits`` for a call (no data reads: no host sync).
+
+        Raises:
+            ValueError: on any mismatch, naming the field, the bad value and what is valid.
+        """
+        if self.cbits not in CONTAINER_BITS:
+            raise ValueError(f"cbits must be one of {CONTAINER_BITS}, got {self.cbits}")
+        codes, mask, codebook, n_out = self.codes, self.mask, self.codebook, self.out_features
+        n_words = self.n_groups * WORDS_PER_GROUP
+        if codes.dtype != torch.int32 or tuple(codes.shape) != (n_out, n_words) or not codes.is_contiguous():
+            raise ValueError(
+                f"codes must be a contiguous int32 [out_features, n_groups*32] = [{n_out}, {n_words}] tensor, "
+                f"got {codes.dtype} shape {tuple(codes.shape)}"
+            )
+        n_mask = self.n_groups * self.codes_per_word
+        if mask is not None and (
+            mask.dtype != torch.int32 or tuple(mask.shape) != (n_out, n_mask) or not mask.is_contiguous()
+        ):
+            raise ValueError(
+                f"mask must be None or a contiguous int32 [out_features, in_padded/32] = [{n_out}, {n_mask}] "
+                f"tensor, got {mask.dtype} shape {tuple(mask.shape)}"
+            )
+        if codebook.dtype != torch.float32 or codebook.dim() != 1 or codebook.numel() != 1 << self.cbits:
+            raise ValueError(
+                f"codebook must be float32 [2**cbits] = [{1 << self.cbits}], got {codebook.dtype} "
+                f"shape {tuple(codebook.shape)}"
+            )
 
 
 def _to_int32(words: Tensor) -> Tensor:
@@ -155,7 +171,7 @@ def pack_lut(
     Args:
         out_features, in_features: shape of ``W``.
         rows, cols, codes: integer ``[nnz]`` coordinates and codebook indices of the kept weights (unique pairs).
-        codebook: float ``[n_centroids]``, ``1 <= n_centroids <= 256``.
+        codebook: float ``[n_centroids]``, ``1 <= n_centroids <= MAX_CODES`` (256).
         cbits: bits per code (2, 4 or 8); ``None`` picks it with ``bitmap`` by :func:`lut_encoding`.
         bitmap: store a bitmap of kept positions (``None``: :func:`lut_encoding` decides).
         device: where the packed tensors go (default: the device of ``rows``).
@@ -164,8 +180,8 @@ def pack_lut(
         ValueError: on a bad shape, an out-of-range index or code, duplicate pairs, or codes that do not fit
             ``cbits`` (with the zero code when there is no bitmap and positions are pruned).
     """
-    n_out, n_in, rows, cols, codes, codebook = check_coordinates(
-        out_features, in_features, rows, cols, codes, codebook, MAX_CODEBOOK
+    n_out, n_in, rows, cols, codes, codebook = sorted_coordinates(
+        out_features, in_features, rows, cols, codes, codebook
     )
     device = torch.device(device) if device is not None else rows.device
     # built where the layer goes: a 4096 x 11008 layer is 45M positions, seconds on a CPU core, milliseconds on a GPU
@@ -186,8 +202,6 @@ def pack_lut(
     g_cols = WORDS_PER_GROUP * pw
     k_pad = -(-n_in // g_cols) * g_cols
     fill = 0 if bitmap or dense else ncb  # pruned and padding positions: a 0.0 (zero code), or any code (bitmap)
-    if nnz > 1 and torch.unique(rows * n_in + cols).numel() != nnz:
-        raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
     # Scatter straight into the words (no [out, in] code matrix): every word starts as `fill` in all its slots and
     # each kept weight adds (code - fill) << (slice * cbits) to its word; the fields are disjoint, so the int64 sums
     # are the final bit patterns, truncated to int32 at the end.
@@ -210,61 +224,25 @@ def pack_lut(
 
 def decode_dense_lut(packed: LUTPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
+    # Byte by byte through lookup tables: byte b of word j of group g holds the codes of slices b * cpb + i
+    # (i < cpb = 8 // cbits), column g * G + (b * cpb + i) * 32 + j (the words' bytes in memory order: little-endian,
+    # as on every CPU and GPU PyTorch runs on). One gather per byte, not per position.
     p = packed
-    pw = p.codes_per_word
-    shifts = torch.arange(pw, device=p.codes.device, dtype=torch.int32) * p.cbits
-    words = p.codes.view(p.out_features, -1, 1, WORDS_PER_GROUP)
-    codes = (words >> shifts.view(1, 1, pw, 1)) & ((1 << p.cbits) - 1)  # [n, g, s, j]
-    w = p.codebook.to(torch.float32)[codes.reshape(p.out_features, -1).long()]
-    if p.mask is not None:
-        bits = (p.mask.unsqueeze(-1) >> torch.arange(32, device=p.mask.device, dtype=torch.int32)) & 1
-        w = w * bits.reshape(p.out_features, -1).to(torch.float32)
+    n, cpb, dev = p.out_features, 8 // p.cbits, p.codes.device
+    byte = torch.arange(256, device=dev)
+    shifts = torch.arange(cpb, device=dev) * p.cbits
+    table = p.codebook.to(torch.float32)[(byte[:, None] >> shifts) & ((1 << p.cbits) - 1)]  # [256, cpb]
+    w = F.embedding(p.codes.view(torch.uint8).view(n, -1, WORDS_PER_GROUP, 4).long(), table)  # [n, g, j, b, i]
+    w = w.permute(0, 1, 3, 4, 2).reshape(n, -1)  # [n, g, s = (b, i), j]: column order
+    if p.mask is not None:  # bit i of byte b of bitmap word m: column 32 * m + 8 * b + i
+        kept = ((byte[:, None] >> torch.arange(8, device=dev)) & 1).to(torch.float32)  # [256, 8]
+        w = w * F.embedding(p.mask.view(torch.uint8).view(n, -1).long(), kept).view(n, -1)
     return w[:, : p.in_features]
 
 
-def check_lut_args(x: Tensor, packed: LUTPacked, bias: Tensor | None = None) -> None:
-    """Validate shapes, dtypes, devices and contiguity of a call (no data reads: no host sync).
-
-    Raises:
-        TypeError: if ``x`` is not a tensor or not float32/float16/bfloat16.
-        ValueError: on any other mismatch, naming the field, the bad value and what is valid.
-    """
-    p = packed
-    check_activation(x, p.in_features)
-    if p.cbits not in CONTAINER_BITS:
-        raise ValueError(f"cbits must be one of {CONTAINER_BITS}, got {p.cbits}")
-    n_words = p.n_groups * WORDS_PER_GROUP
-    if p.codes.dtype != torch.int32 or tuple(p.codes.shape) != (p.out_features, n_words) or not p.codes.is_contiguous():
-        raise ValueError(
-            f"codes must be a contiguous int32 [out_features, n_groups*32] = [{p.out_features}, {n_words}] tensor, "
-            f"got {p.codes.dtype} shape {tuple(p.codes.shape)}"
-        )
-    n_mask = p.n_groups * p.codes_per_word
-    if p.mask is not None and (
-        p.mask.dtype != torch.int32 or tuple(p.mask.shape) != (p.out_features, n_mask) or not p.mask.is_contiguous()
-    ):
-        raise ValueError(
-            f"mask must be None or a contiguous int32 [out_features, in_padded/32] = [{p.out_features}, {n_mask}] "
-            f"tensor, got {p.mask.dtype} shape {tuple(p.mask.shape)}"
-        )
-    if p.codebook.dtype != torch.float32 or p.codebook.dim() != 1 or p.codebook.numel() != 1 << p.cbits:
-        raise ValueError(
-            f"codebook must be float32 [2**cbits] = [{1 << p.cbits}], got {p.codebook.dtype} "
-            f"shape {tuple(p.codebook.shape)}"
-        )
-    tensors = {"codes": p.codes, "codebook": p.codebook}
-    if p.mask is not None:
-        tensors["mask"] = p.mask
-    check_bias_and_devices(x, bias, p.out_features, tensors)
-
-
 def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``; decodes ``W`` densely."""
-    w = decode_dense_lut(packed)
-    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype)
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
+    return decoded_linear(x, decode_dense_lut(packed), bias, relu)
 
 
 def bytes_per_position(n_centroids: int, density: float) -> float:

@@ -1,7 +1,7 @@
-"""Launcher, launch configurations and ``torch.library`` op of the dense packed-code layout (``lut_layout``).
+"""Launcher, launch configurations and ``torch.library`` op of the dense packed-code layout (``layout``).
 
 ``torch.ops.dc_lightning.lut_linear`` computes ``act(x @ W.T + b)`` for a :class:`LUTPacked` layer: the Triton
-kernel ``lut_kernels.lut_matmul_kernel`` on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), the PyTorch
+kernel ``jit.lut_matmul_kernel`` on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), the PyTorch
 reference elsewhere. :func:`choose_lut_config` maps shapes (never data) to a configuration, so calls are safe under
 ``torch.compile`` and inside CUDA graphs; :func:`autotune_lut` times :func:`lut_candidates` once per layer and
 batch and records the winner, which :func:`choose_lut_config` then prefers.
@@ -10,6 +10,7 @@ batch and records the winner, which :func:`choose_lut_config` then prefers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,18 +18,18 @@ from torch import Tensor
 
 from ..runtime import (
     HAS_TRITON,
+    autotune_batches,
     can_use_workspace,
+    fake_op,
     interpret_mode,
-    launcher,
     next_pow2,
     register_op,
-    time_candidates,
-    triton_wrapper,
-    use_triton,
+    run_op,
+    start_launch,
     workspace,
 )
 from .jit import lut_matmul_kernel
-from .layout import LUTPacked, check_lut_args, lut_linear_reference
+from .layout import LUTPacked, lut_linear_reference
 
 __all__ = [
     "LUT_TUNED",
@@ -133,11 +134,11 @@ def lut_linear_triton(
     config: dict[str, Any] | None = None,
     wrap: Any = None,
 ) -> Tensor:
-    """Launch :func:`lut_kernels.lut_matmul_kernel` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+    """Launch :func:`jit.lut_matmul_kernel` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Args:
         x: ``[B, in_features]`` float32/float16/bfloat16, contiguous.
-        packed: the layer (:func:`lut_layout.pack_lut`), on ``x``'s device.
+        packed: the layer (:func:`layout.pack_lut`), on ``x``'s device.
         bias: optional ``[out_features]``.
         relu: apply ReLU in the epilogue.
         config: overrides of :func:`choose_lut_config`.
@@ -148,13 +149,11 @@ def lut_linear_triton(
 
     Raises:
         RuntimeError: if Triton is missing or the tensors are on the CPU without the interpreter.
-        ValueError, TypeError: on bad arguments (see :func:`lut_layout.check_lut_args`).
+        ValueError, TypeError: on bad arguments (see ``runtime.check_call`` and :meth:`LUTPacked.check`).
     """
-    check_lut_args(x, packed, bias)
-    launch = launcher(x, wrap, "lut_linear")
+    launch, y = start_launch(x, packed, bias, wrap, "lut_linear")
     p = packed
     B, N = x.shape[0], p.out_features
-    y = torch.empty((B, N), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
     cfg = choose_lut_config(B, p, x.dtype, config)
@@ -231,28 +230,26 @@ def autotune_lut(
     if not HAS_TRITON or (packed.codes.device.type != "cuda" and not interpret_mode()):
         raise RuntimeError("autotune_lut needs Triton and a packed layer on a CUDA device (or the interpreter)")
     p = packed
-    best = {}
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    for batch in batch_sizes:
-        x = torch.randn(batch, p.in_features, device=p.codes.device).relu_().to(dtype)
+
+    def check(x: Tensor) -> Callable[[Tensor], bool]:
         ref = lut_linear_reference(x, p, bias, relu).float()
         scale = float(ref.norm()) or 1.0
+        return lambda y: bool(torch.isfinite(y).all()) and float((y.float() - ref).norm()) <= tol * scale
 
-        def ok(y: Tensor, ref: Tensor = ref, scale: float = scale) -> bool:
-            return bool(torch.isfinite(y).all()) and float((y.float() - ref).norm()) <= tol * scale
-
-        results = time_candidates(
-            lambda cfg, x=x: lut_linear_triton(x, p, bias, relu, config=cfg),
-            lut_candidates(batch, p),
-            rep_ms,
-            check=ok,
-        )
-        if not results:
-            continue
-        us, cfg = min(results, key=lambda r: r[0])
+    def record(batch: int, cfg: dict[str, Any]) -> None:
         LUT_TUNED[lut_tune_key(batch, p, dtype)] = {k: cfg[k] for k in _KEYS}
-        best[batch] = {**cfg, "us": us}
-    return best
+
+    return autotune_batches(
+        p,
+        batch_sizes,
+        dtype,
+        lambda x, cfg: lut_linear_triton(x, p, bias, relu, config=cfg),
+        lambda batch: lut_candidates(batch, p),
+        record,
+        rep_ms,
+        check,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,15 +269,11 @@ def _lut_linear_impl(
     relu: bool,
 ) -> Tensor:
     p = LUTPacked(codes, mask, codebook, int(out_features), int(in_features), int(cbits))
-    check_lut_args(x, p, bias)
-    if use_triton(x):
-        return lut_linear_triton(x, p, bias, relu, wrap=triton_wrapper())
-    return lut_linear_reference(x, p, bias, relu)
+    return run_op(x, p, bias, relu, lut_linear_triton, lut_linear_reference)
 
 
 def _lut_linear_fake(x, codes, mask, codebook, bias, out_features, in_features, cbits, relu):
-    check_lut_args(x, LUTPacked(codes, mask, codebook, out_features, in_features, cbits), bias)
-    return x.new_empty((x.shape[0], out_features))
+    return fake_op(x, LUTPacked(codes, mask, codebook, out_features, in_features, cbits), bias)
 
 
 _lut_linear_op = register_op("dc_lightning::lut_linear", _lut_linear_impl, _lut_linear_fake)

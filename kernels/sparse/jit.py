@@ -1,4 +1,4 @@
-"""The ``@triton.jit`` kernels of the EIE sparse layout (``eie_layout``); launched by ``eie_spmv``.
+"""The ``@triton.jit`` kernels of the EIE sparse layout (``layout``); launched by ``op``.
 
 The kernels are "pull" style (EIE §VII-A distributes rows, not columns, across PEs for the same reason: no cross-PE
 reduction of outputs):
@@ -12,6 +12,8 @@ reduction of outputs):
   one flat list of ELL steps; ``split`` programs per row tile combine fp32 partials with relaxed atomics in the
   self-resetting workspace of ``runtime.workspace`` (the last program applies bias/ReLU/cast).
 
+Both product kernels decode and accumulate a block of ELL steps with the same device function, :func:`ell_step`.
+
 Activation sparsity (EIE §III-C skips every zero ``a_j``): at batch 1 a pull kernel cannot skip single columns
 without serialising, so :func:`eie_spmm_kernel` can skip whole column chunks whose activations are all zero
 (``SKIP_ZERO``). See ``bench/RESULTS.md`` for what that measured.
@@ -21,10 +23,44 @@ from __future__ import annotations
 
 from ..runtime import HAS_TRITON, tl, triton
 
-__all__ = ["eie_spmm_kernel", "eie_reduce_kernel", "eie_flat_kernel"]
+__all__ = ["ell_step", "eie_spmm_kernel", "eie_reduce_kernel", "eie_flat_kernel"]
 
 if HAS_TRITON:
     from ..runtime import splitk_finish
+
+    @triton.jit
+    def ell_step(
+        acc,
+        e,
+        col0,
+        emask,
+        codebook_ptr,
+        x_ptr,
+        bb,
+        b_ok,
+        stride_xb,
+        stride_xk,
+        CODE_SHIFT: tl.constexpr,
+        ENTRY16: tl.constexpr,
+    ):
+        """``acc + w * x`` for one block of ELL steps: ``e`` [BLOCK_K, ROW_TILE] entries (int16/int32 words
+        ``(local_col << CODE_SHIFT) | code``) whose columns start at ``col0`` (a scalar, or [BLOCK_K, 1] per step),
+        ``emask`` [BLOCK_K, 1] the real steps; ``acc`` is [BLOCK_K, ROW_TILE, BLOCK_B] fp32.
+
+        Padding entries point at a 0.0 codebook slot; masked lanes read slot 0 and are zeroed here.
+        """
+        e = e.to(tl.int32)
+        if ENTRY16:
+            e = e & 0xFFFF
+        code = e & ((1 << CODE_SHIFT) - 1)
+        col = col0 + (e >> CODE_SHIFT)
+        w = tl.where(emask, tl.load(codebook_ptr + code), 0.0)
+        xv = tl.load(
+            x_ptr + col[:, :, None] * stride_xk + bb[None, None, :] * stride_xb,
+            mask=emask[:, :, None] & b_ok[None, None, :],
+            other=0.0,
+        )
+        return acc + w[:, :, None] * xv.to(tl.float32)
 
     @triton.jit
     def eie_spmm_kernel(
@@ -66,7 +102,6 @@ if HAS_TRITON:
         kk = tl.arange(0, BLOCK_K)
         bb = bgrp * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = bb < B
-        code_mask = (1 << CODE_SHIFT) - 1
         acc = tl.zeros([BLOCK_K, ROW_TILE, BLOCK_B], dtype=tl.float32)
         for c in range(chunks_per_prog):
             chunk = grp * chunks_per_prog + c
@@ -92,19 +127,9 @@ if HAS_TRITON:
                 kidx = k0 + kk
                 emask = kidx[:, None] < width  # [BLOCK_K, 1]
                 e = tl.load(entries_ptr + start + kidx[:, None] * ROW_TILE + r[None, :], mask=emask, other=0)
-                e = e.to(tl.int32)
-                if ENTRY16:
-                    e = e & 0xFFFF
-                code = e & code_mask
-                col = col0 + (e >> CODE_SHIFT)
-                # padding entries point at a 0.0 codebook slot, masked lanes read slot 0 and are zeroed here
-                w = tl.where(emask, tl.load(codebook_ptr + code), 0.0)
-                xv = tl.load(
-                    x_ptr + col[:, :, None] * stride_xk + bb[None, None, :] * stride_xb,
-                    mask=emask[:, :, None] & b_ok[None, None, :],
-                    other=0.0,
+                acc = ell_step(
+                    acc, e, col0, emask, codebook_ptr, x_ptr, bb, b_ok, stride_xb, stride_xk, CODE_SHIFT, ENTRY16
                 )
-                acc += w[:, :, None] * xv.to(tl.float32)
         res = tl.sum(acc, axis=0)  # [ROW_TILE, BLOCK_B]
         rows = tile * ROW_TILE + r
         omask = (rows[:, None] < N) & b_ok[None, :]
@@ -197,7 +222,6 @@ if HAS_TRITON:
         ci = tl.arange(0, MAXC)
         bb = bgrp * BLOCK_B + tl.arange(0, BLOCK_B)
         b_ok = bb < B
-        code_mask = (1 << CODE_SHIFT) - 1
         base = tile * n_chunks
         # chunk starts and the tile's end in one vector load; the two scalars hit the same lines, in parallel
         bp = tl.load(block_ptr_ptr + base + ci, mask=ci <= n_chunks, other=2147483647)
@@ -217,19 +241,20 @@ if HAS_TRITON:
             e_nxt = tl.load(entries_ptr + start + s_nxt[:, None] * ROW_TILE + r[None, :], mask=m_nxt[:, None], other=0)
             pos = start + s_cur * ROW_TILE
             chunk = tl.sum((bp[None, :] <= pos[:, None]).to(tl.int32), axis=1) - 1  # [BLOCK_K]
-            e = e_cur.to(tl.int32)
-            if ENTRY16:
-                e = e & 0xFFFF
-            code = e & code_mask
-            col = (chunk * chunk_size)[:, None] + (e >> CODE_SHIFT)
-            emask = m_cur[:, None]
-            w = tl.where(emask, tl.load(codebook_ptr + code), 0.0)
-            xv = tl.load(
-                x_ptr + col[:, :, None] * stride_xk + bb[None, None, :] * stride_xb,
-                mask=emask[:, :, None] & b_ok[None, None, :],
-                other=0.0,
+            acc = ell_step(
+                acc,
+                e_cur,
+                (chunk * chunk_size)[:, None],
+                m_cur[:, None],
+                codebook_ptr,
+                x_ptr,
+                bb,
+                b_ok,
+                stride_xb,
+                stride_xk,
+                CODE_SHIFT,
+                ENTRY16,
             )
-            acc += w[:, :, None] * xv.to(tl.float32)
             e_cur = e_nxt
             s_cur = s_nxt
             m_cur = m_nxt

@@ -1,9 +1,9 @@
 """The EIE sparse layout: a pruned, weight-shared layer as sliced-ELL blocks of ``(column, code)`` entries.
 
 ``W`` is a pruned and weight-shared layer (Deep Compression [DC] §2-3, EIE [EIE] §III): every kept weight is an
-index into a small codebook (up to 256 centroids). The stored interchange stream (relative indices + Huffman,
-``dc_lightning.io``) is not what the GPU reads: :func:`pack` re-encodes a layer ONCE, at load time, into a
-*sliced-ELL* layout that the kernels (``eie_kernels``) read with coalesced loads:
+index into a small codebook (up to ``dc_lightning.buffers.MAX_CODES`` = 256 centroids). The stored interchange stream
+(relative indices + Huffman, ``dc_lightning.io``) is not what the GPU reads: :func:`pack` re-encodes a layer ONCE, at
+load time, into a *sliced-ELL* layout that the kernels (``jit.py``) read with coalesced loads:
 
 * rows are grouped into row tiles of ``row_tile`` rows, columns into chunks of ``chunk`` columns;
 * every (row tile, chunk) block is an ELL block of ``width`` entries per row (``width`` = the longest row of the
@@ -14,8 +14,8 @@ index into a small codebook (up to 256 centroids). The stored interchange stream
   that slot so padding needs no mask;
 * ``block_ptr[t * n_chunks + c]`` is the first entry of block (t, c) (int32, ``n_tiles * n_chunks + 1`` values).
 
-This module owns the layout: :class:`EIEPacked`, :func:`pack` / :func:`pack_from_layer_buffers` / :func:`unpack` /
-:func:`decode_dense`, the argument checks of the launcher (:func:`check_args`) and :func:`eie_linear_reference`, the
+This module owns the layout: :class:`EIEPacked` (with its checks of a call, :meth:`EIEPacked.check`), :func:`pack` /
+:func:`pack_from_layer_buffers` / :func:`unpack` / :func:`decode_dense`, and :func:`eie_linear_reference`, the
 pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.eie_linear``.
 """
 
@@ -26,29 +26,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime import check_activation, check_bias_and_devices, check_coordinates
+from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 
 __all__ = [
     "EIEPacked",
-    "MAX_CODEBOOK",
     "auto_row_tile",
     "auto_chunk",
     "pack",
     "pack_from_layer_buffers",
     "unpack",
     "decode_dense",
-    "check_args",
     "eie_linear_reference",
 ]
 
-MAX_CODEBOOK = 256
-
 
 @dataclass
-class EIEPacked:
+class EIEPacked(PackedLayer):
     """A layer in the kernel's sliced-ELL layout (see the module docstring).
 
     Attributes:
@@ -80,11 +75,6 @@ class EIEPacked:
     @property
     def n_chunks(self) -> int:
         return (self.block_ptr.numel() - 1) // max(self.n_tiles, 1)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the weights (entries + block pointers + codebook)."""
-        return sum(t.numel() * t.element_size() for t in (self.entries, self.block_ptr, self.codebook))
 
     @property
     def padding(self) -> float:
@@ -135,18 +125,38 @@ class EIEPacked:
             int(code_shift),
         )
 
-    def to(self, device: torch.device | str) -> EIEPacked:
-        return EIEPacked(
-            self.entries.to(device),
-            self.block_ptr.to(device),
-            self.codebook.to(device),
-            self.out_features,
-            self.in_features,
-            self.row_tile,
-            self.chunk,
-            self.code_shift,
-            self.nnz,
-        )
+    def check(self) -> None:
+        """Validate entries, block pointers, codebook and the integers for a call (no data reads: no host sync).
+
+        Raises:
+            ValueError: on any mismatch, naming the field, the bad value and what is valid.
+        """
+        entries, block_ptr, codebook = self.entries, self.block_ptr, self.codebook
+        if entries.dim() != 1 or entries.dtype not in (torch.int16, torch.int32) or not entries.is_contiguous():
+            raise ValueError(
+                f"entries must be a contiguous 1-D int16 or int32 tensor, got {entries.dtype} "
+                f"shape {tuple(entries.shape)}"
+            )
+        row_tile, chunk, code_shift = self.row_tile, self.chunk, self.code_shift
+        if chunk < 1 or chunk & (chunk - 1):
+            raise ValueError(f"chunk must be a power of two >= 1, got {chunk}")
+        if code_shift + int(math.log2(chunk)) > (16 if entries.dtype == torch.int16 else 31):
+            raise ValueError(f"code_shift={code_shift} and chunk={chunk} do not fit {entries.dtype} entries")
+        if row_tile < 1 or row_tile & (row_tile - 1):
+            raise ValueError(f"row_tile must be a power of two >= 1, got {row_tile}")
+        n_tiles = -(-self.out_features // row_tile)
+        n_chunks = -(-self.in_features // chunk)
+        if block_ptr.dtype != torch.int32 or block_ptr.dim() != 1 or block_ptr.numel() != n_tiles * n_chunks + 1:
+            raise ValueError(
+                f"block_ptr must be int32 with n_tiles*n_chunks+1 = {n_tiles * n_chunks + 1} values, "
+                f"got {block_ptr.dtype} shape {tuple(block_ptr.shape)}"
+            )
+        n_codebook = (1 << (code_shift - 1)) + 1
+        if codebook.dtype != torch.float32 or codebook.dim() != 1 or codebook.numel() != n_codebook:
+            raise ValueError(
+                f"codebook must be float32 [2**(code_shift-1) + 1] = [{n_codebook}], "
+                f"got {codebook.dtype} shape {tuple(codebook.shape)}"
+            )
 
 
 def auto_row_tile(out_features: int) -> int:
@@ -184,7 +194,7 @@ def pack(
         rows: integer ``[nnz]`` row index of every kept weight.
         cols: integer ``[nnz]`` column index of every kept weight. ``(row, col)`` pairs must be unique.
         codes: integer ``[nnz]`` codebook index of every kept weight.
-        codebook: float ``[n_centroids]`` shared weights, ``1 <= n_centroids <= 256``.
+        codebook: float ``[n_centroids]`` shared weights, ``1 <= n_centroids <= MAX_CODES`` (256).
         row_tile: rows per tile, a power of two in [1, 128]; ``None`` picks 8..32 from ``out_features``.
         chunk: columns per chunk, a power of two in [16, 65536]; ``None`` picks one from the density.
         device: where the packed tensors go (default: the device of ``rows``).
@@ -205,8 +215,8 @@ def pack(
     """
     if row_tile is not None and (row_tile < 1 or row_tile > 128 or row_tile & (row_tile - 1)):
         raise ValueError(f"row_tile must be a power of two in [1, 128], got {row_tile}")
-    n_out, n_in, rows, cols, codes, codebook = check_coordinates(
-        out_features, in_features, rows, cols, codes, codebook, MAX_CODEBOOK
+    n_out, n_in, rows, cols, codes, codebook = sorted_coordinates(
+        out_features, in_features, rows, cols, codes, codebook
     )
     if row_tile is None:
         row_tile = auto_row_tile(n_out)
@@ -229,12 +239,9 @@ def pack(
     tile = rows // row_tile
     r_in_tile = rows % row_tile
     chunk_id = cols // chunk
-    # group = (row, chunk); sort by (group, col) so entries of a row inside a chunk are in column order
+    # group = (row, chunk): the coordinates are row-major, so they are sorted by group and, inside a group (the
+    # entries of a row inside a chunk), by column
     group = rows * n_chunks + chunk_id
-    key = group * n_in + cols
-    key_sorted, order = torch.sort(key)
-    if nnz > 1 and bool((key_sorted[1:] == key_sorted[:-1]).any()):
-        raise ValueError("duplicate (row, col) pairs: every kept weight must appear once")
     counts = torch.bincount(group, minlength=n_tiles * row_tile * n_chunks)  # padded row space
     width = counts.view(n_tiles, row_tile, n_chunks).amax(dim=1)  # [n_tiles, n_chunks]
     block_sizes = (width * row_tile).reshape(-1)
@@ -246,12 +253,11 @@ def pack(
 
     group_start = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=group_start[1:])
-    g_sorted = group[order]
-    k = torch.arange(nnz, dtype=torch.int64) - group_start[g_sorted]  # position inside (row, chunk)
-    blk = tile[order] * n_chunks + chunk_id[order]
-    dest = block_ptr[blk] + k * row_tile + r_in_tile[order]
+    k = torch.arange(nnz, dtype=torch.int64) - group_start[group]  # position inside (row, chunk)
+    blk = tile * n_chunks + chunk_id
+    dest = block_ptr[blk] + k * row_tile + r_in_tile
     words = torch.full((total,), 1 << bits, dtype=torch.int64)  # padding: local col 0, code 2**bits
-    words[dest] = ((cols[order] % chunk) << code_shift) | codes[order]
+    words[dest] = ((cols % chunk) << code_shift) | codes
     if use16:
         words = torch.where(words >= 2**15, words - 2**16, words).to(torch.int16)  # two's complement wrap
     else:
@@ -304,16 +310,19 @@ def _unpack_tensors(p: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, cols, codes) of every stored entry, padding included (padding has code ``2**(code_shift-1)``)."""
     n_tiles = -(-p.out_features // p.row_tile)
     n_blocks = p.block_ptr.numel() - 1
-    n_chunks = n_blocks // max(n_tiles, 1)
+    n_chunks = max(n_blocks // max(n_tiles, 1), 1)
     bp = p.block_ptr.to(torch.int64)
     sizes = bp[1:] - bp[:-1]
     entries = p.entries
     dev = entries.device
-    blk = torch.repeat_interleave(torch.arange(n_blocks, device=dev), sizes, output_size=entries.numel())
-    off = torch.arange(entries.numel(), device=dev) - bp[:-1][blk]
-    rows = (blk // max(n_chunks, 1)) * p.row_tile + off % p.row_tile
+    blk = torch.arange(n_blocks, device=dev)
+    # Block sizes are multiples of row_tile, so entry e sits in row e % row_tile of its tile: no per-entry lookup of
+    # its block's start, only its tile's first row and its chunk's first column, repeated over the block's entries.
+    rows = torch.repeat_interleave((blk // n_chunks) * p.row_tile, sizes, output_size=entries.numel())
+    rows += torch.arange(entries.numel(), device=dev) & (p.row_tile - 1)
     words = entries.to(torch.int64) & 0xFFFF if entries.dtype == torch.int16 else entries.to(torch.int64)
-    cols = (blk % max(n_chunks, 1)) * p.chunk + (words >> p.code_shift)
+    cols = torch.repeat_interleave((blk % n_chunks) * p.chunk, sizes, output_size=entries.numel())
+    cols += words >> p.code_shift
     codes = words & ((1 << p.code_shift) - 1)
     return rows, cols, codes
 
@@ -327,15 +336,16 @@ def unpack(packed: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
 
 def decode_dense(packed: EIEPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
-    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries scatter-add
-    # 0.0 (their codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped.
+    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries add 0.0 (their
+    # codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped. Every position
+    # gets at most one non-zero, so the sums are exact in any order.
     p = packed
     rows, cols, codes = _unpack_tensors(p)
     n_rows = -(-p.out_features // p.row_tile) * p.row_tile
     n_cols = -(-p.in_features // p.chunk) * p.chunk
-    w = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=p.entries.device)
-    w.index_put_((rows, cols), p.codebook.to(torch.float32)[codes], accumulate=True)
-    return w[: p.out_features, : p.in_features]
+    w = torch.zeros(n_rows * n_cols, dtype=torch.float32, device=p.entries.device)
+    w.index_add_(0, rows * n_cols + cols, p.codebook.to(torch.float32)[codes])
+    return w.view(n_rows, n_cols)[: p.out_features, : p.in_features]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -343,46 +353,6 @@ def decode_dense(packed: EIEPacked) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_args(x: Tensor, packed: EIEPacked, bias: Tensor | None = None) -> None:
-    """Validate shapes, dtypes, devices and contiguity of a call (no data reads: no host sync).
-
-    Raises:
-        TypeError: if ``x`` is not a tensor or not float32/float16/bfloat16.
-        ValueError: on any other mismatch, naming the field, the bad value and what is valid.
-    """
-    p = packed
-    check_activation(x, p.in_features)
-    entries, block_ptr, codebook = p.entries, p.block_ptr, p.codebook
-    if entries.dim() != 1 or entries.dtype not in (torch.int16, torch.int32) or not entries.is_contiguous():
-        raise ValueError(
-            f"entries must be a contiguous 1-D int16 or int32 tensor, got {entries.dtype} shape {tuple(entries.shape)}"
-        )
-    row_tile, chunk, code_shift = p.row_tile, p.chunk, p.code_shift
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two >= 1, got {chunk}")
-    if code_shift + int(math.log2(chunk)) > (16 if entries.dtype == torch.int16 else 31):
-        raise ValueError(f"code_shift={code_shift} and chunk={chunk} do not fit {entries.dtype} entries")
-    if row_tile < 1 or row_tile & (row_tile - 1):
-        raise ValueError(f"row_tile must be a power of two >= 1, got {row_tile}")
-    n_tiles = -(-p.out_features // row_tile)
-    n_chunks = -(-p.in_features // chunk)
-    if block_ptr.dtype != torch.int32 or block_ptr.dim() != 1 or block_ptr.numel() != n_tiles * n_chunks + 1:
-        raise ValueError(
-            f"block_ptr must be int32 with n_tiles*n_chunks+1 = {n_tiles * n_chunks + 1} values, "
-            f"got {block_ptr.dtype} shape {tuple(block_ptr.shape)}"
-        )
-    if codebook.dtype != torch.float32 or codebook.dim() != 1 or codebook.numel() != (1 << (code_shift - 1)) + 1:
-        raise ValueError(
-            f"codebook must be float32 [2**(code_shift-1) + 1] = [{(1 << (code_shift - 1)) + 1}], "
-            f"got {codebook.dtype} shape {tuple(codebook.shape)}"
-        )
-    check_bias_and_devices(x, bias, p.out_features, {"entries": entries, "block_ptr": block_ptr, "codebook": codebook})
-
-
 def eie_linear_reference(x: Tensor, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``; decodes ``W`` densely."""
-    w = decode_dense(packed)
-    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype)
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
+    return decoded_linear(x, decode_dense(packed), bias, relu)

@@ -2,11 +2,12 @@
 
 The launcher and the ``torch.library`` op of the EIE sparse layout. The pieces live beside it, one role per file:
 
-* ``eie_layout``: the sliced-ELL layout (:class:`EIEPacked`, :func:`pack`, :func:`unpack`, :func:`decode_dense`)
+* ``layout``: the sliced-ELL layout (:class:`EIEPacked`, :func:`pack`, :func:`unpack`, :func:`decode_dense`)
   and :func:`eie_linear_reference`, the pure-PyTorch product (the tests' oracle and the CPU fallback);
-* ``eie_kernels``: the ``@triton.jit`` kernels (two-kernel split design and the one-launch flat kernel);
-* ``eie_tuning``: :func:`choose_config` (shape heuristics), the autotuning candidates and the tuned table;
-* ``runtime``: the optional Triton import, the split-K workspace and the timing harness shared by every layout.
+* ``jit``: the ``@triton.jit`` kernels (two-kernel split design and the one-launch flat kernel);
+* ``tuning``: :func:`choose_config` (shape heuristics), the autotuning candidates and the tuned table;
+* ``..runtime``: what every layout shares (call checks, launch prologue, op plumbing, autotuning loop, split-K
+  workspace, timing harness).
 
 Only the registered op ``torch.ops.dc_lightning.eie_linear`` takes the layer as a flat argument list
 (:meth:`EIEPacked.op_args`); every Python function takes the :class:`EIEPacked`.
@@ -26,26 +27,18 @@ from torch import Tensor
 
 from ..runtime import (
     HAS_TRITON,
+    autotune_batches,
     can_use_workspace,
+    fake_op,
     interpret_mode,
-    launcher,
     next_pow2,
     register_op,
-    time_candidates,
-    triton_wrapper,
-    use_triton,
+    run_op,
+    start_launch,
     workspace,
 )
 from .jit import eie_flat_kernel, eie_reduce_kernel, eie_spmm_kernel
-from .layout import (
-    EIEPacked,
-    check_args,
-    decode_dense,
-    eie_linear_reference,
-    pack,
-    pack_from_layer_buffers,
-    unpack,
-)
+from .layout import EIEPacked, decode_dense, eie_linear_reference, pack, pack_from_layer_buffers, unpack
 from .tuning import MAX_FLAT_CHUNKS, TUNED, candidates, choose_config, tune_key
 
 __all__ = [
@@ -93,17 +86,15 @@ def eie_linear_triton(
 
     Raises:
         RuntimeError: if Triton is missing or the tensors are on the CPU without the interpreter.
-        ValueError, TypeError: on bad arguments (see :func:`check_args`).
+        ValueError, TypeError: on bad arguments (see ``runtime.check_call`` and :meth:`EIEPacked.check`).
     """
-    check_args(x, packed, bias)
-    launch = launcher(x, wrap, "eie_linear")
+    launch, y = start_launch(x, packed, bias, wrap, "eie_linear")
     entries, block_ptr, codebook = packed.entries, packed.block_ptr, packed.codebook
     out_features, in_features, row_tile, chunk = packed.out_features, packed.in_features, packed.row_tile, packed.chunk
     code_shift = packed.code_shift
     B = x.shape[0]
     n_tiles = -(-out_features // row_tile)
     n_chunks = -(-in_features // chunk)
-    y = torch.empty((B, out_features), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
     key = tune_key(B, out_features, in_features, row_tile, chunk, entries.numel(), x.dtype)
@@ -229,20 +220,19 @@ def autotune(
     if not HAS_TRITON or packed.entries.device.type != "cuda":
         raise RuntimeError("autotune needs Triton and a packed layer on a CUDA device")
     p = packed
-    best_cfgs = {}
-    for batch in batch_sizes:
-        x = torch.randn(batch, p.in_features, device=p.entries.device).relu_().to(dtype)
-        results = time_candidates(
-            lambda cfg, x=x: eie_linear_triton(x, p, bias, relu, config=cfg),
-            candidates(batch, p.n_chunks, p.row_tile),
-            rep_ms,
-        )
-        if not results:
-            continue
-        us, cfg = min(results, key=lambda r: r[0])
+
+    def record(batch: int, cfg: dict[str, Any]) -> None:
         TUNED[tune_key(batch, p.out_features, p.in_features, p.row_tile, p.chunk, p.entries.numel(), dtype)] = dict(cfg)
-        best_cfgs[batch] = {**cfg, "us": us}
-    return best_cfgs
+
+    return autotune_batches(
+        p,
+        batch_sizes,
+        dtype,
+        lambda x, cfg: eie_linear_triton(x, p, bias, relu, config=cfg),
+        lambda batch: candidates(batch, p.n_chunks, p.row_tile),
+        record,
+        rep_ms,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -264,18 +254,14 @@ def _eie_linear_impl(
     relu: bool,
 ) -> Tensor:
     p = EIEPacked.from_op_args(entries, block_ptr, codebook, out_features, in_features, row_tile, chunk, code_shift)
-    check_args(x, p, bias)
-    if use_triton(x):
-        return eie_linear_triton(x, p, bias, relu, wrap=triton_wrapper())
-    return eie_linear_reference(x, p, bias, relu)
+    return run_op(x, p, bias, relu, eie_linear_triton, eie_linear_reference)
 
 
 def _eie_linear_fake(
     x, entries, block_ptr, codebook, bias, out_features, in_features, row_tile, chunk, code_shift, relu
 ):  # fmt: skip
     p = EIEPacked.from_op_args(entries, block_ptr, codebook, out_features, in_features, row_tile, chunk, code_shift)
-    check_args(x, p, bias)
-    return x.new_empty((x.shape[0], out_features))
+    return fake_op(x, p, bias)
 
 
 _eie_linear_op = register_op("dc_lightning::eie_linear", _eie_linear_impl, _eie_linear_fake)

@@ -103,7 +103,7 @@ def _run_interpreter_cases(out_path: str) -> None:
             if case.get("via") == "module":
                 layer = CompressedLinear.from_linear(_linear_module(case, rows, cols, codes, codebook, bias), relu=relu)
                 y = layer(x)
-                path = layouts_name(layer.path(x.shape[0]))
+                path = layer.layout_for(x.shape[0])
             else:
                 p = L.pack_lut(case["n"], case["k"], rows, cols, codes, codebook, bitmap=case.get("bitmap"))
                 if case.get("via") == "op":
@@ -143,12 +143,6 @@ def _with_broken_gather(M, x, p, bias, relu):
         M._GATHER_FAILED.clear()
     assert torch.equal(y, y2)
     return y, "lut" if decodes == [1, 0, 0] else f"decodes {decodes}"
-
-
-def layouts_name(packed) -> str:
-    from dc_lightning.kernels import layouts
-
-    return layouts.layout_of(packed).value
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +308,7 @@ def test_choose_layout_by_density(density: float, n_centroids: int, layout: str)
 
 def test_pack_layer_rejects_unknown_layout() -> None:
     rows, cols, codes, cb = _layer()
-    with pytest.raises(ValueError, match=r"layout must be one of \['auto', 'sparse', 'lut'\]"):
+    with pytest.raises(ValueError, match=r"layout must be one of \['auto', 'sparse', 'lut', 'ell', 'codes'\]"):
         layouts.pack_layer(30, 300, rows, cols, codes, cb, "bitmap")
 
 
@@ -349,13 +343,13 @@ def test_compressed_linear_layout_cpu_fallback(density: float, layout: str) -> N
 def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
     lin = _quantized_linear(density=0.05)
     layer = CompressedLinear.from_linear(lin, batch_min=4)
-    assert layouts.layout_of(layer.path(3)).value == "sparse" and layouts.layout_of(layer.path(4)).value == "lut"
+    assert layouts.layout_of(layer.path(3)) == "sparse" and layouts.layout_of(layer.path(4)) == "lut"
     assert "layouts=[sparse codebook_bits=4, lut code_bits=4 bitmap=True], lut from batch 4" in repr(layer)
     assert torch.equal(layouts.decode_dense(layer.path(4)), layouts.decode_dense(layer.path(1)))
     lean = CompressedLinear.from_linear(lin, alternate=False)
     assert lean.batch_min == 0 and "lut_codes" not in dict(lean.named_buffers())
-    with pytest.raises(ValueError, match="holds no lut layout"):
-        lean.lut_packed()
+    with pytest.raises(ValueError, match=r"holds no lut layout \(it holds \['sparse'\]\)"):
+        lean.packed("lut")
     clone = CompressedLinear.from_linear(lin, batch_min=16)
     clone.lut_codes.zero_()
     clone.entries.zero_()
@@ -365,10 +359,10 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
         x = torch.randn(batch, 200)
         assert torch.equal(clone(x), layer(x))
     with pytest.raises(ValueError, match="alternate must be in the other layout than packed"):
-        CompressedLinear(layer.sparse_packed(), alternate=lean.sparse_packed())
+        CompressedLinear(layer.packed("sparse"), alternate=lean.packed("sparse"))
     with pytest.raises(ValueError, match="they must hold the same weights"):
         other = CompressedLinear.from_linear(_quantized_linear(k=100), layout="lut", alternate=False)
-        CompressedLinear(layer.sparse_packed(), alternate=other.lut_packed())
+        CompressedLinear(layer.packed("sparse"), alternate=other.packed("lut"))
 
 
 def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
@@ -379,7 +373,7 @@ def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
     calls = []
 
     def fake_autotune(packed, batch_sizes, dtype, bias, relu):
-        path = layouts.layout_of(packed).value
+        path = layouts.layout_of(packed)
         calls.append((path, batch_sizes))
         return {b: {"us": us[(path, b)], "block_n": 1} for b in batch_sizes}
 

@@ -1,0 +1,254 @@
+"""Row layouts: a weight-shared table stored so that a lookup decodes only the rows it is asked for.
+
+An embedding lookup reads a few rows of a large table, so these layouts keep every row addressable on its own (the
+sparse and LUT layouts tile rows and columns for the matrix kernels instead). Two layouts, both pure PyTorch with
+fixed shapes (they run under ``torch.compile(fullgraph=True)`` and in CUDA graphs):
+
+* ``"ell"`` (:class:`RowELL`, sparse rows): ``cols`` [V, L] (uint8 up to 256 columns, int16 up to 32767, else int32)
+  and ``codes`` [V, L] (uint8) of the kept entries of every row in column order, padded with zeros to the longest
+  row ``L``, and ``lengths`` [V] (int16, or int32). A lookup gathers the requested rows' entries and scatters
+  ``codebook[codes]`` into zeros of shape [N, D].
+* ``"codes"`` (:class:`RowCodes`, dense codes): one code per weight, 4 bits (two per byte, the even column in the
+  low nibble) when the codebook plus a 0.0 slot for pruned weights fits 16 entries, else 8 bits; a lookup is
+  ``codebook[codes[rows]]``.
+
+The codebook keeps the dtype it is packed with (``CompressedEmbedding`` packs it in the embedding's dtype); rows
+and decodes come out in it. :func:`ell_bytes` / :func:`codes_bytes` give the index bytes of each, for the choice
+(``layouts.choose_row_layout``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dc_lightning.buffers import MAX_CODES
+
+from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
+
+__all__ = [
+    "RowELL",
+    "RowCodes",
+    "ell_dtypes",
+    "ell_bytes",
+    "codes_bits",
+    "codes_bytes",
+    "pack_ell",
+    "pack_codes",
+    "ell_rows",
+    "codes_rows",
+    "decode_ell",
+    "decode_codes",
+    "ell_reference",
+    "codes_reference",
+]
+
+
+def ell_dtypes(n_cols: int) -> tuple[torch.dtype, torch.dtype]:
+    """``(column dtype, length dtype)`` of the ``ell`` layout for rows of ``n_cols`` columns."""
+    col = torch.uint8 if n_cols <= 256 else torch.int16 if n_cols <= 32767 else torch.int32
+    return col, torch.int16 if n_cols <= 32767 else torch.int32
+
+
+def ell_bytes(lengths: Tensor, n_cols: int) -> int:
+    """Bytes of the ``ell`` index tensors (``cols``, ``codes``, ``lengths``) for rows keeping ``lengths`` entries."""
+    n_rows = lengths.numel()
+    width = max(int(lengths.max()) if n_rows else 0, 1)
+    col, length = ell_dtypes(n_cols)
+    return n_rows * width * (1 + col.itemsize) + n_rows * length.itemsize
+
+
+def codes_bits(n_codes: int) -> int:
+    """Bits per code of the ``codes`` layout for ``n_codes`` codes (the codebook plus the zero slot)."""
+    return 4 if n_codes <= 16 else 8
+
+
+def codes_bytes(n_rows: int, n_cols: int, n_centroids: int, pruned: bool) -> int | None:
+    """Bytes of the ``codes`` index tensor; ``None`` when a pruned table leaves no free code for its zeros."""
+    n_codes = n_centroids + (1 if pruned else 0)
+    if n_codes > MAX_CODES:
+        return None
+    return n_rows * -(-n_cols * codes_bits(n_codes) // 8)
+
+
+@dataclass
+class RowELL(PackedLayer):
+    """A table in the ``ell`` row layout (see the module docstring).
+
+    Attributes:
+        codes: uint8 ``[out_features, L]`` codebook index of every kept entry (0 in padding).
+        codebook: float ``[n_centroids]``.
+        cols: uint8/int16/int32 ``[out_features, L]`` column of every kept entry (0 in padding).
+        lengths: int16/int32 ``[out_features]`` kept entries per row.
+        out_features: rows (``num_embeddings``).
+        in_features: columns (``embedding_dim``).
+        nnz: kept weights (-1 when unknown).
+    """
+
+    codes: Tensor
+    codebook: Tensor
+    cols: Tensor
+    lengths: Tensor
+    out_features: int
+    in_features: int
+    nnz: int = -1
+
+    def check(self) -> None:
+        """Validate the tensors' shapes and dtypes (no data reads).
+
+        Raises:
+            ValueError: naming the field, the bad value and what is valid.
+        """
+        n, width = self.out_features, self.cols.shape[-1] if self.cols.dim() == 2 else -1
+        for name, t in (("codes", self.codes), ("cols", self.cols)):
+            if t.dim() != 2 or t.shape[0] != n or t.shape[1] != width or t.is_floating_point():
+                raise ValueError(f"{name} must be an integer [{n}, L] tensor like cols, got {t.dtype} "
+                                 f"shape {tuple(t.shape)}")  # fmt: skip
+        if tuple(self.lengths.shape) != (n,) or self.lengths.is_floating_point():
+            raise ValueError(f"lengths must be an integer [{n}] tensor, got {self.lengths.dtype} "
+                             f"shape {tuple(self.lengths.shape)}")  # fmt: skip
+        _check_codebook(self.codebook)
+
+
+@dataclass
+class RowCodes(PackedLayer):
+    """A table in the ``codes`` row layout (see the module docstring).
+
+    Attributes:
+        codes: uint8 ``[out_features, in_features]`` (8-bit) or ``[out_features, ceil(in_features / 2)]`` (4-bit).
+        codebook: float ``[n_codes]``; when the table is pruned its last slot is the 0.0 of pruned weights.
+        out_features: rows (``num_embeddings``).
+        in_features: columns (``embedding_dim``).
+        nnz: kept weights (-1 when unknown).
+    """
+
+    codes: Tensor
+    codebook: Tensor
+    out_features: int
+    in_features: int
+    nnz: int = -1
+
+    def check(self) -> None:
+        """Validate the tensors' shapes and dtypes (no data reads).
+
+        Raises:
+            ValueError: naming the field, the bad value and what is valid.
+        """
+        n, d = self.out_features, self.in_features
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2 or self.codes.shape[0] != n or (
+            self.codes.shape[1] not in (d, -(-d // 2))
+        ):  # fmt: skip
+            raise ValueError(f"codes must be uint8 [{n}, {d}] or [{n}, {-(-d // 2)}], got {self.codes.dtype} "
+                             f"shape {tuple(self.codes.shape)}")  # fmt: skip
+        _check_codebook(self.codebook)
+
+
+def _check_codebook(codebook: Tensor) -> None:
+    if codebook.dim() != 1 or not codebook.is_floating_point() or not 1 <= codebook.numel() <= MAX_CODES:
+        raise ValueError(f"codebook must be a 1-D float tensor of 1..{MAX_CODES} values, got {codebook.dtype} "
+                         f"shape {tuple(codebook.shape)}")  # fmt: skip
+
+
+def pack_ell(
+    out_features: int,
+    in_features: int,
+    rows: Tensor,
+    cols: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    device: torch.device | str | None = None,
+) -> RowELL:
+    """Pack a table's kept weights (coordinates + codes, as every layout's packer) in the ``ell`` row layout.
+
+    Raises:
+        ValueError: as ``runtime.sorted_coordinates`` (bad shape, out-of-range index or code, duplicate pairs).
+    """
+    n, d, rows, cols, codes, codebook = sorted_coordinates(out_features, in_features, rows, cols, codes, codebook)
+    device = torch.device(device) if device is not None else rows.device
+    rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
+    lengths = torch.bincount(rows, minlength=n)
+    width = max(int(lengths.max()), 1)
+    # rows are row-major: entry i of row r sits at slot i - (first entry of r), kept columns in column order
+    k = torch.arange(rows.numel(), device=device) - (torch.cumsum(lengths, 0) - lengths)[rows]
+    col_dtype, len_dtype = ell_dtypes(d)
+    ell_cols = torch.zeros(n, width, dtype=col_dtype, device=device)
+    ell_cols[rows, k] = cols.to(col_dtype)
+    ell_codes = torch.zeros(n, width, dtype=torch.uint8, device=device)
+    ell_codes[rows, k] = codes.to(torch.uint8)
+    return RowELL(ell_codes, codebook.detach().to(device), ell_cols, lengths.to(len_dtype), n, d, rows.numel())
+
+
+def pack_codes(
+    out_features: int,
+    in_features: int,
+    rows: Tensor,
+    cols: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    device: torch.device | str | None = None,
+) -> RowCodes:
+    """Pack a table's kept weights in the ``codes`` row layout (pruned weights get a 0.0 code of their own).
+
+    Raises:
+        ValueError: as ``runtime.sorted_coordinates``, or when a pruned table's codebook already holds
+            ``MAX_CODES`` values (no free code for the zeros).
+    """
+    n, d, rows, cols, codes, codebook = sorted_coordinates(out_features, in_features, rows, cols, codes, codebook)
+    device = torch.device(device) if device is not None else rows.device
+    pruned = rows.numel() < n * d
+    if codes_bytes(n, d, codebook.numel(), pruned) is None:
+        raise ValueError(
+            f"the 'codes' layout needs a free code for pruned weights; the codebook has {codebook.numel()}"
+        )
+    full = codebook.detach().to(device)
+    full = torch.cat([full, full.new_zeros(1)]) if pruned else full  # slot n-1 = 0.0 for pruned weights
+    c = torch.full((n, d), full.numel() - 1, dtype=torch.uint8, device=device)
+    c[rows.to(device), cols.to(device)] = codes.to(device=device, dtype=torch.uint8)
+    if codes_bits(full.numel()) == 4:
+        c = F.pad(c, (0, d % 2)).view(n, -1, 2)
+        c = c[..., 0] | (c[..., 1] << 4)  # two codes per byte, the even column in the low nibble
+    return RowCodes(c.contiguous(), full, n, d, rows.numel())
+
+
+def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
+    """The decoded rows ``idx`` (1-D) of the table: ``[len(idx), in_features]`` in the codebook's dtype."""
+    p = packed
+    cols = p.cols[idx].long()  # [N, L]
+    vals = p.codebook[p.codes[idx].long()]
+    valid = torch.arange(cols.shape[1], device=cols.device) < p.lengths[idx].unsqueeze(1)
+    vals = torch.where(valid, vals, vals.new_zeros(()))
+    return vals.new_zeros(idx.shape[0], p.in_features).scatter_add_(1, cols, vals)
+
+
+def codes_rows(packed: RowCodes, idx: Tensor) -> Tensor:
+    """The decoded rows ``idx`` (1-D) of the table: ``[len(idx), in_features]`` in the codebook's dtype."""
+    d = packed.in_features
+    c = packed.codes[idx]  # [N, bytes per row]
+    if c.shape[1] != d:  # 4-bit: low nibble = even column
+        c = torch.stack([c & 15, c >> 4], dim=-1).reshape(c.shape[0], -1)[:, :d]
+    return packed.codebook[c.long()]
+
+
+def decode_ell(packed: RowELL) -> Tensor:
+    """The dense ``[out, in]`` table (every row decoded)."""
+    return ell_rows(packed, torch.arange(packed.out_features, device=packed.codes.device))
+
+
+def decode_codes(packed: RowCodes) -> Tensor:
+    """The dense ``[out, in]`` table (every row decoded)."""
+    return codes_rows(packed, torch.arange(packed.out_features, device=packed.codes.device))
+
+
+def ell_reference(x: Tensor, packed: RowELL, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
+    return decoded_linear(x, decode_ell(packed), bias, relu)
+
+
+def codes_reference(x: Tensor, packed: RowCodes, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
+    return decoded_linear(x, decode_codes(packed), bias, relu)
