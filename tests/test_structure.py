@@ -390,3 +390,13 @@ def test_type_checking_block_matches_the_lazy_map() -> None:
     block = next(n for n in tree.body if isinstance(n, ast.If) and _is_type_checking(n))
     seen = {a.asname or a.name: n.module for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
     assert seen == exports
+
+
+def test_every_package_folder_is_installed() -> None:
+    """A folder with an ``__init__.py`` that pyproject's ``packages`` list lacks is missing from a wheel install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in (ROOT / PKG).rglob("__init__.py") if "kernels" not in p.relative_to(ROOT).parts}
+    found |= {_module_name(p) for p in (ROOT / "kernels").rglob("__init__.py")}
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
