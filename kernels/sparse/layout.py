@@ -15,7 +15,7 @@ load time, into a *sliced-ELL* layout that the kernels (``jit.py``) read with co
 * ``block_ptr[t * n_chunks + c]`` is the first entry of block (t, c) (int32, ``n_tiles * n_chunks + 1`` values).
 
 This module owns the layout: :class:`EIEPacked` (with its checks of a call, :meth:`EIEPacked.check`), :func:`pack` /
-:func:`pack_from_layer_buffers` / :func:`unpack` / :func:`decode_dense`, and :func:`eie_linear_reference`, the
+:func:`unpack` / :func:`decode_dense`, and :func:`eie_linear_reference`, the
 pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.eie_linear``.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +34,6 @@ __all__ = [
     "auto_row_tile",
     "auto_chunk",
     "pack",
-    "pack_from_layer_buffers",
     "unpack",
     "decode_dense",
     "eie_linear_reference",
@@ -275,35 +273,6 @@ def pack(
         code_shift=code_shift,
         nnz=nnz,
     )
-
-
-def pack_from_layer_buffers(
-    mask: Tensor | None,
-    assign: Tensor,
-    codebook: Tensor,
-    **kwargs: Any,
-) -> EIEPacked:
-    """Pack from the per-layer buffers of docs/DESIGN.md (``weight_mask``, ``weight_assign``, ``weight_codebook``).
-
-    Args:
-        mask: bool ``[out, in]`` (True = kept) or ``None`` (all kept).
-        assign: uint8/int ``[out, in]`` codebook index of every weight.
-        codebook: float32 ``[2**bits]``.
-        **kwargs: forwarded to :func:`pack` (``row_tile``, ``chunk``, ``device``).
-
-    Raises:
-        ValueError: if ``assign`` is not 2-D or ``mask`` has another shape.
-    """
-    if assign.dim() != 2:
-        raise ValueError(f"weight_assign must be 2-D [out, in], got shape {tuple(assign.shape)}")
-    if mask is None:
-        mask = torch.ones(assign.shape, dtype=torch.bool, device=assign.device)
-    if mask.shape != assign.shape:
-        raise ValueError(f"weight_mask shape {tuple(mask.shape)} differs from weight_assign {tuple(assign.shape)}")
-    rows, cols = torch.nonzero(mask.cpu(), as_tuple=True)
-    codes = assign.cpu()[rows, cols].to(torch.int64)
-    kwargs.setdefault("device", assign.device)
-    return pack(assign.shape[0], assign.shape[1], rows, cols, codes, codebook, **kwargs)
 
 
 def _unpack_tensors(p: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,7 +30,6 @@ from ..runtime import (
     autotune_batches,
     can_use_workspace,
     fake_op,
-    interpret_mode,
     next_pow2,
     register_op,
     run_op,
@@ -38,22 +37,10 @@ from ..runtime import (
     workspace,
 )
 from .jit import eie_flat_kernel, eie_reduce_kernel, eie_spmm_kernel
-from .layout import EIEPacked, decode_dense, eie_linear_reference, pack, pack_from_layer_buffers, unpack
+from .layout import EIEPacked, eie_linear_reference
 from .tuning import MAX_FLAT_CHUNKS, TUNED, candidates, choose_config, tune_key
 
-__all__ = [
-    "EIEPacked",
-    "pack",
-    "pack_from_layer_buffers",
-    "unpack",
-    "decode_dense",
-    "eie_linear",
-    "eie_linear_triton",
-    "eie_linear_reference",
-    "choose_config",
-    "autotune",
-    "interpret_mode",
-]
+__all__ = ["autotune", "eie_linear", "eie_linear_triton"]
 
 log = logging.getLogger(__name__)
 

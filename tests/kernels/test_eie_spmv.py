@@ -134,7 +134,7 @@ def _run_interpreter_cases(out_path: str) -> None:
     results = {}
     for case in CASES:
         rows, cols, codes, codebook, x, bias = _make_case(case)
-        p = E.pack(
+        p = L.pack(
             case["n"],
             case["k"],
             rows,
@@ -177,7 +177,9 @@ def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dic
 # ---------------------------------------------------------------------------------------------------------------
 
 from dc_lightning.kernels import runtime as R  # noqa: E402
+from dc_lightning.kernels.sparse import layout as L  # noqa: E402
 from dc_lightning.kernels.sparse import op as E  # noqa: E402
+from dc_lightning.kernels.sparse import tuning as T  # noqa: E402
 
 
 def _layer(n=50, k=300, density=0.2, bits=4, seed=0):
@@ -192,8 +194,8 @@ def _layer(n=50, k=300, density=0.2, bits=4, seed=0):
 @pytest.mark.parametrize("row_tile,chunk", [(1, 16), (8, 64), (32, None), (64, 2048)])
 def test_pack_roundtrip(row_tile: int, chunk: int | None) -> None:
     rows, cols, codes, cb = _layer()
-    p = E.pack(50, 300, rows, cols, codes, cb, row_tile=row_tile, chunk=chunk)
-    r2, c2, k2 = E.unpack(p)
+    p = L.pack(50, 300, rows, cols, codes, cb, row_tile=row_tile, chunk=chunk)
+    r2, c2, k2 = L.unpack(p)
     key = lambda r, c: r * 300 + c
     o1, o2 = torch.argsort(key(rows, cols)), torch.argsort(key(r2, c2))
     assert torch.equal(rows[o1], r2[o2]) and torch.equal(cols[o1], c2[o2]) and torch.equal(codes[o1], k2[o2])
@@ -201,37 +203,37 @@ def test_pack_roundtrip(row_tile: int, chunk: int | None) -> None:
     assert p.entries.numel() >= p.nnz and p.padding >= 0
     dense = torch.zeros(50, 300)
     dense[rows, cols] = cb[codes]
-    assert torch.equal(E.decode_dense(p), dense)
+    assert torch.equal(L.decode_dense(p), dense)
 
 
 def test_pack_uses_16bit_entries_for_4bit_codebooks() -> None:
     rows, cols, codes, cb = _layer(bits=4)
-    assert E.pack(50, 300, rows, cols, codes, cb, chunk=2048).entries.dtype == torch.int16
+    assert L.pack(50, 300, rows, cols, codes, cb, chunk=2048).entries.dtype == torch.int16
     rows, cols, codes, cb = _layer(bits=8)
-    assert E.pack(50, 300, rows, cols, codes, cb, chunk=2048).entries.dtype == torch.int32
+    assert L.pack(50, 300, rows, cols, codes, cb, chunk=2048).entries.dtype == torch.int32
 
 
 def test_pack_rejects_bad_input() -> None:
     rows, cols, codes, cb = _layer()
     with pytest.raises(ValueError, match="cols must lie in"):
-        E.pack(50, 10, rows, cols, codes, cb)
+        L.pack(50, 10, rows, cols, codes, cb)
     with pytest.raises(ValueError, match="duplicate"):
-        E.pack(50, 300, torch.tensor([1, 1]), torch.tensor([2, 2]), torch.tensor([0, 1]), cb)
+        L.pack(50, 300, torch.tensor([1, 1]), torch.tensor([2, 2]), torch.tensor([0, 1]), cb)
     with pytest.raises(ValueError, match="codebook must be 1-D with 1..256"):
-        E.pack(50, 300, rows, cols, codes, torch.randn(300))
+        L.pack(50, 300, rows, cols, codes, torch.randn(300))
     with pytest.raises(ValueError, match="row_tile must be a power of two"):
-        E.pack(50, 300, rows, cols, codes, cb, row_tile=3)
+        L.pack(50, 300, rows, cols, codes, cb, row_tile=3)
     with pytest.raises(ValueError, match="chunk must be a power of two"):
-        E.pack(50, 300, rows, cols, codes, cb, chunk=100)
+        L.pack(50, 300, rows, cols, codes, cb, chunk=100)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_reference_path_matches_float64(dtype: torch.dtype) -> None:
     rows, cols, codes, cb = _layer()
-    p = E.pack(50, 300, rows, cols, codes, cb)
+    p = L.pack(50, 300, rows, cols, codes, cb)
     x = torch.relu(torch.randn(5, 300)).to(dtype)
     bias = torch.randn(50)
-    y = E.eie_linear_reference(x, p, bias, relu=True)
+    y = L.eie_linear_reference(x, p, bias, relu=True)
     w = torch.zeros(50, 300, dtype=torch.float64)
     w[rows, cols] = cb.double()[codes]
     ref = torch.relu(x.double() @ w.T + bias.double())
@@ -246,27 +248,27 @@ def _args(p, x, bias=None):
 
 def test_op_registered_and_cpu_fallback() -> None:
     rows, cols, codes, cb = _layer()
-    p = E.pack(50, 300, rows, cols, codes, cb)
+    p = L.pack(50, 300, rows, cols, codes, cb)
     x = torch.randn(3, 300)
     assert hasattr(torch.ops.dc_lightning, "eie_linear")
     y = torch.ops.dc_lightning.eie_linear(*_args(p, x))
-    ref = x @ E.decode_dense(p).T
+    ref = x @ L.decode_dense(p).T
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck() -> None:
     rows, cols, codes, cb = _layer(n=20, k=40)
-    p = E.pack(20, 40, rows, cols, codes, cb)
+    p = L.pack(20, 40, rows, cols, codes, cb)
     for bias in (None, torch.randn(20)):
         torch.library.opcheck(torch.ops.dc_lightning.eie_linear.default, _args(p, torch.randn(3, 40), bias))
 
 
 def test_torch_compile_cpu() -> None:
     rows, cols, codes, cb = _layer(n=20, k=40)
-    p = E.pack(20, 40, rows, cols, codes, cb)
+    p = L.pack(20, 40, rows, cols, codes, cb)
     x = torch.randn(2, 40)
     fn = torch.compile(lambda t: E.eie_linear(t, p), backend="eager", fullgraph=True)
-    assert torch.allclose(fn(x), x @ E.decode_dense(p).T, atol=1e-5)
+    assert torch.allclose(fn(x), x @ L.decode_dense(p).T, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -286,7 +288,7 @@ def test_torch_compile_cpu() -> None:
 )
 def test_validation_errors(mutate, exc, match) -> None:
     rows, cols, codes, cb = _layer()
-    p = E.pack(50, 300, rows, cols, codes, cb)
+    p = L.pack(50, 300, rows, cols, codes, cb)
     a = dict(x=torch.randn(3, 300), entries=p.entries, block_ptr=p.block_ptr, codebook=p.codebook, bias=None)
     mutate(a)
     layer = dataclasses.replace(p, entries=a["entries"], block_ptr=a["block_ptr"], codebook=a["codebook"])
@@ -295,17 +297,17 @@ def test_validation_errors(mutate, exc, match) -> None:
 
 
 def test_triton_launcher_refuses_cpu_without_interpreter() -> None:
-    if not HAS_TRITON or E.interpret_mode():
+    if not HAS_TRITON or R.interpret_mode():
         pytest.skip("needs triton without the interpreter")
     rows, cols, codes, cb = _layer()
-    p = E.pack(50, 300, rows, cols, codes, cb)
+    p = L.pack(50, 300, rows, cols, codes, cb)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         E.eie_linear_triton(torch.randn(2, 300), p)
 
 
 def test_choose_config_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="unknown config keys"):
-        E.choose_config(1, 100, 4, 32, {"blok_k": 8})
+        T.choose_config(1, 100, 4, 32, {"blok_k": 8})
 
 
 if __name__ == "__main__":
@@ -324,8 +326,8 @@ def test_flat_kernel_workspace_not_used_while_tracing() -> None:
 
 
 def test_choose_config_kernels() -> None:
-    cfg = E.choose_config(1, 4096, 25, 32, n_entries=4_000_000)
+    cfg = T.choose_config(1, 4096, 25, 32, n_entries=4_000_000)
     assert cfg["kernel"] == "flat" and cfg["split"] > 1
-    assert E.choose_config(64, 4096, 25, 32, n_entries=4_000_000)["kernel"] == "split"
-    assert E.choose_config(1, 4096, 25, 32, {"chunks_per_prog": 2}, n_entries=4_000_000)["kernel"] == "split"
-    assert E.choose_config(1, 4096, 100, 32, n_entries=4_000_000)["kernel"] == "split"  # block pointers too many
+    assert T.choose_config(64, 4096, 25, 32, n_entries=4_000_000)["kernel"] == "split"
+    assert T.choose_config(1, 4096, 25, 32, {"chunks_per_prog": 2}, n_entries=4_000_000)["kernel"] == "split"
+    assert T.choose_config(1, 4096, 100, 32, n_entries=4_000_000)["kernel"] == "split"  # block pointers too many
