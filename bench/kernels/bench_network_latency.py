@@ -1,27 +1,31 @@
 """Whole-network latency and accuracy of a compressed recipe model: EIE kernels vs dense fp16 (CUDA graphs).
 
-    python bench/bench_network_latency.py outputs/vgg16/<run>/model.dcz --image-size 32 --channels 3 \
-        --data-root <fashion-mnist folder> --out bench/out/latency_vgg16
+    python -m bench.kernels.bench_network_latency outputs/vgg16/<run>/model.dcz --image-size 32 --channels 3 \
+        --data-root <fashion-mnist folder> --out bench/results/<date>/latency_vgg16
 
-Peers, side by side in one run, same input, each captured in a CUDA graph and replayed:
+Peers, side by side in one run, same input, each timed by :func:`bench.harness.timing.time_calls` (one CUDA graph
+rotating through enough copies of the model to exceed the L2 cache):
   * ``dense_fp16``: ``load_compressed(file)`` (the decoded pruned+quantized weights as dense tensors), fp16.
   * ``eie_fp16``:  ``to_compressed_inference(file)``: FC layers as ``CompressedLinear`` (Triton), convolutions dense,
     fp16 activations.
-Reports the median time per inference over ``--repeats`` timings of ``--iters`` replays at each batch size, the
-ratio, and the test top-1 of both on Fashion-MNIST (if ``--data-root`` is given). Writes CSV + JSON to ``--out``.
+Reports the median time per forward pass over ``--repeats`` replays at each batch size, the ratio, and the test top-1
+of both on Fashion-MNIST (if ``--data-root`` is given). Writes CSV + JSON to ``--out`` (default
+``bench/results/<date>/latency``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import statistics
+import copy
+import itertools
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from bench.harness.report import env_info, print_table, results_dir, write_csv, write_json
+from bench.harness.timing import copies_for, time_calls
 
 
 def half_except(model: nn.Module, keep: tuple[type, ...]) -> nn.Module:
@@ -37,28 +41,12 @@ def half_except(model: nn.Module, keep: tuple[type, ...]) -> nn.Module:
     return model
 
 
-def graph_latency_us(model: nn.Module, x: torch.Tensor, iters: int, repeats: int) -> float:
+def graph_latency_us(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """µs per forward pass: copies of ``model`` (together more than the L2 cache) called in turn in one graph."""
+    nbytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    models = [model] + [copy.deepcopy(model) for _ in range(copies_for(nbytes, minimum=1) - 1)]
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                model(x)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            model(x)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1000 / iters)
-    return statistics.median(times)
+        return time_calls([lambda m=m: m(x) for m in models], repeats=repeats)
 
 
 @torch.no_grad()
@@ -77,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, required=True)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--data-root", default=None, help="Fashion-MNIST folder for the accuracy column")
-    ap.add_argument("--out", default="bench/out/latency")
+    ap.add_argument("--out", type=Path, default=results_dir("latency"))
     args = ap.parse_args(argv)
 
     from dc_lightning.inference.conversion import to_compressed_inference
@@ -97,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(b, args.channels, args.image_size, args.image_size, device="cuda", dtype=torch.float16)
         with torch.no_grad():
             err = (eie(x).float() - dense(x).float()).abs().max().item()
-        t_dense = graph_latency_us(dense, x, args.iters, args.repeats)
-        t_eie = graph_latency_us(eie, x, args.iters, args.repeats)
+        t_dense = graph_latency_us(dense, x, args.repeats)
+        t_eie = graph_latency_us(eie, x, args.repeats)
         rows.append({"batch": b, "dense_fp16_us": round(t_dense, 2), "eie_fp16_us": round(t_eie, 2),
                      "speedup": round(t_dense / t_eie, 3), "max_abs_diff": err})
     acc = {}
@@ -109,19 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                                     eval_batch_size=500, download=False)
         dm.setup()
         acc = {"dense_fp16": accuracy(dense, dm, torch.float16), "eie_fp16": accuracy(eie, dm, torch.float16)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "latency.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    result = {"file": args.file, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "convert_seconds": round(convert_s, 2), "rows": rows, "top1": acc}
-    (out / "latency.json").write_text(json.dumps(result, indent=2))
-    print(f"{'batch':>5} {'dense fp16 (us)':>16} {'EIE fp16 (us)':>14} {'speed-up':>9} {'max |diff|':>11}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['dense_fp16_us']:>16.2f} {r['eie_fp16_us']:>14.2f} {r['speedup']:>8.2f}x "
-              f"{r['max_abs_diff']:>11.2e}")
+    out = args.out
+    write_csv(rows, out / "latency.csv")
+    result = {"file": args.file, "env": env_info("cuda"), "convert_seconds": round(convert_s, 2), "rows": rows,
+              "top1": acc}  # fmt: skip
+    write_json(result, out / "latency.json")
+    print_table(rows, ["batch", ("dense fp16 (us)", "dense_fp16_us", ".2f"), ("EIE fp16 (us)", "eie_fp16_us", ".2f"),
+                       ("speed-up", "speedup", ".2f"), ("max abs diff", "max_abs_diff", ".2e")])  # fmt: skip
     if acc:
         print(f"top-1: dense fp16 {100 * acc['dense_fp16']:.2f}%, EIE fp16 {100 * acc['eie_fp16']:.2f}%")
     return 0

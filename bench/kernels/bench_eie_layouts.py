@@ -10,20 +10,21 @@ One command, one process, every provider side by side in the same run:
   variants (``*_tuned``), dense fp16 / bf16 cuBLAS, int4 weight-only (``_weight_int4pack_mm``, group 128, bf16),
   torch CSR fp16 (cuSPARSE) and 2:4 semi-structured fp16 at batch >= 16 (on a 2:4-pruned copy of the weight: a
   speed peer only).
-* timing: each provider captured in ONE CUDA graph that rotates through enough copies of the layer to exceed the
-  60 MB L2 (every call reads its weights from HBM, as in a network pass, no launch gaps); median of 15 replays,
-  divided by the copies. Floor = bytes moved (weights + x + y) / measured copy bandwidth + one graph node.
+* timing (:mod:`bench.harness.timing`): each provider captured in ONE CUDA graph that rotates through enough copies
+  of the layer to exceed the 60 MB L2 (every call reads its weights from HBM, as in a network pass, no launch gaps);
+  median of 15 replays, divided by the copies. Floor = bytes moved (weights + x + y) / measured copy bandwidth + one
+  graph node.
 * correctness: every provider's output vs a float64 dense product of the same weights, every shape/batch/dtype.
 * autotuning: the layers' kernels are tuned once per batch (the chosen configs are written to ``configs.json``).
 
 A time budget (``--budget-s``) orders the work: EIE layers, stacks, the torch.compile check, autotuning at batch
 16/64 + re-timed stacks, transformer shapes, autotuning at batch 1 and of the transformer shapes; what does not fit
-is recorded as skipped. Results are rewritten after every phase under ``--out`` (default
-``$OUT``): ``layers.csv``, ``results.json``, ``configs.json``, ``summary.md``, ``speedup.png``.
+is recorded as skipped. Results are rewritten after every phase under ``--out``: ``layers.csv``, ``results.json``,
+``configs.json``, ``summary.md``, ``speedup.png``.
 
-Run on the GPU machine from the repository root (no install needed)::
+Run from the repository root with the package importable (on the GPU machine: ``source bench/gpu/device_env.sh``)::
 
-    python bench/bench_eie_layouts.py --out $OUT
+    python -m bench.kernels.bench_eie_layouts            # writes bench/results/<date>/eie_layouts/ ($OUT/... if set)
 
 ``--smoke`` runs the plumbing on the CPU under the Triton interpreter (tiny layers, wall-clock timing).
 """
@@ -31,49 +32,22 @@ Run on the GPU machine from the repository root (no install needed)::
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import importlib.util
-import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
 if "--smoke" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before dc_lightning.kernels imports triton
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-
-def _kernels_shim() -> None:
-    """Make ``dc_lightning.kernels`` importable from a plain checkout (the package maps it to ``kernels/``)."""
-    import dc_lightning
-
-    if importlib.util.find_spec("dc_lightning.kernels") is not None:
-        return
-    spec = importlib.util.spec_from_file_location(
-        "dc_lightning.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dc_lightning.kernels"] = mod
-    spec.loader.exec_module(mod)
-    dc_lightning.kernels = mod
-
-
-_kernels_shim()
-
-from bench_eie import EIE_LAYERS, STACKS, make_int4  # noqa: E402
-
+from bench.harness.eie import EIE_LAYERS, STACKS, clone_packed, make_int4  # noqa: E402
+from bench.harness.report import env_info, results_dir, write_csv, write_json  # noqa: E402
+from bench.harness.timing import capture, copies_for, floor_parts, time_calls  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
 from dc_lightning.kernels.lut import op as lut_matmul  # noqa: E402
 from dc_lightning.kernels.lut.layout import pack_lut  # noqa: E402
@@ -105,18 +79,10 @@ class Bench:
         self.failures: list[dict] = []
         self.skipped: list[str] = []
         self.stacks: list[dict] = []
-        self.env = {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if self.dev == "cuda" else "cpu (interpreter smoke)",
-        }
-        try:
-            import triton
-
-            self.env["triton"] = triton.__version__
-        except ImportError:
-            self.env["triton"] = None
+        self.env = env_info(self.dev)
+        if args.smoke:
+            self.env["device"] += " (interpreter smoke)"
+        self.repeats = 1 if args.smoke else 15  # the interpreter is slow: one timed round in --smoke
 
     # ------------------------------------------------------------------------------------------------------
     def left(self) -> float:
@@ -132,51 +98,18 @@ class Bench:
             traceback.print_exc()
 
     def time_graph(self, calls: list) -> float:
-        """µs per call: the calls (one per weight copy) captured in one CUDA graph, median of replays / copies."""
-        if self.dev == "cpu":
-            t = time.perf_counter()
-            for c in calls:
-                c()
-            return (time.perf_counter() - t) * 1e6 / len(calls)
-        for c in calls:
-            c()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        for _ in range(3):
-            g.replay()
-        times = []
-        for _ in range(15):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / len(calls))
-        del g
-        return statistics.median(times)
+        """µs per call: the calls (one per weight copy) in one CUDA graph, median of replays / copies."""
+        return time_calls(calls, repeats=self.repeats, device=self.dev)
 
     def copies(self, weight_bytes: int) -> int:
-        if self.dev == "cpu":
-            return 2
-        return int(min(max(2, math.ceil(self.args.l2_mb * 2e6 / max(weight_bytes, 1))), 256))
+        return 2 if self.dev == "cpu" else copies_for(weight_bytes, l2_mb=self.args.l2_mb)
 
     def floor_setup(self) -> None:
-        if self.dev == "cpu":
-            self.bw, self.node_us = 1e11, 1.0
-            return
-        n = 1 << 28  # 256 MB copy
-        a = torch.empty(n, dtype=torch.uint8, device="cuda")
-        b = torch.empty_like(a)
-        us = self.time_graph([lambda a=a, b=b: b.copy_(a)] * 4)
-        self.bw = 2 * n / (us * 1e-6)
-        z = torch.zeros(1, device="cuda")
-        self.node_us = self.time_graph([lambda: z.add_(1)] * 256)
-        self.env.update(copy_bw_tb_s=self.bw / 1e12, graph_node_us=self.node_us)
-        self.log(f"copy {self.bw / 1e12:.2f} TB/s (read+write), one graph node {self.node_us:.2f} us")
-        del a, b
+        parts = floor_parts(self.dev)
+        self.bw, self.node_us = parts["copy_bw_Bps"], parts["graph_node_us"]
+        if self.dev == "cuda":
+            self.env.update(copy_bw_tb_s=self.bw / 1e12, graph_node_us=self.node_us)
+            self.log(f"copy {self.bw / 1e12:.2f} TB/s (read+write), one graph node {self.node_us:.2f} us")
 
     # ------------------------------------------------------------------------------------------------------
     def make_layer(self, n_in: int, n_out: int, density: float, seed: int) -> dict:
@@ -204,16 +137,12 @@ class Bench:
         sp, lut = L["sparse"], L["lut"]
         default = default_path(L["layout"], batch)
 
-        def clone(p):
-            return dataclasses.replace(p, **{f.name: getattr(p, f.name).clone() for f in dataclasses.fields(p)
-                                             if isinstance(getattr(p, f.name), torch.Tensor)})  # fmt: skip
-
         def ours(kind):
             p0 = sp if kind == "sparse" else lut
             op = eie_spmv.eie_linear if kind == "sparse" else lut_matmul.lut_linear
 
             def factory(i):
-                p = p0 if i == 0 else clone(p0)
+                p = p0 if i == 0 else clone_packed(p0)
                 return lambda x: op(x, p, bias, relu)
 
             return factory, dtype, p0.nbytes, True
@@ -464,10 +393,7 @@ class Bench:
                 rec["compiled_err"] = ((comp.double() - ref).norm() / scale).item()
                 if self.dev == "cuda":
                     static = x.clone()
-                    g = torch.cuda.CUDAGraph()
-                    compiled(static)
-                    with torch.cuda.graph(g):
-                        out = compiled(static)
+                    g, (out,) = capture([lambda static=static: compiled(static)])
                     static.copy_(x.flip(0))
                     g.replay()
                     ref2 = model(x.flip(0))
@@ -486,14 +412,11 @@ class Bench:
     def write(self) -> None:
         keys = ["layer", "out", "in", "density", "layout", "batch", "dtype", "provider", "us", "floor_us", "bytes",
                 "weight_bytes", "rel_err", "ok", "error"]  # fmt: skip
-        with open(self.out / "layers.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            wr.writeheader()
-            wr.writerows(self.rows)
+        write_csv(self.rows, self.out / "layers.csv", fields=keys)
         doc = {"env": self.env, "args": vars(self.args), "rows": self.rows, "stacks": self.stacks,
                "configs": self.configs, "failures": self.failures, "skipped": self.skipped}  # fmt: skip
-        (self.out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
-        (self.out / "configs.json").write_text(json.dumps(self.configs, indent=1, default=str))
+        write_json(doc, self.out / "results.json")
+        write_json(self.configs, self.out / "configs.json")
         (self.out / "summary.md").write_text(self.summary())
 
     def table(self) -> dict:
@@ -591,7 +514,7 @@ class Bench:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    ap.add_argument("--out", type=Path, default=results_dir("eie_layouts"))
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this many seconds")
     ap.add_argument("--l2-mb", type=float, default=60.0)
     ap.add_argument("--no-tune", action="store_true")

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Paired seed sweeps of the LeNet recipes on one H200 (bench/seed_sweep.py; 8 seeds per recipe, all processes side
-# by side, one CPU thread each): is a recipe change better than seed-to-seed noise? Same setup as gpu_recipes.sh
-# (wheels in .whl/, Fashion-MNIST in .carry/fashion-mnist). Tables land in $OUT/<recipe>/sweep.md (+ .csv/.json).
-#     bash bench/gpu_lenet_sweeps.sh        (SEEDS="0 1 2 3 4 5 6 7", LIMIT=540 s per sweep, SMOKE=1: CPU dry run)
-#     SET=2 SEEDS="0 1 2 3 4 5 6 7 8 9" bash bench/gpu_lenet_sweeps.sh   (LeNet-5: denser conv2 paid by 4-bit ip1)
-#     SET=3 SEEDS="0 1 2 3 4 5 6 7 8 9" bash bench/gpu_lenet_sweeps.sh   (LeNet-5: denser ip2, with and without conv2)
+# Paired seed sweeps of the LeNet recipes on one H200 (bench/experiments/seed_sweep.py; 8 seeds per recipe, all
+# processes side by side, one CPU thread each): is a recipe change better than seed-to-seed noise? Same setup as
+# gpu_recipes.sh (wheels in .whl/, Fashion-MNIST in .carry/fashion-mnist). Tables land in $OUT/<recipe>/sweep.md (+ .csv/.json).
+#     bash bench/gpu/gpu_lenet_sweeps.sh        (SEEDS="0 1 2 3 4 5 6 7", LIMIT=540 s per sweep, SMOKE=1: CPU dry run)
+#     SET=2 SEEDS="0 1 2 3 4 5 6 7 8 9" bash bench/gpu/gpu_lenet_sweeps.sh   (LeNet-5: denser conv2 paid by 4-bit ip1)
+#     SET=3 SEEDS="0 1 2 3 4 5 6 7 8 9" bash bench/gpu/gpu_lenet_sweeps.sh   (LeNet-5: denser ip2, with and without conv2)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/sweep_runs}; LIMIT=${LIMIT:-540}; mkdir -p "$OUT" "$R"
-source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
+source bench/gpu/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fashion-mnist}
 SEEDS=${SEEDS:-0 1 2 3 4 5 6 7}
 njobs=$(wc -w <<< "$SEEDS")
@@ -24,14 +24,14 @@ lenet5() {  # lenet5 NAME VARIANT...: one LeNet-5 sweep in the background
   local name=$1; shift
   local args=()
   for v in "$@"; do args+=(--variant "$v"); done
-  timeout "$LIMIT" "$PY" bench/seed_sweep.py --recipe lenet5 --seeds $SEEDS --jobs "$njobs" --out "$OUT/$name" \
+  timeout "$LIMIT" "$PY" -m bench.experiments.seed_sweep --recipe lenet5 --seeds $SEEDS --jobs "$njobs" --out "$OUT/$name" \
     --runs "$R/$name" "${args[@]}" -- "${COMMON[@]}" > "$OUT/$name.log" 2>&1 &
 }
 if [ "${SET:-1}" = 1 ]; then
   # LeNet-5: 16 retraining epochs vs 32 (the validation loss still falls at the end of retraining)
   lenet5 lenet5 "$table3" "long=$(dens 0.12 0.19);$(bits 5);pipeline.prune.epochs=32"
   # LeNet-300-100: Table 2's ip1 8 % at 6 bits (the recipe) vs ip1 10 % at 5 bits (same file size)
-  timeout "$LIMIT" "$PY" bench/seed_sweep.py --recipe lenet300 --seeds $SEEDS --jobs "$njobs" --out "$OUT/lenet300" \
+  timeout "$LIMIT" "$PY" -m bench.experiments.seed_sweep --recipe lenet300 --seeds $SEEDS --jobs "$njobs" --out "$OUT/lenet300" \
     --runs "$R/lenet300" --variant recipe \
     --variant "ip1_10pct_5bit=pipeline.prune.callback.densities={model.ip1:0.10,model.ip2:0.09,model.ip3:0.26};pipeline.quantize.callback.bits=5" \
     -- "${COMMON[@]}" > "$OUT/lenet300.log" 2>&1 &

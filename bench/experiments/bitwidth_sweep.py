@@ -1,25 +1,23 @@
 """Accuracy vs bits on the pruned LeNet-5 recipe ([DC] Table 6 and Fig. 8) on Fashion-MNIST.
 
-    python bench/bitwidth_sweep.py --pruned-ckpt outputs/lenet5/<run>/checkpoints/prune.ckpt --out bench/out/bits
+    python -m bench.experiments.bitwidth_sweep --pruned-ckpt outputs/lenet5/<run>/checkpoints/prune.ckpt
 
 From one pruned LeNet-5 checkpoint, each configuration clusters the surviving weights (trained quantization,
 `TrainedQuantization`), fine-tunes the centroids for ``--epochs`` epochs at the recipe's quantize LR, and reports
 test top-1:
   * conv/fc bits 8/5, 8/4, 4/2 (Table 6's rows; "32/32" = the pruned model unquantized);
   * fc bits 2..8 (conv at 8 bits) with linear, density and random (Forgy) initialisation (Fig. 8).
-Writes ``bits.csv``, ``bits.json`` and ``bits.png`` (accuracy vs fc bits, one line per initialisation).
+Writes ``bits.csv``, ``bits.json`` and ``bits.png`` (accuracy vs fc bits, one line per initialisation) under ``--out``
+(default ``bench/results/<date>/bits``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness.report import print_table, results_dir, write_csv, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--fc-bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
     ap.add_argument("--inits", nargs="+", default=["linear", "density", "random"])
-    ap.add_argument("--out", default="bench/out/bits")
+    ap.add_argument("--out", type=Path, default=results_dir("bits"))
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the lenet5 recipe")
     args = ap.parse_args(argv)
 
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from dc_lightning.pipeline.stages import measure_accuracy, stage_quantize
 
     torch.set_num_threads(1)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     base = ["logger=none", "trainer.enable_progress_bar=false", f"output_dir={out / 'runs'}",
             f"pipeline.quantize.epochs={args.epochs}", *args.overrides]
@@ -59,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"experiment": exp, "conv_bits": conv_bits, "fc_bits": fc_bits, "init": init, "top1": acc,
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(f"{exp} conv {conv_bits} fc {fc_bits} {init:8s} top-1 {100 * acc:.2f}%", flush=True)
-    with open(out / "bits.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "bits.json").write_text(json.dumps(rows, indent=2))
+    write_csv(rows, out / "bits.csv")
+    write_json(rows, out / "bits.json")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "bits.png", dpi=120)
-    print("| experiment | conv bits | fc bits | init | top-1 |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['experiment']} | {r['conv_bits']} | {r['fc_bits']} | {r['init']} | {100 * r['top1']:.2f}% |")
+    print_table(rows, ["experiment", ("conv bits", "conv_bits", ""), ("fc bits", "fc_bits", ""), "init",
+                       ("top-1 %", lambda r: 100 * r["top1"], ".2f")])  # fmt: skip
     return 0
 
 

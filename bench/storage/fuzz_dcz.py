@@ -19,7 +19,7 @@ builder record) under ``tracemalloc`` (NumPy's buffers are traced) and a SIGALRM
 exception, hang. Exit status 1 when a byte-level or header-level mutant loads different weights, or any mutant raises
 something other than a ``ValueError`` or hangs.
 
-    python bench/fuzz_dcz.py --mutants 10000 [--seed 0] [--json out.json]
+    python -m bench.storage.fuzz_dcz --mutants 10000 [--seed 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,20 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dc_lightning.io import CorruptFileError, load_compressed, save_compressed  # noqa: E402
-
-try:  # absent before the header digest (issue 14): the fuzz then runs byte- and header-level mutants only
-    from dc_lightning.dcz.container import assemble
-    from dc_lightning.io import ModelMismatchError
-except ImportError:
-    assemble = None
-    ModelMismatchError = type("ModelMismatchError", (ValueError,), {})  # noqa: N806
-from dc_lightning.models import build_model  # noqa: E402
-from dc_lightning.pruning.masks import attach_mask, magnitude_mask  # noqa: E402
-from dc_lightning.quantization.codebooks import quantize_layer  # noqa: E402
+from bench.harness.report import write_json
+from dc_lightning.dcz.container import assemble
+from dc_lightning.io import CorruptFileError, ModelMismatchError, load_compressed, save_compressed
+from dc_lightning.models import build_model
+from dc_lightning.pruning.masks import attach_mask, magnitude_mask
+from dc_lightning.quantization.codebooks import quantize_layer
 
 KINDS = ("byte", "header", "resealed")
 
@@ -260,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {k: 0 for k in KINDS}
     path = tmp / "mutant.dcz"
     t0 = time.perf_counter()
-    kinds = KINDS if assemble is not None else KINDS[:2]
     for i in range(args.mutants):
-        kind = kinds[i % len(kinds)]
+        kind = KINDS[i % len(KINDS)]
         mutant = raw
         while mutant == raw:  # an edit that re-creates the original (a value swapped with an equal one) is redrawn
             mutant, desc = (
@@ -298,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {len(ex)} e.g. {ex[:3]}")
     print("FAIL" if failures else "OK", f"({failures} failures)")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json({
             "mutants": args.mutants, "seed": args.seed, "file_bytes": len(raw), "dense_bytes": dense_bytes,
             "seconds": round(seconds, 1), "counts": {k: dict(c) for k, c in counts.items()},
             "peak_traced_bytes": {"base": base_peak, **peaks}, "max_rss_bytes": rss,
             "examples": {k: v[:20] for k, v in examples.items()}, "failures": failures,
-        }, indent=2))
+        }, args.json)
     return 1 if failures else 0
 
 

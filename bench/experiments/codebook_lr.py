@@ -1,6 +1,6 @@
 """Codebook LR in the many-members regime: ``lr_scale=1.0`` (the literal weights' LR) vs ``"auto"`` (CPU).
 
-    python bench/codebook_lr.py --out bench/out/codebook_lr
+    python -m bench.experiments.codebook_lr          # writes bench/results/<date>/codebook_lr/codebook_lr.json
 
 A 784-4096-4096-10 MLP on Fashion-MNIST (3.2M + 16.8M + 41K weights, fc shapes like AlexNet/VGG's fc7) is trained
 for one epoch, pruned by magnitude to 9 % / 4 % / 25 % (one shot) and retrained for one epoch, then quantized to 5 bits
@@ -11,17 +11,16 @@ and fine-tuned for ``--steps`` SGD-momentum steps with each codebook LR setting;
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness.report import print_table, results_dir, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--out", default="bench/out/codebook_lr")
+    ap.add_argument("--limit-batches", type=int, default=None, help="batches per epoch and per test (a quick check)")
+    ap.add_argument("--out", type=Path, default=results_dir("codebook_lr"))
     args = ap.parse_args(argv)
 
     import copy
@@ -60,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
 
     dm = FashionMNISTDataModule(batch_size=128, download=False)
 
+    limit = {} if args.limit_batches is None else {"limit_train_batches": args.limit_batches}
+
     def fit(module, epochs=1, steps=None, callbacks=()):
         pl.Trainer(max_epochs=epochs, max_steps=steps or -1, accelerator="cpu", logger=False,
                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   limit_val_batches=0, callbacks=list(callbacks)).fit(module, datamodule=dm)
+                   limit_val_batches=0, callbacks=list(callbacks), **limit).fit(module, datamodule=dm)
 
     def test(module):
-        t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        t = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       limit_test_batches=args.limit_batches)
         return t.test(module, datamodule=dm, verbose=False)[0]["acc"]
 
     m = MLP()
@@ -85,11 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         q = TrainedQuantization(bits=5, start_epoch=0, lr_scale=scale, verbose=False)
         fit(q_model, steps=args.steps, callbacks=[q])
         res[f"quantized lr_scale={scale}"] = test(q_model)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "codebook_lr.json").write_text(json.dumps(res, indent=2))
-    for k, v in res.items():
-        print(f"{k:32s} top-1 {100 * v:.2f}%")
+    write_json(res, args.out / "codebook_lr.json")
+    print_table([{"stage": k, "top1": 100 * v} for k, v in res.items()], ["stage", ("top-1 %", "top1", ".2f")])
     return 0
 
 

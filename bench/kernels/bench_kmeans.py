@@ -11,29 +11,25 @@ per layer to the densities of [DC] Table 5 (10.3M surviving weights), then every
 
 Usage::
 
-    python bench/bench_kmeans.py --device cpu                   # all layers timed, quality on the default layers
-    python bench/bench_kmeans.py --device cuda --no-sklearn     # timing only (no scikit-learn on the GPU box)
-    python bench/bench_kmeans.py --quality-layers conv4_2,fc6 --sample 1000000
+    python -m bench.kernels.bench_kmeans --device cpu               # all layers timed, quality on the default layers
+    python -m bench.kernels.bench_kmeans --device cuda --no-sklearn # timing only (no scikit-learn on the GPU box)
+    python -m bench.kernels.bench_kmeans --quality-layers conv4_2,fc6 --sample 1000000
 
-Writes ``timing.csv``, ``quality.csv`` and ``results.json`` under ``--out`` (default ``bench/out/kmeans``).
+Writes ``timing.csv``, ``quality.csv`` and ``results.json`` under ``--out`` (default
+``bench/results/<date>/kmeans``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dc_lightning.quantization.kmeans import kmeans_1d, wcss  # noqa: E402
+from bench.harness.report import env_info, results_dir, write_csv, write_json
+from bench.harness.timing import sync
+from dc_lightning.quantization.kmeans import kmeans_1d, wcss
 
 # [DC] Table 5: VGG-16 layer -> fraction of weights kept after pruning
 TABLE5 = {
@@ -69,11 +65,6 @@ def bits_of(name: str) -> int:
     return 5 if name.startswith("fc") else 8  # [DC §5.3]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_all(layers: dict[str, torch.Tensor], device: torch.device, refine: bool) -> tuple[float, dict[str, float]]:
     per_layer = {}
     sync(device)
@@ -89,7 +80,7 @@ def time_all(layers: dict[str, torch.Tensor], device: torch.device, refine: bool
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", default="bench/out/kmeans")
+    p.add_argument("--out", type=Path, default=results_dir("kmeans"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample", type=int, default=1_000_000, help="max surviving weights per layer for the quality run")
     p.add_argument("--quality-layers", default=DEFAULT_QUALITY, help="comma list of Table 5 names, or 'all'")
@@ -100,15 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
 
     layers = {n: x.to(device) for n, x in pruned_vgg16_layers(args.seed).items()}
     total = sum(x.numel() for x in layers.values())
     print(f"VGG-16 (untrained, random init) pruned to [DC] Table 5: {total:,} surviving weights, device {device}")
 
     time_all(layers, device, refine=True)  # warm-up (allocator, kernels, lazy imports)
-    results: dict = {"device": str(device), "torch": torch.__version__, "surviving_weights": total, "timing": {}}
+    results: dict = {"env": env_info(device), "surviving_weights": total, "timing": {}}
     rows = []
     for refine in [True] if args.no_plain else [True, False]:
         tot, per = time_all(layers, device, refine)
@@ -117,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{"mode": key, "layer": n, "members": layers[n].numel(), "bits": bits_of(n), "seconds": s}
                  for n, s in per.items()]  # fmt: skip
         print(f"  {key:12s} all 16 layers: {tot:8.2f} s")
-    with open(out / "timing.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "timing.csv")
 
     names = list(TABLE5) if args.quality_layers == "all" else [s.strip() for s in args.quality_layers.split(",") if s]
     qrows = []
@@ -160,14 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             qrows.append(row)
             print(f"{name:8s} {x.numel():9,d} {k:4d} {ours:12.5g} {plain:12.5g} {skl:12.5g} {ours / skl:9.4f} "
                   f"{plain / skl:9.4f} {t_ours:7.2f} {t_skl:7.1f}", flush=True)  # fmt: skip
-        with open(out / "quality.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(qrows[0]))
-            w.writeheader()
-            w.writerows(qrows)
+        write_csv(qrows, out / "quality.csv")
     results["quality"] = qrows
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    with open(out / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, out / "results.json")
     print(f"wrote {out}/timing.csv" + (", quality.csv" if qrows else "") + ", results.json")
     return 0
 

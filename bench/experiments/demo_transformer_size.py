@@ -15,17 +15,16 @@ Figures: whole file vs the dense fp32 state dict (``file_bytes`` against every t
 ratio of [DC] (dense fp32 bytes of the compressed matrices / their payload bytes). Few steps on random-ish tokens
 say nothing about accuracy; the sizes depend on the densities and bits, not on training length.
 
-    python bench/demo_transformer_size.py                    # densities 0.1, default bits, 4 steps per epoch
-    python bench/demo_transformer_size.py --density 0.2 --bits 4
+    python -m bench.experiments.demo_transformer_size        # densities 0.1, default bits, 4 steps per epoch
+    python -m bench.experiments.demo_transformer_size --density 0.2 --bits 4
 
-Writes bench/out/demo_transformer_size.json and .md.
+Writes ``demo_transformer_size.json`` and ``.md`` under ``--out`` (default
+``bench/results/<date>/demo_transformer_size``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +35,10 @@ from lightning.pytorch.demos.transformer import LightningTransformer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.harness.report import markdown_table, results_dir, write_json
+from dc_lightning import MagnitudePruning, TrainedQuantization
+from dc_lightning.io import save_compressed
 
-from dc_lightning import MagnitudePruning, TrainedQuantization  # noqa: E402
-from dc_lightning.io import save_compressed  # noqa: E402
-
-OUT = ROOT / "bench" / "out"
 VOCAB = 33278  # the demo's default (WikiText-2)
 
 
@@ -97,32 +93,36 @@ def run(label: str, density: float, bits: int | None, steps: int, types: tuple |
     }
 
 
-def main() -> None:
+def _cell(v) -> str:
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.2f}x"
+    return (", ".join(v) or "none") if isinstance(v, list) else str(v)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--density", type=float, default=0.1, help="fraction of every matrix kept (default 0.1)")
     parser.add_argument("--bits", type=int, default=None, help="codebook bits (default: the paper's, 5 for fc)")
     parser.add_argument("--steps", type=int, default=4, help="training batches per epoch (2 epochs)")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=results_dir("demo_transformer_size"))
+    args = parser.parse_args(argv)
     rows = [
         run("all targets (default)", args.density, args.bits, args.steps, None),
         run("linear only (types=(nn.Linear,))", args.density, args.bits, args.steps, (nn.Linear,)),
     ]
-    OUT.mkdir(parents=True, exist_ok=True)
     setup = {"density": args.density, "bits": args.bits or "default (5)", "steps per epoch": args.steps,
              "model": "LightningTransformer(vocab_size=33278): ninp=200, nhead=2, nhid=200, nlayers=2"}
-    (OUT / "demo_transformer_size.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    write_json({"setup": setup, "rows": rows}, args.out / "demo_transformer_size.json")
     cols = ("run", "parameters", "weights compressed", "dense fp32 bytes", "file bytes", "whole file ratio",
             "weights-only ratio", "dense matrices")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [f"{r[c]:,}" if isinstance(r[c], int) else f"{r[c]:.2f}x" if isinstance(r[c], float) else
-                 (", ".join(r[c]) or "none") if isinstance(r[c], list) else str(r[c]) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    (OUT / "demo_transformer_size.md").write_text(f"{setup}\n\n{table}\n")
+    table = markdown_table(rows, [(c, lambda r, c=c: _cell(r[c]), "") for c in cols])
+    (args.out / "demo_transformer_size.md").write_text(f"{setup}\n\n{table}\n")
     print(setup)
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,20 +19,17 @@ measured separately (CUDA events on GPU): ``pruning_hook_ms_per_step`` and ``cod
 provider that fails is recorded with its error and the others still run; the files are rewritten after every fit,
 so a run cut short leaves what it measured.
 
-    python bench/bench_pruning_overhead.py                                   # CPU, LeNet-5, batch 128, fp32
-    python bench/bench_pruning_overhead.py --device cuda                     # VGG-16 at 32 px, batch 256, bf16-mixed
+    python -m bench.training.bench_pruning_overhead                     # CPU, LeNet-5, batch 128, fp32
+    python -m bench.training.bench_pruning_overhead --device cuda       # VGG-16 at 32 px, batch 256, bf16-mixed
 
 Writes ``pruning_overhead_<model>_<device>.csv`` / ``.json`` (summary) and ``..._steps.json`` (all step times) under
-``--out`` (default ``$OUT/pruning_overhead`` when ``OUT`` is set). Self-contained: plain argparse, no Hydra, no wandb.
+``--out`` (default ``bench/results/<date>/pruning_overhead``). Plain argparse, no Hydra, no wandb.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from bench.harness.report import env_info, print_table, results_dir, write_csv, write_json
+from bench.harness.timing import sync
 
 PROVIDERS = ("none", "lightning_model_pruning", "magnitude_pruning", "pruning_codebook")
 
@@ -114,8 +112,7 @@ class StepTimer(Callback):
         self.starts: list[float] = []
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -162,8 +159,7 @@ class HookClock:
         return timed
 
     def ms_per_step(self) -> float | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         per_batch: dict[int, float] = {}
         for batch, span in self.spans:
             ms = span[0].elapsed_time(span[1]) if self.device.type == "cuda" else 1e3 * span
@@ -296,14 +292,10 @@ def summarise(args: argparse.Namespace, times: dict, repeat_medians: dict, densi
 
 
 def write(out: Path, tag: str, rows: list, meta: dict, times: dict, failures: list) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     if rows:
-        with open(out / f"{tag}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    (out / f"{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows, "failures": failures}, indent=2))
-    (out / f"{tag}_steps.json").write_text(json.dumps(times))
+        write_csv(rows, out / f"{tag}.csv")
+    write_json({"meta": meta, "rows": rows, "failures": failures}, out / f"{tag}.json")
+    write_json(times, out / f"{tag}_steps.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--budget", type=float, default=None, help="seconds: start no new fit after this much wall time")
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "pruning_overhead"))
+    p.add_argument("--out", type=Path, default=results_dir("pruning_overhead"))
     args = p.parse_args(argv)
     args.model = args.model or ("vgg16" if args.device == "cuda" else "lenet5")
     args.batch_size = args.batch_size or (256 if args.model == "vgg16" else 128)
@@ -349,16 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         for _ in range(4)
     ]
-    hw = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
-    meta = {
-        "argv": sys.argv,
-        "args": vars(args),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "cuda_device": hw if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-    }
-    out, tag = Path(args.out), f"pruning_overhead_{args.model}_{args.device}"
+    env = env_info(device)
+    hw = env["device"]
+    meta = {"env": env, "argv": sys.argv, "args": vars(args), "lightning": pl.__version__,
+            "threads": torch.get_num_threads()}  # fmt: skip
+    out, tag = args.out, f"pruning_overhead_{args.model}_{args.device}"
     times: dict[str, list[float]] = {k: [] for k in args.providers}
     repeat_medians: dict[str, list[float]] = {k: [] for k in args.providers}
     extras: dict[str, list[dict]] = {k: [] for k in args.providers}
@@ -391,17 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{args.model} on {args.device} ({hw}, {torch.get_num_threads()} threads), batch {args.batch_size}, "
         f"{args.precision}, torch {torch.__version__}, lightning {pl.__version__}"
     )
-    print(
-        f"{'provider':<24} {'density':>8} {'median ms':>10} {'p10':>9} {'p90':>9} {'ratio':>7} {'overhead':>9}"
-        f" {'best-rep ms':>12} {'best ovh':>9} {'hooks ms':>9}"
-    )
     for row in rows:
-        hooks = (row["pruning_hook_ms_per_step"] or 0) + (row["codebook_hook_ms_per_step"] or 0)
-        print(
-            f"{row['provider']:<24} {row['density_measured']:>8.4f} {row['median_ms']:>10.3f} {row['p10_ms']:>9.3f} "
-            f"{row['p90_ms']:>9.3f} {row['ratio_vs_none'] or 0:>7.3f} {row['overhead_pct'] or 0:>8.2f}%"
-            f" {row['best_repeat_median_ms']:>12.3f} {row['best_overhead_pct'] or 0:>8.2f}% {hooks:>9.3f}"
-        )
+        row["hooks_ms"] = (row["pruning_hook_ms_per_step"] or 0) + (row["codebook_hook_ms_per_step"] or 0)
+    print_table(rows, ["provider", ("density", "density_measured", ".4f"), ("median ms", "median_ms", ".3f"),
+                       ("p10", "p10_ms", ".3f"), ("p90", "p90_ms", ".3f"), ("ratio", "ratio_vs_none", ".3f"),
+                       ("overhead %", "overhead_pct", ".2f"), ("best-rep ms", "best_repeat_median_ms", ".3f"),
+                       ("best ovh %", "best_overhead_pct", ".2f"), ("hooks ms", "hooks_ms", ".3f")])  # fmt: skip
     for f in failures:
         print(f"FAILED repeat {f['repeat']} {f['provider']}: {f['error']}")
     write(out, tag, rows, meta, times, failures)

@@ -12,30 +12,26 @@ for Triton its match with the reference: the largest error relative to the sum o
 members, the fraction of bitwise-equal codebook gradients, whether the rewrite equals ``decode_weight`` bit for bit,
 and whether two calls give bitwise-identical results (determinism, hence identical DDP ranks).
 
-    python bench/bench_codebook_step.py                  # CUDA; writes $OUT/codebook_step/{codebook_step.csv,.json}
+    python -m bench.kernels.bench_codebook_step          # CUDA; writes bench/results/<date>/codebook_step/
+    TRITON_INTERPRET=1 python -m bench.kernels.bench_codebook_step --model tiny --device cpu --iters 2   # plumbing
 
-Self-contained: plain argparse, no Hydra, no wandb.
+Plain argparse, no Hydra, no wandb. Timing: :func:`bench.harness.timing.eager_us` (CUDA events per call).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from dc_lightning.buffers import get_codebook  # noqa: E402
-from dc_lightning.quantization.codebooks import codebook_grad, decode_weight, quantize_layer  # noqa: E402
-from dc_lightning.quantization.step import CodebookStep  # noqa: E402
+from bench.harness.report import env_info, print_table, results_dir, write_csv, write_json
+from bench.harness.timing import eager_us
+from dc_lightning.buffers import get_codebook
+from dc_lightning.quantization.codebooks import codebook_grad, decode_weight, quantize_layer
+from dc_lightning.quantization.step import CodebookStep
 
 
 def quantized_layers(model_name: str, density: float, device: torch.device) -> list[nn.Module]:
@@ -60,22 +56,8 @@ def quantized_layers(model_name: str, density: float, device: torch.device) -> l
 
 
 def timed_ms(fn, iters: int, device: torch.device) -> float:
-    if device.type != "cuda":
-        spans = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            spans.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(spans)
-    spans = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        spans.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in spans)
+    """Median ms of ``fn()`` over ``iters`` calls (the kernels are already compiled by a warm-up call)."""
+    return eager_us(fn, repeats=iters, warmup=0, device=device) / 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: only with TRITON_INTERPRET=1")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "codebook_step"))
+    p.add_argument("--out", type=Path, default=results_dir("codebook_step"))
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_codebook_step.py --device cuda: no CUDA device is available")
+        raise SystemExit("bench_codebook_step --device cuda: no CUDA device is available")
     device = torch.device(args.device)
     layers = quantized_layers(args.model, args.density, device)
     g = torch.Generator(device=device).manual_seed(1)
@@ -97,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {weights:,} weights, {members:,} kept, {len(layers)} layers, density {args.density}")
 
     rows, result = [], {"weights": weights, "members": members, "model": args.model}
-    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
+    result["env"] = env_info(device)
     outputs = {}
     for backend in ("reference", "triton"):
         row = {"provider": backend}
@@ -128,14 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         print(row, flush=True)
         rows.append(row)
     result["rows"] = rows
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "provider", k))
-    with open(out / "codebook_step.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "codebook_step.json").write_text(json.dumps(result, indent=2))
+    out = args.out
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "provider", k))
+    write_csv(rows, out / "codebook_step.csv", fields=fields)
+    write_json(result, out / "codebook_step.json")
+    print_table(rows, ["provider", "grads_ms", "rewrite_ms", "step_ms", "max_rel_err", "layers_bitwise_equal",
+                       "rewrite_bitwise", "deterministic", "error"])  # fmt: skip
     print(f"wrote {out}/codebook_step.csv/.json")
     return 0 if all("error" not in r for r in rows) else 1
 

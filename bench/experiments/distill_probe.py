@@ -4,8 +4,8 @@ Not a library feature: this script patches the pipeline for one experiment. It r
 quantize -> export -> evaluate stages from a trained dense baseline, adding to the training loss a distillation term
 from that (frozen, dense) baseline: ``(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)``.
 
-    python bench/distill_probe.py --baseline-ckpt <run>/checkpoints/baseline.ckpt --alpha 0.5 --temperature 4 \
-        --out /tmp/distill_a [hydra overrides...]
+    python -m bench.experiments.distill_probe --baseline-ckpt <run>/checkpoints/baseline.ckpt --alpha 0.5 \
+        --temperature 4 --out /tmp/distill_a [hydra overrides...]
 
 Prints the stage accuracies and P+Q+H; the run folder holds the usual summary/report. Results:
 recipes/lenet300/README.md ("What was tried").

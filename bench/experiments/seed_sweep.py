@@ -5,7 +5,7 @@ For every seed: train the recipe's dense baseline once (``stages=[baseline]``), 
 the dense model is paired with the others'. Seeds run as parallel processes (on a GPU machine they share the GPU);
 the table gives per-seed changes, their means and the paired difference of each variant to the first one.
 
-    python bench/seed_sweep.py --recipe lenet5 --seeds 0 1 2 3 --jobs 4 --out bench/out/sweep \\
+    python -m bench.experiments.seed_sweep --recipe lenet5 --seeds 0 1 2 3 --jobs 4 --out bench/results/<date>/sweep \\
         --variant recipe --variant "long=pipeline.prune.epochs=32" [-- common overrides]
 
 A variant is ``name`` or ``name=override[;override...]``. Writes ``<out>/sweep.csv``, ``<out>/sweep.json`` and
@@ -16,7 +16,6 @@ A variant is ``name`` or ``name=override[;override...]``. Writes ``<out>/sweep.c
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -25,7 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness.report import results_dir, write_csv, write_json
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", type=parse_variant, action="append", required=True,
                     help="name or name=override[;override...]; the first is the reference of the paired column")
     ap.add_argument("--jobs", type=int, default=2, help="seeds run in parallel (default 2)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=results_dir("seed_sweep"))
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default <out>/runs)")
     args = ap.parse_args(argv)
     names = [n for n, _ in args.variant]
@@ -138,13 +139,10 @@ def main(argv: list[str] | None = None) -> int:
 def write(out: Path, rows: list[dict], names: list[str]) -> None:
     md = table(rows, names) if any("error" not in r for r in rows) else "no run finished"
     (out / "sweep.md").write_text(md + "\n")
-    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    write_json(rows, out / "sweep.json")
     fields = ["seed", "variant", "overrides", "dense", "pruned", "reloaded", "change", "ratio_pqh", "file_bytes",
               "seconds", "error"]
-    with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(rows, out / "sweep.csv", fields=fields)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-# Sourced by the bench/gpu_*.sh scripts on the device machine (torch/Lightning/Triton preinstalled): install the
+# Sourced by the bench/gpu/gpu_*.sh scripts on the device machine (torch/Lightning/Triton preinstalled): install the
 # carried wheels (.whl/: hydra-core, omegaconf, antlr4, rich, safetensors, ...) when they are missing, put the
 # checkout on PYTHONPATH, link kernels/ as dc_lightning.kernels (no editable install there). Sets PY (default python3).
 PY=${PYTHON:-python3}

@@ -5,18 +5,16 @@ Reproduces the *storage accounting* of Deep Compression Tables 4 (AlexNet) and 5
 tables' W% column, quantized with 1-D k-means (linear init; 256 centroids conv, 32 fc [DC §5]), exported with
 ``save_compressed``. Random weights have no learned structure, so Huffman gains less than on trained weights.
 
-    python bench/bench_storage.py                       # both nets, paper index bits (AlexNet 4, VGG 5)
-    python bench/bench_storage.py --nets vgg16 --state-dict vgg16.pth
+    python -m bench.storage.bench_storage                    # both nets, paper index bits (AlexNet 4, VGG 5)
+    python -m bench.storage.bench_storage --nets vgg16 --state-dict vgg16.pth
 
-Writes bench/out/storage_<net>.json / .csv / .md / .png.
+Writes ``storage_<net>.json`` / ``.csv`` / ``.md`` / ``.png`` and ``<net>.dcz`` under ``--out`` (default
+``bench/results/<date>/storage``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dc_lightning.io import read_compressed, save_compressed  # noqa: E402
-
-OUT = ROOT / "bench" / "out"
+from bench.harness.report import markdown_table, results_dir, write_csv, write_json
+from dc_lightning.io import read_compressed, save_compressed
 
 # layer -> (paper name, W% kept, CR P+Q %, CR P+Q+H %)  [DC Table 4 / Table 5]
 ALEXNET = {
@@ -100,12 +94,12 @@ def build_compressed(
     return model, times
 
 
-def run(net: str, state_dict: str | None, index_bits: int | None, max_iter: int = 300) -> dict:
+def run(net: str, state_dict: str | None, index_bits: int | None, max_iter: int, out: Path) -> dict:
     table, pq_paper, pqh_paper, paper_ib = PAPER[net]
     ib = paper_ib if index_bits is None else index_bits
     model, times = build_compressed(net, state_dict, max_iter=max_iter)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{net}.dcz"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{net}.dcz"
     t = time.perf_counter()
     rep = save_compressed(model, path, index_bits=ib, overwrite=True)
     times["export_s"] = time.perf_counter() - t
@@ -150,40 +144,34 @@ def run(net: str, state_dict: str | None, index_bits: int | None, max_iter: int 
         "pq_within_10pct": abs(tot.ratio_pq / pq_paper - 1) <= 0.10,
         **{k: round(v, 2) for k, v in times.items()},
     }
-    (OUT / f"storage_{net}.json").write_text(json.dumps({"summary": summary, "layers": rows}, indent=2))
-    with open(OUT / f"storage_{net}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (OUT / f"storage_{net}.md").write_text(rep.to_markdown())
-    rep.plot(OUT / f"storage_{net}.png")
+    write_json({"summary": summary, "layers": rows}, out / f"storage_{net}.json")
+    write_csv(rows, out / f"storage_{net}.csv")
+    (out / f"storage_{net}.md").write_text(rep.to_markdown())
+    rep.plot(out / f"storage_{net}.png")
     return {"summary": summary, "layers": rows}
+
+
+def _vs_paper(ours: str, paper: str, ours_spec: str, paper_spec: str = "", unit: str = ""):
+    """A cell ``ours / paper`` (``-`` for a layer the paper's table lacks)."""
+
+    def cell(r: dict) -> str:
+        p = r[paper]
+        return f"{r[ours]:{ours_spec}}{unit} / " + (f"{p:{paper_spec}}{unit}" if p is not None else "-")
+
+    return cell
+
+
+COLUMNS = ["layer", ("#W", "weights", ","),
+           ("W% ours/paper", _vs_paper("kept_pct", "paper_kept_pct", ".1f", ".0f"), ""),
+           ("Wb P+Q", "wb_pq", ".0f"), ("Wb P+Q+H", "wb_pqh", ".2f"), ("Ib P+Q", "ib_pq", ".0f"),
+           ("Ib P+Q+H", "ib_pqh", ".2f"), ("fill/nz", "fillers_per_nz", ".3f"),
+           ("CR P+Q ours/paper", _vs_paper("cr_pq_pct", "paper_cr_pq_pct", ".2f", "", "%"), ""),
+           ("CR P+Q+H ours/paper", _vs_paper("cr_pqh_pct", "paper_cr_pqh_pct", ".2f", "", "%"), "")]  # fmt: skip
 
 
 def to_markdown(res: dict) -> str:
     s = res["summary"]
-    head = [
-        "layer",
-        "#W",
-        "W% ours/paper",
-        "Wb P+Q",
-        "Wb P+Q+H",
-        "Ib P+Q",
-        "Ib P+Q+H",
-        "fill/nz",
-        "CR P+Q ours/paper",
-        "CR P+Q+H ours/paper",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in res["layers"]:
-        pk = f"{r['paper_kept_pct']:.0f}" if r["paper_kept_pct"] is not None else "-"
-        pq = f"{r['paper_cr_pq_pct']}" if r["paper_cr_pq_pct"] is not None else "-"
-        pqh = f"{r['paper_cr_pqh_pct']}" if r["paper_cr_pqh_pct"] is not None else "-"
-        lines.append(
-            f"| {r['layer']} | {r['weights']:,} | {r['kept_pct']:.1f} / {pk} | {r['wb_pq']:.0f} | "
-            f"{r['wb_pqh']:.2f} | {r['ib_pq']:.0f} | {r['ib_pqh']:.2f} | {r['fillers_per_nz']:.3f} | "
-            f"{r['cr_pq_pct']:.2f}% / {pq}% | {r['cr_pqh_pct']:.2f}% / {pqh}% |"
-        )
+    lines = markdown_table(res["layers"], COLUMNS).splitlines()
     lines.append(
         f"| **total** | | | | | {s['index_bits']} | | | **{s['ratio_pq']}x** / {s['paper_ratio_pq']}x | "
         f"**{s['ratio_pqh']}x** / {s['paper_ratio_pqh']}x |"
@@ -197,7 +185,7 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nets", nargs="+", default=["alexnet", "vgg16"], choices=list(PAPER))
     p.add_argument(
@@ -210,15 +198,17 @@ def main() -> None:
         default=300,
         help="Lloyd iterations from the linear init (0 = uniform quantization; default 300)",
     )
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=results_dir("storage"))
+    args = p.parse_args(argv)
     for net in args.nets:
-        res = run(net, args.state_dict, args.index_bits, args.kmeans_iters)
+        res = run(net, args.state_dict, args.index_bits, args.kmeans_iters, args.out)
         print(
             f"\n## {net} (index bits {res['summary']['index_bits']}, k-means iterations {args.kmeans_iters}, "
             f"{res['summary']['weights']})\n"
         )
         print(to_markdown(res))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

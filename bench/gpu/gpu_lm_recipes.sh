@@ -2,15 +2,15 @@
 # One H200 session for issue 18: recipe=lstm_lm and recipe=transformer_lm end to end on the fortunes corpus, the
 # transformer's sensitivity sweep on its dense baseline, and a sample from each compressed file (dc-lightning generate,
 # compressed inference modules on CUDA). Run from the repository root on the device machine (torch/Lightning/Triton
-# preinstalled; Hydra, omegaconf, rich, safetensors carried as wheels in .whl/, see bench/device_env.sh; no apt there,
+# preinstalled; Hydra, omegaconf, rich, safetensors carried as wheels in .whl/, see bench/gpu/device_env.sh; no apt there,
 # so carry the corpus: here `mkdir -p .carry && cp -r /usr/share/games/fortunes .carry/fortunes`, then carry .whl and
 # .carry):
-#     bash bench/gpu_lm_recipes.sh   (RECIPES="lstm_lm transformer_lm"; BUDGET=570 s; SMOKE=1: tiny CPU dry run)
+#     bash bench/gpu/gpu_lm_recipes.sh   (RECIPES="lstm_lm transformer_lm"; BUDGET=570 s; SMOKE=1: tiny CPU dry run)
 # $OUT/results.tgz is refreshed after every step (logs, summary.json, report.md, the sweep's CSV/JSON; no
 # checkpoints, no .dcz), so a run cut short still returns what it finished.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; R=${RUNS:-/tmp/runs}; BUDGET=${BUDGET:-570}; mkdir -p "$OUT" "$R"
-source bench/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
+source bench/gpu/device_env.sh   # carried wheels, PYTHONPATH, kernels link; sets PY
 DATA=${DATA:-$PWD/.carry/fortunes}
 EXTRA=(); SWEEP=(--densities 0.5,0.35,0.25,0.15,0.1,0.05); GEN=(--tokens 300)
 declare -A TINY=([lstm_lm]="model.embed_dim=32 model.hidden_size=32"

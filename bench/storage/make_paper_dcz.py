@@ -1,11 +1,11 @@
 """Write a ``.dcz`` of AlexNet or VGG-16 pruned and quantized to a recipe's per-layer schedule, without training.
 
-For latency benchmarks (bench/bench_network_latency.py) where only the shapes, densities and bit widths matter: the
-model is built as the recipe builds it (random init), magnitude-pruned once to the recipe's densities
+For latency benchmarks (``bench.kernels.bench_network_latency``) where only the shapes, densities and bit widths
+matter: the model is built as the recipe builds it (random init), magnitude-pruned once to the recipe's densities
 (``pipeline.prune.callback.densities``) and k-means quantized to its bits, then saved. Needs PyYAML, not Hydra, so
 it runs on the GPU machine too. Accuracy numbers of such a file mean nothing; use a recipe run for those.
 
-    python bench/make_paper_dcz.py vgg16 /tmp/vgg16.dcz
+    python -m bench.storage.make_paper_dcz vgg16 /tmp/vgg16.dcz
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dc_lightning.models import build_model
 from dc_lightning.pruning.masks import prune_model
 from dc_lightning.quantization.codebooks import quantize_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _strip(d: dict) -> dict:
@@ -30,13 +30,13 @@ def _strip(d: dict) -> dict:
     return {k.removeprefix("model."): v for k, v in d.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe", choices=["alexnet", "vgg16"])
     ap.add_argument("out")
     ap.add_argument("--num-classes", type=int, default=10, help="the Fashion-MNIST recipes' head")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg = yaml.safe_load((ROOT / "recipes" / args.recipe / "recipe.yaml").read_text())
     prune = cfg["pipeline"]["prune"]["callback"]
     bits = cfg["pipeline"]["quantize"]["callback"]["bits"]
@@ -49,7 +49,8 @@ def main() -> None:
     size = Path(args.out).stat().st_size
     print(f"{args.out}: {size:,} bytes, P+Q+H {report.total.ratio_pqh:.1f}x (weights), "
           f"{report.ratio_file:.1f}x (file), {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

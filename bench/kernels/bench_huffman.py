@@ -1,35 +1,31 @@
 """Huffman coder: ours (vectorised NumPy) vs dahuffman (pure Python), sizes vs zlib/lzma, whole-VGG-16 timings.
 
-    python bench/bench_huffman.py            # 1M-symbol streams + full-size VGG-16 export/decode
-    python bench/bench_huffman.py --no-vgg   # only the 1M-symbol comparison
+    python -m bench.kernels.bench_huffman            # 1M-symbol streams + full-size VGG-16 export/decode
+    python -m bench.kernels.bench_huffman --no-vgg   # only the 1M-symbol comparison
 
 Streams: the codebook-index (5-bit, 32 symbols) and relative-index (5-bit gaps with fillers) streams of a
 magnitude-pruned (9%), k-means-quantized 4096x4096 fc layer (random init, so weights are not trained), plus a
-uniform 32-symbol stream. Writes bench/out/huffman.json and .csv.
+uniform 32-symbol stream. Times are medians of wall-clock repeats (:func:`bench.harness.timing.cpu_us`). Writes
+``huffman.json`` and ``.csv`` under ``--out`` (default ``bench/results/<date>/huffman``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import lzma
-import sys
-import time
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.harness.report import env_info, print_table, results_dir, write_csv, write_json
+from bench.harness.timing import cpu_us
+from dc_lightning.dcz import huffman
+from dc_lightning.dcz.relative_index import encode_gaps, positions_from_mask
 
-from dc_lightning.dcz import huffman  # noqa: E402
-from dc_lightning.dcz.relative_index import encode_gaps, positions_from_mask  # noqa: E402
-
-OUT = ROOT / "bench" / "out"
 N = 1_000_000
 
 
@@ -58,28 +54,31 @@ def layer_streams(n: int = N) -> dict[str, np.ndarray]:
 
 
 def timeit(fn, repeat: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+    """(median seconds over ``repeat`` calls, the result of the last call)."""
+    out = []
+    seconds = cpu_us(lambda: out.append(fn()), repeats=repeat, warmup=0) / 1e6
+    return seconds, out[-1]
 
 
-def bench_streams() -> list[dict]:
-    from dahuffman import HuffmanCodec
-
+def bench_streams(n: int = N) -> list[dict]:
+    try:  # the pure-Python peer (pip install dc-lightning[bench]); its columns stay empty without it
+        from dahuffman import HuffmanCodec
+    except ImportError:
+        HuffmanCodec = None  # noqa: N806
+        print("dahuffman not installed: the peer's columns are left empty")
     rows = []
-    for name, sym in layer_streams().items():
+    for name, sym in layer_streams(n).items():
         alpha = int(sym.max()) + 1
         t_enc, st = timeit(lambda s=sym, a=alpha: huffman.encode(s, alphabet_size=a))
         t_dec, dec = timeit(lambda s=st: huffman.decode(s))
         assert np.array_equal(dec, sym)
-        lst = sym.tolist()
-        codec = HuffmanCodec.from_data(lst)
-        t_enc_d, enc_d = timeit(lambda c=codec, x=lst: c.encode(x), repeat=1)
-        t_dec_d, dec_d = timeit(lambda c=codec, e=enc_d: c.decode(e), repeat=1)
-        assert dec_d == lst
+        t_enc_d = t_dec_d = enc_d = None
+        if HuffmanCodec is not None:
+            lst = sym.tolist()
+            codec = HuffmanCodec.from_data(lst)
+            t_enc_d, enc_d = timeit(lambda c=codec, x=lst: c.encode(x), repeat=1)
+            t_dec_d, dec_d = timeit(lambda c=codec, e=enc_d: c.decode(e), repeat=1)
+            assert dec_d == lst
         raw = sym.astype(np.uint8).tobytes()
         ours_bytes = st.data.size + st.sync.size * 2 + st.lengths.size
         counts = np.bincount(sym, minlength=alpha)
@@ -91,30 +90,29 @@ def bench_streams() -> list[dict]:
                 "entropy_bits": round(float(-(p * np.log2(p)).sum()), 3),
                 "ours_bits_per_sym": round(st.nbits / sym.size, 3),
                 "ours_bytes_with_tables": ours_bytes,
-                "dahuffman_bytes": len(enc_d),
+                "dahuffman_bytes": len(enc_d) if enc_d is not None else None,
                 "zlib9_bytes": len(zlib.compress(raw, 9)),
                 "lzma_bytes": len(lzma.compress(raw, preset=9)),
                 "fixed_5bit_bytes": sym.size * 5 // 8,
                 "ours_encode_s": round(t_enc, 4),
                 "ours_decode_s": round(t_dec, 4),
-                "dahuffman_encode_s": round(t_enc_d, 3),
-                "dahuffman_decode_s": round(t_dec_d, 3),
-                "encode_speedup": round(t_enc_d / t_enc, 1),
-                "decode_speedup": round(t_dec_d / t_dec, 1),
+                "dahuffman_encode_s": round(t_enc_d, 3) if t_enc_d is not None else None,
+                "dahuffman_decode_s": round(t_dec_d, 3) if t_dec_d is not None else None,
+                "encode_speedup": round(t_enc_d / t_enc, 1) if t_enc_d is not None else None,
+                "decode_speedup": round(t_dec_d / t_dec, 1) if t_dec_d is not None else None,
             }
         )
     return rows
 
 
 def bench_vgg() -> dict:
-    from bench_storage import build_compressed
-
+    from bench.storage.bench_storage import build_compressed
     from dc_lightning.dcz import build_file, read_compressed, read_stream
 
     model, times = build_compressed("vgg16")
     nnz = sum(int(m.weight_mask.sum()) for m in model.modules() if getattr(m, "weight_mask", None) is not None)
     t_exp, (meta, data) = timeit(lambda: build_file(model, index_bits={"features.*": 8, "classifier.*": 5}), repeat=2)
-    path = OUT / "vgg16_huffman_bench.dcz"
+    path = Path(tempfile.mkdtemp(prefix="bench_huffman_")) / "vgg16.dcz"
     path.write_bytes(data)
     streams = []
     from safetensors.numpy import load
@@ -137,41 +135,28 @@ def bench_vgg() -> dict:
     }
 
 
-def main() -> None:
+COLUMNS = ["stream", "entropy_bits", "ours_bits_per_sym", "ours_bytes_with_tables", "dahuffman_bytes", "zlib9_bytes",
+           "lzma_bytes", "fixed_5bit_bytes", "ours_encode_s", "dahuffman_encode_s", "encode_speedup", "ours_decode_s",
+           "dahuffman_decode_s", "decode_speedup"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--no-vgg", action="store_true")
-    args = p.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows = bench_streams()
-    cols = [
-        "stream",
-        "entropy_bits",
-        "ours_bits_per_sym",
-        "ours_bytes_with_tables",
-        "dahuffman_bytes",
-        "zlib9_bytes",
-        "lzma_bytes",
-        "fixed_5bit_bytes",
-        "ours_encode_s",
-        "dahuffman_encode_s",
-        "encode_speedup",
-        "ours_decode_s",
-        "dahuffman_decode_s",
-        "decode_speedup",
-    ]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    res = {"streams": rows}
+    p.add_argument("--symbols", type=int, default=N, help="symbols per stream (default 1M)")
+    p.add_argument("--out", type=Path, default=results_dir("huffman"))
+    args = p.parse_args(argv)
+    rows = bench_streams(args.symbols)
+    print_table(rows, COLUMNS)
+    res = {"env": env_info("cpu"), "streams": rows}
     if not args.no_vgg:
         res["vgg16"] = bench_vgg()
         print("\nVGG-16 (Table 5 densities, 8/5 bits, index 8 conv / 5 fc):", json.dumps(res["vgg16"]))
-    (OUT / "huffman.json").write_text(json.dumps(res, indent=2))
-    with open(OUT / "huffman.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_json(res, args.out / "huffman.json")
+    write_csv(rows, args.out / "huffman.csv")
+    print(f"wrote {args.out}/huffman.json/.csv")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
