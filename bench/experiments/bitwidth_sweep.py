@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     runs += [("fig8", 8, f, init) for init in args.inits for f in args.fc_bits]
     for exp, conv_bits, fc_bits, init in runs:
         t0 = time.perf_counter()
-        bits = f"pipeline.quantize.callback.bits={{model.conv*: {conv_bits}, model.ip*: {fc_bits}}}"
-        cfg = compose("lenet5", [*base, bits, f"pipeline.quantize.callback.init={init}"])
+        # a dict replaces the recipe's per-layer bits only once they are deleted (~), then added (+)
+        bits = ["~pipeline.quantize.callback.bits",
+                f"+pipeline.quantize.callback.bits={{model.conv*: {conv_bits}, model.ip*: {fc_bits}}}"]
+        cfg = compose("lenet5", [*base, *bits, f"pipeline.quantize.callback.init={init}"])
         module = stage_quantize(cfg, dm, load_module_checkpoint(cfg, args.pruned_ckpt), None)
         acc = measure_accuracy(cfg, module, dm, "bits")["acc1"]
         rows.append({"experiment": exp, "conv_bits": conv_bits, "fc_bits": fc_bits, "init": init, "top1": acc,
