@@ -1,9 +1,9 @@
 """The compressed inference path for every weight kind (``dc_lightning.inference.attention`` / ``conversion``), CPU.
 
-The model zoo is ``bench/gpu_compressed_modules.py``'s (the GPU check runs the same models): every weight matrix is
-pruned and quantized through ``dc_lightning.buffers``; the converted model must match the dense one (fp32, relative
-L2 error <= 1e-5) and hold no dense float copy of a compressed weight. Kernels run their CPU reference path here; the
-Triton kernels run under the interpreter in one child process (``test_triton_interpreter``).
+The model zoo is ``tests/compressed_zoo.py`` (``tests/gpu/test_gpu_compressed_modules.py`` runs it on CUDA): every
+weight matrix is pruned and quantized through ``dc_lightning.buffers``; the converted model must match the dense one
+(fp32, relative L2 error <= 1e-5) and hold no dense float copy of a compressed weight. Kernels run their CPU reference
+path here; the Triton kernels run under the interpreter in one child process (``test_triton_interpreter``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import compressed_zoo as zoo
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,6 @@ from dc_lightning.inference.recurrent import CompressedGRU, CompressedLSTM, Comp
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_compressed_modules", ROOT / "bench" / "gpu_compressed_modules.py")
-zoo = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = zoo  # inspect.getsource (the conversion's source check) finds the zoo's classes there
-_spec.loader.exec_module(zoo)
 
 CASES = zoo.build_cases()
 TOL = 1e-5
@@ -152,8 +149,8 @@ def test_mha_need_weights_and_masks(batch_first: bool, average: bool) -> None:
         "none": {},
         "bool2d": {"attn_mask": torch.rand(L, S, generator=g) < 0.3},
         "float3d": {"attn_mask": torch.randn(N * 4, L, S, generator=g)},
-        "kpm": {"key_padding_mask": zoo._kpm(N, S)},
-        "bool2d+kpm": {"attn_mask": torch.rand(L, S, generator=g) < 0.3, "key_padding_mask": zoo._kpm(N, S)},
+        "kpm": {"key_padding_mask": zoo.padding_mask(N, S)},
+        "bool2d+kpm": {"attn_mask": torch.rand(L, S, generator=g) < 0.3, "key_padding_mask": zoo.padding_mask(N, S)},
     }
     for name, m in masks.items():
         for need in (True, False):
@@ -168,7 +165,7 @@ def test_mha_need_weights_and_masks(batch_first: bool, average: bool) -> None:
 def test_mha_self_attention_causal_unbatched_and_variants() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 6, 16, generator=g)
-    causal = zoo._causal(6)
+    causal = zoo.causal_mask(6)
     for kw in ({}, {"add_bias_kv": True}, {"add_zero_attn": True}, {"bias": False}):
         mha = _mha(batch_first=True, **kw)
         cm = to_compressed_inference(mha)
@@ -176,7 +173,7 @@ def test_mha_self_attention_causal_unbatched_and_variants() -> None:
         for call in (
             dict(need_weights=False, attn_mask=causal, is_causal=True),
             dict(need_weights=True, attn_mask=causal),
-            dict(need_weights=False, key_padding_mask=zoo._kpm(2, 6)),
+            dict(need_weights=False, key_padding_mask=zoo.padding_mask(2, 6)),
         ):
             assert zoo.rel_err(cm(x, x, x, **call)[0], _dense(mha, x, x, x, **call)[0]) <= TOL, (kw, call)
         # unbatched input: [L, E]

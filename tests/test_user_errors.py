@@ -137,8 +137,8 @@ def test_allocation_bounded_before_decoding(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_structure_aware_fuzz_small(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_dcz.py"), "--mutants", "300", "--seed", "3",
-                          "--json", str(tmp_path / "f.json")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "bench.storage.fuzz_dcz", "--mutants", "300", "--seed", "3",
+                          "--json", str(tmp_path / "f.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     res = json.loads((tmp_path / "f.json").read_text())
     assert out.returncode == 0 and res["failures"] == 0, out.stdout[-2000:]
     assert all(res["counts"][kind].get("loaded DIFFERENT", 0) == 0 for kind in ("byte", "header"))
@@ -166,7 +166,7 @@ def test_untrusted_builder_is_never_imported(tmp_path, capsys):
 
 @pytest.mark.parametrize("record", [True, "x", [1, 2]])
 def test_a_builder_record_that_is_not_a_mapping_is_a_value_error(tmp_path, record):
-    # found by bench/fuzz_dcz.py (re-sealed header with builder: true): an AttributeError escaped before
+    # found by bench/storage/fuzz_dcz.py (re-sealed header with builder: true): an AttributeError escaped before
     path = tmp_path / "n.dcz"
     save_compressed(_net(), path)
     _rewrite_header(path, lambda d: d.__setitem__("builder", record), reseal=True)

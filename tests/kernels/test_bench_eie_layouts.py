@@ -1,6 +1,7 @@
-"""The issue-16 GPU benchmark's plumbing (``bench/bench_eie_layouts.py --smoke``): on the CPU under the Triton
-interpreter, tiny layers, every phase (layers, stacks, torch.compile check, transformer shapes, autotuning + the
-re-timed tuned configs) must run without a recorded failure and check every kernel output against float64."""
+"""The issue-16 GPU benchmark's plumbing (``python -m bench.kernels.bench_eie_layouts --smoke``): on the CPU under
+the Triton interpreter, tiny layers, every phase (layers, stacks, torch.compile check, transformer shapes,
+autotuning + the re-timed tuned configs) must run without a recorded failure and check every kernel output against
+float64."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench_eie_layouts.py"), "--smoke", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "bench.kernels.bench_eie_layouts", "--smoke", "--out", str(tmp_path)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results.json").read_text())
