@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from dc_lightning.dcz.codec import CompressedFile, CompressedLayer, read_compressed
+from dc_lightning.dcz.decode import read_compressed
+from dc_lightning.dcz.records import CompressedFile, CompressedLayer
 from dc_lightning.dcz.relative_index import encode_gaps
 
 __all__ = ["SCAN_ORDERS", "entropy", "gap_bits", "layer_stats", "file_stats"]
