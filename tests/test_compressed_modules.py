@@ -206,12 +206,14 @@ def test_mha_separate_kdim_vdim_and_partly_compressed() -> None:
 # --------------------------------------------------------------------------------------- recurrent and embedding
 
 
-def test_rnn_rejects_packed_sequence_and_flatten_parameters_is_a_noop() -> None:
+def test_rnn_takes_packed_sequence_and_flatten_parameters_is_a_noop() -> None:
+    """(every calling convention against torch: tests/test_recurrent.py)"""
     lstm = to_compressed_inference(CASES["lstm"][0])
     lstm.flatten_parameters()
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 3, 12), [3, 2], batch_first=True)
-    with pytest.raises(TypeError, match="PackedSequence"):
-        lstm(packed)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 3, 12), [2, 3], batch_first=True, enforce_sorted=False)
+    got, (h, c) = lstm(packed)
+    want, (h_ref, c_ref) = _dense(CASES["lstm"][0], packed)
+    assert max(zoo.rel_err(got.data, want.data), zoo.rel_err(h, h_ref), zoo.rel_err(c, c_ref)) <= TOL
     with pytest.raises(ValueError, match="input_size=12"):
         lstm(torch.randn(2, 3, 11))
     with pytest.raises(ValueError, match=r"c0 must have shape \(4, 2, 10\)"):
