@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dc_lightning import buffers
+from dc_lightning.inference import attention
 from dc_lightning.inference.attention import CompressedMultiheadAttention
 from dc_lightning.inference.conversion import plan_conversion, to_compressed_inference
 from dc_lightning.inference.embedding import CompressedEmbedding
@@ -139,9 +140,14 @@ def _mha(**kw) -> nn.MultiheadAttention:
     return zoo.compress_all(mha, seed=3)
 
 
+@pytest.mark.parametrize("path", ["dense", "kernels"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("average", [True, False])
-def test_mha_need_weights_and_masks(batch_first: bool, average: bool) -> None:
+def test_mha_need_weights_and_masks(batch_first: bool, average: bool, path: str, monkeypatch) -> None:
+    """On both paths: ``dense`` (the CPU's: weights decoded once per call, ``F.linear``) and ``kernels`` (the CUDA
+    branch, here on the CPU reference of the compressed kernels)."""
+    if path == "kernels":
+        monkeypatch.setattr(attention, "use_triton", lambda x: True)
     mha = _mha(batch_first=batch_first)
     cm = CompressedMultiheadAttention.from_module(mha).eval()
     g = torch.Generator().manual_seed(0)
@@ -187,6 +193,24 @@ def test_mha_self_attention_causal_unbatched_and_variants() -> None:
         cm(x, x, x, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="key_padding_mask must have shape"):
         cm(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_mha_cpu_path_decodes_each_projection_once_and_keeps_no_copy(monkeypatch) -> None:
+    mha = _mha(batch_first=True)
+    cm = to_compressed_inference(mha)
+    projections = [cm.q_proj, cm.k_proj, cm.v_proj, cm.out_proj]
+    assert all(isinstance(p, CompressedLinear) for p in projections)
+    before = {k: tuple(v.shape) for k, v in cm.state_dict().items() if isinstance(v, torch.Tensor)}
+    calls = []
+    decode = CompressedLinear.dense_weight
+    monkeypatch.setattr(CompressedLinear, "dense_weight", lambda self: calls.append(self) or decode(self))
+    monkeypatch.setattr(CompressedLinear, "forward", lambda self, x: pytest.fail("ran the kernel path"))
+    x = torch.randn(3, 9, 16)
+    for need in (True, False):
+        calls.clear()
+        assert zoo.rel_err(cm(x, x, x, need_weights=need)[0], _dense(mha, x, x, x, need_weights=need)[0]) <= TOL
+        assert sorted(map(id, calls)) == sorted(map(id, projections)), "each projection decoded exactly once"
+    assert {k: tuple(v.shape) for k, v in cm.state_dict().items() if isinstance(v, torch.Tensor)} == before
 
 
 def test_mha_separate_kdim_vdim_and_partly_compressed() -> None:
