@@ -15,12 +15,14 @@ Providers, side by side in one process, same weights (pruned to ``--density``, q
 
 Cases: EIE's NT-LSTM shape (2 layers, input 600, hidden 600) over a sequence of 64 at batch 1 and 16, the same
 stepping one token at a time for 64 steps (sampling: one call per token, the state carried), the GRU alike, and
-``nn.MultiheadAttention`` (embed 384, 6 heads) self-attention over 128 positions at batch 1 and 16. The time of a
-case is the median of ``--repeats`` runs (after one warm-up run; the providers take turns within each repeat),
-``torch.set_num_threads(--threads)``.
+``nn.MultiheadAttention`` (embed 384, 6 heads) self-attention over 128 positions at batch 1 and 16, and the report of
+issue 22: ``models.lm.sample`` of 64 tokens from the ``lstm_lm`` recipe's network (Embedding, LSTM 600, Linear; the
+whole context re-run per token) after a 16-token prompt. The time of a case is the median of ``--repeats`` runs
+(after one warm-up run; the providers take turns within each repeat), ``torch.set_num_threads(--threads)``.
 
     python bench/cpu_paths.py                      # table + bench/out/cpu_paths.json
     python bench/cpu_paths.py --kernel-path        # also the per-step compressed-kernel path (slow)
+    python bench/cpu_paths.py --threads 1 --out bench/out/cpu_paths_1thread.json
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
 
@@ -90,6 +93,11 @@ def self_attention(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return lambda: m(x, x, x, need_weights=False)
 
 
+def sampling(m: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
+    """``dc_lightning.models.lm.sample``: 64 greedy tokens, the whole context re-run per token (issue 22's report)."""
+    return lambda: sample(m, prompt, 64, temperature=0)
+
+
 def matrices(m: nn.Module) -> list[CompressedLinear]:
     return [c for c in m.modules() if isinstance(c, CompressedLinear)]
 
@@ -131,6 +139,7 @@ def main() -> None:
     lstm = compressed(nn.LSTM(600, 600, num_layers=2), args.density, args.bits)
     gru = compressed(nn.GRU(600, 600, num_layers=2), args.density, args.bits)
     mha = compressed(nn.MultiheadAttention(384, 6), args.density, args.bits)
+    lm = compressed(build_lm("lstm_lm"), args.density, args.bits)
     cases = []
     for kind, pair in (("LSTM", lstm), ("GRU", gru)):
         for batch in (1, 16):
@@ -139,6 +148,7 @@ def main() -> None:
         cases.append((f"{kind} 2x600 64 steps", 1, pair, stepping, torch.randn(64, 1, 600), 64))
     for batch in (1, 16):
         cases.append(("MHA 384/6 seq 128", batch, mha, self_attention, torch.randn(128, batch, 384), 1))
+    cases.append(("lstm_lm sample 64 tok", 1, lm, sampling, torch.randint(0, 256, (16,)), 64))
 
     rows = []
     header = (
