@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dc_lightning import buffers
+from dc_lightning.inference import attention
 from dc_lightning.inference.attention import CompressedMultiheadAttention
 from dc_lightning.inference.conversion import plan_conversion, to_compressed_inference
 from dc_lightning.inference.embedding import CompressedEmbedding
@@ -136,9 +137,14 @@ def _mha(**kw) -> nn.MultiheadAttention:
     return zoo.compress_all(mha, seed=3)
 
 
+@pytest.mark.parametrize("path", ["dense", "kernels"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("average", [True, False])
-def test_mha_need_weights_and_masks(batch_first: bool, average: bool) -> None:
+def test_mha_need_weights_and_masks(batch_first: bool, average: bool, path: str, monkeypatch) -> None:
+    """On both paths: ``dense`` (the CPU's: weights decoded once per call, ``F.linear``) and ``kernels`` (the CUDA
+    branch, here on the CPU reference of the compressed kernels)."""
+    if path == "kernels":
+        monkeypatch.setattr(attention, "use_triton", lambda x: True)
     mha = _mha(batch_first=batch_first)
     cm = CompressedMultiheadAttention.from_module(mha).eval()
     g = torch.Generator().manual_seed(0)
@@ -186,6 +192,24 @@ def test_mha_self_attention_causal_unbatched_and_variants() -> None:
         cm(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
 
 
+def test_mha_cpu_path_decodes_each_projection_once_and_keeps_no_copy(monkeypatch) -> None:
+    mha = _mha(batch_first=True)
+    cm = to_compressed_inference(mha)
+    projections = [cm.q_proj, cm.k_proj, cm.v_proj, cm.out_proj]
+    assert all(isinstance(p, CompressedLinear) for p in projections)
+    before = {k: tuple(v.shape) for k, v in cm.state_dict().items() if isinstance(v, torch.Tensor)}
+    calls = []
+    decode = CompressedLinear.dense_weight
+    monkeypatch.setattr(CompressedLinear, "dense_weight", lambda self: calls.append(self) or decode(self))
+    monkeypatch.setattr(CompressedLinear, "forward", lambda self, x: pytest.fail("ran the kernel path"))
+    x = torch.randn(3, 9, 16)
+    for need in (True, False):
+        calls.clear()
+        assert zoo.rel_err(cm(x, x, x, need_weights=need)[0], _dense(mha, x, x, x, need_weights=need)[0]) <= TOL
+        assert sorted(map(id, calls)) == sorted(map(id, projections)), "each projection decoded exactly once"
+    assert {k: tuple(v.shape) for k, v in cm.state_dict().items() if isinstance(v, torch.Tensor)} == before
+
+
 def test_mha_separate_kdim_vdim_and_partly_compressed() -> None:
     mha = nn.MultiheadAttention(16, 2, kdim=10, vdim=6, batch_first=True).eval()
     zoo.compress_all(mha, seed=4)
@@ -203,12 +227,14 @@ def test_mha_separate_kdim_vdim_and_partly_compressed() -> None:
 # --------------------------------------------------------------------------------------- recurrent and embedding
 
 
-def test_rnn_rejects_packed_sequence_and_flatten_parameters_is_a_noop() -> None:
+def test_rnn_takes_packed_sequence_and_flatten_parameters_is_a_noop() -> None:
+    """(every calling convention against torch: tests/test_recurrent.py)"""
     lstm = to_compressed_inference(CASES["lstm"][0])
     lstm.flatten_parameters()
-    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 3, 12), [3, 2], batch_first=True)
-    with pytest.raises(TypeError, match="PackedSequence"):
-        lstm(packed)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 3, 12), [2, 3], batch_first=True, enforce_sorted=False)
+    got, (h, c) = lstm(packed)
+    want, (h_ref, c_ref) = _dense(CASES["lstm"][0], packed)
+    assert max(zoo.rel_err(got.data, want.data), zoo.rel_err(h, h_ref), zoo.rel_err(c, c_ref)) <= TOL
     with pytest.raises(ValueError, match="input_size=12"):
         lstm(torch.randn(2, 3, 11))
     with pytest.raises(ValueError, match=r"c0 must have shape \(4, 2, 10\)"):

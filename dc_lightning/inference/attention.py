@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # ------------------------------------------------------------------------------------------------------ attention
+from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import float_mask, linear_numel, projection
+from dc_lightning.kernels.runtime import use_triton
 
 
 class CompressedMultiheadAttention(nn.Module):
@@ -30,6 +32,11 @@ class CompressedMultiheadAttention(nn.Module):
     weights with a plain ``softmax(q k^T / sqrt(d) + mask)`` path and returns them (averaged over heads unless
     ``average_attn_weights=False``); ``need_weights=False`` uses ``scaled_dot_product_attention`` (fused kernels).
     Dropout applies in training mode only, as in torch.
+
+    Where the compressed kernels run (CUDA, or the CPU under ``TRITON_INTERPRET=1``) the projections multiply straight
+    from the compressed matrices. Elsewhere (the CPU) each compressed matrix is decoded once per call and multiplied
+    by ``F.linear`` (the CPU reference of a compressed product decodes its matrix anyway; ``F.linear`` is torch's
+    BLAS product); the decoded weights are dropped at the end of the call.
 
     ``batch_first``, ``_qkv_same_embed_dim`` and ``in_proj_bias`` are exposed because ``nn.TransformerEncoderLayer``
     reads them before it chooses its fused fast path (which needs dense weights and is switched off on converted
@@ -143,7 +150,9 @@ class CompressedMultiheadAttention(nn.Module):
         else:
             attn_mask = float_mask(attn_mask, "attn_mask", query.dtype)
         is_causal = attn_mask is None and bool(is_causal)
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)  # [L, N, E], [S, N, E], [S, N, E]
+        kernels = use_triton(query)
+        pairs = ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value))
+        q, k, v = (self._project(m, t, kernels) for m, t in pairs)  # [L, N, E], [S, N, E], [S, N, E]
         S = k.shape[0]
         if attn_mask is not None:
             if attn_mask.dim() == 2:
@@ -196,13 +205,22 @@ class CompressedMultiheadAttention(nn.Module):
             )  # [N, H, L, hd]
             out = out.permute(2, 0, 1, 3).reshape(L * N, E)
             weights = None
-        out = self.out_proj(out).view(L, N, -1)
+        out = self._project(self.out_proj, out, kernels).view(L, N, -1)
         if not is_batched:
             out = out.squeeze(1)
             weights = None if weights is None else weights.squeeze(0)
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    @staticmethod
+    def _project(m: nn.Module, x: Tensor, kernels: bool) -> Tensor:
+        """``m(x)`` on the compressed kernel, or ``F.linear`` with ``m``'s weight decoded for this call only."""
+        if kernels or not isinstance(m, CompressedLinear):
+            return m(x)
+        bias = None if m.bias is None else m.bias.to(x.dtype)
+        y = F.linear(x, m.dense_weight().to(x.dtype), bias)
+        return torch.relu(y) if m.relu else y
 
     def dense_numel(self) -> int:
         extra = sum(t.numel() for t in (self.bias_k, self.bias_v) if t is not None)

@@ -1,37 +1,59 @@
 """``CompressedLSTM`` / ``CompressedGRU`` / ``CompressedRNN``: every layer and direction of ``nn.LSTM`` / ``nn.GRU`` /
-``nn.RNN`` from compressed matrices (input products once over all timesteps, recurrent products per step)."""
+``nn.RNN`` from compressed matrices, with torch's calling convention (padded or ``PackedSequence`` input, ``h0`` /
+``(h0, c0)``, ``batch_first``, unbatched input, ``proj_size``, bidirectional, multi-layer, inter-layer dropout)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-# ------------------------------------------------------------------------------------------------ recurrent layers
+from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import linear_numel, projection
+from dc_lightning.kernels.runtime import use_triton
+
+# ------------------------------------------------------------------------------------------------ recurrent layers
+
+States = tuple[Tensor, ...]  # (h,) for GRU/RNN, (h, c) for LSTM; each [L*D, B, size]
+
+
+def decoded_weight(m: nn.Module, dtype: torch.dtype) -> Tensor:
+    """The dense ``[out, in]`` weight of a projection (decoded for a :class:`CompressedLinear`), in ``dtype``."""
+    w = m.dense_weight() if isinstance(m, CompressedLinear) else m.weight
+    return w.to(dtype)
 
 
 class CompressedRNNBase(nn.Module):
-    """Shared loop of :class:`CompressedLSTM` / :class:`CompressedGRU` / :class:`CompressedRNN`.
-
-    Layout of the gate products (EIE's NT-LSTM layer multiplies one [4H x (I+H)] matrix by ``[x_t; h_{t-1}]`` per
-    step, [EIE] Table III): here ``W_ih`` and ``W_hh`` stay two compressed matrices. The input half does not depend
-    on the recurrence, so it runs ONCE per layer and direction over all timesteps (``W_ih @ [x_1 .. x_T]``: a
-    batch of ``T * B`` columns, far better weight reuse than T products of ``B`` columns); only ``W_hh @ h_{t-1}``
-    (+ ``W_hr`` for an LSTM with ``proj_size``) runs per step. Biases ``b_ih`` / ``b_hh`` are fused into those two
-    products (the GRU needs ``W_hn h + b_hn`` separately from the input half, which this split gives for free).
+    """What :class:`CompressedLSTM` / :class:`CompressedGRU` / :class:`CompressedRNN` share.
 
     ``cells[layer * num_directions + direction]`` is a ``ModuleDict`` with ``ih``, ``hh`` (and ``hr``): a
-    :class:`~dc_lightning.inference.linear.CompressedLinear` for a compressed matrix, a dense ``nn.Linear`` otherwise.
-    Inter-layer dropout applies in training mode only. ``PackedSequence`` input is rejected (pad it and pass the
-    padded tensor; outputs past a sequence's length are then not meaningful).
+    :class:`~dc_lightning.inference.linear.CompressedLinear` for a compressed matrix, a dense ``nn.Linear`` otherwise;
+    the biases ``b_ih`` / ``b_hh`` live in ``ih`` / ``hh``.
+
+    ``forward`` takes what torch's module takes and returns what it returns: a padded tensor (``batch_first`` both
+    ways) or a 2-D unbatched one, or a ``PackedSequence`` (output packed with the same ``batch_sizes`` /
+    ``sorted_indices`` / ``unsorted_indices``, final states per sequence in the caller's order, as torch gives them).
+    Two paths, chosen by where the compressed kernels run (``dc_lightning.kernels.runtime.use_triton``):
+
+    * **kernels** (CUDA, or the CPU under ``TRITON_INTERPRET=1``): multiplies straight from the compressed matrices.
+      EIE's NT-LSTM layer multiplies one [4H x (I+H)] matrix by ``[x_t; h_{t-1}]`` per step ([EIE] Table III); here
+      ``W_ih`` and ``W_hh`` stay two matrices: the input half runs ONCE per layer and direction over all timesteps
+      (``W_ih @ [x_1 .. x_T]``, ``T * B`` columns: far better weight reuse), only ``W_hh @ h_{t-1}`` (+ ``W_hr``)
+      per step. A packed batch shrinks from step to step: step ``t`` updates the first ``batch_sizes[t]`` rows.
+    * **dense** (everything else, the CPU): each weight matrix is decoded ONCE per call and the whole sequence runs in
+      torch's own kernel (``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu``, as ``nn.LSTM.forward`` calls
+      it). The CPU reference of a compressed product decodes its matrix, so stepping through ``CompressedLinear``
+      would decode ``W_hh`` every timestep. The decoded weights are dropped at the end of the call: the module keeps
+      only its compressed form.
+
+    Inter-layer dropout applies in training mode only, as in torch.
     """
 
-    _gates: int
     _torch_type: type[nn.RNNBase]
+    _n_states = 1
 
     def __init__(
         self,
@@ -60,6 +82,11 @@ class CompressedRNNBase(nn.Module):
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    @property
+    def bias(self) -> bool:
+        """Whether the layer has the biases ``b_ih`` / ``b_hh`` (``nn.RNNBase.bias``)."""
+        return getattr(self.cells[0]["ih"], "bias", None) is not None
 
     @classmethod
     def from_module(cls, rnn: nn.RNNBase, keep_dense: Collection[str] = ()) -> CompressedRNNBase:
@@ -106,14 +133,82 @@ class CompressedRNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op (cuDNN's flat weight buffer does not exist here); kept so that user code calling it still runs."""
 
-    def _step(self, gi: Tensor, h: Tensor, c: Tensor | None, cell: nn.ModuleDict) -> tuple[Tensor, Tensor | None]:
+    # ------------------------------------------------------------------------------------------ what differs per kind
+    def _state_sizes(self) -> tuple[int, ...]:
+        return (self.hidden_size,)
+
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+        """One timestep of the kernel path: ``gi`` = ``W_ih x_t + b_ih`` [b, G*H], ``states`` [b, size] each."""
         raise NotImplementedError
 
-    def _run(self, x: Tensor, h0: Tensor, c0: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x: [T, B, I]; h0: [L*D, B, H_out]; c0: [L*D, B, H] or None. Returns output [T, B, D*H_out], h_n, c_n."""
-        T = x.shape[0]
+    def _vf(self) -> Callable:
+        """torch's functional kernel for this kind (``torch._VF.lstm``...)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------------------------- forward
+    def _forward(self, input: Tensor | PackedSequence, hx: States | None) -> tuple[Tensor | PackedSequence, States]:
+        """torch's conventions around :meth:`_run_kernels` / :meth:`_run_dense` (both work sequence-first)."""
+        name = type(self).__name__
+        if isinstance(input, PackedSequence):
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            if x.dim() != 2:
+                raise ValueError(f"{name}: a PackedSequence's data must be 2-D, got shape {tuple(x.shape)}")
+            batch, is_batched = int(batch_sizes[0]), True
+        else:
+            x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            if not isinstance(x, Tensor) or x.dim() not in (2, 3):
+                got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} expects a 2-D or 3-D input or a PackedSequence, got {got}")
+            is_batched = x.dim() == 3
+            x = x.unsqueeze(1) if not is_batched else x.transpose(0, 1) if self.batch_first else x
+            batch = x.shape[1]
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: input's last dimension must be input_size={self.input_size}, got {x.shape[-1]}")
+        want = [(self.num_layers * self.num_directions, batch, size) for size in self._state_sizes()]
+        if hx is None:
+            states = tuple(x.new_zeros(shape) for shape in want)
+        else:
+            for h, shape, label in zip(hx, want, ("h0", "c0")[: len(want)], strict=True):
+                shape = shape if is_batched else (shape[0], shape[2])  # unbatched input: unbatched states, as torch
+                if not isinstance(h, Tensor) or tuple(h.shape) != shape:
+                    got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+                    raise ValueError(f"{name}: {label} must have shape {shape}, got {got}")
+            states = hx if is_batched else tuple(h.unsqueeze(1) for h in hx)
+            if sorted_indices is not None:  # the caller's order -> the packed (sorted) order, as torch does
+                states = tuple(h.index_select(1, sorted_indices) for h in states)
+        if use_triton(x):
+            out, states = self._run_kernels(x, None if batch_sizes is None else batch_sizes.tolist(), states)
+        else:
+            out, states = self._run_dense(x, batch_sizes, states)
+        if batch_sizes is not None:
+            if unsorted_indices is not None:
+                states = tuple(h.index_select(1, unsorted_indices) for h in states)
+            return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), states
+        if not is_batched:
+            return out.squeeze(1), tuple(h.squeeze(1) for h in states)
+        return (out.transpose(0, 1) if self.batch_first else out), states
+
+    def _run_dense(self, x: Tensor, batch_sizes: Tensor | None, states: States) -> tuple[Tensor, States]:
+        """Decode every matrix once, then torch's kernel. x: [T, B, I] or packed [N, I]."""
+        weights = []
+        for cell in self.cells:  # torch's flat order per layer and direction: w_ih, w_hh, b_ih, b_hh, w_hr
+            weights += [decoded_weight(cell["ih"], x.dtype), decoded_weight(cell["hh"], x.dtype)]
+            if self.bias:
+                weights += [cell["ih"].bias.to(x.dtype), cell["hh"].bias.to(x.dtype)]
+            if "hr" in cell:
+                weights.append(decoded_weight(cell["hr"], x.dtype))
+        hx = list(states) if len(states) > 1 else states[0]
+        config = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if batch_sizes is None:
+            result = self._vf()(x, hx, weights, *config, False)
+        else:
+            result = self._vf()(x, batch_sizes, hx, weights, *config)
+        return result[0], tuple(result[1:])
+
+    def _run_kernels(self, x: Tensor, batch_sizes: list[int] | None, states: States) -> tuple[Tensor, States]:
+        """Step through the compressed kernels. x: [T, B, I] or packed [N, I] (``batch_sizes`` non-increasing)."""
         D = self.num_directions
-        h_n, c_n = [], []
+        finals: list[list[Tensor]] = [[] for _ in states]
         layer_input = x
         for layer in range(self.num_layers):
             if layer > 0 and self.training and self.dropout > 0.0:
@@ -121,51 +216,26 @@ class CompressedRNNBase(nn.Module):
             outs = []
             for d in range(D):
                 cell = self.cells[layer * D + d]
-                gi = cell["ih"](layer_input)  # [T, B, G*H]: the input half for every timestep in one product
-                h = h0[layer * D + d]
-                c = None if c0 is None else c0[layer * D + d]
-                ys: list[Tensor] = [h] * T
-                for t in range(T - 1, -1, -1) if d == 1 else range(T):
-                    h, c = self._step(gi[t], h, c, cell)
-                    ys[t] = h
-                outs.append(torch.stack(ys))
-                h_n.append(h)
-                if c is not None:
-                    c_n.append(c)
-            layer_input = outs[0] if D == 1 else torch.cat(outs, dim=2)
-        return layer_input, torch.stack(h_n), (torch.stack(c_n) if c_n else None)
+                gi = cell["ih"](layer_input)  # the input half for every timestep in one product: [T, B, G*H] / [N, G*H]
+                steps = gi.unbind(0) if batch_sizes is None else gi.split(batch_sizes)
+                s = tuple(h[layer * D + d] for h in states)
+                ys: list[Tensor] = [s[0]] * len(steps)
+                for t in range(len(steps) - 1, -1, -1) if d == 1 else range(len(steps)):
+                    b = steps[t].shape[0]
+                    if b == s[0].shape[0]:
+                        s = self._step(steps[t], s, cell)
+                        ys[t] = s[0]
+                    else:  # a packed batch: the first b sequences are still running; the others keep their states
+                        new = self._step(steps[t], tuple(h[:b] for h in s), cell)
+                        ys[t] = new[0]
+                        s = tuple(torch.cat([n, h[b:]]) for n, h in zip(new, s, strict=True))
+                outs.append(torch.stack(ys) if batch_sizes is None else torch.cat(ys))
+                for acc, h in zip(finals, s, strict=True):
+                    acc.append(h)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, dim=-1)
+        return layer_input, tuple(torch.stack(acc) for acc in finals)
 
-    def _prepare(self, input: Tensor) -> tuple[Tensor, bool]:
-        if isinstance(input, PackedSequence):
-            raise TypeError(
-                f"{type(self).__name__} does not take a PackedSequence; pass the padded tensor "
-                "(torch.nn.utils.rnn.pad_packed_sequence) instead"
-            )
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{type(self).__name__} expects a 2-D or 3-D input, got shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input's last dimension must be input_size={self.input_size}, got {input.shape[-1]}")
-        is_batched = input.dim() == 3
-        if not is_batched:
-            input = input.unsqueeze(1)
-        elif self.batch_first:
-            input = input.transpose(0, 1)
-        return input, is_batched
-
-    def _zeros(self, x: Tensor, size: int) -> Tensor:
-        return x.new_zeros(self.num_layers * self.num_directions, x.shape[1], size)
-
-    def _check_state(self, h: Tensor, x: Tensor, size: int, name: str) -> Tensor:
-        want = (self.num_layers * self.num_directions, x.shape[1], size)
-        if tuple(h.shape) != want:
-            raise ValueError(f"{type(self).__name__}: {name} must have shape {want}, got {tuple(h.shape)}")
-        return h
-
-    def _finish(self, out: Tensor, is_batched: bool) -> Tensor:
-        if not is_batched:
-            return out.squeeze(1)
-        return out.transpose(0, 1) if self.batch_first else out
-
+    # ----------------------------------------------------------------------------------------------------------------
     def dense_numel(self) -> int:
         return sum(linear_numel(m) for cell in self.cells for m in cell.values())
 
@@ -184,14 +254,23 @@ class CompressedRNNBase(nn.Module):
         return s + (f", proj_size={self.proj_size}" if self.proj_size else "")
 
 
-class CompressedLSTM(CompressedRNNBase):
-    """``nn.LSTM`` on the compressed kernel (gate order i, f, g, o; ``proj_size`` supported). See
-    :class:`CompressedRNNBase` for the layout. ``forward(input, (h0, c0)=None) -> output, (h_n, c_n)``."""
+Input = Tensor | PackedSequence
 
-    _gates = 4
+
+class CompressedLSTM(CompressedRNNBase):
+    """``nn.LSTM`` from compressed matrices (gate order i, f, g, o; ``proj_size`` supported). See
+    :class:`CompressedRNNBase`. ``forward(input, (h0, c0)=None) -> output, (h_n, c_n)``."""
+
     _torch_type = nn.LSTM
 
-    def _step(self, gi: Tensor, h: Tensor, c: Tensor | None, cell: nn.ModuleDict) -> tuple[Tensor, Tensor]:
+    def _state_sizes(self) -> tuple[int, ...]:
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _vf(self) -> Callable:
+        return _VF.lstm
+
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+        h, c = states
         i, f, g, o = (gi + cell["hh"](h)).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -199,52 +278,44 @@ class CompressedLSTM(CompressedRNNBase):
             h = cell["hr"](h)
         return h, c
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        x, is_batched = self._prepare(input)
-        if hx is None:
-            h0, c0 = self._zeros(x, self.proj_size or self.hidden_size), self._zeros(x, self.hidden_size)
-        else:
-            h0, c0 = hx if is_batched else (t.unsqueeze(1) for t in hx)
-            h0 = self._check_state(h0, x, self.proj_size or self.hidden_size, "h0")
-            c0 = self._check_state(c0, x, self.hidden_size, "c0")
-        out, h_n, c_n = self._run(x, h0, c0)
-        if not is_batched:
-            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return self._finish(out, is_batched), (h_n, c_n)
+    def forward(self, input: Input, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Input, tuple[Tensor, Tensor]]:
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"{type(self).__name__}: hx must be a tuple (h0, c0), got {type(hx).__name__}")
+        out, (h_n, c_n) = self._forward(input, None if hx is None else tuple(hx))
+        return out, (h_n, c_n)
 
 
 class _CompressedSingleState(CompressedRNNBase):
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x, is_batched = self._prepare(input)
-        if hx is None:
-            h0 = self._zeros(x, self.hidden_size)
-        else:
-            h0 = self._check_state(hx if is_batched else hx.unsqueeze(1), x, self.hidden_size, "h0")
-        out, h_n, _ = self._run(x, h0, None)
-        return self._finish(out, is_batched), (h_n if is_batched else h_n.squeeze(1))
+    def forward(self, input: Input, hx: Tensor | None = None) -> tuple[Input, Tensor]:
+        if hx is not None and not isinstance(hx, Tensor):
+            raise TypeError(f"{type(self).__name__}: hx must be a tensor h0, got {type(hx).__name__}")
+        out, (h_n,) = self._forward(input, None if hx is None else (hx,))
+        return out, h_n
 
 
 class CompressedGRU(_CompressedSingleState):
-    """``nn.GRU`` on the compressed kernel (gate order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``).
-    ``forward(input, h0=None) -> output, h_n``."""
+    """``nn.GRU`` from compressed matrices (gate order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``).
+    See :class:`CompressedRNNBase`. ``forward(input, h0=None) -> output, h_n``."""
 
-    _gates = 3
     _torch_type = nn.GRU
 
-    def _step(self, gi: Tensor, h: Tensor, c: None, cell: nn.ModuleDict) -> tuple[Tensor, None]:
+    def _vf(self) -> Callable:
+        return _VF.gru
+
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+        (h,) = states
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
         h_r, h_z, h_n = cell["hh"](h).chunk(3, dim=-1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
-        return (1.0 - z) * n + z * h, None
+        return ((1.0 - z) * n + z * h,)
 
 
 class CompressedRNN(_CompressedSingleState):
-    """``nn.RNN`` (``nonlinearity`` tanh or relu) on the compressed kernel.
+    """``nn.RNN`` (``nonlinearity`` tanh or relu) from compressed matrices. See :class:`CompressedRNNBase`.
     ``forward(input, h0=None) -> output, h_n``."""
 
-    _gates = 1
     _torch_type = nn.RNN
 
     def __init__(self, cells: Iterable[nn.ModuleDict], *, nonlinearity: str = "tanh", **kwargs) -> None:
@@ -257,6 +328,9 @@ class CompressedRNN(_CompressedSingleState):
     def _config(rnn: nn.RNNBase) -> dict:
         return {**CompressedRNNBase._config(rnn), "nonlinearity": rnn.nonlinearity}
 
-    def _step(self, gi: Tensor, h: Tensor, c: None, cell: nn.ModuleDict) -> tuple[Tensor, None]:
-        pre = gi + cell["hh"](h)
-        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)), None
+    def _vf(self) -> Callable:
+        return _VF.rnn_tanh if self.nonlinearity == "tanh" else _VF.rnn_relu
+
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+        pre = gi + cell["hh"](states[0])
+        return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)

@@ -1,0 +1,198 @@
+"""CPU time of the converted recurrent and attention modules against the dense torch modules they replace.
+
+On the CPU the converted ``CompressedLSTM`` / ``CompressedGRU`` / ``CompressedMultiheadAttention`` decode each
+compressed matrix once per call and run torch's own op on the result (``torch._VF.lstm``..., ``F.linear`` + SDPA).
+Providers, side by side in one process, same weights (pruned to ``--density``, quantized to ``--bits``) and inputs:
+
+* ``dense``: the torch module with the masked, quantized weights (the reference).
+* ``converted``: ``dc_lightning.to_compressed_inference`` of it.
+* ``decode``: decoding every compressed matrix of the converted module once (``CompressedLinear.dense_weight()``) per
+  call, the part of ``converted`` that ``dense`` does not pay; ``floor`` = (dense + decode) / dense is the least
+  converted/dense ratio this CPU path can reach (what stepping one token per call is bound by).
+* ``decode_lut``: the same from the LUT copy of each matrix (``layouts.decode_dense(lut_packed())``), for comparison.
+* ``kernel_path`` (with ``--kernel-path``): the per-step path CUDA takes, on the CPU reference of the compressed
+  kernels (what the CPU ran before issue 22); one repeat, it is slow.
+
+Cases: EIE's NT-LSTM shape (2 layers, input 600, hidden 600) over a sequence of 64 at batch 1 and 16, the same
+stepping one token at a time for 64 steps (sampling: one call per token, the state carried), the GRU alike, and
+``nn.MultiheadAttention`` (embed 384, 6 heads) self-attention over 128 positions at batch 1 and 16, and the report of
+issue 22: ``models.lm.sample`` of 64 tokens from the ``lstm_lm`` recipe's network (Embedding, LSTM 600, Linear; the
+whole context re-run per token) after a 16-token prompt. The time of a case is the median of ``--repeats`` runs
+(after one warm-up run; the providers take turns within each repeat), ``torch.set_num_threads(--threads)``.
+
+    python bench/cpu_paths.py                      # table + bench/out/cpu_paths.json
+    python bench/cpu_paths.py --kernel-path        # also the per-step compressed-kernel path (slow)
+    python bench/cpu_paths.py --threads 1 --out bench/out/cpu_paths_1thread.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from dc_lightning import to_compressed_inference  # noqa: E402
+from dc_lightning.inference import attention, recurrent  # noqa: E402
+from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
+from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.models.lm import build_lm, sample  # noqa: E402
+from dc_lightning.pruning.masks import prune_model  # noqa: E402
+from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
+
+
+def compressed(module: nn.Module, density: float, bits: int) -> tuple[nn.Module, nn.Module]:
+    """``(dense, converted)``: ``module`` pruned and quantized in place, and its converted copy."""
+    holder = nn.Sequential(module).eval()
+    prune_model(holder, densities=density)
+    quantize_model(holder, bits=bits, max_iter=20)
+    return holder[0], to_compressed_inference(holder)[0].eval()
+
+
+def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each provider; the providers run in turn within each repeat, so that a load change on a
+    shared machine hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def sequence(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: m(x)
+
+
+def stepping(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """One call per timestep of ``x`` [T, B, I], the state carried (how a sampler drives an RNN)."""
+
+    def run() -> None:
+        hx = None
+        for t in range(x.shape[0]):
+            _, hx = m(x[t : t + 1], hx)
+
+    return run
+
+
+def self_attention(m: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: m(x, x, x, need_weights=False)
+
+
+def sampling(m: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
+    """``dc_lightning.models.lm.sample``: 64 greedy tokens, the whole context re-run per token (issue 22's report)."""
+    return lambda: sample(m, prompt, 64, temperature=0)
+
+
+def matrices(m: nn.Module) -> list[CompressedLinear]:
+    return [c for c in m.modules() if isinstance(c, CompressedLinear)]
+
+
+def decode_all(m: nn.Module, lut: bool) -> Callable[[], object]:
+    mats = matrices(m)
+    if lut:
+        return lambda: [layouts.decode_dense(c.lut_packed()) for c in mats]
+    return lambda: [c.dense_weight() for c in mats]
+
+
+def kernel_path(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the converted modules forced onto their compressed-kernel branch (CPU reference kernels)."""
+
+    def run() -> object:
+        saved = recurrent.use_triton, attention.use_triton
+        recurrent.use_triton = attention.use_triton = lambda x: True
+        try:
+            return fn()
+        finally:
+            recurrent.use_triton, attention.use_triton = saved
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernel-path", action="store_true", help="also time the per-step compressed-kernel path")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "cpu_paths.json"))
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)  # the conversion logs one line per layer
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    lstm = compressed(nn.LSTM(600, 600, num_layers=2), args.density, args.bits)
+    gru = compressed(nn.GRU(600, 600, num_layers=2), args.density, args.bits)
+    mha = compressed(nn.MultiheadAttention(384, 6), args.density, args.bits)
+    lm = compressed(build_lm("lstm_lm"), args.density, args.bits)
+    cases = []
+    for kind, pair in (("LSTM", lstm), ("GRU", gru)):
+        for batch in (1, 16):
+            x = torch.randn(64, batch, 600)
+            cases.append((f"{kind} 2x600 seq 64", batch, pair, sequence, x, 1))
+        cases.append((f"{kind} 2x600 64 steps", 1, pair, stepping, torch.randn(64, 1, 600), 64))
+    for batch in (1, 16):
+        cases.append(("MHA 384/6 seq 128", batch, mha, self_attention, torch.randn(128, batch, 384), 1))
+    cases.append(("lstm_lm sample 64 tok", 1, lm, sampling, torch.randint(0, 256, (16,)), 64))
+
+    rows = []
+    header = (
+        f"{'case':<22} {'batch':>5} {'dense ms':>9} {'conv ms':>9} {'ratio':>6} {'decode ms':>10} {'floor':>6} "
+        f"{'lut dec':>8}"
+    )
+    if args.kernel_path:
+        header += f" {'kernel ms':>10}"
+    print(header)
+    with torch.no_grad():
+        for name, batch, (dense, conv), drive, x, calls in cases:
+            providers = {
+                "dense": drive(dense, x),
+                "converted": drive(conv, x),
+                "decode": decode_all(conv, lut=False),
+                "decode_lut": decode_all(conv, lut=True),
+            }
+            ms = median_ms(providers, args.repeats)
+            row = {"case": name, "batch": batch, "calls": calls, "dense_ms": ms["dense"]}
+            row["converted_ms"] = ms["converted"]
+            row["ratio"] = ms["converted"] / ms["dense"]
+            # every matrix is decoded once per call: the floor of the ratio is (dense + calls * decode) / dense
+            row["decode_ms"] = calls * ms["decode"]
+            row["floor"] = (ms["dense"] + row["decode_ms"]) / ms["dense"]
+            row["decode_lut_ms"] = calls * ms["decode_lut"]
+            line = (
+                f"{name:<22} {batch:>5} {row['dense_ms']:>9.2f} {row['converted_ms']:>9.2f} {row['ratio']:>6.2f} "
+                f"{row['decode_ms']:>10.2f} {row['floor']:>6.2f} {row['decode_lut_ms']:>8.2f}"
+            )
+            if args.kernel_path:
+                row["kernel_path_ms"] = median_ms({"k": kernel_path(drive(conv, x))}, 1)["k"]
+                line += f" {row['kernel_path_ms']:>10.1f}"
+            print(line, flush=True)
+            rows.append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "density": args.density, "bits": args.bits, "repeats": args.repeats, "threads": args.threads,
+        "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
