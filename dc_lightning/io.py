@@ -127,7 +127,9 @@ def _rebuild_problem(model: nn.Module, record: dict | None, explicit: bool) -> s
     top = mod_name.split(".", 1)[0]
     if top not in sys.builtin_module_names and importlib.machinery.PathFinder.find_spec(top, sys.path) is None:
         return f"its module {mod_name!r} is not importable from sys.path (loaded from a file path, or not installed)"
-    if explicit or getattr(model, "dc_builder", None) is not None or getattr(model, "hparams", None) is not None:
+    if explicit or record.get("config") is not None or any(
+        getattr(model, a, None) is not None for a in ("dc_builder", "hparams")
+    ):
         return None
     try:
         params = list(inspect.signature(type(model).__init__).parameters.values())[1:]
@@ -262,15 +264,18 @@ def _trusted_callable(spec: Any, trusted: tuple[str, ...] | bool, where: str) ->
 
 
 def build_from_record(builder: dict | None, where: str = "file", trusted: Any = None) -> nn.Module:
-    """Instantiate a model from a builder record ``{"callable": "pkg.mod:Name", "kwargs": {...}}``.
+    """Instantiate a model from a builder record ``{"callable": "pkg.mod:Name", "kwargs": {...}}``, or, when the record
+    has a ``"config"`` (a Hugging Face model's ``config.to_dict()``), ``Name(Name.config_class.from_dict(config),
+    **kwargs)``.
 
     Nothing is imported or called unless the callable is on the allowlist: :data:`TRUSTED_BUILDERS` (this package's
-    builders, ``torchvision.models``) plus the caller's ``trusted`` patterns (``["mypkg.*"]``), or ``trusted=True``
-    (any callable: only for files you trust as you trust code, like ``trust_remote_code=True``).
+    builders, ``torchvision.models``) plus the caller's ``trusted`` patterns (``["mypkg.*"]``, ``["transformers.*"]``),
+    or ``trusted=True`` (any callable: only for files you trust as you trust code, like ``trust_remote_code=True``).
+    The config goes only to the trusted class's own ``config_class``.
 
     Raises:
-        ValueError: no record, an untrusted or unimportable callable, or the builder failed; the message says to pass
-            ``model=`` (or ``trusted=``).
+        ValueError: no record, an untrusted or unimportable callable, a config for a class without ``config_class``,
+            or the builder failed; the message says to pass ``model=`` (or ``trusted=``).
         TypeError: ``trusted`` is not None, True or a list of patterns.
     """
     allowed = _check_trusted(trusted)
@@ -290,11 +295,28 @@ def build_from_record(builder: dict | None, where: str = "file", trusted: Any = 
     kwargs = builder.get("kwargs") or {}
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: builder kwargs {kwargs!r} are not a mapping")
+    config = builder.get("config")  # an optional field (dcz.container.OPTIONAL_FIELDS): absent = kwargs only
+    args: tuple = ()
+    if config is not None:
+        config_class = getattr(fn, "config_class", None) if isinstance(fn, type) else None
+        if not isinstance(config, dict) or not callable(getattr(config_class, "from_dict", None)):
+            raise ValueError(
+                f"{where}: builder {spec} records a config ({type(config).__name__}) but is not a class with a "
+                "config_class (a transformers PreTrainedModel); pass the model: load_compressed(path, model=...)"
+            )
+        try:
+            args = (config_class.from_dict(config),)
+        except Exception as e:
+            raise ValueError(
+                f"{where}: {config_class.__name__}.from_dict(<the file's config>) failed ({type(e).__name__}: {e}); "
+                "pass the model: load_compressed(path, model=...)"
+            ) from e
     try:
-        model = fn(**kwargs)
+        model = fn(*args, **kwargs)
     except Exception as e:
+        call = f"{spec}({config_class.__name__}(...), **{kwargs})" if args else f"{spec}(**{kwargs})"
         raise ValueError(
-            f"{where}: rebuilding the model with {spec}(**{kwargs}) failed ({type(e).__name__}: {e}); "
+            f"{where}: rebuilding the model with {call} failed ({type(e).__name__}: {e}); "
             "pass the model: load_compressed(path, model=...)"
         ) from e
     if not isinstance(model, nn.Module):

@@ -20,10 +20,19 @@ torch's conv base           conv    ``weight``                                  
                                     ``weight_hh_l{k}`` (``_reverse``), an LSTM's              RNN``
                                     ``weight_hr_l{k}``
 ``nn.RNNBase`` (other)      fc      as ``nn.LSTM``                                   yes      (kept dense)
+Hugging Face ``Conv1D``     fc      ``weight`` (``[in, out]``: ``y = x @ W + b``,    yes      ``CompressedConv1D``
+(by name, see below)                a Linear's weight transposed)
 ==========================  ======  ===============================================  =======  ========================
 
 **Lookup.** A module's kind is the entry of the nearest registered class in its MRO, so subclasses count
 (``MultiheadAttention.out_proj`` is an ``nn.Linear`` subclass; a user's ``nn.Conv2d`` subclass is a Conv2d).
+
+**Classes of optional packages** are registered by their qualified name, never imported here (transformers is
+optional): :func:`named_type` gives a stand-in class for ``"transformers.pytorch_utils.Conv1D"`` whose
+``isinstance``/``issubclass`` checks look for that qualified name in the class's MRO (so subclasses count, and
+nothing needs importing: an instance of the class exists only once its module is imported). The stand-in sits in
+:data:`DEFAULT_TARGET_TYPES` like any torch type and can be named in ``types=``; :func:`kind_of` returns the entry
+with ``torch_type`` set to the real class found in the MRO. GPT-2's ``c_attn``/``c_proj``/``c_fc`` are ``Conv1D``.
 
 **Families** [DC §2, §5]: fc layers get 5-bit codebooks (32 shared weights) and 5-bit relative indices, conv layers
 8 and 8. Embedding tables, attention projections and recurrent gate matrices are matrix products like an fc layer's
@@ -43,6 +52,8 @@ import the inference modules and the kernels.
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +66,7 @@ from dc_lightning.buffers import WEIGHT
 __all__ = [
     "DEFAULT_TARGET_TYPES",
     "FAMILIES",
+    "HF_CONV1D",
     "KINDS",
     "PAPER_BITS",
     "PAPER_INDEX_BITS",
@@ -65,8 +77,10 @@ __all__ = [
     "family_of",
     "held_weights",
     "kind_of",
+    "named_type",
     "paper_bits",
     "paper_index_bits",
+    "qualified_name",
     "weight_params",
 ]
 
@@ -86,6 +100,46 @@ class Converter(NamedTuple):
     #: ``build(layer, relu, keep_dense)``: ``relu`` fuses a following ``nn.ReLU`` (kinds with ``fuses_relu``),
     #: ``keep_dense`` names compressed weights to keep dense inside the replacement
     build: Callable[[nn.Module, bool, tuple[str, ...]], nn.Module]
+
+
+# ---------------------------------------------------------------------------- classes of optional packages
+
+
+def qualified_name(cls: type) -> str:
+    """``"<module>.<qualname>"`` of a class (``"transformers.pytorch_utils.Conv1D"``)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _NamedType(type):
+    """Metaclass of :func:`named_type`'s stand-ins: ``isinstance``/``issubclass`` by qualified name in the MRO."""
+
+    qualified: str
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        return cls.__subclasscheck__(type(obj))
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return sub is cls or any(qualified_name(c) == cls.qualified for c in getattr(sub, "__mro__", ()))
+
+    def __call__(cls, *args: object, **kwargs: object) -> nn.Module:
+        raise TypeError(f"{cls!r} only stands in for {cls.qualified} in isinstance checks; build the real class")
+
+    def __repr__(cls) -> str:
+        return f"<class {cls.qualified!r} (by name)>"
+
+
+@functools.cache
+def named_type(qualified: str) -> type[nn.Module]:
+    """A stand-in for the ``nn.Module`` class ``qualified`` (``"pkg.module.Class"``) of an optional package, for
+    ``isinstance`` checks and ``types=`` tuples, that never imports the package: an object is an instance when a
+    class of that qualified name is in its type's MRO (subclasses count). One object per name (pickles by name)."""
+    return _NamedType(qualified.rpartition(".")[2], (nn.Module,), {"qualified": qualified, "__module__": __name__})
+
+
+copyreg.pickle(_NamedType, lambda cls: (named_type, (cls.qualified,)))  # ddp_spawn pickles callbacks' types=
+
+#: Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections), by name (:func:`named_type`)
+HF_CONV1D = named_type("transformers.pytorch_utils.Conv1D")
 
 
 # ---------------------------------------------------------------------------------------- weights and removals
@@ -170,6 +224,12 @@ def _rnn() -> Converter:
     return Converter(C, lambda m, relu, keep_dense: C.from_module(m, keep_dense))
 
 
+def _conv1d() -> Converter:
+    from dc_lightning.inference.conv1d import CompressedConv1D as C
+
+    return Converter(C, lambda m, relu, keep_dense: C.from_module(m))
+
+
 # ------------------------------------------------------------------------------------------------ the registry
 
 
@@ -178,7 +238,8 @@ class Kind:
     """One weight kind (see the module docstring).
 
     Attributes:
-        torch_type: the torch class (subclasses count).
+        torch_type: the torch class (subclasses count), or a :func:`named_type` stand-in for a class of an optional
+            package (:func:`kind_of` returns the entry with the real class found in the module's MRO).
         family: ``"fc"`` or ``"conv"``: the paper defaults of :data:`PAPER_BITS` and :data:`PAPER_INDEX_BITS`.
         weights: the names of a module's weight matrices (its targets), in registration order.
         default_target: whether the compression callbacks take it without ``types=``.
@@ -225,9 +286,12 @@ KINDS: tuple[Kind, ...] = (
     Kind(nn.RNN, "fc", _rnn_weights, removes=_rnn_removed, converter=_rnn),
     # torch's conv base: ConvTranspose1d/2d/3d and any other conv; a target only when named in types=
     Kind(nn.modules.conv._ConvNd, "conv", default_target=False),
+    # Hugging Face's transposed Linear (transformers is optional: named, not imported)
+    Kind(HF_CONV1D, "fc", converter=_conv1d),
 )
-_BY_TYPE = {k.torch_type: k for k in KINDS}
-assert len(_BY_TYPE) == len(KINDS), "one entry per torch type"
+_BY_TYPE = {k.torch_type: k for k in KINDS if not isinstance(k.torch_type, _NamedType)}
+_BY_NAME = {k.torch_type.qualified: k for k in KINDS if isinstance(k.torch_type, _NamedType)}
+assert len(_BY_TYPE) + len(_BY_NAME) == len(KINDS), "one entry per torch type"
 
 
 def _minimal(types: list[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
@@ -240,11 +304,20 @@ DEFAULT_TARGET_TYPES: tuple[type[nn.Module], ...] = _minimal([k.torch_type for k
 
 
 def kind_of(module: nn.Module) -> Kind | None:
-    """The kind of ``module``: the entry of the nearest registered class in its MRO; ``None`` when unknown."""
-    for cls in type(module).__mro__:
+    """The kind of ``module``: the entry of the nearest registered class in its MRO; ``None`` when unknown. An
+    entry registered by name (:func:`named_type`) comes back with ``torch_type`` the real class of the MRO."""
+    return _kind_of_class(type(module))
+
+
+@functools.cache
+def _kind_of_class(module_type: type) -> Kind | None:
+    for cls in module_type.__mro__:
         kind = _BY_TYPE.get(cls)
         if kind is not None:
             return kind
+        kind = _BY_NAME.get(qualified_name(cls))
+        if kind is not None:
+            return dataclasses.replace(kind, torch_type=cls)
     return None
 
 

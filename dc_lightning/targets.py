@@ -17,12 +17,19 @@ and ``<module name>.<parameter name>`` otherwise (``encoder.layers.0.self_attn.i
 matches the target's name, its full name ``<module>.<param>`` (``fc1.weight``) or its module name. So the module
 pattern ``"*.self_attn"`` selects every ``in_proj_weight`` of those attention modules but not their ``out_proj``
 (module ``*.self_attn.out_proj``, a target of its own: ``"*.self_attn*"`` selects both), and ``"lstm"`` selects every
-weight matrix of the LSTM. A pattern that matches no target is an error (a typo must not leave a layer dense).
+weight matrix of the LSTM. A pattern that matches no target is an error (a typo must not leave a layer dense); the
+message also names the modules the pattern does match that are not targets: a module whose type is not in
+``types`` (with the fix, ``types=(*DEFAULT_TARGET_TYPES, <type>)``) or one whose weight is tied to a target of another
+name (``lm_head`` of a model whose ``lm_head.weight`` *is* ``wte.weight``: one target, named ``wte``).
+
+**Left dense by type.** Weight matrices (2-D or more) of modules whose type is not in ``types`` stay dense; the first
+selection over a model class and ``types`` logs one warning naming those types and their share of the weights.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,7 +38,21 @@ from torch import Tensor, nn
 from dc_lightning.kinds import DEFAULT_TARGET_TYPES, weight_params
 from dc_lightning.utils import target_name
 
-__all__ = ["DEFAULT_TARGET_TYPES", "Target", "pattern_aliases", "select_targets", "target_name", "weight_params"]
+__all__ = [
+    "DEFAULT_TARGET_TYPES",
+    "Target",
+    "Targets",
+    "pattern_aliases",
+    "select_targets",
+    "target_name",
+    "weight_params",
+]
+
+log = logging.getLogger(__name__)
+#: (model class, types) already warned about (:func:`select_targets` warns once per pair)
+_WARNED: set[tuple[type, tuple[type, ...]]] = set()
+#: module names listed in a hint at most
+_SHOWN = 6
 
 
 @dataclass(frozen=True)
@@ -67,55 +88,135 @@ class Target:
         return any(fnmatch.fnmatchcase(n, pattern) for n in self.aliases)
 
 
+class Targets(dict):
+    """:func:`select_targets`' result, ``{name: Target}``, that also knows which weight matrices of the model are not
+    targets though a pattern may name them (:meth:`unmatched_hint`)."""
+
+    def __init__(self, items: dict[str, Target], untargeted: list[Target], tied: dict[str, str]) -> None:
+        super().__init__(items)
+        self.untargeted = untargeted  #: matrices of modules whose type is not in ``types``
+        self.tied = tied  #: ``{full name: target name}`` of parameters that are another target's (tied weights)
+
+    def unmatched_hint(self, pattern: str) -> str:
+        """What ``pattern`` (which matches no target) matches among the model's non-target matrices, and the fix;
+        ``""`` when nothing."""
+        parts = []
+        passed = [t for t in self.untargeted if t.matches(pattern)]
+        if passed:
+            names = [f"{t.full_name if t.param != 'weight' else t.module_name} ({type(t.module).__name__})"
+                     for t in passed]
+            more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+            kinds = ", ".join(dict.fromkeys(type(t.module).__name__ for t in passed))
+            parts.append(
+                f"these modules match it but their type is not targeted: {', '.join(names[:_SHOWN])}{more}; pass "
+                f"types=(*DEFAULT_TARGET_TYPES, {kinds}) to compress them"
+            )
+        tied = {full: name for full, name in self.tied.items() if fnmatch.fnmatchcase(full, pattern)
+                or fnmatch.fnmatchcase(full.rpartition(".")[0], pattern)}
+        if tied:
+            said = ", ".join(f"{full} is {name}'s weight" for full, name in list(tied.items())[:_SHOWN])
+            parts.append(f"it matches tied weights: {said} (one parameter, one target: use the target's name)")
+        return "; ".join(parts)
+
+
 def select_targets(
     model: nn.Module,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
     what: str = "target selection",
-) -> dict[str, Target]:
+) -> Targets:
     """The targets to compress, ``{name: Target}`` in ``named_modules()`` order.
 
     Candidates are the weight matrices (:func:`dc_lightning.kinds.weight_params`) of the modules of ``types``
     (``isinstance``, so subclasses count); ``include``/``exclude`` fnmatch patterns then filter them (see the module
     docstring for what a pattern matches). A parameter shared by two modules (tied weights) is one target, under its
-    first name.
+    first name. The first selection over a model class and ``types`` logs a warning when weight matrices of other
+    module types stay dense (the module docstring).
 
     Raises:
-        ValueError: the model has no candidate, or an include/exclude pattern matches none (the message lists them).
+        ValueError: the model has no candidate, or an include/exclude pattern matches none (the message lists them,
+            and what the pattern matches that is not a target: :meth:`Targets.unmatched_hint`).
     """
     types = tuple(types)
     candidates: dict[str, Target] = {}
-    seen: set[int] = set()
+    seen: dict[int, str] = {}
+    untargeted: list[Target] = []
+    tied: dict[str, str] = {}
     for module_name, module in model.named_modules():
-        if not module_name or not isinstance(module, types):
+        if not module_name:
+            continue
+        if not isinstance(module, types):
+            untargeted += [Target(module_name, p, module) for p in weight_params(module)]
             continue
         for param in weight_params(module):
             weight = getattr(module, param)
-            if id(weight) in seen:
-                continue
-            seen.add(id(weight))
             t = Target(module_name, param, module)
+            if id(weight) in seen:
+                tied[t.full_name] = seen[id(weight)]
+                continue
+            seen[id(weight)] = t.name
             candidates[t.name] = t
+    tied.update({t.full_name: seen[id(t.weight)] for t in untargeted if id(t.weight) in seen})
+    untargeted = [t for t in untargeted if id(t.weight) not in seen and t.weight.dim() >= 2]  # matrices left dense
     if not candidates:
         raise ValueError(
             f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter"
         )
+    _warn_untargeted(model, types, candidates, untargeted)
+    found = Targets(candidates, untargeted, tied)
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
     for kind, patterns in (("include", include or []), ("exclude", exclude)):
         for pat in patterns:
             if not any(t.matches(pat) for t in candidates.values()):
+                hint = found.unmatched_hint(pat)
                 raise ValueError(
                     f"{what}: {kind} pattern {pat!r} matches no layer; available layers: {sorted(candidates)}"
+                    + (f"; {hint}" if hint else "")
                 )
-    return {
-        name: t
-        for name, t in candidates.items()
-        if (include is None or any(t.matches(p) for p in include)) and not any(t.matches(p) for p in exclude)
-    }
+    return Targets(
+        {
+            name: t
+            for name, t in candidates.items()
+            if (include is None or any(t.matches(p) for p in include)) and not any(t.matches(p) for p in exclude)
+        },
+        untargeted,
+        tied,
+    )
+
+
+def _warn_untargeted(
+    model: nn.Module, types: tuple[type, ...], candidates: dict[str, Target], untargeted: list[Target]
+) -> None:
+    """Warn once per (model class, types) that the matrices of ``untargeted`` stay dense, with their share."""
+    key = (type(model), types)
+    if not untargeted or key in _WARNED:
+        return
+    _WARNED.add(key)
+    left = sum(t.weight.numel() for t in untargeted)
+    total = left + sum(t.weight.numel() for t in candidates.values())
+    by_type: dict[str, int] = {}
+    for t in untargeted:
+        by_type[type(t.module).__name__] = by_type.get(type(t.module).__name__, 0) + 1
+    log.warning(
+        "%s: %d weight matrices (%.0f%% of the weights in matrices) are of module types not targeted and stay dense: "
+        "%s; pass types=(*DEFAULT_TARGET_TYPES, %s) to compress them",
+        type(model).__name__, len(untargeted), 100.0 * left / max(total, 1),
+        ", ".join(f"{n} ({c})" for n, c in by_type.items()), ", ".join(by_type),
+    )
 
 
 def pattern_aliases(targets: dict[str, Target]) -> dict[str, tuple[str, ...]]:
-    """``{name: aliases}`` of ``targets``, for :func:`dc_lightning.utils.resolve_per_layer`."""
-    return {n: t.aliases for n, t in targets.items()}
+    """``{name: aliases}`` of ``targets``, for :func:`dc_lightning.utils.resolve_per_layer`; from a :class:`Targets`
+    it carries its ``unmatched_hint`` too (the error for a pattern that matches nothing then says what it matches)."""
+    return _Aliases({n: t.aliases for n, t in targets.items()}, getattr(targets, "unmatched_hint", None))
+
+
+class _Aliases(dict):
+    """``{name: aliases}`` with the ``unmatched_hint`` that :func:`dc_lightning.utils.resolve_per_layer` reads."""
+
+    def __init__(self, items: dict[str, tuple[str, ...]], hint) -> None:  # noqa: ANN001 - Callable | None
+        super().__init__(items)
+        if hint is not None:
+            self.unmatched_hint = hint

@@ -75,7 +75,9 @@ def resolve_per_layer(
     With a dict, the *last* matching pattern wins (so specific patterns go after general ones); layers no
     pattern matches get ``default``, or raise when ``default`` is None. Every pattern must match a layer. A pattern
     matches a layer's name or, with ``aliases`` (``{name: names}``, e.g. ``dc_lightning.targets.pattern_aliases``),
-    any of the names listed for it.
+    any of the names listed for it. When ``aliases`` has an ``unmatched_hint(pattern) -> str`` method (those of
+    ``pattern_aliases`` over ``select_targets``' result do), the error for a pattern that matches nothing ends with
+    its text (the modules it matches whose type is not targeted, tied weights).
 
     Raises:
         ValueError: a pattern matches none of ``names``, or a layer is left without a value.
@@ -87,7 +89,12 @@ def resolve_per_layer(
     for pat, v in value.items():
         hits = [n for n in names if any(fnmatch.fnmatchcase(a, str(pat)) for a in (aliases or {}).get(n, (n,)))]
         if not hits:
-            raise ValueError(f"{field}: pattern {pat!r} matches no target layer; target layers: {names}")
+            why = getattr(aliases, "unmatched_hint", None)
+            hint = why(str(pat)) if callable(why) else ""
+            raise ValueError(
+                f"{field}: pattern {pat!r} matches no target layer; target layers: {names}"
+                + (f"; {hint}" if hint else "")
+            )
         for n in hits:
             out[n] = v
     for n in names:

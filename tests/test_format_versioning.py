@@ -93,6 +93,11 @@ def test_a_file_without_an_optional_field_loads_with_the_same_numbers(tmp_path, 
     if field == HEADER_DIGEST:
         older = _without_digest(data)
         assert HEADER_DIGEST.encode() not in older
+    elif field == "config":  # a builder-record field (a Hugging Face model's config): no tensor depends on it
+        data = _resealed(data, edit_doc=lambda d: d["builder"].__setitem__("config", {"n_embd": 6}))
+        want = read_compressed(_write(tmp_path, "a.dcz", data))
+        assert want.builder["config"] == {"n_embd": 6}
+        older = _resealed(data, edit_doc=lambda d: d["builder"].pop("config"))
     else:
         assert field == "param"
         # only the LSTM's records name a parameter other than the default: drop the field where it is the default

@@ -58,7 +58,9 @@ PAPER = {"fc": (5, 5), "conv": (8, 8)}  # [DC §2, §5]: (codebook bits, relativ
 
 
 def test_the_table_covers_every_registered_kind():
-    assert {k.torch_type for k in kinds.KINDS} == {t for _, t, *_ in REGISTERED}
+    by_name = {k.torch_type for k in kinds.KINDS if hasattr(k.torch_type, "qualified")}  # kinds.named_type
+    assert by_name == {kinds.HF_CONV1D}  # its entry is tested below and in tests/test_hf_models.py
+    assert {k.torch_type for k in kinds.KINDS} - by_name == {t for _, t, *_ in REGISTERED}
 
 
 @pytest.mark.parametrize(("module", "torch_type", "weights", "family", "default", "converter"), REGISTERED,
@@ -138,7 +140,7 @@ def test_subclasses_take_the_nearest_registered_kind():
     assert kinds.kind_of(nn.ConvTranspose1d(2, 2, 1)).family == "conv"
     assert kinds.kind_of(MyConv(1, 1, 1)).torch_type is nn.Conv2d
     assert DEFAULT_TARGET_TYPES == (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention,
-                                    nn.RNNBase)
+                                    nn.RNNBase, kinds.HF_CONV1D)
 
 
 def test_what_a_replacement_holds_and_removes():
@@ -164,3 +166,75 @@ def test_embedding_with_max_norm_is_refused_by_its_kind():
 def test_a_kind_needs_a_known_family():
     with pytest.raises(ValueError, match=r"family 'dense' is unknown; valid: \['fc', 'conv'\]"):
         kinds.Kind(nn.Linear, "dense")
+
+
+class Conv1D(nn.Module):
+    """A stand-in written here for ``transformers.pytorch_utils.Conv1D`` (``y = x @ W + b``, ``W [nx, nf]``), under
+    that qualified name, so that the by-name registration is tested without transformers installed."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class MyConv1D(Conv1D):
+    """A subclass, defined in this module."""
+
+
+def test_a_kind_registered_by_name_matches_the_class_and_its_subclasses_without_importing_it():
+    import pickle
+    import sys
+
+    assert kinds.qualified_name(Conv1D) == "transformers.pytorch_utils.Conv1D"
+    conv, sub = Conv1D(6, 4), MyConv1D(6, 4)
+    for m in (conv, sub):
+        assert isinstance(m, kinds.HF_CONV1D) and isinstance(m, DEFAULT_TARGET_TYPES)
+        kind = kinds.kind_of(m)
+        assert kind.name == "Conv1D" and kind.torch_type is Conv1D and kind.family == "fc"  # the real class
+        assert kinds.weight_params(m) == ["weight"] and (kinds.paper_bits(m), kinds.paper_index_bits(m)) == (5, 5)
+    assert issubclass(MyConv1D, kinds.HF_CONV1D) and not issubclass(nn.Linear, kinds.HF_CONV1D)
+    assert not isinstance(nn.Linear(4, 6), kinds.HF_CONV1D)
+    assert pickle.loads(pickle.dumps((nn.Linear, kinds.HF_CONV1D))) == (nn.Linear, kinds.HF_CONV1D)  # ddp_spawn
+    with pytest.raises(TypeError, match="only stands in for transformers.pytorch_utils.Conv1D"):
+        kinds.HF_CONV1D()
+    if "transformers" not in sys.modules:  # nothing above imported it
+        assert "transformers.pytorch_utils" not in sys.modules
+
+
+class ScaledConv1D(Conv1D):
+    """A subclass with its own forward: the replacement would drop it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_kind_registered_by_name_is_selected_and_converted():
+    from dc_lightning.inference.conv1d import CompressedConv1D
+    from dc_lightning.inference.conversion import to_compressed_inference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(12, 8), nn.ReLU(), MyConv1D(5, 12), ScaledConv1D(5, 5))
+    assert list(select_targets(model)) == ["0", "2", "3"]
+    prune_model(model, densities=0.4)
+    quantize_model(model, bits=4, max_iter=3)
+    decisions = {d.name: d for d in plan_conversion(model)}
+    assert [decisions[n].action for n in "023"] == ["convert", "convert", "skip"]
+    assert decisions["0"].kind == "Conv1D" and "ScaledConv1D overrides Conv1D.forward" in decisions["3"].reason
+    x = torch.randn(3, 2, 8)
+    converted = to_compressed_inference(model, example_inputs=x, tolerance=1e-5)
+    assert [type(converted[i]) for i in (0, 2, 3)] == [CompressedConv1D, CompressedConv1D, ScaledConv1D]
+    with torch.no_grad():
+        want, got = model(x), converted(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert torch.equal(converted[0].dense_weight(), model[0].weight)  # W [nx, nf], Conv1D's orientation
+    assert converted[0].nf == 12 and converted[0].nx == 8 and torch.equal(converted[0].bias, model[0].bias)
+    with pytest.raises(TypeError, match=r"expects a transformers Conv1D \(weight \[nx, nf\]\), got Linear"):
+        CompressedConv1D.from_module(nn.Linear(8, 12))

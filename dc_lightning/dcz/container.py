@@ -25,7 +25,9 @@ or repeats what other fields already say), and it has a documented default that 
 so files written before it load unchanged. Anything an older reader of the same version would misread, or would
 ignore and return wrong results (a new storage ``kind``, a new section in a payload, a changed meaning, unit, order
 or encoding of a field), changes :data:`FORMAT_VERSION`, so older readers refuse the file by its version. The
-optional fields of version 1 are :data:`OPTIONAL_FIELDS`.
+optional fields of version 1 are :data:`OPTIONAL_FIELDS`. The builder record says how to rebuild the model, not what
+any tensor holds, so its optional fields (``config``) pass the first test trivially; a reader that ignores one may
+fail to rebuild the model without ``model=`` (and says so), never return other numbers.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ HEADER_DIGEST = "header_sha256"
 _DIGEST_FIELD = b'"' + HEADER_DIGEST.encode() + b'":"'
 #: a layer record without ``param`` (written before parameter-level targets) holds its module's ``weight``
 DEFAULT_PARAM = "weight"
-#: the optional fields of format version 1, both added on 2026-12-02, and what a reader does when a file lacks one:
+#: the optional fields of format version 1 (``header_sha256`` and ``param`` added on 2026-12-02, ``config`` on
+#: 2026-12-09), and what a reader does when a file lacks one:
 #:
 #: * ``header_sha256`` (safetensors metadata): the header digest. It only adds a check, so a reader that ignores it
 #:   decodes the same numbers; a file without it loads with a logged warning that the header is unverified (its
@@ -92,7 +95,11 @@ DEFAULT_PARAM = "weight"
 #: * ``param`` (layer record): the parameter's name in its module. It repeats what the record's ``key``
 #:   (``<module>.<param>``, checked by every reader) already says, so a reader that ignores it stores the layer
 #:   under the same key; a record without it reads as :data:`DEFAULT_PARAM` (``weight``).
-OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM}
+#: * ``config`` (builder record, docs/DESIGN.md "Model builder record"): a Hugging Face model's ``config.to_dict()``,
+#:   which ``load_compressed`` without ``model=`` hands to the (trusted) class as ``cls(cls.config_class.from_dict(
+#:   config))``. No tensor depends on it (``read_compressed`` never reads the builder); a record without it (default
+#:   ``None``) rebuilds as before, ``cls(**kwargs)``.
+OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM, "config": None}
 #: a reader's bounds on the Huffman parameters a file declares (the decode tables hold 2**max_len entries per stream)
 MAX_CODE_LEN = huffman.DEFAULT_MAX_LEN
 MAX_CHUNK = (1 << 16) - 1

@@ -53,7 +53,7 @@ from dc_lightning.dcz.container import (
     write_container,
 )
 from dc_lightning.dcz.relative_index import MAX_INDEX_BITS, encode_gaps
-from dc_lightning.kinds import paper_index_bits
+from dc_lightning.kinds import named_type, paper_index_bits
 from dc_lightning.targets import Target, pattern_aliases
 from dc_lightning.utils import resolve_per_layer
 
@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 #: ``index_bits="auto"``: export tries these relative-index widths per layer and keeps the smallest coded stream
 AUTO = "auto"
 AUTO_INDEX_BITS = tuple(range(2, 11))
+#: Hugging Face models: their builder record carries their config (:func:`builder_record`)
+_PRETRAINED = named_type("transformers.modeling_utils.PreTrainedModel")
 
 
 # --------------------------------------------------------------------------------------------------- encoding
@@ -263,21 +265,25 @@ def encode_layer(
 
 
 def builder_record(model: nn.Module, builder: dict | None = None) -> dict | None:
-    """The model builder the file records: ``builder``, else ``model.dc_builder``, else the class import path and,
-    for a LightningModule, its ``hparams`` as kwargs (docs/DESIGN.md "Model builder record"). ``None`` (with a
-    warning) when the record is not JSON-serialisable.
+    """The model builder the file records: ``builder``, else ``model.dc_builder``, else the class import path with,
+    for a Hugging Face ``transformers.PreTrainedModel``, its config (``{"callable": ..., "config":
+    model.config.to_dict()}``; :func:`dc_lightning.io.build_from_record` rebuilds it as ``cls(cls.config_class
+    .from_dict(config))``) or, for a LightningModule, its ``hparams`` as kwargs (docs/DESIGN.md "Model builder
+    record"). ``None`` (with a warning) when the record is not JSON-serialisable.
 
     Raises:
-        ValueError: the record is not ``{"callable": "pkg.mod:Name", "kwargs": {...}}``.
+        ValueError: the record is not ``{"callable": "pkg.mod:Name", "kwargs": {...}}`` (plus an optional
+            ``"config": {...}``).
     """
     rec = builder if builder is not None else getattr(model, "dc_builder", None)
     if rec is None:
         cls = type(model)
-        kwargs: Any = {}
-        hp = getattr(model, "hparams", None)
-        if hp is not None:
-            kwargs = dict(hp)
-        rec = {"callable": f"{cls.__module__}:{cls.__qualname__}", "kwargs": kwargs}
+        rec = {"callable": f"{cls.__module__}:{cls.__qualname__}"}
+        if isinstance(model, _PRETRAINED):  # transformers is optional: recognised by name, never imported here
+            rec["config"] = model.config.to_dict()
+        else:
+            hp = getattr(model, "hparams", None)
+            rec["kwargs"] = dict(hp) if hp is not None else {}
     try:
         rec = json.loads(json.dumps(rec))
     except (TypeError, ValueError):
@@ -285,6 +291,8 @@ def builder_record(model: nn.Module, builder: dict | None = None) -> dict | None
         return None
     if not isinstance(rec, dict) or not isinstance(rec.get("callable"), str):
         raise ValueError(f"builder must be {{'callable': 'pkg.mod:Name', 'kwargs': {{...}}}}, got {rec!r}")
+    if not isinstance(rec.get("config", {}), dict):
+        raise ValueError(f"builder config must be a mapping (a transformers config's to_dict()), got {rec['config']!r}")
     return rec
 
 
