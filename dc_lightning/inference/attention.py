@@ -88,8 +88,10 @@ class CompressedMultiheadAttention(nn.Module):
             TypeError: ``mha`` is not an ``nn.MultiheadAttention``.
             ValueError: a compressed projection cannot be packed (:func:`param_codes`).
         """
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise TypeError(f"from_module expects an nn.MultiheadAttention, got {type(mha).__name__}")
+        # the registry (dc_lightning.kinds) routes nn.MultiheadAttention here; a direct call gets its shape contract
+        missing = [a for a in ("embed_dim", "num_heads", "out_proj", "_qkv_same_embed_dim") if not hasattr(mha, a)]
+        if missing:
+            raise TypeError(f"from_module expects an nn.MultiheadAttention, got {type(mha).__name__} (no {missing})")
         E = mha.embed_dim
         b = mha.in_proj_bias.detach() if mha.in_proj_bias is not None else None
         qkv_bias = [None if b is None else b[i * E : (i + 1) * E] for i in range(3)]

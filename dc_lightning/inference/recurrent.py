@@ -52,7 +52,8 @@ class CompressedRNNBase(nn.Module):
     Inter-layer dropout applies in training mode only, as in torch.
     """
 
-    _torch_type: type[nn.RNNBase]
+    _torch_name: str  #: the torch class it replaces
+    _modes: tuple[str, ...]  #: torch's RNNBase.mode values of that class
     _n_states = 1
 
     def __init__(
@@ -100,9 +101,10 @@ class CompressedRNNBase(nn.Module):
             TypeError: ``rnn`` is not of the matching type.
             ValueError: a compressed matrix cannot be packed (:func:`param_codes`).
         """
-        if not isinstance(rnn, cls._torch_type):
+        # the registry (dc_lightning.kinds) routes each torch RNN here by type; a direct call checks torch's `mode`
+        if getattr(rnn, "mode", None) not in cls._modes:
             raise TypeError(
-                f"{cls.__name__}.from_module expects an nn.{cls._torch_type.__name__}, got {type(rnn).__name__}"
+                f"{cls.__name__}.from_module expects an nn.{cls._torch_name}, got {type(rnn).__name__}"
             )
         cells = []
         for layer in range(rnn.num_layers):
@@ -261,7 +263,7 @@ class CompressedLSTM(CompressedRNNBase):
     """``nn.LSTM`` from compressed matrices (gate order i, f, g, o; ``proj_size`` supported). See
     :class:`CompressedRNNBase`. ``forward(input, (h0, c0)=None) -> output, (h_n, c_n)``."""
 
-    _torch_type = nn.LSTM
+    _torch_name, _modes = "LSTM", ("LSTM",)
 
     def _state_sizes(self) -> tuple[int, ...]:
         return (self.proj_size or self.hidden_size, self.hidden_size)
@@ -297,7 +299,7 @@ class CompressedGRU(_CompressedSingleState):
     """``nn.GRU`` from compressed matrices (gate order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``).
     See :class:`CompressedRNNBase`. ``forward(input, h0=None) -> output, h_n``."""
 
-    _torch_type = nn.GRU
+    _torch_name, _modes = "GRU", ("GRU",)
 
     def _vf(self) -> Callable:
         return _VF.gru
@@ -316,7 +318,7 @@ class CompressedRNN(_CompressedSingleState):
     """``nn.RNN`` (``nonlinearity`` tanh or relu) from compressed matrices. See :class:`CompressedRNNBase`.
     ``forward(input, h0=None) -> output, h_n``."""
 
-    _torch_type = nn.RNN
+    _torch_name, _modes = "RNN", ("RNN_TANH", "RNN_RELU")
 
     def __init__(self, cells: Iterable[nn.ModuleDict], *, nonlinearity: str = "tanh", **kwargs) -> None:
         super().__init__(cells, **kwargs)
