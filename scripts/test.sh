@@ -4,15 +4,9 @@
 # Those tests skip with a reason when their data is missing, except under CI=true, where they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-    || echo "warning: could not install dataset-fashion-mnist; the Fashion-MNIST tests will skip (fail under CI=true)"
-fi
-if [ ! -f /usr/share/games/fortunes/fortunes ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes) >/dev/null 2>&1 \
-    || echo "warning: could not install fortunes; the language-model tests will skip (fail under CI=true)"
-fi
+DATA_HINT="its tests will skip (fail under CI=true)"
+source scripts/data.sh
+install_data
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # torch/torchvision pinned: these builds are the ones this project is tested with
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
