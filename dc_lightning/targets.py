@@ -18,6 +18,12 @@ matches the target's name, its full name ``<module>.<param>`` (``fc1.weight``) o
 pattern ``"*.self_attn"`` selects every ``in_proj_weight`` of those attention modules but not their ``out_proj``
 (module ``*.self_attn.out_proj``, a target of its own: ``"*.self_attn*"`` selects both), and ``"lstm"`` selects every
 weight matrix of the LSTM. A pattern that matches no target is an error (a typo must not leave a layer dense).
+
+**Tied weights.** A parameter registered under several names (``decoder.weight = embedding.weight``, found by
+identity) is ONE target, named by its first holder of a target type in ``named_modules()`` order; its other names are
+:attr:`Target.tied`, and a pattern matching one of them selects the target too (``"lm_head"`` selects a nanoGPT's
+``wte``: it is the same matrix). The callbacks therefore prune, cluster and fine-tune it once, its buffers live on
+that first holder, and the file stores it once (``dcz.encode``: the other names are the file's ``aliases``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Target:
     module_name: str
     param: str
     module: nn.Module = field(compare=False, repr=False)
+    #: the parameter's other names (``<module>.<param>`` of every other holder) when it is tied, else ``()``
+    tied: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def name(self) -> str:
@@ -54,8 +62,13 @@ class Target:
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """The names a pattern may match to select this target: its name, full name and module name."""
-        return tuple(dict.fromkeys((self.name, self.full_name, self.module_name)))
+        """The names a pattern may match to select this target: its name, full name and module name, and those of
+        every other holder of a tied parameter (:attr:`tied`)."""
+        names = [self.name, self.full_name, self.module_name]
+        for full in self.tied:
+            module, _, param = full.rpartition(".")
+            names += [target_name(module, param), full, module]
+        return tuple(dict.fromkeys(n for n in names if n))
 
     @property
     def weight(self) -> Tensor:
@@ -79,7 +92,7 @@ def select_targets(
     Candidates are the weight matrices (:func:`dc_lightning.kinds.weight_params`) of the modules of ``types``
     (``isinstance``, so subclasses count); ``include``/``exclude`` fnmatch patterns then filter them (see the module
     docstring for what a pattern matches). A parameter shared by two modules (tied weights) is one target, under its
-    first name.
+    first name; its other names are :attr:`Target.tied` (patterns match them too).
 
     Raises:
         ValueError: the model has no candidate, or an include/exclude pattern matches none (the message lists them).
@@ -87,6 +100,7 @@ def select_targets(
     types = tuple(types)
     candidates: dict[str, Target] = {}
     seen: set[int] = set()
+    names = _parameter_names(model)
     for module_name, module in model.named_modules():
         if not module_name or not isinstance(module, types):
             continue
@@ -95,7 +109,8 @@ def select_targets(
             if id(weight) in seen:
                 continue
             seen.add(id(weight))
-            t = Target(module_name, param, module)
+            full = f"{module_name}.{param}"
+            t = Target(module_name, param, module, tuple(n for n in names.get(id(weight), ()) if n != full))
             candidates[t.name] = t
     if not candidates:
         raise ValueError(
@@ -114,6 +129,14 @@ def select_targets(
         for name, t in candidates.items()
         if (include is None or any(t.matches(p) for p in include)) and not any(t.matches(p) for p in exclude)
     }
+
+
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, by ``id``, in ``named_parameters()`` order (a tied one has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
 
 
 def pattern_aliases(targets: dict[str, Target]) -> dict[str, tuple[str, ...]]:
