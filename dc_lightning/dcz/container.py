@@ -50,6 +50,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SCAN_ORDER",
     "CorruptFileError",
+    "DEFAULT_ALIASES",
     "DEFAULT_PARAM",
     "OPTIONAL_FIELDS",
     "Sections",
@@ -84,7 +85,7 @@ HEADER_DIGEST = "header_sha256"
 _DIGEST_FIELD = b'"' + HEADER_DIGEST.encode() + b'":"'
 #: a layer record without ``param`` (written before parameter-level targets) holds its module's ``weight``
 DEFAULT_PARAM = "weight"
-#: the optional fields of format version 1, both added on 2026-12-02, and what a reader does when a file lacks one:
+#: the optional fields of format version 1, two added on 2026-12-02, and what a reader does when a file lacks one:
 #:
 #: * ``header_sha256`` (safetensors metadata): the header digest. It only adds a check, so a reader that ignores it
 #:   decodes the same numbers; a file without it loads with a logged warning that the header is unverified (its
@@ -92,7 +93,20 @@ DEFAULT_PARAM = "weight"
 #: * ``param`` (layer record): the parameter's name in its module. It repeats what the record's ``key``
 #:   (``<module>.<param>``, checked by every reader) already says, so a reader that ignores it stores the layer
 #:   under the same key; a record without it reads as :data:`DEFAULT_PARAM` (``weight``).
-OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM}
+#:
+#: and one added on 2026-12-07 (issue 22):
+#:
+#: * ``aliases`` (document): ``{state-dict key: stored key}``, the keys of tensors the model holds under several names
+#:   (tied weights: ``{"decoder.weight": "embedding.weight"}``), each stored once under the key it maps to (a layer's
+#:   key, one of its buffers' keys, or a plain tensor's). Default ``{}`` (no key is an alias; the writer omits the
+#:   field then, so files without ties keep their bytes). It neither adds a check nor repeats other fields, but it
+#:   changes no stored number: a reader of version 1 that ignores it decodes every layer and tensor exactly and only
+#:   lacks the alias keys. Such a reader's ``load_compressed`` refuses the file (``ModelMismatchError``: the alias key,
+#:   ``decoder.weight``, is "missing from the file") and its ``decompress`` writes a state dict without that key
+#:   (which a strict ``load_state_dict`` refuses): a refusal or a missing key, never a wrong number, which the rule
+#:   allows (as for ``param``, whose absence older readers refused as corrupt).
+DEFAULT_ALIASES: dict[str, str] = {}
+OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM, "aliases": DEFAULT_ALIASES}
 #: a reader's bounds on the Huffman parameters a file declares (the decode tables hold 2**max_len entries per stream)
 MAX_CODE_LEN = huffman.DEFAULT_MAX_LEN
 MAX_CHUNK = (1 << 16) - 1
