@@ -382,7 +382,7 @@ def to_compressed_inference(
             the original and the converted model both run on it and must agree. Layers handed to a function that
             may read their weights are converted on trial: if the converted model then fails or disagrees, they
             (and their tied partners) are kept dense, with a warning naming the function, and the rest is
-            converted and compared again.
+            converted and compared again (a second copy of the dense model is held meanwhile).
         tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2
             for float16/bfloat16).
 
