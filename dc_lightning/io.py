@@ -21,6 +21,7 @@ import fnmatch
 import importlib
 import importlib.machinery
 import inspect
+import logging
 import os
 import sys
 import warnings
@@ -44,6 +45,8 @@ __all__ = [
     "load_compressed",
     "save_compressed",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def save_compressed(
@@ -334,7 +337,7 @@ def _expect_model(model: nn.Module, where: str, rebuilt: str | None) -> Any:
         else ""
     )
 
-    def check(layers: dict[str, tuple[int, ...]], tensors: dict[str, tuple[int, ...]]) -> None:
+    def check(layers: dict[str, tuple[int, ...]], tensors: dict[str, tuple[int, ...]], aliases: dict[str, str]) -> None:
         modules = dict(model.named_modules())
         sd = model.state_dict()
         allowed_missing: set[str] = set()
@@ -349,9 +352,22 @@ def _expect_model(model: nn.Module, where: str, rebuilt: str | None) -> Any:
                     + hint
                 )
             allowed_missing.update(buffers.buffer_keys(name + "." if name else "", param))
-        file_keys = set(layers) | set(tensors)
+        optional = set()  # aliases of compression buffers: state the loader attaches to the stored holder only
+        for alias, stored in aliases.items():
+            shape = layers.get(stored, tensors.get(stored))
+            if shape is None:
+                optional.add(alias)
+            elif alias in sd and tuple(sd[alias].shape) != shape:
+                raise ModelMismatchError(
+                    f"{where}: {alias!r} is stored as {stored!r} (tied weights) of shape {shape}, but the model's "
+                    f"{alias!r} has shape {tuple(sd[alias].shape)}{hint}"
+                )
+            if stored in layers:  # another holder of a compressed parameter may carry its buffers too
+                module, _, param = alias.rpartition(".")
+                allowed_missing.update(buffers.buffer_keys(module + "." if module else "", param))
+        file_keys = set(layers) | set(tensors) | set(aliases)
         missing = sorted(k for k in sd if k not in file_keys and k not in allowed_missing)
-        unexpected = sorted(k for k in file_keys if k not in sd)
+        unexpected = sorted(k for k in file_keys if k not in sd and k not in optional)
         if missing or unexpected:
             raise ModelMismatchError(
                 f"{where}: file and model disagree; missing from the file: {missing[:10]}, not in the model: "
@@ -380,6 +396,8 @@ def load_compressed(
     mask/codebook/assign buffers (:mod:`dc_lightning.buffers`) are re-attached to the compressed parameters (a
     ``weight``, an attention module's ``in_proj_weight``, an LSTM's ``weight_hh_l0`` ...), so the
     model can keep training with the compression callbacks or be converted with ``to_compressed_inference``.
+    Tied weights (the file's ``aliases``) come back tied: a model that holds them as two parameters is re-tied, with
+    a logged warning (see :func:`_restore_aliases`).
 
     Without ``model``, the file's builder record is used only when it names this package's builders or
     ``torchvision.models`` (:data:`TRUSTED_BUILDERS`); nothing else is imported or called unless ``trusted`` allows
@@ -416,12 +434,14 @@ def load_compressed(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cf = read_compressed(path, expect=_expect_model(model, str(path), rebuilt))
     modules = dict(model.named_modules())
-    sd = model.state_dict()
+    sd = model.state_dict(keep_vars=True)  # the parameters and buffers themselves (identity tells ties apart)
+    decoded = {}
     with torch.no_grad():
         for layer in cf.layers.values():
             m, param = modules[layer.module_name], layer.param
             weight = getattr(m, param)
             weight.copy_(torch.from_numpy(layer.dense()).to(weight.dtype))  # in place: RNN flat weights stay valid
+            decoded[id(weight)] = layer.key
             if layer.has_mask:
                 buffers.set_mask(m, torch.from_numpy(layer.mask()), param)
             elif buffers.get_mask(m, param) is not None:
@@ -430,10 +450,56 @@ def load_compressed(
                 codebook, assign = torch.from_numpy(layer.codebook.copy()), torch.from_numpy(layer.assign())
                 buffers.set_codebook(m, codebook, assign, param)
         for key, t in cf.tensors.items():
-            sd[key].copy_(t)  # state_dict() tensors share storage with the parameters/buffers
+            if id(sd[key]) in decoded:  # a file of before aliases stored a tied compressed weight twice
+                log.info("%s: %r is the model's %r (tied): its plain copy is skipped, the layer's decode is kept "
+                         "(re-save the model to store it once)", path, key, decoded[id(sd[key])])
+                continue
+            sd[key].copy_(t)
+        _restore_aliases(model, cf.aliases, str(path))
     if rebuilt:
         model.to(map_location)
     return model
+
+
+def _tensor_at(model: nn.Module, key: str) -> Any:
+    module, _, leaf = key.rpartition(".")
+    return getattr(model.get_submodule(module), leaf, None)
+
+
+def _restore_aliases(model: nn.Module, aliases: dict[str, str], where: str) -> None:
+    """Give every alias key of the file the tensor it names (tied weights, docs/DESIGN.md "File format versioning").
+
+    A model that ties them already is left as it is. One that holds two separate parameters is **re-tied** (the
+    alias's module gets the stored parameter itself, as ``tie_weights`` does in Hugging Face models), not given a
+    copy: the file holds one weight, and two copies would drift apart in training, be two targets for the callbacks
+    (the second without masks) and be stored twice again. Buffer aliases (the compression state of another holder, a
+    module registered twice) point at the stored holder's buffers where the model carries them.
+    """
+    retied = []
+    for alias, stored in aliases.items():
+        module, _, leaf = alias.rpartition(".")
+        owner, src, current = model.get_submodule(module), _tensor_at(model, stored), _tensor_at(model, alias)
+        if current is src:
+            continue
+        if leaf in owner._parameters and isinstance(src, nn.Parameter):
+            setattr(owner, leaf, src)  # nn.Module.__setattr__: an RNN's flat weights follow
+            retied.append(f"{alias} = {stored}")
+            s_module, _, s_leaf = stored.rpartition(".")
+            for role in buffers.KINDS:  # the other holder's own compression buffers: the stored holder's state
+                name = buffers.buffer_name(role, leaf)
+                if name in owner._buffers and f"{module + '.' if module else ''}{name}" not in aliases:
+                    state = buffers.get_buffer(model.get_submodule(s_module), role, s_leaf)
+                    if state is None:
+                        del owner._buffers[name]
+                    else:
+                        owner._buffers[name] = state
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = src
+        elif current is not None:
+            current.copy_(src)
+    if retied:
+        log.warning("load_compressed: %s: %s were one parameter when saved (tied weights) but two in the model: "
+                    "re-tied", where, ", ".join(retied))
 
 
 def decompress(in_path: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -449,7 +515,9 @@ def decompress(in_path: str | os.PathLike, out_path: str | os.PathLike, *, overw
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
     cf = read_compressed(in_path)
-    sd = {k: v.contiguous() for k, v in cf.dense_state_dict().items()}
+    # a plain state dict for load_state_dict: an alias key (tied weights) gets its own copy (safetensors refuses
+    # tensors that share memory)
+    sd = {k: v.contiguous().clone() if k in cf.aliases else v.contiguous() for k, v in cf.dense_state_dict().items()}
     data = save(sd, metadata={"source": os.path.basename(str(in_path)), "format": "dense state dict"})
     with atomic_write(out_path) as f:
         f.write(data)

@@ -25,6 +25,10 @@ their stored size in every stage); bits columns in the total are kept-weight-wei
 dense fp32 bytes / compressed bytes. ``file_bytes`` is the actual file size (adds the safetensors header and the
 JSON metadata), reported separately as ``ratio_file``.
 
+**Tied weights count once.** A matrix the model holds under several names (``lm_head.weight = wte.weight``) is one
+row, under the name the file stores it (its other names are the file's ``aliases``, listed under the table as
+:attr:`Report.aliases`), in the dense totals as in the compressed ones: the dense model holds it once too.
+
 Example::
 
     from dc_lightning.report import compression_report
@@ -242,6 +246,15 @@ class Report:
         return cls(layers, other, tot, int(file_size), source, small)
 
     @property
+    def aliases(self) -> dict[str, str]:
+        """``{alias key: stored key}``: the file's tied weights (stored and counted once), ``{}`` without ties."""
+        return dict(self.meta.get("aliases") or {})
+
+    def _tied_line(self) -> str:
+        pairs = ", ".join(f"{a} = {k}" for a, k in self.aliases.items())
+        return f"Tied (stored and counted once): {pairs}." if pairs else ""
+
+    @property
     def ratio_file(self) -> float:
         return self.total.size_dense_bytes / self.file_bytes if self.file_bytes else float("inf")
 
@@ -305,6 +318,8 @@ class Report:
             f"File: {self.file_bytes:,} bytes ({self.ratio_file:.1f}x smaller than dense fp32, "
             f"{self.total.size_dense_bytes:,.0f} bytes)."
         )
+        if self.aliases:
+            lines.append(self._tied_line())
         if not self.verified:
             lines.append(f"**{self._UNVERIFIED}**")
         return "\n".join(lines)
@@ -319,6 +334,8 @@ class Report:
         for r in self._rows():
             table.add_row(*self._cells(r), style="bold" if r is self.total else None)
         (console or rich_console()).print(table)
+        if self.aliases:
+            (console or rich_console()).print(self._tied_line(), highlight=False)
         if not self.verified:
             (console or rich_console()).print(f"[bold red]{self._UNVERIFIED}[/]")
 

@@ -22,6 +22,12 @@ message also names the modules the pattern does match that are not targets: a mo
 ``types`` (with the fix, ``types=(*DEFAULT_TARGET_TYPES, <type>)``) or one whose weight is tied to a target of another
 name (``lm_head`` of a model whose ``lm_head.weight`` *is* ``wte.weight``: one target, named ``wte``).
 
+**Tied weights.** A parameter registered under several names (``decoder.weight = embedding.weight``, found by
+identity) is ONE target, named by its first holder of a target type in ``named_modules()`` order; its other names are
+:attr:`Target.tied`, and a pattern matching one of them selects the target too (``"lm_head"`` selects a nanoGPT's
+``wte``: it is the same matrix). The callbacks therefore prune, cluster and fine-tune it once, its buffers live on
+that first holder, and the file stores it once (``dcz.encode``: the other names are the file's ``aliases``).
+
 **Left dense by type.** Weight matrices (2-D or more) of modules whose type is not in ``types`` stay dense; the first
 selection over a model class and ``types`` logs one warning naming those types and their share of the weights.
 """
@@ -62,6 +68,8 @@ class Target:
     module_name: str
     param: str
     module: nn.Module = field(compare=False, repr=False)
+    #: the parameter's other names (``<module>.<param>`` of every other holder) when it is tied, else ``()``
+    tied: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def name(self) -> str:
@@ -75,8 +83,13 @@ class Target:
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """The names a pattern may match to select this target: its name, full name and module name."""
-        return tuple(dict.fromkeys((self.name, self.full_name, self.module_name)))
+        """The names a pattern may match to select this target: its name, full name and module name, and those of
+        every other holder of a tied parameter (:attr:`tied`)."""
+        names = [self.name, self.full_name, self.module_name]
+        for full in self.tied:
+            module, _, param = full.rpartition(".")
+            names += [target_name(module, param), full, module]
+        return tuple(dict.fromkeys(n for n in names if n))
 
     @property
     def weight(self) -> Tensor:
@@ -143,6 +156,7 @@ def select_targets(
     seen: dict[int, str] = {}
     untargeted: list[Target] = []
     tied: dict[str, str] = {}
+    names = _parameter_names(model)
     for module_name, module in model.named_modules():
         if not module_name:
             continue
@@ -151,7 +165,8 @@ def select_targets(
             continue
         for param in weight_params(module):
             weight = getattr(module, param)
-            t = Target(module_name, param, module)
+            full = f"{module_name}.{param}"
+            t = Target(module_name, param, module, tuple(n for n in names.get(id(weight), ()) if n != full))
             if id(weight) in seen:
                 tied[t.full_name] = seen[id(weight)]
                 continue
@@ -220,3 +235,11 @@ class _Aliases(dict):
         super().__init__(items)
         if hint is not None:
             self.unmatched_hint = hint
+
+
+def _parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, by ``id``, in ``named_parameters()`` order (a tied one has several)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names

@@ -11,7 +11,8 @@ a layout's classes or functions:
   ``layout.py`` (packing, decode, reference), ``jit.py``, ``tuning.py``, ``op.py`` (op ``dc_lightning::eie_linear``).
 * ``"lut"`` (``lut/``): every position holds a 2-8-bit code (plus a bitmap of kept positions, or a zero code); its
   kernel decodes a tile once per program and multiplies it on tensor cores with the batch tile. ``layout.py``,
-  ``jit.py``, ``op.py`` (op ``dc_lightning::lut_linear``).
+  ``jit.py``, ``op.py`` (op ``dc_lightning::lut_linear``). It also decodes single rows (``rows``): the embedding
+  of a tied output layer looks its rows up in the layer's LUT copy (``inference.embedding.TiedEmbedding``).
 * ``"ell"``, ``"codes"`` (``rows/``): row layouts of embedding tables, pure PyTorch; a lookup decodes only the
   rows it is asked for (``LayoutSpec.rows``).
 
@@ -51,7 +52,7 @@ from torch import Tensor
 from dc_lightning.buffers import MAX_CODES
 
 from .lut import op as lut_op
-from .lut.layout import LUTPacked, decode_dense_lut, lut_encoding, lut_linear_reference, pack_lut
+from .lut.layout import LUTPacked, decode_dense_lut, lut_encoding, lut_linear_reference, lut_rows, pack_lut
 from .rows import layout as rows_layout
 from .rows.layout import RowCodes, RowELL
 from .runtime import PackedLayer, check_call
@@ -165,7 +166,7 @@ REGISTRY: dict[str, LayoutSpec] = {
             buffers={"codes": "lut_codes", "mask": "lut_mask", "codebook": "lut_codebook"},
             describe=lambda p: f"lut code_bits={p.cbits} bitmap={p.mask is not None}",
             state={"cbits": "lut_cbits"},
-            linear=lut_op.lut_linear, autotune=lut_op.autotune_lut, batch_rank=1,
+            linear=lut_op.lut_linear, autotune=lut_op.autotune_lut, rows=lut_rows, batch_rank=1,
         ),
         LayoutSpec(
             "ell", RowELL, rows_layout.pack_ell, rows_layout.ell_reference, rows_layout.decode_ell,

@@ -310,7 +310,7 @@ class _Overrides(nn.Linear):
         return super().forward(x) * 2.0
 
 
-def _weight_of(m):  # a module-level helper: invisible to the source check, caught by example_inputs
+def _weight_of(m):
     return m.weight
 
 
@@ -318,9 +318,10 @@ class _Hidden(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(6, 6)
+        self.read = _weight_of  # a helper called through an attribute: invisible to the source check
 
     def forward(self, x):
-        return x @ _weight_of(self.fc).t()
+        return x @ self.read(self.fc).t()
 
 
 def test_weight_reader_is_kept_dense_with_one_log_line(caplog) -> None:
@@ -343,8 +344,9 @@ def test_shared_parameter_both_converted() -> None:
     assert isinstance(conv.emb, CompressedEmbedding) and isinstance(conv.out, CompressedLinear)
     _assert_no_dense_copy(model, conv)
     plan = {d.name: d for d in plan_conversion(model, exclude=["out"])}
-    assert plan["out"].action == "skip" and plan["emb"].action == "convert"
-    assert "shared with out.weight, which stays dense" in plan["emb"].reason
+    # one weight: converted once or not at all (issue 22: a dense copy alive beside a compressed one saves nothing)
+    assert plan["out"].action == "skip" and plan["emb"].action == "skip"
+    assert "tied to out, which stays dense (excluded by pattern 'out')" in plan["emb"].reason
 
 
 def test_a_module_registered_twice_is_replaced_by_one_module() -> None:

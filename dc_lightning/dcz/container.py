@@ -52,6 +52,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SCAN_ORDER",
     "CorruptFileError",
+    "DEFAULT_ALIASES",
     "DEFAULT_PARAM",
     "OPTIONAL_FIELDS",
     "Sections",
@@ -86,8 +87,8 @@ HEADER_DIGEST = "header_sha256"
 _DIGEST_FIELD = b'"' + HEADER_DIGEST.encode() + b'":"'
 #: a layer record without ``param`` (written before parameter-level targets) holds its module's ``weight``
 DEFAULT_PARAM = "weight"
-#: the optional fields of format version 1 (``header_sha256`` and ``param`` added on 2026-12-02, ``config`` on
-#: 2026-12-09), and what a reader does when a file lacks one:
+#: the optional fields of format version 1 (``header_sha256`` and ``param`` added on 2026-12-02, ``config`` and
+#: ``aliases`` on 2026-12-07), and what a reader does when a file lacks one:
 #:
 #: * ``header_sha256`` (safetensors metadata): the header digest. It only adds a check, so a reader that ignores it
 #:   decodes the same numbers; a file without it loads with a logged warning that the header is unverified (its
@@ -99,7 +100,17 @@ DEFAULT_PARAM = "weight"
 #:   which ``load_compressed`` without ``model=`` hands to the (trusted) class as ``cls(cls.config_class.from_dict(
 #:   config))``. No tensor depends on it (``read_compressed`` never reads the builder); a record without it (default
 #:   ``None``) rebuilds as before, ``cls(**kwargs)``.
-OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM, "config": None}
+#: * ``aliases`` (document): ``{state-dict key: stored key}``, the keys of tensors the model holds under several names
+#:   (tied weights: ``{"decoder.weight": "embedding.weight"}``), each stored once under the key it maps to (a layer's
+#:   key, one of its buffers' keys, or a plain tensor's). Default ``{}`` (no key is an alias; the writer omits the
+#:   field then, so files without ties keep their bytes). It neither adds a check nor repeats other fields, but it
+#:   changes no stored number: a reader of version 1 that ignores it decodes every layer and tensor exactly and only
+#:   lacks the alias keys. Such a reader's ``load_compressed`` refuses the file (``ModelMismatchError``: the alias key,
+#:   ``decoder.weight``, is "missing from the file") and its ``decompress`` writes a state dict without that key
+#:   (which a strict ``load_state_dict`` refuses): a refusal or a missing key, never a wrong number, which the rule
+#:   allows (as for ``param``, whose absence older readers refused as corrupt).
+DEFAULT_ALIASES: dict[str, str] = {}
+OPTIONAL_FIELDS = {HEADER_DIGEST: None, "param": DEFAULT_PARAM, "config": None, "aliases": DEFAULT_ALIASES}
 #: a reader's bounds on the Huffman parameters a file declares (the decode tables hold 2**max_len entries per stream)
 MAX_CODE_LEN = huffman.DEFAULT_MAX_LEN
 MAX_CHUNK = (1 << 16) - 1

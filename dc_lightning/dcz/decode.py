@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dc_lightning.buffers import MAX_CODES, matrix_shape
+from dc_lightning.buffers import MAX_CODES, buffer_name, matrix_shape
 from dc_lightning.dcz import huffman
 from dc_lightning.dcz.container import (
+    DEFAULT_ALIASES,
     DEFAULT_PARAM,
     DTYPES,
     NP_FLOAT,
@@ -57,7 +58,8 @@ class _PendingLayer:
     gap: int | None = None  # index of the relative-index stream
 
 
-_Expect = Callable[[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]], None]
+_Shapes = dict[str, tuple[int, ...]]
+_Expect = Callable[[_Shapes, _Shapes, dict[str, str]], None]
 
 
 def read_compressed(
@@ -70,8 +72,9 @@ def read_compressed(
     inference path builds its GPU layouts from these; :func:`dc_lightning.dcz.relative_index.eie_layout` derives EIE's.
 
     ``expect``, when given, is called with ``{state-dict key: shape}`` of the layers and of the plain tensors the file
-    declares, after the records are validated and before anything is decoded (``load_compressed`` checks them
-    against the model there); what it raises propagates unchanged.
+    declares and with its ``aliases`` (``{alias key: stored key}``, validated: every stored key is a layer's key, one
+    of its buffers' or a plain tensor's), after the records are validated and before anything is decoded
+    (``load_compressed`` checks them against the model there); what it raises propagates unchanged.
 
     Raises:
         CorruptFileError: any inconsistency (see the module docstring); FileNotFoundError if ``path`` is missing.
@@ -109,9 +112,10 @@ def _parse(data: bytes, where: str, expect: _Expect | None) -> CompressedFile:
     keys: set[str] = set()
     pending = [_check_layer(rec, payloads, streams, keys, where, max_len, chunk) for rec in layers_meta]
     tensors = _read_tensors(tensors_meta, payloads, keys, where)  # each checked against its payload's size
+    aliases = _check_aliases(doc, pending, tensors, where)
     if expect is not None:  # declared shapes against the model, before any decode buffer exists
         try:
-            expect({it.key: it.shape for it in pending}, {k: tuple(t.shape) for k, t in tensors.items()})
+            expect({it.key: it.shape for it in pending}, {k: tuple(t.shape) for k, t in tensors.items()}, aliases)
         except Exception as e:
             raise _Expected(e) from None
     # pass 2: decode all streams together (one vectorised pass; sizes were checked against payloads above)
@@ -171,6 +175,31 @@ def _check_layer(
         streams.append(stream)
     _check_tiling(rec, storage, pay.size, what, where)
     return item
+
+
+def _check_aliases(doc: dict, pending: list[_PendingLayer], tensors: dict[str, torch.Tensor], where: str) -> dict:
+    """The document's ``aliases`` (an optional field, ``container.OPTIONAL_FIELDS``): ``{alias key: stored key}``,
+    each stored key one the file restores (a layer's key, one of the buffers its storage has, a plain tensor's) and
+    each alias key none of those.
+
+    Raises:
+        CorruptFileError: not a mapping of strings, an alias naming a stored key, or a stored key the file lacks.
+    """
+    aliases = doc.get("aliases", DEFAULT_ALIASES)
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CorruptFileError(f"{where}: aliases must map state-dict keys to stored keys, got {aliases!r}")
+    restored = set(tensors)
+    for it in pending:
+        module, _, param = it.key.rpartition(".")
+        roles = (["mask"] if it.storage != "q" else []) + (["codebook", "assign"] if it.storage != "p" else [])
+        restored.update([it.key, *((module + "." if module else "") + buffer_name(r, param) for r in roles)])
+    for alias, stored in aliases.items():
+        if not alias or alias in restored or stored not in restored:
+            raise CorruptFileError(
+                f"{where}: alias {alias!r} -> {stored!r}: an alias must name a key the file does not store, and map "
+                "it to one the file stores (a layer, one of its buffers, or a plain tensor)"
+            )
+    return aliases
 
 
 def _check_tiling(rec: dict, storage: str, nbytes: int, what: str, where: str) -> None:

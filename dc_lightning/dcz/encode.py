@@ -19,6 +19,11 @@ stream sections, byte count and sha256.
 A layer is a compressed parameter (:mod:`dc_lightning.targets`): ``fc1.weight``, but also an attention module's
 ``in_proj_weight`` or an LSTM's ``weight_hh_l0``; it is named like a target (``fc1``, ``attn.in_proj_weight``).
 :mod:`dc_lightning.dcz.decode` reads it back.
+
+**Tied weights are stored once.** A state-dict entry that is the same tensor object as an earlier one
+(``decoder.weight = embedding.weight``, a module registered under two names) is not stored again: the document's
+optional ``aliases`` maps its key to the key the file stores it under (``{"decoder.weight": "embedding.weight"}``;
+a compressed parameter and its buffers under its layer's keys), written only when the model has ties.
 """
 
 from __future__ import annotations
@@ -77,13 +82,78 @@ _PRETRAINED = named_type("transformers.modeling_utils.PreTrainedModel")
 # --------------------------------------------------------------------------------------------------- encoding
 
 
-def _compressed_layers(model: nn.Module) -> dict[str, Target]:
-    """The parameters carrying a mask and/or a codebook buffer, by target name, in ``named_modules()`` order."""
-    out = {}
+def _compressed_layers(model: nn.Module) -> tuple[dict[str, Target], list[tuple[Target, Target]]]:
+    """The parameters carrying a mask and/or a codebook buffer, by target name, in ``named_modules()`` order, and
+    ``(first, other)`` for every other holder of a tied parameter that carries buffers too (stored once, under the
+    first holder; the other holder's buffers must describe the same state).
+
+    Raises:
+        ValueError: two holders of one parameter carry different compression buffers.
+    """
+    out: dict[str, Target] = {}
+    first: dict[int, Target] = {}
+    repeats = []
     for name, m in model.named_modules():
         for param in buffers.compressed_params(m):
             t = Target(name, param, m)
-            out[t.name] = t
+            seen = first.setdefault(id(t.weight), t)
+            if seen is t:
+                out[t.name] = t
+                continue
+            for role in buffers.KINDS:
+                a, b = buffers.get_buffer(seen.module, role, seen.param), buffers.get_buffer(m, role, param)
+                if not (a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))):
+                    raise ValueError(
+                        f"layers {seen.name!r} and {t.name!r} share one parameter ({t.full_name} is "
+                        f"{seen.full_name}) but carry different {buffers.buffer_name(role, param)} buffers; a tied "
+                        f"weight has one compression state: keep it on {seen.module_name!r} only"
+                    )
+            repeats.append((seen, t))
+    return out, repeats
+
+
+def _aliases(model: nn.Module, layers: dict[str, Target], repeats: list[tuple[Target, Target]]) -> dict[str, str]:
+    """``{alias key: stored key}`` (the document's optional ``aliases``): every state-dict entry that is the same
+    tensor object as an earlier one (a tied parameter, the tensors of a module registered under two names) names the
+    key the file stores it under: a compressed parameter and its buffers are stored under their layer's keys, and the
+    buffers of another holder of a tied compressed parameter alias the first holder's. A key a layer record restores
+    is never an alias (two layers may share a codebook tensor: each record holds its own copy)."""
+    first: dict[int, str] = {}
+    restored: set[str] = set()
+    aliases: dict[str, str] = {}
+    for t in layers.values():
+        first.setdefault(id(t.weight), t.full_name)
+        restored.add(t.full_name)
+        for role in buffers.KINDS:
+            b = buffers.get_buffer(t.module, role, t.param)
+            if b is not None:
+                key = _prefix(t) + buffers.buffer_name(role, t.param)
+                first.setdefault(id(b), key)
+                restored.add(key)
+    for seen, t in repeats:  # equal (not identical) buffers of another holder: the same state, stored once
+        for role in buffers.KINDS:
+            if buffers.get_buffer(t.module, role, t.param) is not None:
+                aliases[_prefix(t) + buffers.buffer_name(role, t.param)] = _prefix(seen) + buffers.buffer_name(
+                    role, seen.param
+                )
+    for key, value in model.state_dict(keep_vars=True).items():
+        stored = first.setdefault(id(value), key)
+        if stored != key and key not in restored:
+            aliases.setdefault(key, stored)
+    return aliases
+
+
+def _prefix(t: Target) -> str:
+    return f"{t.module_name}." if t.module_name else ""
+
+
+def _restored_keys(records: list[dict]) -> set[str]:
+    """The state-dict keys a reader restores from layer records: each parameter and the buffers its storage has."""
+    out = set()
+    for rec in records:
+        prefix, param = (rec["module"] + "." if rec["module"] else ""), rec["param"]
+        roles = (["mask"] if rec["has_mask"] else []) + (["codebook", "assign"] if rec["kind"] != "p" else [])
+        out.update([rec["key"], *(prefix + buffers.buffer_name(role, param) for role in roles)])
     return out
 
 
@@ -338,7 +408,8 @@ def build_file(
         raise ValueError(f"max_len={max_len!r}; valid: an int in 1..{MAX_CODE_LEN} (the readers' bound)")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
         raise ValueError(f"chunk={chunk!r}; valid: an int in 1..{MAX_CHUNK}")
-    layers = all_layers = _compressed_layers(model)
+    all_layers, repeats = _compressed_layers(model)
+    layers = all_layers
     unfilled = {n for n, t in layers.items() if _unfilled_codebook(t)}
     if unfilled:
         log.warning("layers %s carry all-zero codebook placeholders (never clustered); stored as not quantized",
@@ -359,6 +430,10 @@ def build_file(
         k for t in all_layers.values() if t.name in unfilled
         for k in buffers.buffer_keys(f"{t.module_name}." if t.module_name else "", t.param)
     )
+    found = _aliases(model, layers, repeats)
+    consumed.update(found)  # never stored twice; an alias of a dropped tensor (a placeholder's buffers) is dropped
+    restored = _restored_keys(meta_layers)
+    aliases = {k: v for k, v in found.items() if v not in consumed or v in restored}
     for i, (key, t) in enumerate((k, v) for k, v in model.state_dict().items() if k not in consumed):
         rec, arr = _tensor_record(key, t, dense_dtype, f"tensor.{i:04d}")
         payloads[rec["tensor"]] = arr
@@ -373,4 +448,6 @@ def build_file(
         "layers": meta_layers,
         "tensors": meta_tensors,
     }
+    if aliases:  # an optional field (container.OPTIONAL_FIELDS): files without ties keep their bytes
+        doc["aliases"] = aliases
     return doc, write_container(payloads, doc)

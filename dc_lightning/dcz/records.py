@@ -15,7 +15,7 @@ import torch
 
 from dc_lightning import buffers
 from dc_lightning.buffers import matrix_shape
-from dc_lightning.dcz.container import CorruptFileError
+from dc_lightning.dcz.container import DEFAULT_ALIASES, CorruptFileError
 
 __all__ = ["MAX_DENSE_EXPANSION", "STORAGES", "CompressedFile", "CompressedLayer"]
 
@@ -112,9 +112,16 @@ class CompressedFile:
     def builder(self) -> dict | None:
         return self.metadata.get("builder")
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """``{alias key: stored key}``: the state-dict keys of tensors stored once under another key (tied weights;
+        ``{}`` for a file without ties)."""
+        return self.metadata.get("aliases", DEFAULT_ALIASES)
+
     def dense_state_dict(self, with_buffers: bool = False) -> dict[str, torch.Tensor]:
-        """A plain state dict: dense weights plus every other tensor; with ``with_buffers`` also the
-        mask/codebook/assign buffers of :mod:`dc_lightning.buffers`.
+        """A plain state dict: dense weights plus every other tensor, an alias key (:attr:`aliases`) holding the same
+        tensor object as the key it names; with ``with_buffers`` also the mask/codebook/assign buffers of
+        :mod:`dc_lightning.buffers`.
 
         Raises:
             CorruptFileError: the dense weights would exceed ``MAX_DENSE_EXPANSION`` times the file size.
@@ -135,4 +142,5 @@ class CompressedFile:
                 if layer.codes is not None:
                     out[layer.buffer_key("codebook")] = torch.from_numpy(layer.codebook.copy())
                     out[layer.buffer_key("assign")] = torch.from_numpy(layer.assign())
+        out.update({alias: out[key] for alias, key in self.aliases.items() if key in out})
         return out

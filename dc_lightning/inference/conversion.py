@@ -11,15 +11,26 @@
   ``forward`` (the replacement would drop that code); it has forward hooks or parametrizations; its parent is a
   ``torch`` module other than the containers and the ``nn.Transformer*`` family (which are handled); or the
   ``forward`` of an enclosing user class (or a method it calls on ``self``) reads one of the attributes the
-  replacement lacks (``self.emb.weight``, ``self.attn.in_proj_weight``, ``getattr(self.fc, "weight")``...). That
-  last check reads the source (``ast``); a class whose source is unavailable blocks the layers below it unless the
-  caller gives ``example_inputs`` (then the comparison of outputs is the proof).
+  replacement lacks (``self.emb.weight``, ``self.attn.in_proj_weight``, ``getattr(self.fc, "weight")``...) or hands
+  the layer to a function that does or may (``output_logits(x, self.wte)`` reading ``emb.weight``; a function whose
+  source cannot be followed may). That check reads the sources (``ast``, :mod:`~dc_lightning.inference.source_check`)
+  and cannot tell whether such a call runs: with ``example_inputs`` the layer is converted on trial and kept dense
+  again, with a warning naming the function, if the converted model fails or differs on them. A class whose source
+  is unavailable blocks the layers below it unless the caller gives ``example_inputs`` (then the comparison of
+  outputs is the proof; a mismatch raises).
 * **Fast paths.** ``nn.TransformerEncoderLayer`` chooses a fused path that reads the dense weights of its
   attention and feed-forward layers; on a layer holding a converted module the path is switched off
   (``activation_relu_or_gelu = 0``: only the fast path reads it; the slow path calls ``self.activation``), and an
   ``nn.TransformerEncoder`` above it stops converting inputs to nested tensors (``use_nested_tensor = False``).
-* **Tied weights.** A converted layer whose weight is shared with a layer that stays dense is converted (both stay
-  correct); the log line says the dense copy stays alive through the other layer.
+* **Tied weights** (one parameter held by several modules, found by identity; its compression buffers live on one
+  of them) are converted once or not at all (:mod:`~dc_lightning.inference.ties`). An ``nn.Embedding`` tied to an
+  ``nn.Linear`` (``lm_head.weight = wte.weight``) becomes a :class:`CompressedLinear` and a
+  :class:`~dc_lightning.inference.embedding.TiedEmbedding` that decodes its rows from the Linear's packed LUT table
+  (no dense copy, the codes in memory once); embeddings tied only to each other become one
+  :class:`~dc_lightning.inference.embedding.CompressedEmbedding`. When one holder must stay dense (for any reason
+  above, ``exclude`` included), or the tie is of other kinds (two Linears with their own biases, an LSTM, a module
+  without an inference module), every holder stays dense, each with a warning: converting the others would keep
+  the dense matrix alive and add a compressed one.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import copy
 import fnmatch
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +51,7 @@ from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import param_codes
 from dc_lightning.inference.memory import compressed_memory
 from dc_lightning.inference.source_check import is_torch_class, weight_reader
+from dc_lightning.inference.ties import build_ties, compression_states, plan_ties, state_of
 from dc_lightning.inference.verify import check_outputs, reference_outputs
 
 __all__ = [
@@ -76,6 +88,8 @@ class Decision:
     reason: str
     params: tuple[str, ...] = ()
     keep_dense: tuple[str, ...] = ()  # compressed weights kept dense inside the converted module (exclude=)
+    tied: tuple[str, ...] = ()  # the other holders of its tied weight, converted with it from one packed table
+    trial: str = ""  # a reader only example_inputs can rule out (a function the layer is handed to)
 
 
 # ------------------------------------------------------------------------------------------------ target kinds
@@ -120,7 +134,11 @@ def named_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module 
 
 
 def plan_conversion(
-    model: nn.Module, exclude: Sequence[str] = (), *, outputs_checked: bool = False
+    model: nn.Module,
+    exclude: Sequence[str] = (),
+    *,
+    outputs_checked: bool = False,
+    keep: Mapping[str, str] | None = None,
 ) -> list[Decision]:
     """Decide, for every conversion target of ``model``, whether it is converted (see the module docstring).
 
@@ -130,7 +148,9 @@ def plan_conversion(
             (``"lstm.weight_hh_l0"``, ``"*.self_attn.out_proj.weight"``) to keep dense. An attention or recurrent
             layer with some weights excluded is converted with those weights dense inside it.
         outputs_checked: the caller compares outputs on example inputs afterwards, so a class whose source is
-            unavailable does not block conversion.
+            unavailable does not block conversion, and a layer handed to a function that may read its weights is
+            converted on trial (:attr:`Decision.trial`).
+        keep: ``{layer name: reason}`` of targets to keep dense whatever else holds (a trial the outputs ruled out).
 
     Returns:
         One :class:`Decision` per target, in module order, plus one ``"skip"`` per other compressed module (e.g.
@@ -138,17 +158,17 @@ def plan_conversion(
     """
     if isinstance(exclude, str):
         exclude = [exclude]
+    states = compression_states(model)
     decisions = []
-    holders: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(p), []).append(pname)
     targets = list(named_targets(model))
     for name, m, parent in targets:
         kind = _kind(m)
         weights = kinds.held_weights(m)
-        compressed = tuple(lbl for owner, p, lbl in weights if buffers.has_compression(owner, p))
+        compressed = tuple(lbl for owner, p, lbl in weights if state_of(states, owner, p) is not None)
         excluded = tuple(lbl for lbl in compressed if _matches(f"{name}.{lbl}" if name else lbl, exclude))
-        reason = _skip_reason(model, name, m, parent, kind, weights, exclude, outputs_checked)
+        reason, trial = (keep or {}).get(name, ""), ""
+        if not reason:
+            reason, trial = _skip_reason(model, name, m, parent, kind, weights, exclude, outputs_checked, states)
         if not reason and compressed and len(excluded) == len(compressed):
             reason = f"excluded by pattern {_matches(f'{name}.{excluded[0]}' if name else excluded[0], exclude)!r}"
         kept = tuple(lbl for lbl in compressed if lbl not in excluded)
@@ -158,15 +178,8 @@ def plan_conversion(
             decisions.append(Decision(name, kind.name, "skip", reason, compressed))
         else:
             note = f"excluded, kept dense inside: {', '.join(excluded)}" if excluded else ""
-            decisions.append(Decision(name, kind.name, "convert", note, kept, excluded))
-    inside_converted = [d.name + "." for d in decisions if d.action == "convert"]
-    for d in decisions:  # tied weights: say where a dense copy stays alive
-        if d.action != "convert" or not d.name:
-            continue
-        for owner, p, _ in kinds.held_weights(model.get_submodule(d.name)):
-            others = [h for h in holders.get(id(getattr(owner, p)), []) if not h.startswith(tuple(inside_converted))]
-            if others:
-                d.reason = f"{p} is shared with {others[0]}, which stays dense (the dense copy stays alive)"
+            decisions.append(Decision(name, kind.name, "convert", note, kept, excluded, trial=trial))
+    plan_ties(model, decisions, states)
     covered = [name for name, _, _ in targets]
     for name, m in model.named_modules():
         if any(name == t or not t or name.startswith(t + ".") for t in covered):
@@ -194,49 +207,71 @@ def _skip_reason(
     weights: list[tuple[nn.Module, str, str]],
     exclude: Sequence[str],
     outputs_checked: bool,
-) -> str:
+    states: dict[int, tuple[nn.Module, str]],
+) -> tuple[str, str]:
+    """``(why the layer stays dense or "", the reader it is converted on trial against or "")``."""
     pattern = _matches(name, exclude)
     if pattern is not None:
-        return f"excluded by pattern {pattern!r}"
+        return f"excluded by pattern {pattern!r}", ""
     if type(m).forward is not kind.torch_type.forward:
-        return f"{type(m).__qualname__} overrides {kind.name}.forward (the replacement would drop that code)"
+        return f"{type(m).__qualname__} overrides {kind.name}.forward (the replacement would drop that code)", ""
     if m._forward_hooks or m._forward_pre_hooks:
-        return "it has forward hooks (they would be lost)"
+        return "it has forward hooks (they would be lost)", ""
     if torch.nn.utils.parametrize.is_parametrized(m):
-        return "its weights are parametrized (torch.nn.utils.parametrize)"
+        return "its weights are parametrized (torch.nn.utils.parametrize)", ""
     refused = kind.refuses(m) if kind.refuses is not None else ""
     if refused:
-        return refused
+        return refused, ""
     if parent is not None and is_torch_class(type(parent)) and not isinstance(parent, _SAFE_TORCH_PARENTS):
-        return f"its parent is a {type(parent).__name__}, which may read its weights"
+        return f"its parent is a {type(parent).__name__}, which may read its weights", ""
+    trial = ""
     reader = weight_reader(model, name, kind.removes(m))
     if reader is not None:
-        if not reader.startswith("unavailable:"):
-            return reader
+        if reader.kind == "reads":
+            return reader.why, ""
+        if not outputs_checked and reader.kind == "unavailable":
+            return (
+                f"{reader.why}, so it cannot be checked that its forward does not read this layer's weights; pass "
+                "example_inputs to check the outputs instead"
+            ), ""
         if not outputs_checked:
             return (
-                f"the source of {reader.split(':', 1)[1]} is unavailable, so it cannot be checked that its forward "
-                "does not read this layer's weights; pass example_inputs to check the outputs instead"
-            )
+                f"{reader.why}; pass example_inputs to prove the conversion safe (it is then converted on trial), "
+                f"or exclude=[{name!r}]"
+            ), ""
+        trial = reader.why if reader.kind == "passed" else ""
     for owner, p, label in weights:
-        if buffers.has_compression(owner, p) and _matches(f"{name}.{label}" if name else label, exclude) is None:
-            why = _packable(owner, p)
+        state = state_of(states, owner, p)
+        if state is not None and _matches(f"{name}.{label}" if name else label, exclude) is None:
+            why = _packable(*state)
             if why:
-                return why
-    return ""
+                return why, ""
+    return "", trial
 
 
 # ------------------------------------------------------------------------------------------------------ converting
 
 
 def convert_model(
-    model: nn.Module, exclude: Sequence[str] = (), *, fuse_relu: bool = True, outputs_checked: bool = False
+    model: nn.Module,
+    exclude: Sequence[str] = (),
+    *,
+    fuse_relu: bool = True,
+    outputs_checked: bool = False,
+    keep: Mapping[str, str] | None = None,
+    log_decisions: bool = True,
 ) -> tuple[nn.Module, list[Decision]]:
-    """Convert ``model`` IN PLACE by :func:`plan_conversion`'s decisions and log each one.
+    """Convert ``model`` IN PLACE by :func:`plan_conversion`'s decisions (``keep`` as there) and log each one
+    (``log_decisions``).
 
     Returns ``(model, decisions)``; ``model`` is a new object only when the model itself is a target.
     """
-    decisions = plan_conversion(model, exclude, outputs_checked=outputs_checked)
+    decisions = plan_conversion(model, exclude, outputs_checked=outputs_checked, keep=keep)
+    def relu_after(name: str) -> bool:
+        parent_name, _, local = name.rpartition(".")
+        return fuse_relu and _relu_after(model.get_submodule(parent_name), local) is not None
+
+    tied = build_ties(model, decisions, relu_after)
     converted = []
     built: dict[tuple, nn.Module] = {}  # a module registered under several names is replaced by ONE new module
     for d in decisions:
@@ -246,28 +281,36 @@ def convert_model(
         parent_name, _, local = d.name.rpartition(".")
         parent = (model.get_submodule(parent_name) if parent_name else model) if d.name else None
         kind = _kind(m)
-        relu = False
-        if fuse_relu and isinstance(parent, nn.Sequential) and kind.fuses_relu:
-            names = list(parent._modules)
-            nxt = names.index(local) + 1
-            relu = nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU)
-        key = (id(m), relu, d.keep_dense)
+        relu_at = _relu_after(parent, local) if fuse_relu and kind.fuses_relu else None
+        key = (id(m), relu_at is not None, d.keep_dense)
         try:
-            new = built[key] if key in built else kind.converter().build(m, relu, d.keep_dense)
+            new = tied.get(d.name, built.get(key))
+            if new is None:
+                new = kind.converter().build(m, relu_at is not None, d.keep_dense)
         except ValueError as err:
             d.action, d.reason = "skip", str(err)
             continue
         built[key] = new
-        if relu:  # the ReLU's only input is the Linear's output (next element of the Sequential): fold it in
-            parent._modules[names[nxt]] = nn.Identity()
+        if relu_at is not None:  # the ReLU's only input is the Linear's output (next element of the Sequential)
+            parent._modules[relu_at] = nn.Identity()
         if parent is None:
             model = new
         else:
             parent._modules[local] = new
         converted.append(d.name)
     _fast_paths_off(model, converted)
-    _log(decisions)
+    if log_decisions:
+        _log(decisions)
     return model, decisions
+
+
+def _relu_after(parent: nn.Module | None, local: str) -> str | None:
+    """The name of the ``nn.ReLU`` that directly follows ``local`` in an ``nn.Sequential`` parent, or ``None``."""
+    if not isinstance(parent, nn.Sequential):
+        return None
+    names = list(parent._modules)
+    nxt = names.index(local) + 1
+    return names[nxt] if nxt < len(names) and isinstance(parent._modules[names[nxt]], nn.ReLU) else None
 
 
 def _fast_paths_off(model: nn.Module, converted: list[str]) -> None:
@@ -288,6 +331,8 @@ def _log(decisions: list[Decision]) -> None:
         where = d.name or "<model>"
         if d.action == "convert":
             note = f"; {d.reason}" if d.reason else ""
+            if d.trial:
+                note += f"; {d.trial}: ruled out by example_inputs (the outputs match)"
             log.info("to_compressed_inference: converted %s (%s: %s)%s", where, d.kind, ", ".join(d.params), note)
         elif d.action == "skip":
             log.warning("to_compressed_inference: kept %s (%s) dense: %s", where, d.kind, d.reason)
@@ -316,8 +361,10 @@ def to_compressed_inference(
     ``nn.Linear`` (and subclasses) -> :class:`CompressedLinear`; ``nn.MultiheadAttention`` (as a whole), ``nn.LSTM``
     / ``nn.GRU`` / ``nn.RNN`` and ``nn.Embedding`` -> the modules of :mod:`dc_lightning.inference.attention`. A layer
     is converted when one of its weight matrices carries a mask or codebook; it is kept dense, with one log line
-    saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights, it overrides
-    ``forward``, has hooks...; rules in :mod:`dc_lightning.inference.conversion`). Every decision is logged on the
+    saying why, when replacing it is not provably safe (an enclosing ``forward`` reads its weights or hands the
+    layer to a function that may, it overrides ``forward``, has hooks...; rules in
+    :mod:`dc_lightning.inference.conversion`). A tied weight (``lm_head.weight = wte.weight``) is converted once,
+    both holders running from one packed table, or kept dense in all of them. Every decision is logged on the
     ``dc_lightning.inference`` logger.
 
     Args:
@@ -332,7 +379,10 @@ def to_compressed_inference(
         exclude: ``fnmatch`` patterns of module names (``"decoder"``, ``"encoder.layers.*"``) or parameter names
             (``"lstm.weight_hh_l0"``, ``"*.out_proj.weight"``) to keep dense.
         example_inputs: a sample input (a tensor, a tuple of positional arguments or a dict of keyword arguments):
-            the original and the converted model both run on it and must agree.
+            the original and the converted model both run on it and must agree. Layers handed to a function that
+            may read their weights are converted on trial: if the converted model then fails or disagrees, they
+            (and their tied partners) are kept dense, with a warning naming the function, and the rest is
+            converted and compared again (a second copy of the dense model is held meanwhile).
         tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2
             for float16/bfloat16).
 
@@ -357,24 +407,61 @@ def to_compressed_inference(
     checked = example_inputs is not None
     targets = [(name, m) for name, m, _ in named_targets(model)]
     reference, calls = reference_outputs(model, example_inputs, targets) if checked else (None, None)
-    model, decisions = convert_model(model, exclude, fuse_relu=fuse_relu, outputs_checked=checked)
-    if autotune_batches:
-        for m in model.modules():
-            if isinstance(m, CompressedLinear) and m.device.type == "cuda":
-                m.autotune(autotune_batches, dtype)
-    model.eval()
+    on_trial = checked and any(d.trial and d.action == "convert" for d in plan_conversion(model, exclude,
+                                                                                           outputs_checked=True))
+    dense = copy.deepcopy(model) if on_trial else None  # to convert again without the trials if they fail
+    options = dict(fuse_relu=fuse_relu, outputs_checked=checked, log_decisions=False)
+    model, decisions = convert_model(model, exclude, **options)
     if checked:
-        converted = [d.name for d in decisions if d.action == "convert"]
-        err = check_outputs(model, example_inputs, reference, tolerance, converted, calls)
-        log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
+        try:
+            _check(model, decisions, example_inputs, reference, tolerance, calls, autotune_batches, dtype)
+        except ValueError as failure:
+            trials = [d for d in decisions if d.action == "convert" and d.trial]
+            if dense is None or not trials:
+                _log(decisions)
+                raise
+            # the outputs rule the trials out: keep those layers (and their tied partners) dense and convert again
+            what = str(failure).split(" Converted layers:")[0].removeprefix("to_compressed_inference: ").rstrip(".")
+            keep = {d.name: f"{d.trial}; example_inputs rule its conversion out ({what})" for d in trials}
+            model, decisions = convert_model(dense, exclude, keep=keep, **options)
+            try:
+                _check(model, decisions, example_inputs, reference, tolerance, calls, autotune_batches, dtype)
+            finally:
+                _log(decisions)
+            return model
+    elif autotune_batches:
+        _autotune(model, autotune_batches, dtype)
+    model.eval()
+    _log(decisions)
     return model
+
+
+def _autotune(model: nn.Module, batches: Sequence[int], dtype: torch.dtype) -> None:
+    for m in model.modules():
+        if isinstance(m, CompressedLinear) and m.device.type == "cuda":
+            m.autotune(batches, dtype)
+    model.eval()
+
+
+def _check(
+    model: nn.Module, decisions: list[Decision], example_inputs: Any, reference: Any, tolerance: float | None,
+    calls: dict, autotune_batches: Sequence[int] | None, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """Autotune (``autotune_batches``), then compare the converted model's outputs with ``reference``."""
+    if autotune_batches:
+        _autotune(model, autotune_batches, dtype)
+    model.eval()
+    converted = [d.name for d in decisions if d.action == "convert"]
+    err = check_outputs(model, example_inputs, reference, tolerance, converted, calls)
+    log.info("to_compressed_inference: outputs match the original on example_inputs (relative error %.3g)", err)
 
 
 def inference_memory(
     path: str | os.PathLike, device: torch.device | str = "cpu", *, model: nn.Module | None = None, trusted: Any = None
 ) -> dict:
-    """What a ``.dcz`` file costs at each stage: bytes on disk, bytes its compressed layers hold in ``device`` memory
-    after :func:`to_compressed_inference`, and their dense fp16 bytes (:func:`compressed_memory` per layer).
+    """What a ``.dcz`` file costs at each stage: bytes on disk, bytes every layer holds in ``device`` memory after
+    :func:`to_compressed_inference` (converted or kept dense, each storage once), and their dense fp16 bytes
+    (:func:`compressed_memory` per layer).
 
     Args:
         path: the file.

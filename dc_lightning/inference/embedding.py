@@ -1,12 +1,17 @@
-"""``CompressedEmbedding``: ``nn.Embedding`` that decodes only the rows it is asked for."""
+"""``CompressedEmbedding``: ``nn.Embedding`` that decodes only the rows it is asked for; ``TiedEmbedding``: one whose
+weight is tied to an output projection, decoding its rows from the projection's compressed table."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import param_codes
 from dc_lightning.kernels import layouts
 from dc_lightning.kernels.layouts import Packed
+
+__all__ = ["CompressedEmbedding", "TiedEmbedding"]
 
 
 class CompressedEmbedding(nn.Module):
@@ -99,4 +104,64 @@ class CompressedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.num_embeddings}, {self.embedding_dim}, layout={self.layout}, nnz={self.nnz}"
+        return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+
+
+class TiedEmbedding(CompressedEmbedding):
+    """An ``nn.Embedding`` tied to an output projection (``lm_head.weight = wte.weight``, Press & Wolf 2017): its
+    lookups decode rows from the projection's compressed table, so the matrix is in memory once.
+
+    It holds no table of its own. ``table`` is the :class:`CompressedLinear` that replaced the projection, kept as a
+    plain reference, not a submodule: the projection's own place in the model owns the packed tensors, so
+    ``state_dict``, ``model.to()``, ``copy.deepcopy`` and memory accounting see them once (moving this module alone
+    does not move them). Rows come from the first of the projection's layouts with a row lookup (the LUT copy that
+    ``CompressedLinear.from_linear(alternate=True)`` always keeps). The projection's codebook stays float32, so the
+    output is cast to the dtype the dense table would have: that of ``out_dtype``, an empty non-persistent buffer
+    that follows ``module.to(dtype)`` / ``.half()``.
+
+    Args:
+        table: the converted projection.
+        padding_idx: the embedding's ``padding_idx`` (kept as an attribute).
+        dtype: the embedding's weight dtype.
+        table_name: the projection's name in the model (shown by ``extra_repr``).
+
+    Raises:
+        ValueError: ``table`` holds no layout with a row lookup.
+    """
+
+    def __init__(
+        self, table: CompressedLinear, *, padding_idx: int | None = None, dtype: torch.dtype = torch.float32,
+        table_name: str = "",
+    ) -> None:  # fmt: skip
+        nn.Module.__init__(self)  # not CompressedEmbedding's: no buffers of its own
+        held = [n for n in table.layout_names if layouts.spec(n).rows is not None]
+        if not held:
+            raise ValueError(
+                f"the tied projection holds layouts {list(table.layout_names)}, none with a row lookup; row layouts: "
+                f"{layouts.row_layouts()} (build it with CompressedLinear.from_linear(alternate=True))"
+            )
+        self.layout = held[0]
+        self.num_embeddings = int(table.out_features)
+        self.embedding_dim = int(table.in_features)
+        self.padding_idx = padding_idx
+        self.nnz = int(table.nnz)
+        self._layout_state: dict[str, int] = {}
+        self.table_name = table_name
+        object.__setattr__(self, "table", table)  # a reference, not a registered submodule (see above)
+        self.register_buffer("out_dtype", torch.empty(0, dtype=dtype, device=table.device), persistent=False)
+
+    def packed(self) -> Packed:
+        """The projection's table in its row layout (views of the projection's buffers)."""
+        return self.table.packed(self.layout)
+
+    def forward(self, input: Tensor) -> Tensor:
+        rows = layouts.spec(self.layout).rows(self.packed(), input.reshape(-1))
+        return rows.to(self.out_dtype.dtype).reshape(*input.shape, self.embedding_dim)
+
+    def dense_numel(self) -> int:
+        """0: the dense matrix is the projection's, counted with it (memory accounting counts it once)."""
+        return 0
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_embeddings}, {self.embedding_dim}, rows of {self.table_name or 'its table'} ({self.layout})"
         return s + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")

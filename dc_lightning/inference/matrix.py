@@ -30,9 +30,10 @@ def param_codes(module: nn.Module, param: str, rows: slice | None = None) -> Cod
 
 
 def compressed_matrix(
-    module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None
+    module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None, relu: bool = False
 ) -> CompressedLinear:
-    """A :class:`CompressedLinear` computing ``x @ W[rows].T + bias`` for the 2-D parameter ``module.<param>``.
+    """A :class:`CompressedLinear` computing ``act(x @ W[rows].T + bias)`` for the 2-D parameter ``module.<param>``
+    (``act`` = ReLU with ``relu``).
 
     Every matrix goes through :meth:`CompressedLinear.from_linear` (one packing path, whatever layout it picks): the
     parameter's codes are handed to it on a temporary ``nn.Linear`` that shares the weight (never copied) and
@@ -50,7 +51,7 @@ def compressed_matrix(
         shell.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     buffers.set_mask(shell, mask)
     buffers.set_codebook(shell, codebook, codes.to(torch.uint8))
-    return CompressedLinear.from_linear(shell)
+    return CompressedLinear.from_linear(shell, relu=relu)
 
 
 def projection(

@@ -16,8 +16,8 @@ row-major bit matrix: ``mask[n, c // 32]`` bit ``c % 32`` (``c`` = column), i.e.
 slice ``s`` of group ``g``.
 
 This module owns the layout (:class:`LUTPacked` with its checks of a call, :meth:`LUTPacked.check`,
-:func:`pack_lut`, :func:`decode_dense_lut`) and :func:`lut_linear_reference`, the pure-PyTorch product that is both
-the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.lut_linear``.
+:func:`pack_lut`, :func:`decode_dense_lut`, the row lookup :func:`lut_rows`) and :func:`lut_linear_reference`, the
+pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.lut_linear``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ __all__ = [
     "bytes_per_position",
     "pack_lut",
     "decode_dense_lut",
+    "lut_rows",
     "lut_linear_reference",
 ]
 
@@ -228,7 +229,7 @@ def decode_dense_lut(packed: LUTPacked) -> Tensor:
     # (i < cpb = 8 // cbits), column g * G + (b * cpb + i) * 32 + j (the words' bytes in memory order: little-endian,
     # as on every CPU and GPU PyTorch runs on). One gather per byte, not per position.
     p = packed
-    n, cpb, dev = p.out_features, 8 // p.cbits, p.codes.device
+    n, cpb, dev = p.codes.shape[0], 8 // p.cbits, p.codes.device  # rows held (lut_rows hands a row subset)
     byte = torch.arange(256, device=dev)
     shifts = torch.arange(cpb, device=dev) * p.cbits
     table = p.codebook.to(torch.float32)[(byte[:, None] >> shifts) & ((1 << p.cbits) - 1)]  # [256, cpb]
@@ -238,6 +239,15 @@ def decode_dense_lut(packed: LUTPacked) -> Tensor:
         kept = ((byte[:, None] >> torch.arange(8, device=dev)) & 1).to(torch.float32)  # [256, 8]
         w = w * F.embedding(p.mask.view(torch.uint8).view(n, -1).long(), kept).view(n, -1)
     return w[:, : p.in_features]
+
+
+def lut_rows(packed: LUTPacked, idx: Tensor) -> Tensor:
+    """The decoded rows ``idx`` (1-D) of a packed layer, float32 ``[len(idx), in_features]``: the rows' code (and
+    bitmap) words gathered, then decoded like the whole matrix. An embedding lookup on the weight of a tied output
+    layer reads its rows here (``CompressedLinear`` and ``TiedEmbedding`` share the packed tensors)."""
+    p = packed
+    mask = p.mask[idx] if p.mask is not None else None
+    return decode_dense_lut(LUTPacked(p.codes[idx], mask, p.codebook, idx.shape[0], p.in_features, p.cbits))
 
 
 def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
