@@ -44,15 +44,7 @@ from torch import Tensor, nn
 from dc_lightning.kinds import DEFAULT_TARGET_TYPES, weight_params
 from dc_lightning.utils import target_name
 
-__all__ = [
-    "DEFAULT_TARGET_TYPES",
-    "Target",
-    "Targets",
-    "pattern_aliases",
-    "select_targets",
-    "target_name",
-    "weight_params",
-]
+__all__ = ["Target", "Targets", "pattern_aliases", "select_targets"]
 
 log = logging.getLogger(__name__)
 #: (model class, types) already warned about (:func:`select_targets` warns once per pair)

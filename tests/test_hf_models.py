@@ -50,6 +50,7 @@ from dc_lightning.cli.generate import cli_generate  # noqa: E402
 from dc_lightning.dcz import build_file, read_compressed  # noqa: E402
 from dc_lightning.inference.conv1d import CompressedConv1D  # noqa: E402
 from dc_lightning.inference.conversion import plan_conversion, to_compressed_inference  # noqa: E402
+from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.io import load_compressed, save_compressed  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
@@ -151,8 +152,8 @@ def test_a_pattern_that_matches_no_target_names_what_it_matches(caplog):
                                          r"\(Conv1D\), model.transformer.h.0.mlp.c_proj \(Conv1D\)"):
         MagnitudePruning(densities=0.3, include=["*mlp*"], types=narrow).setup(
             pl.Trainer(logger=False, max_epochs=1), CausalLM(model), "fit")
-    with pytest.raises(ValueError, match=r"matches tied weights: lm_head.weight is transformer.wte's weight"):
-        prune_model(model, densities={"lm_head": 0.3})
+    # the tied lm_head is wte's weight: a pattern naming either selects the one target
+    assert [r["layer"] for r in prune_model(model, densities={"lm_head": 0.3})] == ["transformer.wte"]
     pruned = prune_model(model, densities={"*c_attn": 0.3})
     assert [r["layer"] for r in pruned] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
 
@@ -224,8 +225,10 @@ def test_every_matrix_is_converted_and_outputs_match_the_reloaded_model(trained,
         assert isinstance(converted.get_submodule(target), compressed), target
     conv1d = [n for n, m in converted.named_modules() if isinstance(m, CompressedConv1D)]
     assert len(conv1d) == (8 if name == "gpt2" else 0)
-    if name == "gpt2":  # tied to wte: dense until tied parameters share compressed codes
-        assert type(converted.lm_head) is nn.Linear
+    # GPT-2's lm_head is tied to wte: converted once, both run from the same codes; no dense matrix is left
+    assert [n for n, p in converted.named_parameters() if p.dim() >= 2] == []
+    if name == "gpt2":
+        assert isinstance(converted.lm_head, CompressedLinear)
     with torch.no_grad():
         assert _rel(converted(ids).logits, dense(ids).logits) <= 1e-5
 

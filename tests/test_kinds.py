@@ -16,10 +16,11 @@ from dc_lightning.inference.embedding import CompressedEmbedding
 from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.recurrent import CompressedGRU, CompressedLSTM, CompressedRNN
 from dc_lightning.io import save_compressed
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
 from dc_lightning.pruning.masks import prune_model
 from dc_lightning.quantization.bits import bits_for_layers
 from dc_lightning.quantization.codebooks import quantize_model
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
+from dc_lightning.targets import select_targets
 
 
 class MyConv(nn.Conv2d):

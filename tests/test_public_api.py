@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: modules of issue-21 work owned elsewhere that still list names they import; each entry goes when its module is
 #: fixed (strict xfail: the test then passes and the mark fails, so the entry cannot outlive the re-export)
 REEXPORTS_PENDING = {
-    "dc_lightning.targets": "lists target_name, defined in dc_lightning.utils",
 }
 
 

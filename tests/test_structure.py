@@ -43,8 +43,8 @@ TORCH_LAYER = re.compile(
     r"(Lazy)?(Linear|Bilinear|NonDynamicallyQuantizableLinear|Conv(Transpose)?[123]d|_Conv(Transpose)?Nd|"
     r"Embedding(Bag)?|MultiheadAttention|RNNBase|RNNCellBase|(LSTM|GRU|RNN)(Cell)?)"
 )
-#: the modules besides kinds.py, the model definitions (dc_lightning/models/) and the inference module of each kind
-#: (which checks it is handed its own torch type) that may name torch layer types, with the reason; at most 3
+#: the modules besides kinds.py and the model definitions (dc_lightning/models/) that may name torch layer types, with
+#: the reason; at most 2, so that kinds.py and they make at most 3
 TORCH_TYPE_USERS = {
     f"{PKG}.module": "ClassifierModule reads the class count from the model's last nn.Linear (a model convention)",
     f"{PKG}.pruning.dropout": "[NIPS] §3.2 lowers the rate of the nn.Dropout right before a pruned nn.Linear, by "
@@ -199,22 +199,6 @@ def _torch_layer_uses(tree: ast.Module) -> list[tuple[int, str]]:
     return hits
 
 
-def _converter_modules(tree: ast.Module) -> dict[str, set[str]]:
-    """``{inference module: names of the torch types it converts}`` read from the registry's source: each
-    ``Kind(nn.<Type>, ..., converter=<loader>)`` entry and the modules that ``<loader>`` imports."""
-    loaders = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
-    out: dict[str, set[str]] = {}
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Kind"):
-            continue
-        torch_type = node.args[0]
-        loader = next((k.value for k in node.keywords if k.arg == "converter"), None)
-        if isinstance(torch_type, ast.Attribute) and isinstance(loader, ast.Name) and loader.id in loaders:
-            for target, _, _ in _imports(KINDS, loaders[loader.id]):
-                out.setdefault(target, set()).add(torch_type.attr)
-    return out
-
-
 def _in(module: str, group: str) -> bool:
     return module == f"{PKG}.{group}" or module.startswith(f"{PKG}.{group}.")
 
@@ -268,11 +252,6 @@ def test_the_checks_catch_what_they_look_for() -> None:
         ("nn = object()\nnn.Linear", False),
     ]:
         assert bool(_torch_layer_uses(ast.parse(text))) is hit, text
-    registry = ast.parse(
-        "def _lin():\n    from dc_lightning.inference.linear import CompressedLinear\n"
-        "KINDS = (Kind(nn.Linear, 'fc', converter=_lin), Kind(nn.Conv2d, 'conv'))"
-    )
-    assert _converter_modules(registry) == {f"{PKG}.inference.linear": {"Linear"}}
 
 
 def test_no_import_cycle() -> None:
@@ -336,11 +315,9 @@ def test_buffer_names_are_spelled_in_buffers_only() -> None:
 
 def test_torch_layer_types_are_named_in_kinds_only() -> None:
     """Only dc_lightning/kinds.py uses torch's weight-layer classes as values; besides it, the model definitions
-    (dc_lightning/models/), each kind's inference module (for its own types, read from the registry) and the few
-    modules of :data:`TORCH_TYPE_USERS`, which must still need their entry."""
-    assert len(TORCH_TYPE_USERS) <= 3, "the weight-kind registry is the place for this knowledge"
-    converters = _converter_modules(SOURCES[KINDS][1])
-    assert converters[f"{PKG}.inference.recurrent"] == {"LSTM", "GRU", "RNN"}  # the derivation sees the registry
+    (dc_lightning/models/) and the modules of :data:`TORCH_TYPE_USERS` (at most 3 modules in all), which must still
+    need their entry. The inference modules check a direct call by the torch type's contract, not its class."""
+    assert len(TORCH_TYPE_USERS) <= 2, "the weight-kind registry is the place for this knowledge"
     bad, used = [], set()
     for module, (path, tree) in SOURCES.items():
         if module == KINDS or _in(module, "models"):
@@ -349,8 +326,7 @@ def test_torch_layer_types_are_named_in_kinds_only() -> None:
         if module in TORCH_TYPE_USERS:
             used.update([module] if hits else [])
             continue
-        allowed = converters.get(module, set())
-        bad += [f"{path.relative_to(ROOT)}:{line} uses {name}" for line, name in hits if name not in allowed]
+        bad += [f"{path.relative_to(ROOT)}:{line} uses {name}" for line, name in hits]
     assert not bad, bad
     assert used == set(TORCH_TYPE_USERS), f"stale TORCH_TYPE_USERS entries: {set(TORCH_TYPE_USERS) - used}"
 

@@ -11,11 +11,12 @@ from dc_lightning import buffers
 from dc_lightning.dcz import CorruptFileError, build_file, read_compressed
 from dc_lightning.dcz.container import load_payloads, read_header, write_container
 from dc_lightning.io import load_compressed, save_compressed
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES, weight_params
 from dc_lightning.pruning.masks import apply_masks, prune_model
 from dc_lightning.pruning.sensitivity import sensitivity_analysis
 from dc_lightning.quantization.codebooks import decode_weight, quantize_model
 from dc_lightning.report import compression_report
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets, weight_params
+from dc_lightning.targets import Target, select_targets
 
 
 def test_weight_params_of_each_module_type():

@@ -24,6 +24,7 @@ from dc_lightning.callbacks.common import (
     log_metrics,
     print_table,
 )
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
 from dc_lightning.pruning.dropout import adjust_dropouts_to_masks, find_feeding_dropouts
 from dc_lightning.pruning.masks import (
     attach_mask,
@@ -36,7 +37,7 @@ from dc_lightning.pruning.masks import (
     resolve_targets,
 )
 from dc_lightning.pruning.schedules import geometric_schedule, quality_schedule
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target
+from dc_lightning.targets import Target
 from dc_lightning.utils import is_number
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class MagnitudePruning(Callback):
         prune_fraction: fraction of ``max_epochs`` over which the default schedule spreads the rounds, (0, 1].
         include: fnmatch patterns of candidate targets (default: every weight matrix of the modules of ``types``).
         exclude: fnmatch patterns of targets never pruned (``exclude=["*.embedding"]`` keeps an embedding dense).
-        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
+        types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`).
         std_of: quality mode: std over ``"all"`` weights (pruned ones count as 0) or the ``"kept"`` ones.
         adjust_dropout: after each round set the ``nn.Dropout`` feeding each pruned ``nn.Linear`` (the one just
             before it in an ``nn.Sequential``) to ``D_o * sqrt(C_ir / C_io)`` [NIPS §3.2], ``D_o`` the original rate.

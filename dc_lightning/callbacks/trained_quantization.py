@@ -26,11 +26,12 @@ from dc_lightning.callbacks.common import (
     logger_step,
     print_table,
 )
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
 from dc_lightning.quantization.bits import bits_for_layers, check_bits
 from dc_lightning.quantization.codebooks import decode_weight, quantize_layer
 from dc_lightning.quantization.kmeans import INITS
 from dc_lightning.quantization.step import CodebookStep
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, select_targets
+from dc_lightning.targets import Target, select_targets
 from dc_lightning.utils import is_number
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class TrainedQuantization(Callback):
             that is the better rate-distortion trade-off, since Lloyd spreads code use evenly and so raises the
             codes' entropy (measured in recipes/lenet300/README.md).
         seed: seed of the ``"random"`` init (the same on every rank).
-        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
+        types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`).
         verbose: print a per-layer table (rich) on rank 0 after clustering.
         log_histograms: with a ``WandbLogger``, log each layer's weight histogram before and after clustering
             (the view of [DC] Figs. 4/5).

@@ -64,8 +64,11 @@ class CompressedEmbedding(nn.Module):
             ValueError: ``max_norm`` is set (torch renormalises the dense weight in place on lookup), the weight
                 cannot be coded (:func:`param_codes`), or ``layout`` is unknown / impossible.
         """
-        if not isinstance(emb, nn.Embedding):
-            raise TypeError(f"from_module expects an nn.Embedding, got {type(emb).__name__}")
+        # the registry (dc_lightning.kinds) routes nn.Embedding here; a direct call gets nn.Embedding's contract
+        contract = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "weight")
+        missing = [a for a in contract if not hasattr(emb, a)]
+        if missing:
+            raise TypeError(f"from_module expects an nn.Embedding, got {type(emb).__name__} (no {missing})")
         if emb.max_norm is not None:
             raise ValueError(f"embedding with max_norm={emb.max_norm} renormalises its dense weight on lookup")
         mask, codes, codebook = param_codes(emb, "weight")

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import get_mask
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, Target, pattern_aliases, select_targets
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
+from dc_lightning.targets import Target, pattern_aliases, select_targets
 from dc_lightning.utils import is_number, resolve_per_layer
 
 _STD_OF = ("all", "kept")
@@ -298,7 +299,7 @@ def prune_model(
         quality: threshold in std units per target (float or ``{pattern: quality}``), [NIPS §4].
         include: fnmatch patterns of targets to consider (default: all of ``types``).
         exclude: fnmatch patterns of targets to leave dense.
-        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`: Linear,
+        types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`: Linear,
             Conv1d/2d/3d, Embedding, MultiheadAttention, LSTM/GRU/RNN).
         std_of: ``"all"`` or ``"kept"``, see :func:`magnitude_mask`.
 

@@ -40,8 +40,9 @@ import torch
 from torch import nn
 
 from dc_lightning.buffers import get_mask
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
 from dc_lightning.pruning.masks import check_densities, magnitude_mask
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
+from dc_lightning.targets import select_targets
 from dc_lightning.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def sensitivity_analysis(
         max_batches: evaluate on the first ``max_batches`` batches only.
         batch_transform: applied to each batch before the model (e.g. a DataModule's
             ``lambda b: dm.on_after_batch_transfer(b, 0)`` when it normalises on the device).
-        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
+        types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`).
 
     Returns:
         One row per (target, density): ``layer``, ``density`` (requested), ``kept``, ``weights`` and ``accuracy``

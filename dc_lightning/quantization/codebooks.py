@@ -31,9 +31,10 @@ from torch import Tensor, nn
 
 from dc_lightning import buffers
 from dc_lightning.buffers import MAX_CODES, get_codebook, get_mask
+from dc_lightning.kinds import DEFAULT_TARGET_TYPES
 from dc_lightning.quantization.bits import bits_for_layers, check_bits
 from dc_lightning.quantization.kmeans import INITS, acc_dtype, kmeans_1d, wcss
-from dc_lightning.targets import DEFAULT_TARGET_TYPES, select_targets
+from dc_lightning.targets import select_targets
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def quantize_model(
         init: centroid initialisation, see :func:`kmeans_init`.
         max_iter: Lloyd iterations at most.
         seed: seed for ``init="random"``.
-        types: module types considered (default :data:`dc_lightning.targets.DEFAULT_TARGET_TYPES`).
+        types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`).
         refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
             plain Lloyd from ``init``.
 
