@@ -51,6 +51,7 @@ from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.kernels.sparse.layout import unpack  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
@@ -115,10 +116,21 @@ def decode_all(m: nn.Module, lut: bool, batch: int | None = None) -> Callable[[]
     attention modules decode, ``dense_weight()``), or its LUT copy (``lut``)."""
     mats = matrices(m)
     if lut:
-        return lambda: [layouts.decode_dense(c.lut_packed()) for c in mats]
+        luts = [lut_copy(c) for c in mats]
+        return lambda: [layouts.decode_dense(p) for p in luts]
     if batch is not None:
         return lambda: [layouts.decode_dense(c.path(batch)) for c in mats]
     return lambda: [c.dense_weight() for c in mats]
+
+
+def lut_copy(c: CompressedLinear) -> layouts.LUTPacked:
+    """The matrix's LUT layout: the one it holds, or one packed from its sparse layout (built once, outside timing)."""
+    if "lut" in c.layout_names:
+        return c.packed("lut")
+    p = c.packed("sparse")
+    rows, cols, codes = unpack(p)
+    n_centroids = 1 << (p.code_shift - 1)
+    return layouts.pack_lut(p.out_features, p.in_features, rows, cols, codes, p.codebook[:n_centroids])
 
 
 def hf_conv1d(nx: int, nf: int) -> nn.Module | None:
