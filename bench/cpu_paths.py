@@ -1,19 +1,23 @@
-"""CPU time of the converted recurrent and attention modules against the dense torch modules they replace.
+"""CPU time of every converted weight kind against the dense torch module it replaces.
 
-On the CPU the converted ``CompressedLSTM`` / ``CompressedGRU`` / ``CompressedMultiheadAttention`` decode each
-compressed matrix once per call and run torch's own op on the result (``torch._VF.lstm``..., ``F.linear`` + SDPA).
+On the CPU the converted ``CompressedLinear`` / ``CompressedConv1D`` / ``CompressedLSTM`` / ``CompressedGRU`` /
+``CompressedMultiheadAttention`` decode each compressed matrix once per call and run torch's own op on the result
+(``F.linear``, ``torch._VF.lstm``..., SDPA); ``CompressedEmbedding`` decodes only the rows it is asked for.
 Providers, side by side in one process, same weights (pruned to ``--density``, quantized to ``--bits``) and inputs:
 
 * ``dense``: the torch module with the masked, quantized weights (the reference).
 * ``converted``: ``dc_lightning.to_compressed_inference`` of it.
-* ``decode``: decoding every compressed matrix of the converted module once (``CompressedLinear.dense_weight()``) per
-  call, the part of ``converted`` that ``dense`` does not pay; ``floor`` = (dense + decode) / dense is the least
-  converted/dense ratio this CPU path can reach (what stepping one token per call is bound by).
+* ``decode``: decoding every compressed matrix of the converted module once (the layout the call's batch runs on) per
+  call (for an embedding: its lookup, which is all it does), the part of ``converted`` that ``dense`` does not pay;
+  ``floor`` = (dense + decode) / dense is the least converted/dense ratio this CPU path can reach (what stepping
+  one token per call is bound by).
 * ``decode_lut``: the same from the LUT copy of each matrix (``layouts.decode_dense(lut_packed())``), for comparison.
 * ``kernel_path`` (with ``--kernel-path``): the per-step path CUDA takes, on the CPU reference of the compressed
   kernels (what the CPU ran before issue 22); one repeat, it is slow.
 
-Cases: EIE's NT-LSTM shape (2 layers, input 600, hidden 600) over a sequence of 64 at batch 1 and 16, the same
+Cases: ``nn.Linear`` 1024 x 1024 at density 0.1 and 0.5, batch 1 and 64; a GPT-2 MLP ``Conv1D`` (768 -> 3072,
+transformers' class) at batch 1 and 64 (skipped without transformers); ``nn.Embedding`` 50257 x 256 looking up 64
+tokens; EIE's NT-LSTM shape (2 layers, input 600, hidden 600) over a sequence of 64 at batch 1 and 16, the same
 stepping one token at a time for 64 steps (sampling: one call per token, the state carried), the GRU alike, and
 ``nn.MultiheadAttention`` (embed 384, 6 heads) self-attention over 128 positions at batch 1 and 16, and the report of
 issue 22: ``models.lm.sample`` of 64 tokens from the ``lstm_lm`` recipe's network (Embedding, LSTM 600, Linear; the
@@ -47,6 +51,7 @@ from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.kernels.sparse.layout import unpack  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
@@ -98,15 +103,43 @@ def sampling(m: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
     return lambda: sample(m, prompt, 64, temperature=0)
 
 
+def lookup(m: nn.Module, idx: torch.Tensor) -> Callable[[], object]:
+    return lambda: m(idx)
+
+
 def matrices(m: nn.Module) -> list[CompressedLinear]:
     return [c for c in m.modules() if isinstance(c, CompressedLinear)]
 
 
-def decode_all(m: nn.Module, lut: bool) -> Callable[[], object]:
+def decode_all(m: nn.Module, lut: bool, batch: int | None = None) -> Callable[[], object]:
+    """Decode every matrix of ``m`` once: the layout a ``batch``-row call runs on (``None``: what the recurrent and
+    attention modules decode, ``dense_weight()``), or its LUT copy (``lut``)."""
     mats = matrices(m)
     if lut:
-        return lambda: [layouts.decode_dense(c.lut_packed()) for c in mats]
+        luts = [lut_copy(c) for c in mats]
+        return lambda: [layouts.decode_dense(p) for p in luts]
+    if batch is not None:
+        return lambda: [layouts.decode_dense(c.path(batch)) for c in mats]
     return lambda: [c.dense_weight() for c in mats]
+
+
+def lut_copy(c: CompressedLinear) -> layouts.LUTPacked:
+    """The matrix's LUT layout: the one it holds, or one packed from its sparse layout (built once, outside timing)."""
+    if "lut" in c.layout_names:
+        return c.packed("lut")
+    p = c.packed("sparse")
+    rows, cols, codes = unpack(p)
+    n_centroids = 1 << (p.code_shift - 1)
+    return layouts.pack_lut(p.out_features, p.in_features, rows, cols, codes, p.codebook[:n_centroids])
+
+
+def hf_conv1d(nx: int, nf: int) -> nn.Module | None:
+    """transformers' GPT-2 ``Conv1D(nf, nx)`` (``None`` without transformers)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D(nf, nx)
 
 
 def kernel_path(fn: Callable[[], object]) -> Callable[[], object]:
@@ -136,11 +169,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    cases = []
+    for density in (0.1, 0.5):
+        lin = compressed(nn.Linear(1024, 1024), density, args.bits)
+        for batch in (1, 64):
+            cases.append((f"Linear 1024 d{density}", batch, lin, sequence, torch.randn(batch, 1024), 1))
+    conv = hf_conv1d(768, 3072)
+    if conv is not None:
+        conv = compressed(conv, args.density, args.bits)
+        for batch in (1, 64):
+            cases.append(("Conv1D 768->3072", batch, conv, sequence, torch.randn(batch, 768), 1))
+    emb = compressed(nn.Embedding(50257, 256), args.density, args.bits)
+    cases.append(("Embedding 50257x256", 64, emb, lookup, torch.randint(0, 50257, (64,)), 1))
     lstm = compressed(nn.LSTM(600, 600, num_layers=2), args.density, args.bits)
     gru = compressed(nn.GRU(600, 600, num_layers=2), args.density, args.bits)
     mha = compressed(nn.MultiheadAttention(384, 6), args.density, args.bits)
     lm = compressed(build_lm("lstm_lm"), args.density, args.bits)
-    cases = []
     for kind, pair in (("LSTM", lstm), ("GRU", gru)):
         for batch in (1, 16):
             x = torch.randn(64, batch, 600)
@@ -160,10 +204,12 @@ def main() -> None:
     print(header)
     with torch.no_grad():
         for name, batch, (dense, conv), drive, x, calls in cases:
+            per_batch = name.startswith(("Linear", "Conv1D"))  # one matrix, called with `batch` rows
             providers = {
                 "dense": drive(dense, x),
                 "converted": drive(conv, x),
-                "decode": decode_all(conv, lut=False),
+                # a Linear / Conv1D call decodes the layout its batch runs on; an embedding's decode is its lookup
+                "decode": drive(conv, x) if drive is lookup else decode_all(conv, False, batch if per_batch else None),
                 "decode_lut": decode_all(conv, lut=True),
             }
             ms = median_ms(providers, args.repeats)

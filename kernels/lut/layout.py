@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dc_lightning.buffers import MAX_CODES
@@ -225,20 +224,25 @@ def pack_lut(
 
 def decode_dense_lut(packed: LUTPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
-    # Byte by byte through lookup tables: byte b of word j of group g holds the codes of slices b * cpb + i
-    # (i < cpb = 8 // cbits), column g * G + (b * cpb + i) * 32 + j (the words' bytes in memory order: little-endian,
-    # as on every CPU and GPU PyTorch runs on). One gather per byte, not per position.
+    # Word j of group g holds the code of column g * G + s * 32 + j at bits [s * cbits, (s + 1) * cbits): shifting
+    # the [n, g, 1, 32] words by the [pw, 1] slice shifts gives the codes already in column order [n, g, s, j], then
+    # one int32 gather from the codebook. A bitmap folds into that gather: bit c % 32 of word c // 32 (column c, the
+    # same [n, g * pw, 32] order) lands on bit cbits of the code, by a [256, 8] table of the bitmap's bytes (the
+    # words' bytes in memory order: little-endian, as on every CPU and GPU PyTorch runs on), and the codebook gets a
+    # copy times 0.0 below it: a pruned position reads codebook * 0.0 (so -0.0 for a negative code, as a product
+    # with the bitmap gives).
     p = packed
-    n, cpb, dev = p.codes.shape[0], 8 // p.cbits, p.codes.device  # rows held (lut_rows hands a row subset)
-    byte = torch.arange(256, device=dev)
-    shifts = torch.arange(cpb, device=dev) * p.cbits
-    table = p.codebook.to(torch.float32)[(byte[:, None] >> shifts) & ((1 << p.cbits) - 1)]  # [256, cpb]
-    w = F.embedding(p.codes.view(torch.uint8).view(n, -1, WORDS_PER_GROUP, 4).long(), table)  # [n, g, j, b, i]
-    w = w.permute(0, 1, 3, 4, 2).reshape(n, -1)  # [n, g, s = (b, i), j]: column order
-    if p.mask is not None:  # bit i of byte b of bitmap word m: column 32 * m + 8 * b + i
-        kept = ((byte[:, None] >> torch.arange(8, device=dev)) & 1).to(torch.float32)  # [256, 8]
-        w = w * F.embedding(p.mask.view(torch.uint8).view(n, -1).long(), kept).view(n, -1)
-    return w[:, : p.in_features]
+    n, cbits, dev = p.codes.shape[0], p.cbits, p.codes.device  # rows held (lut_rows hands a row subset)
+    shifts = torch.arange(p.codes_per_word, device=dev, dtype=torch.int32).view(-1, 1) * cbits
+    codes = p.codes.view(n, -1, 1, WORDS_PER_GROUP) >> shifts  # [n, g, s, j]
+    codes &= (1 << cbits) - 1
+    table = p.codebook.to(torch.float32)
+    if p.mask is not None:
+        byte = torch.arange(256, device=dev, dtype=torch.int32)
+        kept = ((byte.view(-1, 1) >> torch.arange(8, device=dev, dtype=torch.int32)) & 1) << cbits  # [256, 8]
+        codes.view(-1, 8).bitwise_or_(torch.index_select(kept, 0, p.mask.view(torch.uint8).view(-1).to(torch.int32)))
+        table = torch.cat([table * 0.0, table])
+    return torch.index_select(table, 0, codes.view(-1)).view(n, -1)[:, : p.in_features]
 
 
 def lut_rows(packed: LUTPacked, idx: Tensor) -> Tensor:

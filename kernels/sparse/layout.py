@@ -304,17 +304,33 @@ def unpack(packed: EIEPacked) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def decode_dense(packed: EIEPacked) -> Tensor:
-    """The dense float32 ``[out, in]`` weight of a packed layer."""
-    # No boolean indexing (data-dependent shapes would break torch.compile tracing): padding entries add 0.0 (their
-    # codebook slot) into the padded [n_tiles*row_tile, n_chunks*chunk] matrix, which is then cropped. Every position
-    # gets at most one non-zero, so the sums are exact in any order.
+    """The dense float32 ``[out, in]`` weight of a packed layer (contiguous)."""
+    # Every entry, padding included, is index_add_-ed into zeros: padding adds 0.0 (its codebook slot) at column 0 of
+    # its chunk, which is inside the matrix, so only the rows of the last tile are padded (rows past out_features
+    # hold padding alone and are cropped; the crop of trailing rows stays contiguous). Every position gets at most one
+    # non-zero, so the sums are exact in any order (and -0.0 comes out +0.0, as 0.0 + -0.0). No boolean indexing:
+    # fixed shapes for torch.compile. The flat position of entry e of block (tile t, chunk c) is
+    #   (t * row_tile + e % row_tile) * in + c * chunk + local_col,
+    # a per-block base (repeated over the block's ELL steps of row_tile entries) + a per-lane row offset + the
+    # word's column field: int32 arithmetic whenever the padded matrix has fewer than 2**31 positions.
     p = packed
-    rows, cols, codes = _unpack_tensors(p)
-    n_rows = -(-p.out_features // p.row_tile) * p.row_tile
-    n_cols = -(-p.in_features // p.chunk) * p.chunk
-    w = torch.zeros(n_rows * n_cols, dtype=torch.float32, device=p.entries.device)
-    w.index_add_(0, rows * n_cols + cols, p.codebook.to(torch.float32)[codes])
-    return w.view(n_rows, n_cols)[: p.out_features, : p.in_features]
+    n, k, rt, dev = p.out_features, p.in_features, p.row_tile, p.entries.device
+    n_tiles = -(-n // rt)
+    n_blocks = p.block_ptr.numel() - 1
+    n_chunks = max(n_blocks // max(n_tiles, 1), 1)
+    n_pos = n_tiles * rt * k
+    it = torch.int32 if n_pos < 2**31 else torch.int64
+    blk = torch.arange(n_blocks, device=dev, dtype=it)
+    base = (blk // n_chunks) * (rt * k) + (blk % n_chunks) * p.chunk  # [n_blocks]
+    steps = (p.block_ptr[1:] - p.block_ptr[:-1]) // rt  # ELL steps (of row_tile entries) per block
+    words = p.entries.view(torch.uint16).to(it) if p.entries.dtype == torch.int16 else p.entries.to(it)
+    codes = words & ((1 << p.code_shift) - 1)
+    pos = (words >> p.code_shift).view(-1, rt)  # [steps, row_tile]: local column
+    pos += torch.repeat_interleave(base, steps, output_size=pos.shape[0]).view(-1, 1)
+    pos += torch.arange(rt, device=dev, dtype=it) * k
+    w = torch.zeros(n_pos, dtype=torch.float32, device=dev)
+    w.index_add_(0, pos.view(-1), torch.index_select(p.codebook.to(torch.float32), 0, codes))
+    return w.view(-1, k)[:n]
 
 
 # --------------------------------------------------------------------------------------------------------------
