@@ -24,9 +24,9 @@ issue 22: ``models.lm.sample`` of 64 tokens from the ``lstm_lm`` recipe's networ
 whole context re-run per token) after a 16-token prompt. The time of a case is the median of ``--repeats`` runs
 (after one warm-up run; the providers take turns within each repeat), ``torch.set_num_threads(--threads)``.
 
-    python bench/cpu_paths.py                      # table + bench/out/cpu_paths.json
-    python bench/cpu_paths.py --kernel-path        # also the per-step compressed-kernel path (slow)
-    python bench/cpu_paths.py --threads 1 --out bench/out/cpu_paths_1thread.json
+    python -m bench.kernels.cpu_paths                      # table + bench/out/cpu_paths.json
+    python -m bench.kernels.cpu_paths --kernel-path        # also the per-step compressed-kernel path (slow)
+    python -m bench.kernels.cpu_paths --threads 1 --out bench/out/cpu_paths_1thread.json
 """
 
 from __future__ import annotations
