@@ -167,8 +167,14 @@ def select_targets(
     tied.update({t.full_name: seen[id(t.weight)] for t in untargeted if id(t.weight) in seen})
     untargeted = [t for t in untargeted if id(t.weight) not in seen and t.weight.dim() >= 2]  # matrices left dense
     if not candidates:
+        # the root module is never a target (targets are named by their module's name, and the root has none)
+        root = (
+            f"; the model itself is a {type(model).__name__}: wrap it (e.g. nn.Sequential(model)) to compress it"
+            if isinstance(model, types) and weight_params(model)
+            else ""
+        )
         raise ValueError(
-            f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter"
+            f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter{root}"
         )
     _warn_untargeted(model, types, candidates, untargeted)
     found = Targets(candidates, untargeted, tied)

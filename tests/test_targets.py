@@ -230,3 +230,9 @@ def test_compressed_params_ignores_a_module_buffer_that_only_looks_like_a_mask()
     buffers.set_mask(m, torch.ones(4, 3, dtype=torch.bool))
     buffers.set_codebook(m, torch.zeros(4), torch.zeros(4, 4, dtype=torch.uint8), "causal")
     assert buffers.compressed_params(m) == ["weight", "causal"]
+
+
+def test_a_bare_layer_as_the_model_is_told_to_wrap_it() -> None:
+    with pytest.raises(ValueError, match=r"the model itself is a LSTM: wrap it \(e.g. nn.Sequential\(model\)\)"):
+        select_targets(nn.LSTM(4, 6))
+    assert list(select_targets(nn.Sequential(nn.LSTM(4, 6)))) == ["0.weight_ih_l0", "0.weight_hh_l0"]
