@@ -18,9 +18,8 @@ matches the target's name, its full name ``<module>.<param>`` (``fc1.weight``) o
 pattern ``"*.self_attn"`` selects every ``in_proj_weight`` of those attention modules but not their ``out_proj``
 (module ``*.self_attn.out_proj``, a target of its own: ``"*.self_attn*"`` selects both), and ``"lstm"`` selects every
 weight matrix of the LSTM. A pattern that matches no target is an error (a typo must not leave a layer dense); the
-message also names the modules the pattern does match that are not targets: a module whose type is not in
-``types`` (with the fix, ``types=(*DEFAULT_TARGET_TYPES, <type>)``) or one whose weight is tied to a target of another
-name (``lm_head`` of a model whose ``lm_head.weight`` *is* ``wte.weight``: one target, named ``wte``).
+message also names the modules the pattern does match whose type is not in ``types`` (with the fix,
+``types=(*DEFAULT_TARGET_TYPES, <type>)``). A tied weight's other names select its target (below).
 
 **Tied weights.** A parameter registered under several names (``decoder.weight = embedding.weight``, found by
 identity) is ONE target, named by its first holder of a target type in ``named_modules()`` order; its other names are
@@ -97,10 +96,14 @@ class Targets(dict):
     """:func:`select_targets`' result, ``{name: Target}``, that also knows which weight matrices of the model are not
     targets though a pattern may name them (:meth:`unmatched_hint`)."""
 
-    def __init__(self, items: dict[str, Target], untargeted: list[Target], tied: dict[str, str]) -> None:
+    def __init__(self, items: dict[str, Target], untargeted: list[Target]) -> None:
         super().__init__(items)
         self.untargeted = untargeted  #: matrices of modules whose type is not in ``types``
-        self.tied = tied  #: ``{full name: target name}`` of parameters that are another target's (tied weights)
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """``{full name: target name}`` of the other names of tied targets (:attr:`Target.tied`)."""
+        return {full: t.name for t in self.values() for full in t.tied}
 
     def unmatched_hint(self, pattern: str) -> str:
         """What ``pattern`` (which matches no target) matches among the model's non-target matrices, and the fix;
@@ -116,11 +119,6 @@ class Targets(dict):
                 f"these modules match it but their type is not targeted: {', '.join(names[:_SHOWN])}{more}; pass "
                 f"types=(*DEFAULT_TARGET_TYPES, {kinds}) to compress them"
             )
-        tied = {full: name for full, name in self.tied.items() if fnmatch.fnmatchcase(full, pattern)
-                or fnmatch.fnmatchcase(full.rpartition(".")[0], pattern)}
-        if tied:
-            said = ", ".join(f"{full} is {name}'s weight" for full, name in list(tied.items())[:_SHOWN])
-            parts.append(f"it matches tied weights: {said} (one parameter, one target: use the target's name)")
         return "; ".join(parts)
 
 
@@ -147,7 +145,6 @@ def select_targets(
     candidates: dict[str, Target] = {}
     seen: dict[int, str] = {}
     untargeted: list[Target] = []
-    tied: dict[str, str] = {}
     names = _parameter_names(model)
     for module_name, module in model.named_modules():
         if not module_name:
@@ -159,12 +156,10 @@ def select_targets(
             weight = getattr(module, param)
             full = f"{module_name}.{param}"
             t = Target(module_name, param, module, tuple(n for n in names.get(id(weight), ()) if n != full))
-            if id(weight) in seen:
-                tied[t.full_name] = seen[id(weight)]
+            if id(weight) in seen:  # a tied parameter's other holder: one target, with this name in Target.tied
                 continue
             seen[id(weight)] = t.name
             candidates[t.name] = t
-    tied.update({t.full_name: seen[id(t.weight)] for t in untargeted if id(t.weight) in seen})
     untargeted = [t for t in untargeted if id(t.weight) not in seen and t.weight.dim() >= 2]  # matrices left dense
     if not candidates:
         # the root module is never a target (targets are named by their module's name, and the root has none)
@@ -177,7 +172,7 @@ def select_targets(
             f"{what}: the model has no layer of type {[t.__name__ for t in types]} with a weight parameter{root}"
         )
     _warn_untargeted(model, types, candidates, untargeted)
-    found = Targets(candidates, untargeted, tied)
+    found = Targets(candidates, untargeted)
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
     for kind, patterns in (("include", include or []), ("exclude", exclude)):
@@ -195,7 +190,6 @@ def select_targets(
             if (include is None or any(t.matches(p) for p in include)) and not any(t.matches(p) for p in exclude)
         },
         untargeted,
-        tied,
     )
 
 

@@ -39,10 +39,6 @@ def test_console_script_help(capsys):
 # ------------------------------------------------------------- one home per name: __all__ lists what a module defines
 
 ROOT = Path(__file__).resolve().parents[1]
-#: modules of issue-21 work owned elsewhere that still list names they import; each entry goes when its module is
-#: fixed (strict xfail: the test then passes and the mark fails, so the entry cannot outlive the re-export)
-REEXPORTS_PENDING = {
-}
 
 
 def _module_name(path: Path) -> str:
@@ -99,14 +95,7 @@ def test_the_all_check_catches_a_reexport():
                             is_package=False) == []
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=REEXPORTS_PENDING[m])) if m in REEXPORTS_PENDING
-        else m
-        for m in _modules()
-    ],
-)
+@pytest.mark.parametrize("module", list(_modules()))
 def test_all_lists_only_names_the_module_defines(module):
     path = _modules()[module]
     assert undefined_in_all(module, path.read_text(), path.name == "__init__.py") == []
