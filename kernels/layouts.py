@@ -58,6 +58,9 @@ from .rows.layout import RowCodes, RowELL
 from .runtime import PackedLayer, check_call
 from .sparse import op as sparse_op
 from .sparse.layout import EIEPacked, decode_dense, eie_linear_reference, pack
+from .tc import layout as tc_layout
+from .tc import op as tc_op
+from .tc.layout import TCPacked, decode_dense_tc, pack_tc, tc_linear_reference, tc_rows
 
 __all__ = [
     "Layout",
@@ -68,7 +71,9 @@ __all__ = [
     "DUAL_BELOW",
     "spec",
     "spec_of",
+    "state_value",
     "row_layouts",
+    "dense_layout",
     "choose_layout",
     "lut_batch_min",
     "alternate_layout",
@@ -105,7 +110,7 @@ class LayoutSpec:
         decode: ``decode(packed)``, the dense ``[out_features, in_features]`` weight.
         buffers: packed field -> the module buffer holding it (a state-dict key), in registration order.
         describe: ``describe(packed)``, the layout's phrase in ``extra_repr``.
-        state: packed integer field -> its key in the module's extra state.
+        state: packed host field (an integer, or a tuple of floats) -> its key in the module's extra state.
         linear: the registered ``torch.library`` op (Triton on CUDA, the reference elsewhere); ``None``: the
             reference everywhere.
         autotune: ``autotune(packed, batch_sizes, dtype, bias, relu)`` -> ``{batch: config with "us"}``, or ``None``.
@@ -137,9 +142,9 @@ class LayoutSpec:
         """The layer's tensors by module buffer name (what a module registers)."""
         return {buf: getattr(packed, f) for f, buf in self.buffers.items()}
 
-    def state_of(self, packed: PackedLayer) -> dict[str, int]:
-        """The layer's integers by extra-state key."""
-        return {key: int(getattr(packed, f)) for f, key in self.state.items()}
+    def state_of(self, packed: PackedLayer) -> dict[str, Any]:
+        """The layer's host values by extra-state key (integers; the ``tc`` table: a tuple of floats)."""
+        return {key: state_value(getattr(packed, f)) for f, key in self.state.items()}
 
     def build(
         self, tensors: Mapping[str, Tensor | None], state: Mapping[str, int], out_features: int, in_features: int,
@@ -147,7 +152,7 @@ class LayoutSpec:
     ) -> PackedLayer:  # fmt: skip
         """The packed layer from a module's buffers (by buffer name) and integers (by extra-state key)."""
         fields = {f: tensors[buf] for f, buf in self.buffers.items()}
-        fields.update({f: int(state[key]) for f, key in self.state.items()})
+        fields.update({f: state_value(state[key]) for f, key in self.state.items()})
         return self.packed(**fields, out_features=out_features, in_features=in_features, nnz=nnz)
 
 
@@ -169,6 +174,13 @@ REGISTRY: dict[str, LayoutSpec] = {
             linear=lut_op.lut_linear, autotune=lut_op.autotune_lut, rows=lut_rows, batch_rank=1,
         ),
         LayoutSpec(
+            "tc", TCPacked, pack_tc, tc_linear_reference, decode_dense_tc,
+            buffers={"codes": "tc_codes", "codebook": "tc_codebook"},
+            describe=lambda p: "tc code_bits=4",
+            state={"table": "tc_table"},
+            linear=tc_op.tc_linear, autotune=tc_op.autotune_tc, rows=tc_rows, batch_rank=1,
+        ),
+        LayoutSpec(
             "ell", RowELL, rows_layout.pack_ell, rows_layout.ell_reference, rows_layout.decode_ell,
             buffers={"codes": "codes", "codebook": "codebook", "cols": "cols", "lengths": "lengths"},
             describe=lambda p: "ell", rows=rows_layout.ell_rows,
@@ -181,6 +193,13 @@ REGISTRY: dict[str, LayoutSpec] = {
         ),
     )
 }  # fmt: skip
+
+
+def state_value(v: Any) -> Any:
+    """A layout's host value as extra state keeps it: a sequence becomes a tuple of floats, anything else an int."""
+    if isinstance(v, (tuple, list)):
+        return tuple(float(e) for e in v)
+    return int(v)
 
 
 def spec(name: str | Enum) -> LayoutSpec:
@@ -220,10 +239,17 @@ def row_layouts() -> list[str]:
 
 
 class Layout(str, Enum):
-    """The two layouts :func:`choose_layout` picks between (values are their registry names)."""
+    """The layouts :func:`choose_layout` picks between (values are their registry names)."""
 
     SPARSE = "sparse"
     LUT = "lut"
+    TC = "tc"
+
+
+def dense_layout(n_centroids: int, dense: bool) -> Layout:
+    """The dense-code layout of a codebook: ``tc`` (4-bit codes decoded in registers, tensor cores) when the
+    codebook fits its 16-entry table (15 centroids + the zero code when pruned), else ``lut`` (2-8-bit codes)."""
+    return Layout.TC if tc_layout.fits(n_centroids, dense) else Layout.LUT
 
 
 def choose_layout(
@@ -231,8 +257,9 @@ def choose_layout(
 ) -> tuple[Layout, str]:
     """The layout of a layer by density, and a one-line reason.
 
-    Below ``sparse_below`` the sparse layout (its ~2.3 bytes per non-zero beat 0.25-1.1 bytes per position); from
-    there on the dense packed codes, whose tensor-core kernel reuses each decoded weight across the batch.
+    Below ``sparse_below`` the sparse layout (its ~2.3 bytes per non-zero beat 0.5-1.1 bytes per position); from
+    there on dense codes (:func:`dense_layout`), whose tensor-core kernels reuse each decoded weight across the
+    batch.
 
     Raises:
         ValueError: if ``sparse_below`` is not in ``[0, 1]`` or the shape is empty.
@@ -243,36 +270,48 @@ def choose_layout(
     if positions < 1:
         raise ValueError(f"out_features and in_features must be >= 1, got {out_features} and {in_features}")
     density = nnz / positions
-    cbits, bitmap = lut_encoding(max(1, min(int(n_centroids), MAX_CODES)), nnz == positions)
-    lut_b = (cbits + bitmap) / 8.0
+    n_cb = max(1, min(int(n_centroids), MAX_CODES))
     ell_b = _ELL_BYTES_PER_NNZ * density
-    code = f"{cbits}-bit codes{' + bitmap' if bitmap else ''}"
+    dense = dense_layout(n_cb, nnz == positions)
+    if dense is Layout.TC:
+        code, dense_b = "4-bit codes (16-entry table)", tc_layout.bytes_per_position(out_features, in_features)
+    else:
+        cbits, bitmap = lut_encoding(n_cb, nnz == positions)
+        code, dense_b = f"{cbits}-bit codes{' + bitmap' if bitmap else ''}", (cbits + bitmap) / 8.0
     if density < sparse_below:
-        why = f"density {density:.1%} < {sparse_below:.0%}: sparse ~{ell_b:.2f} B/position vs lut {lut_b:.2f}"
+        why = f"density {density:.1%} < {sparse_below:.0%}: sparse ~{ell_b:.2f} B/position vs {dense.value} " \
+              f"{dense_b:.2f}"
         return Layout.SPARSE, why
-    return Layout.LUT, f"density {density:.1%} >= {sparse_below:.0%}: {code}, {lut_b:.2f} B/position"
+    return dense, f"density {density:.1%} >= {sparse_below:.0%}: {code}, {dense_b:.2f} B/position"
 
 
-def lut_batch_min(density: float) -> int:
-    """The smallest batch that runs a layer's LUT copy until :meth:`CompressedLinear.autotune` measures it.
+def lut_batch_min(density: float, layout: str = "lut") -> int:
+    """The smallest batch that runs a layer's dense-code copy (``layout``) beside its sparse one, until
+    :meth:`CompressedLinear.autotune` measures it.
 
-    Measured on the H200 (bench/RESULTS.md, 2026-12-02): below 10 % density the sparse kernel still won at batch 16
-    (VGG-6 46 us vs the LUT's 150+) and lost at 64 (Alex-6 56 vs 117 us); from 10 % on the LUT won from batch 16
-    (Alex-8 9.4 vs 15.2 us, NT-LSTM 8.6 vs 9.1 us).
+    ``lut``, measured on the H200 (bench/RESULTS.md, 2026-12-02): below 10 % density the sparse kernel still won
+    at batch 16 (VGG-6 46 us vs the LUT's 150+) and lost at 64 (Alex-6 56 vs 117 us); from 10 % on the LUT won from
+    batch 16 (Alex-8 9.4 vs 15.2 us, NT-LSTM 8.6 vs 9.1 us). ``tc``: from batch 8 (the design memo's crossover,
+    ``kernels-batch.md`` section 7) until measured.
     """
+    if layout == Layout.TC.value:
+        return 8
     return 64 if density < 0.10 else 16
 
 
-def alternate_layout(name: str, nnz: int, positions: int, dual_below: float = DUAL_BELOW) -> str | None:
-    """The layout of the copy a layer in ``name`` keeps for the other end of the batch range, or ``None``.
+def alternate_layout(
+    name: str, nnz: int, positions: int, dual_below: float = DUAL_BELOW, n_centroids: int = 16
+) -> str | None:
+    """The layout of the copy a layer in ``name`` may keep for the other end of the batch range, or ``None``.
 
-    A sparse layer keeps a LUT copy for large batches; a LUT layer below ``dual_below`` density a sparse copy for
-    small ones (measured on the H200: the sparse kernel wins at batch 1 up to 30 % density and stays close up to
-    60 %); other layouts none.
+    A sparse layer: its dense-code layout (:func:`dense_layout`) for large batches; a dense-code layer below
+    ``dual_below`` density a sparse copy for small ones (measured on the H200: the sparse kernel wins at batch 1 up
+    to 30 % density and stays close up to 60 %); other layouts none. A second copy is the caller's choice
+    (``CompressedLinear.from_linear(alternate=True)``): it costs that layout's bytes again.
     """
     if name == Layout.SPARSE.value:
-        return Layout.LUT.value
-    if name == Layout.LUT.value and nnz < dual_below * positions:
+        return dense_layout(n_centroids, nnz == positions).value
+    if name in (Layout.LUT.value, Layout.TC.value) and nnz < dual_below * positions:
         return Layout.SPARSE.value
     return None
 

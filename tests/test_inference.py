@@ -228,17 +228,16 @@ def test_cast_after_conversion_keeps_fp32_codebooks(layout: str, dtype: torch.dt
 
 # the text, state-dict keys and extra state (as written before the layout registry) of four layers: the format saved
 _SAVED = [
-    ((0.05, 4, True, {"batch_min": 4}),
+    ((0.05, 4, True, {"batch_min": 4, "alternate": True}),
      "in_features=40, out_features=24, nnz=53, layout=sparse, layouts=[sparse codebook_bits=4, lut code_bits=4 "
      "bitmap=True], lut from batch 4, bias=True, relu=False, why='density 5.5% < 30%: sparse ~0.13 B/position vs lut "
      "0.62'",
      ["entries", "block_ptr", "codebook", "lut_codes", "lut_mask", "lut_codebook", "bias", "_extra_state"],
      {"in_features": 40, "out_features": 24, "row_tile": 8, "chunk": 1024, "code_shift": 5, "nnz": 53, "relu": 0,
       "lut_cbits": 4, "batch_min": 4}),
-    ((0.45, 3, True, {}),
+    ((0.45, 3, True, {"layout": "lut", "alternate": True}),
      "in_features=40, out_features=24, nnz=440, layout=sparse, layouts=[sparse codebook_bits=3, lut code_bits=4 "
-     "bitmap=False], lut from batch 16, bias=True, relu=False, why='density 45.8% >= 30%: 4-bit codes, 0.50 "
-     "B/position'",
+     "bitmap=False], lut from batch 16, bias=True, relu=False, why='requested'",
      ["entries", "block_ptr", "codebook", "lut_codes", "lut_codebook", "bias", "_extra_state"],
      {"in_features": 40, "out_features": 24, "row_tile": 8, "chunk": 256, "code_shift": 4, "nnz": 440, "relu": 0,
       "lut_cbits": 4, "batch_min": 16}),

@@ -365,10 +365,11 @@ def test_source_check_follows_a_module_level_function():
 
 
 def test_tied_embedding_rows_match_float64():
-    """The LUT layout's row lookup, through a TiedEmbedding, against a float64 decode (a bitmap table and a zero-code
-    one), and its output dtype following the module's."""
+    """The row lookups of the dense-code layouts, through a TiedEmbedding, against a float64 decode (16 centroids and
+    pruned: ``lut`` with a bitmap; 8 centroids: ``tc`` with its zero code), and the output dtype following the
+    module's."""
     g = torch.Generator().manual_seed(0)
-    for bits, density in ((4, 0.3), (3, 0.5)):  # 16 centroids: bitmap; 8: a zero code
+    for bits, density, layout in ((4, 0.3, "lut"), (3, 0.5, "tc")):
         lin = nn.Linear(70, 33, bias=False)
         mask = torch.rand(33, 70, generator=g) < density
         codebook = torch.randn(2**bits, generator=g)
@@ -382,7 +383,7 @@ def test_tied_embedding_rows_match_float64():
         ref = torch.where(mask, codebook.double()[assign.long()], 0.0)
         idx = torch.tensor([[32, 0, 5], [5, 17, 0]])
         assert torch.equal(emb(idx).double(), ref[idx])
-        assert emb.half()(idx).dtype == torch.float16 and "rows of out (lut)" in repr(emb)
+        assert emb.half()(idx).dtype == torch.float16 and f"rows of out ({layout})" in repr(emb)
 
 
 def _quantized(module: nn.Module, seed: int) -> None:

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from dc_lightning import buffers, kinds
-from dc_lightning.inference.linear import CompressedLinear
+from dc_lightning.inference.linear import ALTERNATE, CompressedLinear
 from dc_lightning.inference.matrix import param_codes
 from dc_lightning.inference.memory import compressed_memory
 from dc_lightning.inference.source_check import is_torch_class, weight_reader
@@ -355,6 +355,7 @@ def to_compressed_inference(
     exclude: Sequence[str] = (),
     example_inputs: Any = None,
     tolerance: float | None = None,
+    alternate: bool = False,
 ) -> nn.Module:
     """Replace every compressed layer that can safely be replaced by its compressed inference module (on a copy).
 
@@ -385,6 +386,11 @@ def to_compressed_inference(
             converted and compared again (a second copy of the dense model is held meanwhile).
         tolerance: largest relative L2 error allowed on ``example_inputs`` (default 1e-4 for float32 outputs, 2e-2
             for float16/bfloat16).
+        alternate: every compressed matrix keeps a second encoding for the other end of the batch range where
+            one can win (``CompressedLinear.from_linear(alternate=True)``: a sparse layer its 4-bit ``tc`` codes
+            for batches of 8 and more, a 30-60 % dense-code layer a sparse copy for small batches). Memory: that
+            encoding again, e.g. +0.5 B per weight on a 4 % sparse layer that holds ~0.1 B per weight (6x). The
+            default holds one encoding per matrix (``inspect --memory`` / :func:`inference_memory` report it).
 
     Returns:
         The converted model in eval mode.
@@ -411,6 +417,19 @@ def to_compressed_inference(
                                                                                            outputs_checked=True))
     dense = copy.deepcopy(model) if on_trial else None  # to convert again without the trials if they fail
     options = dict(fuse_relu=fuse_relu, outputs_checked=checked, log_decisions=False)
+    token = ALTERNATE.set(bool(alternate))
+    try:
+        return _convert_and_check(model, exclude, options, checked, example_inputs, reference, tolerance, calls,
+                                  autotune_batches, dtype, dense)  # fmt: skip
+    finally:
+        ALTERNATE.reset(token)
+
+
+def _convert_and_check(
+    model: nn.Module, exclude: Sequence[str], options: dict, checked: bool, example_inputs: Any, reference: Any,
+    tolerance: float | None, calls: Any, autotune_batches: Sequence[int] | None, dtype: torch.dtype,
+    dense: nn.Module | None,
+) -> nn.Module:  # fmt: skip
     model, decisions = convert_model(model, exclude, **options)
     if checked:
         try:

@@ -101,7 +101,7 @@ class CompressedEmbedding(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         for k, v in state.items():
             if k in self._layout_state:
-                self._layout_state[k] = int(v)
+                self._layout_state[k] = layouts.state_value(v)
             else:
                 setattr(self, k, v)
 
@@ -117,10 +117,10 @@ class TiedEmbedding(CompressedEmbedding):
     It holds no table of its own. ``table`` is the :class:`CompressedLinear` that replaced the projection, kept as a
     plain reference, not a submodule: the projection's own place in the model owns the packed tensors, so
     ``state_dict``, ``model.to()``, ``copy.deepcopy`` and memory accounting see them once (moving this module alone
-    does not move them). Rows come from the first of the projection's layouts with a row lookup (the LUT copy that
-    ``CompressedLinear.from_linear(alternate=True)`` always keeps). The projection's codebook stays float32, so the
-    output is cast to the dtype the dense table would have: that of ``out_dtype``, an empty non-persistent buffer
-    that follows ``module.to(dtype)`` / ``.half()``.
+    does not move them). Rows come from the first of the projection's layouts with a row lookup (its ``tc`` or
+    ``lut`` codes; a sparse projection keeps such a copy for them, ``CompressedLinear.from_linear(lookup=True)``).
+    The projection's codebook stays float32, so the output is cast to the dtype the dense table would have: that of
+    ``out_dtype``, an empty non-persistent buffer that follows ``module.to(dtype)`` / ``.half()``.
 
     Args:
         table: the converted projection.
@@ -141,7 +141,7 @@ class TiedEmbedding(CompressedEmbedding):
         if not held:
             raise ValueError(
                 f"the tied projection holds layouts {list(table.layout_names)}, none with a row lookup; row layouts: "
-                f"{layouts.row_layouts()} (build it with CompressedLinear.from_linear(alternate=True))"
+                f"{layouts.row_layouts()} (build it with CompressedLinear.from_linear(lookup=True))"
             )
         self.layout = held[0]
         self.num_embeddings = int(table.out_features)

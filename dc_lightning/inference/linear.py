@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -41,29 +42,34 @@ from dc_lightning.buffers import CODEBOOK, MAX_CODES, get_codebook, get_mask, la
 from dc_lightning.kernels import layouts
 from dc_lightning.kernels.layouts import Packed
 
-__all__ = ["CompressedLinear"]
+__all__ = ["ALTERNATE", "CompressedLinear"]
 
 log = logging.getLogger(__name__)
+#: the default of ``CompressedLinear.from_linear(alternate=None)``: ``to_compressed_inference(alternate=...)`` sets it
+#: for one conversion, so every kind's matrices (attention, recurrent, Conv1D ...) follow it
+ALTERNATE: ContextVar[bool] = ContextVar("dc_lightning_alternate", default=False)
 
 
 class CompressedLinear(nn.Module):
     """``y = act(x W^T + b)`` with ``W`` kept in a GPU layout of its codebook indices (never a dense weight).
 
     The layouts are the entries of the registry ``dc_lightning.kernels.layouts.REGISTRY``: ``sparse`` (sliced-ELL
-    ``(column, code)`` entries, ``kernels/sparse/``: fewest bytes, CUDA-core gathers of ``x`` per non-zero) and
-    ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, ``kernels/lut/``: decodes each weight once and
-    multiplies the batch tile on tensor cores), or any other registered layout. A layer holds one or two; with two,
-    batches of ``batch_min`` rows or more run the one of higher ``batch_rank`` (the LUT layout) and smaller ones the
-    other. :meth:`from_linear` chooses by density (:func:`dc_lightning.kernels.layouts.choose_layout` and
-    :func:`~dc_lightning.kernels.layouts.alternate_layout`, thresholds measured on the H200): below 30 % sparse plus
-    a LUT copy for large batches (from batch 64 below 10 % density, from 16 above); from 30 % to 60 % LUT plus a
-    sparse copy for batches below 16; above, LUT only. :meth:`autotune` moves the switch to where it measures it.
-    ``extra_repr`` says what the layer holds and why.
+    ``(column, code)`` entries, ``kernels/sparse/``: fewest bytes, CUDA-core gathers of ``x`` per non-zero),
+    ``tc`` (4-bit codes two per byte, decoded in registers straight into the tensor cores, ``kernels/tc/``: EIE's
+    16-entry tables) and ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, ``kernels/lut/``: the
+    other codebook sizes), or any other registered layout. :meth:`from_linear` picks one encoding by density
+    (:func:`dc_lightning.kernels.layouts.choose_layout`): below 30 % sparse, from there on dense codes (``tc``
+    when the codebook fits 16 entries with the zero code, else ``lut``). With ``alternate=True`` a layer keeps a
+    second encoding for the other end of the batch range (:func:`~dc_lightning.kernels.layouts.alternate_layout`;
+    memory: that encoding's bytes again): batches of ``batch_min`` rows or more then run the one of higher
+    ``batch_rank`` (the dense codes), smaller ones the sparse one; :meth:`autotune` moves the switch to where it
+    measures it. ``extra_repr`` says what the layer holds and why.
 
     Buffers (saved in ``state_dict``): each held layout's, under the names its registry entry gives (sparse:
     ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook`` (float32, ``2**bits + 1`` values, the last one
-    0.0 for padding); lut: ``lut_codes``, ``lut_mask`` (int32, or absent), ``lut_codebook`` (float32
-    ``[2**cbits]``)); ``bias`` (float32 or absent). The layouts' integers travel as extra state.
+    0.0 for padding); tc: ``tc_codes`` (uint8), ``tc_codebook`` (float32 ``[16]``); lut: ``lut_codes``,
+    ``lut_mask`` (int32, or absent), ``lut_codebook`` (float32 ``[2**cbits]``)); ``bias`` (float32 or absent).
+    The layouts' host values (integers; the tc table) travel as extra state.
 
     Args:
         packed: a layer packed by :func:`dc_lightning.kernels.layouts.pack_layer` (or a layout's own packer).
@@ -144,7 +150,8 @@ class CompressedLinear(nn.Module):
         row_tile: int | None = None,
         chunk: int | None = None,
         layout: str = "auto",
-        alternate: bool = True,
+        alternate: bool | None = None,
+        lookup: bool = False,
         batch_min: int | None = None,
         sparse_below: float = layouts.SPARSE_BELOW,
         dual_below: float = layouts.DUAL_BELOW,
@@ -163,14 +170,19 @@ class CompressedLinear(nn.Module):
             row_tile: rows per tile of the sparse layout (``None``: 8..32 from ``out_features``).
             chunk: columns per chunk of the sparse layout (``None``: chosen from the density).
             layout: ``"auto"`` (by density, see :func:`dc_lightning.kernels.layouts.choose_layout`) or a registered
-                layout's name (``"sparse"``, ``"lut"``, ...): the layout of batch 1.
-            alternate: also keep another layout where it can win (:func:`dc_lightning.kernels.layouts.
-                alternate_layout`): a sparse layer a LUT copy for large batches, a LUT layer below ``dual_below``
-                density a sparse copy for small ones. ``False``: least memory.
-            batch_min: with two layouts, the smallest batch on the LUT layout (``None``: by density,
+                layout's name (``"sparse"``, ``"tc"``, ``"lut"``, ...): the layout of batch 1.
+            alternate: also keep a second encoding where it can win (:func:`dc_lightning.kernels.layouts.
+                alternate_layout`): a sparse layer a dense-code copy (``tc`` or ``lut``) for large batches, a
+                dense-code layer below ``dual_below`` density a sparse copy for small ones. It costs that
+                encoding's bytes again (a 4 % sparse layer: ~0.1 B per weight sparse, +0.5 B per weight for the
+                ``tc`` copy); ``False``: one encoding, the least memory; ``None`` (the default): ``False``, or what
+                ``to_compressed_inference(alternate=...)`` asks for.
+            lookup: the layer must hold a layout with a row lookup (a tied embedding reads its rows from it):
+                a sparse layer then keeps its dense-code copy whatever ``alternate`` says.
+            batch_min: with two layouts, the smallest batch on the dense codes (``None``: by layout and density,
                 :func:`dc_lightning.kernels.layouts.lut_batch_min`, until :meth:`autotune` measures it).
             sparse_below: density below which ``"auto"`` picks the sparse layout.
-            dual_below: density below which a LUT layer keeps a sparse copy (with ``alternate``).
+            dual_below: density below which a dense-code layer keeps a sparse copy (with ``alternate``).
             options: per layout name, keyword options of its packer (``row_tile`` / ``chunk`` are the sparse
                 layout's, ``{"lut": {"bitmap": True}}`` ...); used for whichever layouts the layer gets.
 
@@ -209,12 +221,17 @@ class CompressedLinear(nn.Module):
         args = (n_out, n_in, rows, cols, codes, centroids)
         packed, why = layouts.pack_layer(*args, layout, device=device, sparse_below=sparse_below, options=opts)
         other = None
-        if alternate:
-            other_name = layouts.alternate_layout(layouts.layout_of(packed), rows.numel(), n_out * n_in, dual_below)
+        name = layouts.layout_of(packed)
+        needs_rows = lookup and layouts.spec(name).rows is None
+        if (ALTERNATE.get() if alternate is None else alternate) or needs_rows:
+            other_name = layouts.alternate_layout(name, rows.numel(), n_out * n_in, dual_below, centroids.numel())
             if other_name is not None:
                 other = layouts.pack_layer(*args, other_name, device=device, options=opts)[0]
+                if needs_rows:
+                    why += f"; a {other_name} copy for the tied embedding's row lookups"
         if batch_min is None:
-            batch_min = layouts.lut_batch_min(rows.numel() / max(1, n_out * n_in))
+            batch_min = layouts.lut_batch_min(rows.numel() / max(1, n_out * n_in),
+                                              layouts.layout_of(other) if other is not None else "lut")  # fmt: skip
         return cls(packed, bias=bias, relu=relu, alternate=other, batch_min=batch_min, reason=why)
 
     # ----------------------------------------------------------------------------------------------------------
@@ -294,19 +311,19 @@ class CompressedLinear(nn.Module):
 
     _STATE = ("in_features", "out_features", "nnz", "relu", "batch_min")
 
-    def get_extra_state(self) -> dict[str, int]:
-        state = {k: int(getattr(self, k)) for k in self._STATE}
+    def get_extra_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: int(getattr(self, k)) for k in self._STATE}
         for name in self.layout_names:
             state.update(self._layout_state[name])
         return state
 
-    def set_extra_state(self, state: dict[str, int]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             if k in self._STATE:
                 setattr(self, k, bool(v) if k == "relu" else int(v))
         for name in self.layout_names:
             held = self._layout_state[name]
-            held.update({k: int(state[k]) for k in held if k in state})
+            held.update({k: layouts.state_value(state[k]) for k in held if k in state})
 
     def extra_repr(self) -> str:
         parts = [layouts.spec(name).describe(self.packed(name)) for name in self.layout_names]

@@ -30,10 +30,11 @@ def param_codes(module: nn.Module, param: str, rows: slice | None = None) -> Cod
 
 
 def compressed_matrix(
-    module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None, relu: bool = False
+    module: nn.Module, param: str, bias: Tensor | None = None, rows: slice | None = None, relu: bool = False,
+    lookup: bool = False,
 ) -> CompressedLinear:
     """A :class:`CompressedLinear` computing ``act(x @ W[rows].T + bias)`` for the 2-D parameter ``module.<param>``
-    (``act`` = ReLU with ``relu``).
+    (``act`` = ReLU with ``relu``; ``lookup``: it must hold a layout with a row lookup, for a tied embedding).
 
     Every matrix goes through :meth:`CompressedLinear.from_linear` (one packing path, whatever layout it picks): the
     parameter's codes are handed to it on a temporary ``nn.Linear`` that shares the weight (never copied) and
@@ -51,7 +52,7 @@ def compressed_matrix(
         shell.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     buffers.set_mask(shell, mask)
     buffers.set_codebook(shell, codebook, codes.to(torch.uint8))
-    return CompressedLinear.from_linear(shell, relu=relu)
+    return CompressedLinear.from_linear(shell, relu=relu, lookup=lookup)
 
 
 def projection(

@@ -136,7 +136,7 @@ def build_ties(model: nn.Module, decisions: list[Any], relu: Callable[[str], boo
                 table = CompressedEmbedding.from_module(owner)
                 out.update({g.name: table for g in group})
                 continue
-            table = compressed_matrix(owner, param, modules[linear].bias, relu=relu(linear))
+            table = compressed_matrix(owner, param, modules[linear].bias, relu=relu(linear), lookup=True)
             made: dict[int, nn.Module] = {id(modules[linear]): table}  # one replacement per module object
             for g in group:
                 emb = modules[g.name]

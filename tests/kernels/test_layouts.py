@@ -42,6 +42,13 @@ def _pack(name: str, n: int, k: int, density: float, bits: int, seed: int = 0):
         with pytest.raises(ValueError, match="needs a free code for pruned weights; the codebook has 256"):
             REGISTRY[name].pack(n, k, rows, cols, codes, codebook)
         pytest.skip("the codes layout cannot hold a pruned table with 256 centroids (checked above)")
+    if name == "tc" and codebook.numel() + (rows.numel() < n * k) > 16:  # 16 entries, the zero code included
+        with pytest.raises(ValueError, match=r"the tc layout holds 16 table entries .* has \d+ centroids"):
+            REGISTRY[name].pack(n, k, rows, cols, codes, codebook)
+        keep = 16 - (rows.numel() < n * k)  # the same layer on a codebook that fits
+        codes, codebook = codes % keep, codebook[:keep]
+        dense = torch.zeros(n, k, dtype=torch.float64)
+        dense[rows, cols] = codebook.double()[codes]
     packed = REGISTRY[name].pack(n, k, rows, cols, codes, codebook)
     assert packed.nnz == rows.numel()
     return packed, dense
@@ -115,9 +122,9 @@ def test_compressed_embedding_is_generic_over_the_row_layouts(name: str) -> None
 
 
 def test_row_layouts_and_embedding_reject_matrix_layouts() -> None:
-    assert set(layouts.row_layouts()) == {"lut", "ell", "codes"}  # lut: rows of a tied output layer (issue 22)
+    assert set(layouts.row_layouts()) == {"lut", "tc", "ell", "codes"}  # lut, tc: rows of a tied output layer
     p, _ = _pack("sparse", 9, 20, 0.3, 2)
-    with pytest.raises(ValueError, match=r"must be one of the row layouts \['lut', 'ell', 'codes'\], got 'sparse'"):
+    with pytest.raises(ValueError, match=r"must be one of the row layouts \['lut', 'tc', 'ell', 'codes'\], got .sp"):
         CompressedEmbedding(p)
 
 

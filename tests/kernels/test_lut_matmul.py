@@ -51,9 +51,10 @@ CASES = [
     _case("op_path", 21, 70, batch=3, bias=True, relu=True, via="op"),
     _case("gather_fails_falls_back", 21, 300, batch=16, bias=True, via="broken_gather"),
     _case("module_sparse_b1", 40, 300, density=0.05, batch=1, bias=True, via="module"),
-    _case("module_sparse_batch_copy_b64", 40, 300, density=0.05, batch=64, bias=True, via="module"),
+    _case("module_sparse_batch_copy_b64", 40, 300, density=0.05, batch=64, bias=True, via="module", alternate=True),
     _case("module_lut_b3", 40, 300, density=0.7, batch=3, relu=True, via="module"),
-    _case("module_dual_b2", 40, 300, density=0.4, batch=2, bias=True, via="module"),
+    _case("module_dual_b2", 40, 300, density=0.4, batch=2, bias=True, via="module", alternate=True),
+    _case("module_one_copy_b2", 40, 300, density=0.4, batch=2, bias=True, via="module"),
 ]
 
 
@@ -101,7 +102,8 @@ def _run_interpreter_cases(out_path: str) -> None:
         errs, path = [], "lut"
         for _ in range(case.get("repeat", 1)):  # repeated calls: the split-K workspace must be zero again
             if case.get("via") == "module":
-                layer = CompressedLinear.from_linear(_linear_module(case, rows, cols, codes, codebook, bias), relu=relu)
+                lin = _linear_module(case, rows, cols, codes, codebook, bias)
+                layer = CompressedLinear.from_linear(lin, relu=relu, alternate=bool(case.get("alternate")))
                 y = layer(x)
                 path = layer.layout_for(x.shape[0])
             else:
@@ -156,7 +158,7 @@ EXPECTED_PATH = {
     "module_sparse_b1": "sparse",
     "module_sparse_batch_copy_b64": "lut",
     "module_lut_b3": "lut",
-    "module_dual_b2": "sparse",  # a LUT layer's sparse copy serves small batches
+    "module_dual_b2": "sparse",  # a LUT layer's sparse copy (alternate=True) serves small batches
 }
 
 
@@ -298,7 +300,8 @@ def test_choose_lut_config() -> None:
 
 @pytest.mark.parametrize(
     "density,n_centroids,layout",
-    [(0.04, 16, "sparse"), (0.1, 16, "sparse"), (0.299, 16, "sparse"), (0.3, 16, "lut"), (1.0, 16, "lut")],
+    [(0.04, 16, "sparse"), (0.1, 16, "sparse"), (0.299, 16, "sparse"), (0.3, 16, "lut"), (0.5, 15, "tc"),
+     (1.0, 16, "tc"), (1.0, 17, "lut"), (0.5, 32, "lut")],
 )
 def test_choose_layout_by_density(density: float, n_centroids: int, layout: str) -> None:
     got, why = layouts.choose_layout(1000, 1000, int(density * 1e6), n_centroids)
@@ -308,7 +311,7 @@ def test_choose_layout_by_density(density: float, n_centroids: int, layout: str)
 
 def test_pack_layer_rejects_unknown_layout() -> None:
     rows, cols, codes, cb = _layer()
-    with pytest.raises(ValueError, match=r"layout must be one of \['auto', 'sparse', 'lut', 'ell', 'codes'\]"):
+    with pytest.raises(ValueError, match=r"layout must be one of \['auto', 'sparse', 'lut', 'tc', 'ell', 'codes'\]"):
         layouts.pack_layer(30, 300, rows, cols, codes, cb, "bitmap")
 
 
@@ -327,7 +330,7 @@ def _quantized_linear(n=24, k=200, density=0.4, bits=4, seed=0) -> nn.Linear:
     return lin
 
 
-@pytest.mark.parametrize("density,layout", [(0.05, "sparse"), (0.4, "sparse"), (0.7, "lut"), (1.0, "lut")])
+@pytest.mark.parametrize("density,layout", [(0.05, "sparse"), (0.4, "lut"), (0.7, "lut"), (1.0, "tc")])
 def test_compressed_linear_layout_cpu_fallback(density: float, layout: str) -> None:
     lin = _quantized_linear(density=density)
     layer = CompressedLinear.from_linear(lin, relu=True)
@@ -342,7 +345,7 @@ def test_compressed_linear_layout_cpu_fallback(density: float, layout: str) -> N
 
 def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
     lin = _quantized_linear(density=0.05)
-    layer = CompressedLinear.from_linear(lin, batch_min=4)
+    layer = CompressedLinear.from_linear(lin, batch_min=4, alternate=True)
     assert layouts.layout_of(layer.path(3)) == "sparse" and layouts.layout_of(layer.path(4)) == "lut"
     assert "layouts=[sparse codebook_bits=4, lut code_bits=4 bitmap=True], lut from batch 4" in repr(layer)
     assert torch.equal(layouts.decode_dense(layer.path(4)), layouts.decode_dense(layer.path(1)))
@@ -350,7 +353,7 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
     assert lean.batch_min == 0 and "lut_codes" not in dict(lean.named_buffers())
     with pytest.raises(ValueError, match=r"holds no lut layout \(it holds \['sparse'\]\)"):
         lean.packed("lut")
-    clone = CompressedLinear.from_linear(lin, batch_min=16)
+    clone = CompressedLinear.from_linear(lin, batch_min=16, alternate=True)
     clone.lut_codes.zero_()
     clone.entries.zero_()
     clone.load_state_dict(layer.state_dict())  # buffers and the extra state (batch_min) come back
@@ -367,7 +370,7 @@ def test_compressed_linear_sparse_batch_copy_and_state_dict() -> None:
 
 def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
     """CompressedLinear.autotune times both paths of a sparse layer and switches where the LUT copy wins."""
-    layer = CompressedLinear.from_linear(_quantized_linear(density=0.05), batch_min=8)
+    layer = CompressedLinear.from_linear(_quantized_linear(density=0.05), batch_min=8, alternate=True)
     us = {("sparse", 1): 5.0, ("lut", 1): 7.0, ("sparse", 4): 9.0, ("lut", 4): 8.0, ("sparse", 16): 30.0,
           ("lut", 16): 10.0, ("sparse", 64): 90.0, ("lut", 64): 12.0}  # fmt: skip
     calls = []
@@ -385,7 +388,7 @@ def test_autotune_moves_batch_min_to_where_lut_wins(monkeypatch) -> None:
     us[("lut", 4)] = 10.0  # sparse wins at 4 again: the switch moves to 16
     layer.autotune((1, 4, 16, 64), torch.float16)
     assert layer.batch_min == 16
-    dual = CompressedLinear.from_linear(_quantized_linear(density=0.4))  # 30-60 %: lut + a sparse copy below 16
+    dual = CompressedLinear.from_linear(_quantized_linear(density=0.4), alternate=True)  # lut + sparse below 16
     assert dual.batch_min == 16 and dual.layout == "sparse"
     us.update({("sparse", 1): 5.0, ("lut", 1): 7.0, ("lut", 4): 8.0})
     dual.autotune((1, 4), torch.float16)

@@ -1,0 +1,179 @@
+"""The tensor-core LUT layout (``tc``): 4-bit codes, two per byte, decoded in registers by a byte-permute table.
+
+EIE's weights are 4-bit indices into a 16-entry table [EIE §III]; a pruned layer spends one of the 16 entries on
+0.0 (EIE's padding zero). Here every position of ``W`` holds its 4-bit code, so the layer is ``out x in / 2`` bytes
+whatever its density, and the kernel (``jit.py``) decodes a tile straight into the tensor cores' left operand.
+
+Byte layout (``TILE_K = 128`` columns per tile, ``in_features`` padded to a multiple of it): byte ``j`` (0..63) of
+tile ``t`` of row ``n`` holds the code of column ``t * 128 + j`` in its low nibble and of column
+``t * 128 + 64 + j`` in its high nibble, at ``codes[n, t * 64 + j]``. So a ``[rows, 64]`` tile of bytes decodes
+into two ``[rows, 64]`` operands (low nibbles: the tile's first 64 columns, high nibbles: the next 64) with one
+elementwise op each and no interleaving shuffle, and every byte decodes on its own, whatever elements a GPU thread
+holds. Rows are padded to a multiple of ``ROW_PAD`` (zero codes); the kernel masks its code loads only where
+its row tile does not divide the padded rows.
+
+Table: ``codebook`` (float32 ``[16]``, on the layer's device, for the references and row lookups) and ``table``,
+the same 16 values on the host, which the GPU decode bakes into its instructions (one compiled kernel per distinct
+table and activation dtype). A pruned layer's positions and the padding hold the *zero code* (entry
+``n_centroids``, 0.0); so a pruned layer needs at most 15 centroids, a dense one at most 16
+(:func:`fits`). Layers that do not fit take the ``lut`` or ``sparse`` layout.
+
+This module owns the layout (:class:`TCPacked`, :func:`pack_tc`, :func:`decode_dense_tc`, :func:`tc_rows`) and
+:func:`tc_linear_reference`, the pure-PyTorch product (tests' oracle, CPU fallback of ``dc_lightning::tc_linear``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
+
+__all__ = ["TCPacked", "TILE_K", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
+           "tc_linear_reference", "bytes_per_position"]  # fmt: skip
+
+TILE_K = 128  # columns per K tile: a byte holds the codes of columns j and j + 64 of its tile
+ROW_PAD = 16  # rows padded to a multiple of the smallest row tile
+TABLE = 16  # entries of the 4-bit table
+
+
+def fits(n_centroids: int, dense: bool) -> bool:
+    """Whether a codebook of ``n_centroids`` values fits the 16-entry table (a pruned layer adds the zero code)."""
+    return 1 <= int(n_centroids) + (0 if dense else 1) <= TABLE
+
+
+def bytes_per_position(out_features: int, in_features: int) -> float:
+    """Bytes per weight position, padding included (0.5 plus the row and column padding)."""
+    rows = -(-int(out_features) // ROW_PAD) * ROW_PAD
+    cols = -(-int(in_features) // TILE_K) * TILE_K
+    return rows * cols / 2 / (int(out_features) * int(in_features))
+
+
+@dataclass
+class TCPacked(PackedLayer):
+    """A layer in the tensor-core LUT layout (see the module docstring).
+
+    Attributes:
+        codes: uint8 ``[rows_padded, k_tiles * 64]`` code pairs (``rows_padded`` = ``out_features`` rounded up to
+            ``ROW_PAD``).
+        codebook: float32 ``[16]``: the table on the layer's device.
+        table: the same 16 values as host floats (baked into the GPU decode; never read from the device).
+        out_features: rows of ``W``.
+        in_features: columns of ``W``.
+        nnz: kept weights (-1 when unknown).
+    """
+
+    codes: Tensor
+    codebook: Tensor
+    table: tuple[float, ...]
+    out_features: int
+    in_features: int
+    nnz: int = -1
+
+    @property
+    def k_tiles(self) -> int:
+        return -(-self.in_features // TILE_K)
+
+    @property
+    def rows_padded(self) -> int:
+        return -(-self.out_features // ROW_PAD) * ROW_PAD
+
+    def op_args(self, x: Tensor, bias: Tensor | None = None, relu: bool = False) -> tuple:
+        """The positional arguments of the registered op ``torch.ops.dc_lightning.tc_linear`` for ``x``."""
+        return (x, self.codes, self.codebook, bias, self.out_features, self.in_features, list(self.table), relu)
+
+    def check(self) -> None:
+        """Validate codes, codebook and table for a call (no data reads: no host sync).
+
+        Raises:
+            ValueError: on any mismatch, naming the field, the bad value and what is valid.
+        """
+        shape = (self.rows_padded, self.k_tiles * (TILE_K // 2))
+        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != shape or not self.codes.is_contiguous():
+            raise ValueError(
+                f"codes must be a contiguous uint8 [rows_padded, k_tiles*64] = [{shape[0]}, {shape[1]}] tensor, got "
+                f"{self.codes.dtype} shape {tuple(self.codes.shape)}"
+            )
+        cb = self.codebook
+        if cb.dtype != torch.float32 or tuple(cb.shape) != (TABLE,):
+            raise ValueError(f"codebook must be float32 [{TABLE}], got {cb.dtype} shape {tuple(cb.shape)}")
+        if len(self.table) != TABLE:
+            raise ValueError(f"table must hold {TABLE} host floats (the codebook's values), got {len(self.table)}")
+
+
+def pack_tc(
+    out_features: int,
+    in_features: int,
+    rows: Tensor,
+    cols: Tensor,
+    codes: Tensor,
+    codebook: Tensor,
+    *,
+    device: torch.device | str | None = None,
+) -> TCPacked:
+    """Build the tensor-core LUT layout of a weight-shared layer (done once, at load time).
+
+    Args:
+        out_features, in_features: shape of ``W``.
+        rows, cols, codes: integer ``[nnz]`` coordinates and codebook indices of the kept weights (unique pairs).
+        codebook: float ``[n_centroids]``; at most 16 values, 15 if any position is pruned (:func:`fits`).
+        device: where the packed tensors go (default: the device of ``rows``).
+
+    Raises:
+        ValueError: on a bad shape, an out-of-range index or code, duplicate pairs, or a codebook that does not fit
+            the 16-entry table.
+    """
+    n_out, n_in, rows, cols, codes, codebook = sorted_coordinates(
+        out_features, in_features, rows, cols, codes, codebook
+    )
+    ncb, nnz = codebook.numel(), rows.numel()
+    dense = nnz == n_out * n_in
+    if not fits(ncb, dense):
+        raise ValueError(
+            f"the tc layout holds {TABLE} table entries (4-bit codes) including the zero code of a pruned layer; "
+            f"this {'dense' if dense else 'pruned'} layer has {ncb} centroids (valid: <= {TABLE - (0 if dense else 1)})"
+            "; use layout 'lut' or 'sparse'"
+        )
+    device = torch.device(device) if device is not None else rows.device
+    rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
+    n_pad, k_tiles = -(-n_out // ROW_PAD) * ROW_PAD, -(-n_in // TILE_K)
+    zero = ncb if not dense else 0  # pruned and padding positions: the zero code (any code when dense: x is 0 there)
+    full = torch.full((n_pad, k_tiles * TILE_K), zero, dtype=torch.uint8, device=device)
+    full[rows, cols] = codes.to(torch.uint8)
+    full = full.view(n_pad, k_tiles, 2, TILE_K // 2)
+    packed = (full[:, :, 0] | (full[:, :, 1] << 4)).reshape(n_pad, k_tiles * (TILE_K // 2)).contiguous()
+    values = [float(v) for v in codebook.detach().to(torch.float32).cpu()] + [0.0] * (TABLE - ncb)
+    cb = torch.tensor(values, dtype=torch.float32, device=device)
+    return TCPacked(packed, cb, tuple(values), n_out, n_in, nnz)
+
+
+def _pair_table(codebook: Tensor) -> Tensor:
+    """``[256, 2]`` float32: the values of a byte's low and high code."""
+    byte = torch.arange(256, device=codebook.device)
+    return torch.stack([codebook[byte & 15], codebook[byte >> 4]], dim=1)
+
+
+def _decode_rows(codes: Tensor, codebook: Tensor, in_features: int) -> Tensor:
+    n = codes.shape[0]
+    pairs = torch.index_select(_pair_table(codebook.to(torch.float32)), 0, codes.reshape(-1).to(torch.int32))
+    # [n, tiles, 64, 2 (low, high)] -> [n, tiles, 2, 64]: the low nibbles are the tile's first 64 columns
+    return pairs.view(n, -1, TILE_K // 2, 2).transpose(2, 3).reshape(n, -1)[:, :in_features]
+
+
+def decode_dense_tc(packed: TCPacked) -> Tensor:
+    """The dense float32 ``[out_features, in_features]`` weight of a packed layer."""
+    p = packed
+    return _decode_rows(p.codes[: p.out_features], p.codebook, p.in_features)
+
+
+def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
+    """The decoded rows ``idx`` (1-D) of a packed layer, float32 ``[len(idx), in_features]`` (the row lookup of a
+    tied embedding that shares this layer)."""
+    return _decode_rows(packed.codes[idx], packed.codebook, packed.in_features)
+
+
+def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
+    return decoded_linear(x, decode_dense_tc(packed), bias, relu)

@@ -1,0 +1,237 @@
+"""The tensor-core LUT layout (``kernels/tc``) on the CPU: packing and decode bit for bit, the register decode's PTX
+bit for bit on an emulator (the interpreter cannot run inline asm), the kernel under ``TRITON_INTERPRET=1`` (its
+codebook-load decode) against float64, the layout choice and the memory bounds of one-encoding layers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_cases import rel_err, run_interpreter_child
+from ptx_emulator import run as run_ptx
+from torch import nn
+
+from dc_lightning.kernels import layouts
+from dc_lightning.kernels.tc.decode import decode_asm, table_bits
+from dc_lightning.kernels.tc.layout import TCPacked, bytes_per_position, decode_dense_tc, fits, pack_tc, tc_rows
+
+HERE = Path(__file__).resolve()
+HAS_TRITON = sys.platform == "linux" or importlib.util.find_spec("triton") is not None
+
+
+def _layer(n: int, k: int, density: float, n_cb: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if density >= 1.0:
+        mask = torch.ones(n, k, dtype=torch.bool)
+    else:
+        mask = torch.rand(n, k, generator=g) < density
+    rows, cols = mask.nonzero(as_tuple=True)
+    perm = torch.randperm(rows.numel(), generator=g)
+    rows, cols = rows[perm], cols[perm]
+    codes = torch.randint(0, n_cb, (rows.numel(),), generator=g)
+    codebook = torch.randn(n_cb, generator=g)
+    dense = torch.zeros(n, k)
+    dense[rows, cols] = codebook[codes]
+    return rows, cols, codes, codebook, dense
+
+
+@pytest.mark.parametrize("n,k,density,n_cb", [(1, 1, 1.0, 1), (7, 13, 0.0, 3), (19, 77, 0.3, 15), (33, 300, 0.05, 8),
+                                              (40, 129, 1.0, 16), (130, 256, 0.5, 2)])  # fmt: skip
+def test_pack_decode_rows_bit_exact(n: int, k: int, density: float, n_cb: int) -> None:
+    rows, cols, codes, codebook, dense = _layer(n, k, density, n_cb, seed=n * k)
+    p = pack_tc(n, k, rows, cols, codes, codebook)
+    p.check()
+    assert p.codes.dtype == torch.uint8 and p.codes.shape == (-(-n // 16) * 16, -(-k // 128) * 64)
+    assert p.table == tuple(float(v) for v in p.codebook) and len(p.table) == 16
+    assert torch.equal(decode_dense_tc(p), dense)
+    idx = torch.tensor([n - 1, 0, n // 2, 0])
+    assert torch.equal(tc_rows(p, idx), dense[idx])
+    # byte j of tile t: column t*128 + j in the low nibble, t*128 + 64 + j in the high one
+    zero = n_cb if rows.numel() < n * k else 0
+    full = torch.full((p.codes.shape[0], p.codes.shape[1] * 2), zero, dtype=torch.uint8)
+    full[rows, cols] = codes.to(torch.uint8)
+    b = p.codes[:, 0].to(torch.int32)
+    assert torch.equal(b & 15, full[:, 0].to(torch.int32)) and torch.equal(b >> 4, full[:, 64].to(torch.int32))
+
+
+def test_pack_rejects_codebooks_beyond_the_table() -> None:
+    rows, cols, codes, codebook, _ = _layer(8, 20, 0.5, 16)
+    with pytest.raises(ValueError, match=r"16 table entries .* this pruned layer has 16 centroids \(valid: <= 15"):
+        pack_tc(8, 20, rows, cols, codes, codebook)
+    rows, cols, codes, codebook, _ = _layer(8, 20, 1.0, 17)
+    with pytest.raises(ValueError, match=r"this dense layer has 17 centroids \(valid: <= 16\)"):
+        pack_tc(8, 20, rows, cols, codes, codebook)
+    assert fits(15, dense=False) and fits(16, dense=True) and not fits(16, dense=False)
+
+
+def test_check_names_the_bad_field() -> None:
+    rows, cols, codes, codebook, _ = _layer(8, 20, 0.5, 4)
+    p = pack_tc(8, 20, rows, cols, codes, codebook)
+    bad = TCPacked(p.codes.to(torch.int32), p.codebook, p.table, 8, 20)
+    with pytest.raises(ValueError, match=r"codes must be a contiguous uint8 \[rows_padded, k_tiles\*64\] = \[16, 64\]"):
+        bad.check()
+    with pytest.raises(ValueError, match=r"codebook must be float32 \[16\], got torch.float64"):
+        TCPacked(p.codes, p.codebook.double(), p.table, 8, 20).check()
+    with pytest.raises(ValueError, match="table must hold 16 host floats"):
+        TCPacked(p.codes, p.codebook, p.table[:3], 8, 20).check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("high", [False, True])
+def test_register_decode_is_the_table_bit_for_bit(dtype: torch.dtype, high: bool) -> None:
+    """The PTX of the register decode, run on an emulator of its instructions, gives the table's 16-bit patterns
+    (rounded as torch rounds) for the low / high nibbles of every byte of random words."""
+    rnd = random.Random(zlib.crc32(f"{dtype}{high}".encode()))
+    table = tuple(float(v) for v in torch.randn(16, generator=torch.Generator().manual_seed(3)) * 0.05)
+    table = (0.0, -0.0, 65504.0, 1e-8) + table[4:]  # zero, a negative zero, the fp16 maximum, a subnormal
+    bits = table_bits(table, dtype)
+    assert bits[0] == 0 and bits[1] == 0x8000
+    asm = decode_asm(table, dtype, high)
+    for _ in range(3000):
+        word = rnd.getrandbits(32)
+        regs = run_ptx(asm, {"$2": word})
+        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+        nibbles = [(word >> (8 * i + (4 if high else 0))) & 15 for i in range(4)]
+        assert got == [bits[c] for c in nibbles], hex(word)
+
+
+def test_table_bits_rejects_fp32() -> None:
+    with pytest.raises(ValueError, match="makes float16 or bfloat16 operands, got torch.float32"):
+        table_bits((0.0,) * 16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The kernel under the Triton interpreter (a child process: TRITON_INTERPRET must precede the first triton import)
+# --------------------------------------------------------------------------------------------------------------
+
+CASES = [
+    {"id": "b1", "n": 21, "k": 70, "d": 0.4, "ncb": 15, "batch": 1, "bias": True, "relu": True},
+    {"id": "b17_split3_repeat", "n": 45, "k": 600, "d": 0.3, "ncb": 7, "batch": 17, "repeat": 3,
+     "config": {"split": 3, "block_n": 32}},
+    {"id": "b33_bn16", "n": 40, "k": 129, "d": 1.0, "ncb": 16, "batch": 33, "bias": True, "config": {"block_n": 16}},
+    {"id": "b64_uneven_rows", "n": 70, "k": 256, "d": 0.1, "ncb": 15, "batch": 64, "relu": True,
+     "config": {"block_n": 64, "split": 2}},
+    {"id": "op_b3", "n": 19, "k": 300, "d": 0.5, "ncb": 4, "batch": 3, "bias": True, "via": "op"},
+    {"id": "module_tc_b5", "n": 30, "k": 200, "d": 0.6, "ncb": 15, "batch": 5, "bias": True, "via": "module"},
+]  # fmt: skip
+
+
+def _run_interpreter_cases(out_path: str) -> None:
+    """Child-process entry point: TRITON_INTERPRET=1 is already in the environment."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dc_lightning.inference.linear import CompressedLinear
+    from dc_lightning.kernels.tc import op as T
+
+    results = {}
+    for case in CASES:
+        rows, cols, codes, codebook, dense = _layer(case["n"], case["k"], case["d"], case["ncb"], seed=len(case["id"]))
+        g = torch.Generator().manual_seed(7)
+        x = torch.relu(torch.randn(case["batch"], case["k"], generator=g))
+        bias = torch.randn(case["n"], generator=g) if case.get("bias") else None
+        relu = bool(case.get("relu"))
+        ref = x.double() @ dense.double().T + (bias.double() if bias is not None else 0.0)
+        ref = ref.relu() if relu else ref
+        p = pack_tc(case["n"], case["k"], rows, cols, codes, codebook)
+        errs, path = [], "tc"
+        for _ in range(case.get("repeat", 1)):  # repeated calls: the split-K workspace must be zero again
+            if case.get("via") == "op":
+                y = T.tc_linear(x, p, bias, relu)
+            elif case.get("via") == "module":
+                lin = nn.Linear(case["k"], case["n"], bias=bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(dense)
+                    if bias is not None:
+                        lin.bias.copy_(bias)
+                layer = CompressedLinear.from_linear(lin, relu=relu)
+                y, path = layer(x), layer.layout_for(x.shape[0])
+            else:
+                y = T.tc_linear_triton(x, p, bias, relu, config=case.get("config"))
+            errs.append(rel_err(y, ref))
+        results[case["id"]] = {"err": max(errs), "shape": list(y.shape), "path": path,
+                               "decode": T.choose_tc_config(case["batch"], p, x.dtype)["decode"]}  # fmt: skip
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory) -> dict:
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    return run_interpreter_child(HERE, tmp_path_factory.mktemp("tc_interp") / "results.json")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_triton_interpreter_matches_float64(case: dict, interpreter_results: dict) -> None:
+    res = interpreter_results[case["id"]]
+    assert res["shape"] == [case["batch"], case["n"]]
+    assert res["err"] <= 1e-5, f"{case['id']}: relative error {res['err']:.3e}"
+    assert res["path"] == "tc" and res["decode"] == 1  # the interpreter runs the codebook-load decode
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The layout choice and the memory of one-encoding layers (issue 23's bounds)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _quantized_linear(n: int, k: int, density: float, n_cb: int, seed: int = 0) -> nn.Linear:
+    rows, cols, codes, codebook, dense = _layer(n, k, density, n_cb, seed)
+    lin = nn.Linear(k, n)
+    assign = torch.zeros(n, k, dtype=torch.uint8)
+    assign[rows, cols] = codes.to(torch.uint8)
+    mask = dense != 0 if density < 1.0 else torch.ones(n, k, dtype=torch.bool)
+    mask[rows, cols] = True
+    lin.register_buffer("weight_mask", mask)
+    lin.register_buffer("weight_codebook", codebook)
+    lin.register_buffer("weight_assign", assign)
+    with torch.no_grad():
+        lin.weight.copy_(dense)
+    return lin
+
+
+def _held_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for n, t in layer.named_buffers() if n != "bias")
+
+
+@pytest.mark.parametrize("density,n_cb,layout,bound", [
+    (1.0, 16, "tc", ("per_weight", 0.6)), (0.5, 15, "tc", ("per_weight", 0.6)), (0.7, 8, "tc", ("per_weight", 0.6)),
+    (0.1, 16, "sparse", ("per_nnz", 2.6)), (0.04, 16, "sparse", ("per_nnz", 2.6)),
+    (0.04, 15, "sparse", ("per_nnz", 2.6)),
+])  # fmt: skip
+def test_one_encoding_per_layer_within_the_memory_bounds(density, n_cb, layout, bound) -> None:
+    """A converted 1024x2048 4-bit layer holds one encoding: <= 0.6 B per weight at density >= 0.5 (4-bit codes with
+    the zero code), <= 2.6 B per non-zero at density <= 0.1; ``alternate=True`` adds the other one."""
+    from dc_lightning.inference.linear import CompressedLinear
+
+    lin = _quantized_linear(1024, 2048, density, n_cb)
+    layer = CompressedLinear.from_linear(lin)
+    assert layer.layout_names == (layout,)
+    nbytes, nnz = _held_bytes(layer), layer.nnz
+    kind, limit = bound
+    per = nbytes / (1024 * 2048) if kind == "per_weight" else nbytes / nnz
+    assert per <= limit, f"{per:.3f} B {kind} > {limit}"
+    both = CompressedLinear.from_linear(lin, alternate=True)
+    if layout == "sparse":
+        assert both.layout_names == ("sparse", "tc" if n_cb <= 15 else "lut")
+        assert _held_bytes(both) > nbytes
+    x = torch.randn(3, 2048)
+    assert torch.equal(layer(x), both(x)) or rel_err(layer(x), both(x).double()) <= 1e-6
+
+
+def test_choose_layout_prefers_tc_for_16_entry_tables() -> None:
+    assert layouts.dense_layout(15, dense=False) is layouts.Layout.TC
+    assert layouts.dense_layout(16, dense=False) is layouts.Layout.LUT  # needs 17 entries: the lut layout's bitmap
+    assert layouts.dense_layout(16, dense=True) is layouts.Layout.TC
+    assert layouts.dense_layout(32, dense=True) is layouts.Layout.LUT
+    got, why = layouts.choose_layout(1024, 2048, 1024 * 1024, 15)
+    assert got is layouts.Layout.TC and "4-bit codes (16-entry table), 0.50 B/position" in why
+    assert bytes_per_position(1000, 600) == pytest.approx(1008 * 640 / 2 / 600000)
+
+
+if __name__ == "__main__":
+    _run_interpreter_cases(sys.argv[1])
