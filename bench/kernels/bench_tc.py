@@ -52,6 +52,9 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 TOL = 2e-3
 
 
+SHARED_TABLE: list[bool] = [False]
+
+
 def eie_layer(n_out: int, n_in: int, density: float, seed: int, device: str):
     """Random pruned layer with EIE's 4-bit table: ``(rows, cols, codes, codebook[15], bias)``; a dense layer
     (``density >= 1``) gets 16 shared values."""
@@ -64,6 +67,8 @@ def eie_layer(n_out: int, n_in: int, density: float, seed: int, device: str):
         rows, cols = (torch.rand(n_out, n_in, generator=g, device=device) < density).nonzero(as_tuple=True)
     codes = torch.randint(0, n_cb, (rows.numel(),), generator=g, device=device)
     codebook = torch.randn(n_cb, generator=g, device=device) * 0.05
+    if SHARED_TABLE[0]:
+        codebook = torch.linspace(-0.1, 0.1, n_cb, device=device)
     bias = torch.randn(n_out, generator=g, device=device) * 0.01
     return rows, cols, codes, codebook, bias
 
@@ -234,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma list of layer names to keep")
     ap.add_argument("--no-tune", action="store_true", help="skip autotuning (tc_tuned and a tuned sparse)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--shared-table", action="store_true",
+                    help="every layer the same 15 values (one compiled kernel per configuration instead of one per "
+                         "layer: faster tuning; the speed does not depend on the values)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new layers after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    SHARED_TABLE[0] = bool(args.shared_table)
     device = "cpu" if args.smoke else "cuda"
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "tc" if os.environ.get("OUT") else
                                            results_dir("tc"))  # fmt: skip

@@ -33,7 +33,7 @@ from .jit import tc_matmul_kernel
 from .layout import TCPacked, tc_linear_reference
 
 __all__ = ["TC_TUNED", "tc_tune_key", "choose_tc_config", "tc_candidates", "tc_linear_triton", "autotune_tc",
-           "tc_linear"]  # fmt: skip
+           "tc_linear", "launch_plan"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,29 @@ def tc_linear_triton(
         ValueError, TypeError: on bad arguments (see ``runtime.check_call`` and :meth:`TCPacked.check`).
     """
     launch, y = start_launch(x, packed, bias, wrap, "tc_linear")
+    if x.shape[0] == 0:
+        return y
+    grid, args, meta, decode = launch_plan(x, packed, y, bias, relu, config)
+    if decode == 0 and not (config and "decode" in config) and type(x) is torch.Tensor:
+        try:  # the default register decode, eager: a compile failure falls back (see _ASM_FAILED)
+            launch(tc_matmul_kernel)[grid](*args, DECODE=0, **meta)
+            return y
+        except Exception as err:  # noqa: BLE001 - any compiler error: the codebook load always compiles
+            _ASM_FAILED.append(f"{type(err).__name__}: {err}"[:300])
+            log.warning("tc_linear: the register decode failed (%s); using codebook loads from now on", _ASM_FAILED[-1])
+            decode, meta["ASM_LO"], meta["ASM_HI"] = 1, "", ""
+    launch(tc_matmul_kernel)[grid](*args, DECODE=decode, **meta)
+    return y
+
+
+def launch_plan(
+    x: Tensor, packed: TCPacked, y: Tensor, bias: Tensor | None = None, relu: bool = False,
+    config: dict[str, Any] | None = None,
+) -> tuple[tuple[int, int, int], tuple, dict[str, Any], int]:  # fmt: skip
+    """``(grid, args, meta, decode)`` of one launch of :func:`jit.tc_matmul_kernel` writing ``y`` (what
+    :func:`tc_linear_triton` launches; ``bench/gpu/tc_ir.py`` compiles it to read the IR)."""
     p = packed
     B, N = x.shape[0], p.out_features
-    if B == 0:
-        return y
     cfg = choose_tc_config(B, p, x.dtype, config)
     bn, bb = int(cfg["block_n"]), int(cfg["block_b"])
     n_tiles, n_bgroups = -(-p.rows_padded // bn), -(-B // bb)
@@ -164,16 +183,7 @@ def tc_linear_triton(
     args = (x, p.codes, p.codebook, bias if bias is not None else p.codebook, y, ws[0], ws[1], B, N, p.in_features,
             p.rows_padded, p.k_tiles, per, split)  # fmt: skip
     grid = (n_tiles, split, n_bgroups)
-    if decode == 0 and not (config and "decode" in config) and type(x) is torch.Tensor:
-        try:  # the default register decode, eager: a compile failure falls back (see _ASM_FAILED)
-            launch(tc_matmul_kernel)[grid](*args, DECODE=0, **meta)
-            return y
-        except Exception as err:  # noqa: BLE001 - any compiler error: the codebook load always compiles
-            _ASM_FAILED.append(f"{type(err).__name__}: {err}"[:300])
-            log.warning("tc_linear: the register decode failed (%s); using codebook loads from now on", _ASM_FAILED[-1])
-            decode, meta["ASM_LO"], meta["ASM_HI"] = 1, "", ""
-    launch(tc_matmul_kernel)[grid](*args, DECODE=decode, **meta)
-    return y
+    return grid, args, meta, decode
 
 
 def autotune_tc(
