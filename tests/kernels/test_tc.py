@@ -235,3 +235,20 @@ def test_choose_layout_prefers_tc_for_16_entry_tables() -> None:
 
 if __name__ == "__main__":
     _run_interpreter_cases(sys.argv[1])
+
+
+def test_to_compressed_inference_alternate_keeps_a_second_encoding() -> None:
+    """``to_compressed_inference(alternate=True)`` gives a sparse layer its ``tc`` codes for large batches (the
+    user's choice, at its memory cost); the default holds one encoding per matrix, and both compute the same."""
+    from dc_lightning.inference.conversion import to_compressed_inference
+    from dc_lightning.inference.memory import compressed_memory
+
+    net = nn.Sequential(_quantized_linear(64, 256, 0.05, 15, seed=1), nn.ReLU(), _quantized_linear(32, 64, 0.7, 8))
+    lean = to_compressed_inference(net)
+    both = to_compressed_inference(net, alternate=True)
+    assert lean[0].layout_names == ("sparse",) and both[0].layout_names == ("sparse", "tc")
+    assert lean[2].layout_names == both[2].layout_names == ("tc",)  # above 60 %: no sparse copy either way
+    assert compressed_memory(both)["bytes"] > compressed_memory(lean)["bytes"]
+    x = torch.randn(9, 256)
+    for b in (1, 9):
+        assert rel_err(both(x[:b]), lean(x[:b]).double()) <= 1e-6
