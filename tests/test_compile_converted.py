@@ -1,0 +1,148 @@
+"""The converted zoo (``tests/compressed_zoo.py``, every weight kind and mask variant of the GPU suite) is graph-safe,
+checked on the CPU:
+
+* **No host synchronisation, no host-to-device copy in forward** (what CUDA-graph capture refuses): each converted
+  model runs on *fake* CUDA tensors (``FakeTensorMode``: shapes and devices only, no GPU needed; the compressed
+  layers take their CUDA path, the kernels' fake implementations). A read of a value on the host (``.item()``,
+  ``bool(t)``, ``nonzero``...) raises there, and a dispatch mode records every op that turns a CPU tensor into a CUDA
+  one. Two controls show the check fails where capture failed on the H200 before the fix (torch's
+  ``_detect_is_causal_mask`` reading the mask; Lightning's demo Transformer copying its CPU mask).
+* **torch.compile(fullgraph=True)** (graph breaks raise; no inductor needed): the compiled converted model equals its
+  eager run, for every variant. The last variant of each case (the one with the most masks for the attention cases)
+  compiles with the ``aot_eager`` backend (AOT autograd traces the aten graph through the kernels' fake
+  implementations too), the others with ``eager`` (dynamo only: where graph breaks are found) to keep the file under
+  a minute; ``DC_COMPILE_BACKEND=aot_eager`` runs every variant with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import compressed_zoo as zoo
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dc_lightning.inference.conversion import to_compressed_inference
+
+CASES = zoo.build_cases()
+VARIANTS = [(name, v) for name, (_, variants) in CASES.items() for v in variants]
+BACKEND = os.environ.get("DC_COMPILE_BACKEND")  # None: aot_eager for each case's last variant, eager otherwise
+_CONVERTED: dict[str, nn.Module] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _slow_attention_path():
+    """torch's fused attention paths off, as in the GPU suite (the converted layers never take them)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    yield
+    torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _converted(name: str) -> nn.Module:
+    if name not in _CONVERTED:
+        _CONVERTED[name] = to_compressed_inference(CASES[name][0])
+    return _CONVERTED[name]
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Records every op that reads a CPU tensor and returns a CUDA one (a copy from host memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type == "cuda" for t in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+def _run_on_fake_cuda(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, list[str]]:
+    """``model(*args, **kwargs)`` with the model and inputs as fake CUDA tensors; returns (the output, the
+    host-to-device copies made in forward). A host read raises ``DataDependentOutputException``."""
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake tensors cannot go into param.data
+    fake = copy.deepcopy(model)  # outside the mode: a deepcopy inside it fails
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            fake = fake.to("cuda")
+            a, kw = zoo.cast_inputs(args, "cuda", torch.float32), zoo.cast_inputs(kwargs, "cuda", torch.float32)
+            watch = _HostToDevice()
+            with torch.no_grad(), watch:
+                out = fake(*a, **kw)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    return out, watch.copies
+
+
+@pytest.mark.parametrize(("name", "vname"), VARIANTS, ids=[f"{n}-{v}" for n, v in VARIANTS])
+def test_forward_has_no_host_sync_on_cuda(name: str, vname: str) -> None:
+    args, kwargs = CASES[name][1][vname]
+    out, copies = _run_on_fake_cuda(_converted(name), args, kwargs)
+    assert copies == [], f"{name}/{vname}: host-to-device copies in forward: {copies}"
+    first = out if isinstance(out, torch.Tensor) else tree_leaves(out)[0]
+    assert first.device.type == "cuda"
+
+
+def test_host_sync_check_catches_torch_causal_detection() -> None:
+    """Control: without the converted model's pre-hooks, torch's encoder reads the mask on the host (the H200's
+    capture failure of ``encoder_bf/bool_mask+padding``) and the check raises."""
+    conv = copy.deepcopy(_converted("encoder_bf"))
+    assert len(conv._forward_pre_hooks) == 1
+    conv._forward_pre_hooks.clear()
+    args, kwargs = CASES["encoder_bf"][1]["bool_mask+padding"]
+    with pytest.raises(Exception, match="_local_scalar_dense"):
+        _run_on_fake_cuda(conv, args, kwargs)
+
+
+def test_host_sync_check_catches_demo_mask_copy() -> None:
+    """Control: without the pre-hook on Lightning's demo Transformer (the decoder's hook kept), its CPU-made causal
+    mask is copied to the device in forward, and the check records the copy."""
+    conv = copy.deepcopy(_converted("demo_transformer"))
+    assert len(conv._forward_pre_hooks) == 1
+    conv._forward_pre_hooks.clear()
+    args, kwargs = CASES["demo_transformer"][1]["lm"]
+    _, copies = _run_on_fake_cuda(conv, args, kwargs)
+    assert copies, "the CPU mask's copy to the device was not seen"
+
+
+def test_hooks_leave_explicit_hints_alone() -> None:
+    """The pre-hooks only fill a hint left ``None``: an explicit ``is_causal`` and a passed mask go through as given,
+    and the converted model (hooks included) survives deepcopy and state_dict round trips."""
+    conv = _converted("transformer")
+    calls = []
+    dec = copy.deepcopy(conv.decoder)
+    dec.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("tgt_is_causal")), with_kwargs=True)
+    args, kwargs = CASES["transformer"][1]["masks"]
+    src, tgt = args
+    mem = torch.randn(src.shape)
+    with torch.no_grad():
+        dec(tgt, mem, tgt_mask=kwargs["tgt_mask"])
+        dec(tgt, mem, tgt_mask=kwargs["tgt_mask"], tgt_is_causal=True)
+        dec(tgt, mem)
+    assert calls == [False, True, None]
+    again = copy.deepcopy(conv)
+    again.load_state_dict(conv.state_dict())
+    assert len(again.decoder._forward_pre_hooks) == 1 and len(again.encoder._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize(("name", "vname"), VARIANTS, ids=[f"{n}-{v}" for n, v in VARIANTS])
+def test_compile_fullgraph_matches_eager(name: str, vname: str) -> None:
+    conv = _converted(name)
+    args, kwargs = CASES[name][1][vname]
+    backend = BACKEND or ("aot_eager" if vname == list(CASES[name][1])[-1] else "eager")
+    torch._dynamo.reset()  # the encoder/decoder layers' code is shared by several cases: no recompile limit
+    with torch.no_grad():
+        eager = conv(*args, **kwargs)
+        compiled = torch.compile(conv, fullgraph=True, backend=backend)(*args, **kwargs)
+    err = zoo.rel_err(compiled, eager)
+    assert err <= 1e-5, f"{name}/{vname} ({backend}): compiled vs eager rel err {err:.2e}"
