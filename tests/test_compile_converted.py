@@ -22,9 +22,8 @@ import os
 import compressed_zoo as zoo
 import pytest
 import torch
+from fake_cuda import run_on_fake_cuda
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dc_lightning.inference.conversion import to_compressed_inference
@@ -50,38 +49,9 @@ def _converted(name: str) -> nn.Module:
     return _CONVERTED[name]
 
 
-class _HostToDevice(TorchDispatchMode):
-    """Records every op that reads a CPU tensor and returns a CUDA one (a copy from host memory)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if any(t.device.type == "cpu" for t in inputs) and any(t.device.type == "cuda" for t in outputs):
-            self.copies.append(str(func))
-        return out
-
-
 def _run_on_fake_cuda(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, list[str]]:
-    """``model(*args, **kwargs)`` with the model and inputs as fake CUDA tensors; returns (the output, the
-    host-to-device copies made in forward). A host read raises ``DataDependentOutputException``."""
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-    torch.__future__.set_overwrite_module_params_on_conversion(True)  # fake tensors cannot go into param.data
-    fake = copy.deepcopy(model)  # outside the mode: a deepcopy inside it fails
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            fake = fake.to("cuda")
-            a, kw = zoo.cast_inputs(args, "cuda", torch.float32), zoo.cast_inputs(kwargs, "cuda", torch.float32)
-            watch = _HostToDevice()
-            with torch.no_grad(), watch:
-                out = fake(*a, **kw)
-    finally:
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-    return out, watch.copies
+    """``model(*args, **kwargs)`` on fake CUDA tensors: (the output, the host-to-device copies made in forward)."""
+    return run_on_fake_cuda(model, lambda m, a, kw: m(*a, **kw), args, kwargs)
 
 
 @pytest.mark.parametrize(("name", "vname"), VARIANTS, ids=[f"{n}-{v}" for n, v in VARIANTS])
