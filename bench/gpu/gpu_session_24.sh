@@ -21,10 +21,11 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEsxX)
 case "$PART" in
 A)
   SUITE=tests/gpu/test_gpu_compressed_modules.py
-  [ "$SMOKE" = 1 ] && SUITE="tests/gpu/test_gpu_compressed_modules.py tests/test_compile_converted.py"
+  # the CPU checks of the same property (fake-CUDA host-sync check, aot_eager fullgraph, decode steps), SMOKE only
+  [ "$SMOKE" = 1 ] && step cpu_checks 300 "${PYTEST[@]}" tests/test_compile_converted.py tests/test_decode.py &
   # eager / graphs / cast / memory in one process, the compile tests split by dtype into three more processes side
   # by side (inductor + Triton compile on the CPU cores; each skips what would start after DC_GPU_COMPILE_BUDGET_S)
-  step suite 540 "${PYTEST[@]}" $SUITE -k "not test_compile_fullgraph" --junitxml="$R/suite.xml" &
+  step suite 540 "${PYTEST[@]}" "$SUITE" -k "not test_compile_fullgraph" --junitxml="$R/suite.xml" &
   for dt in float16 float32 bfloat16; do
     sel="test_compile_fullgraph and $dt"; [ "$dt" = float16 ] && sel="$sel and not bfloat16"
     DC_GPU_COMPILE_BUDGET_S=${DC_GPU_COMPILE_BUDGET_S:-420} TORCHINDUCTOR_COMPILE_THREADS=4 \
