@@ -116,3 +116,39 @@ def test_compile_fullgraph_matches_eager(name: str, vname: str) -> None:
         compiled = torch.compile(conv, fullgraph=True, backend=backend)(*args, **kwargs)
     err = zoo.rel_err(compiled, eager)
     assert err <= 1e-5, f"{name}/{vname} ({backend}): compiled vs eager rel err {err:.2e}"
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to its output head (GPT-2's ``lm_head.weight = wte.weight``): converted to a TiedEmbedding
+    and a CompressedLinear sharing one packed table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(50, 16)
+        self.lm_head = nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.wte(ids)))
+
+
+def _conv1d_net() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D  # Hugging Face's transposed linear (GPT-2's c_attn, c_fc)
+
+    return nn.Sequential(Conv1D(24, 16), nn.GELU(), Conv1D(16, 24))
+
+
+@pytest.mark.parametrize("build", [_TiedLM, _conv1d_net], ids=["tied_embedding", "hf_conv1d"])
+def test_kinds_outside_the_zoo_have_no_host_sync(build) -> None:
+    """The other converted kinds (a tied embedding/head pair, Hugging Face's Conv1D): graph-safe and compilable."""
+    torch.manual_seed(0)
+    conv = to_compressed_inference(zoo.compress_all(build()).eval())
+    converted = {type(m).__name__ for m in conv.modules()}
+    assert converted & {"TiedEmbedding", "CompressedConv1D"}, converted
+    x = torch.randint(0, 50, (2, 5)) if build is _TiedLM else torch.randn(2, 5, 16)
+    out, copies = _run_on_fake_cuda(conv, (x,), {})
+    assert copies == [] and out.device.type == "cuda"
+    torch._dynamo.reset()
+    with torch.no_grad():
+        err = zoo.rel_err(torch.compile(conv, fullgraph=True, backend="aot_eager")(x), conv(x))
+    assert err <= 1e-5
