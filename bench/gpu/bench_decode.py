@@ -12,7 +12,8 @@ with uniform centroids, as ``recipes/<name>/recipe.yaml``), or, without ``--ckpt
 same way. Both providers hold the same pruned+quantized weights:
 
 * ``dense``: the weights as dense tensors, fp16 (cuDNN LSTM / cuBLAS GEMMs);
-* ``compressed``: ``to_compressed_inference`` (compressed kernels for every matrix and embedding), fp16 activations.
+* ``compressed``: ``to_compressed_inference`` (compressed kernels for every matrix and embedding), fp16 activations;
+  ``--autotune`` times the kernels' configurations at the benchmark's batch sizes first.
 
 Decoding (``decode_state`` / ``decode_step``): one token per sequence per step from preallocated state (the LSTM's
 ``(h, c)``, the transformer's key/value cache over ``prompt + --new-tokens`` positions, attended with a mask, so
@@ -212,7 +213,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     print(f"{name}: {source}", flush=True)
     net.eval()
     providers = {"dense": copy.deepcopy(net).to(device=device, dtype=dtype).eval()}
-    conv = to_compressed_inference(net, device=device)
+    tune = args.batches if args.autotune and device.type == "cuda" else None
+    conv = to_compressed_inference(net, device=device, autotune_batches=tune, dtype=dtype)
     mem = compressed_memory(conv)
     providers["compressed"] = conv.to(dtype).eval()
     prompt_ids = torch.tensor(list(args.prompt.encode("utf-8")), dtype=torch.long, device=device)
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=None, help="default 'The meaning of life is ' (smoke: 'The ')")
     p.add_argument("--bits", type=int, default=None, help="quantization bits when compressing in memory "
                    "(default: the recipe's)")  # fmt: skip
+    p.add_argument("--autotune", action="store_true", help="time the compressed kernels' configurations at these "
+                   "batch sizes first (CUDA; default: the shape heuristics)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, eager (also SMOKE=1)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

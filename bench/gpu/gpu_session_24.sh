@@ -4,6 +4,7 @@
 #     bash bench/gpu/gpu_session_24.sh A   # weight-kind GPU suite: eager, CUDA graphs with masks, converted-then-cast,
 #                                          # and torch.compile(fullgraph=True) of every model in fp16/fp32/bf16
 #     bash bench/gpu/gpu_session_24.sh B   # decode benchmark: tokens/s, compressed vs dense fp16, batch 1 and 16
+#                                          # (AUTOTUNE=1: the compressed kernels' configurations timed first)
 #     bash bench/gpu/gpu_session_24.sh C   # training-step overhead: VGG-16 and transformer_lm, 5 rotating repeats
 # Part B uses the recipes' files when present (.carry/dcz/lstm_lm.dcz, .carry/dcz/transformer_lm.dcz: what
 # bench/gpu/gpu_lm_recipes.sh leaves in $OUT/dcz), else random weights at the recipes' sizes (the output says which).
@@ -37,7 +38,7 @@ A)
 B)
   CK=()
   for m in lstm_lm transformer_lm; do [ -f ".carry/dcz/$m.dcz" ] && CK+=(--ckpt "$m=.carry/dcz/$m.dcz"); done
-  SM=(); [ "$SMOKE" = 1 ] && SM=(--smoke)
+  SM=(); [ "$SMOKE" = 1 ] && SM=(--smoke); [ "${AUTOTUNE:-0}" = 1 ] && SM+=(--autotune)
   step decode 560 "$PY" -m bench.gpu.bench_decode "${CK[@]}" "${SM[@]}" --out "$R/decode"
   ;;
 C)
