@@ -11,16 +11,26 @@ Providers, side by side in one process, same model, data, optimizer (SGD momentu
   so the timed epoch runs the codebook phase [DC §3.3]: codebook gradients, codebook optimizer step and the rewrite
   ``weight = where(mask, codebook[assign], 0)`` after every step (the fused Triton path on CUDA).
 
-Every Linear/Conv weight is pruned to ``--density`` during epoch 0; epoch 1 (``--steps`` steps) is timed. A step is
-the wall time between consecutive ``on_train_batch_start`` calls (forward, backward, optimizer step, all hooks),
-with ``torch.cuda.synchronize()`` on GPU. The providers run in rotating order ``--repeats`` times and the median
-over all timed steps is reported with its ratio to ``none``. The time inside the callbacks' per-step hooks is
-measured separately (CUDA events on GPU): ``pruning_hook_ms_per_step`` and ``codebook_hook_ms_per_step``. A
-provider that fails is recorded with its error and the others still run; the files are rewritten after every fit,
-so a run cut short leaves what it measured.
+Models: ``lenet5``, ``vgg16`` (32 px, SGD) and ``transformer_lm`` (the recipe's decoder-only transformer, 6 x 384,
+byte tokens, ``--seq-len`` 128, next-token cross-entropy, AdamW as the recipe). Every prunable weight (the callbacks'
+default targets; Linear/Conv for Lightning's ``ModelPruning``) is pruned to ``--density`` during epoch 0; epoch 1
+(``--steps`` steps) is timed. A step is the wall time between consecutive ``on_train_batch_start`` calls (forward,
+backward, optimizer step, all hooks), with ``torch.cuda.synchronize()`` on GPU.
+
+The providers run ``--repeats`` times (default 5) in rotating order, one fit each, all in one process. Reported per
+provider: the median over all timed steps with its interquartile range (``p25_ms``/``p75_ms``), the median of each
+repeat (``repeat_medians_ms``, spread ``repeat_min_ms``/``repeat_max_ms``), the overhead of the pooled medians vs
+``none``, and the *paired* overhead: each repeat's median against ``none``'s median of the same repeat (the two fits
+run next to each other), its median over repeats with min and max (``paired_overhead_pct``,
+``paired_overhead_min_pct``/``_max_pct``): the number to compare with a target such as +2 %. The time inside the
+callbacks' per-step hooks is measured separately (CUDA events on GPU): ``pruning_hook_ms_per_step`` and
+``codebook_hook_ms_per_step``. A provider that fails is recorded with its error and the others still run; the files
+are rewritten after every fit, so a run cut short leaves what it measured.
 
     python -m bench.training.bench_pruning_overhead                     # CPU, LeNet-5, batch 128, fp32
     python -m bench.training.bench_pruning_overhead --device cuda       # VGG-16 at 32 px, batch 256, bf16-mixed
+    python -m bench.training.bench_pruning_overhead --device cuda --model transformer_lm   # batch 64 x 128 bytes
+    python -m bench.training.bench_pruning_overhead --smoke             # or SMOKE=1: tiny sizes, CPU, 2 repeats
 
 Writes ``pruning_overhead_<model>_<device>.csv`` / ``.json`` (summary) and ``..._steps.json`` (all step times) under
 ``--out`` (default ``bench/results/<date>/pruning_overhead``). Plain argparse, no Hydra, no wandb.
@@ -47,7 +57,18 @@ from bench.harness.timing import sync
 PROVIDERS = ("none", "lightning_model_pruning", "magnitude_pruning", "pruning_codebook")
 
 
-def build_model(name: str, num_classes: int) -> tuple[nn.Module, tuple[int, int, int]]:
+MODELS = ("lenet5", "vgg16", "transformer_lm")
+#: --smoke sizes of the transformer (the recipe's: 6 layers x 384, 6 heads)
+TINY_LM = {"width": 32, "num_layers": 2, "num_heads": 2, "max_len": 64}
+
+
+def build_model(name: str, num_classes: int, smoke: bool = False) -> tuple[nn.Module, tuple[int, ...]]:
+    """``(model, the shape of one input)``: an image ``(C, H, W)`` or, for ``transformer_lm``, ``(max_len,)``."""
+    if name == "transformer_lm":
+        from dc_lightning.models.lm import build_lm
+
+        model = build_lm("transformer_lm", **(TINY_LM if smoke else {}))
+        return model, (model.max_len,)
     if name == "lenet5":
         try:
             from dc_lightning.models import LeNet5
@@ -73,22 +94,28 @@ def build_model(name: str, num_classes: int) -> tuple[nn.Module, tuple[int, int,
             from torchvision.models import vgg16 as tv_vgg16
 
             return tv_vgg16(weights=None, num_classes=num_classes), (3, 32, 32)
-    raise SystemExit(f"--model: unknown model {name!r}; choose lenet5 or vgg16")
+    raise SystemExit(f"--model: unknown model {name!r}; choose one of {list(MODELS)}")
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, model: nn.Module, lr: float) -> None:
+    """Cross-entropy on ``(x, y)``: class labels, or next tokens (logits ``[B, T, V]`` against ``y`` ``[B, T]``).
+    SGD (momentum 0.9, weight decay 5e-4) for the image models, AdamW for the language model (as its recipe)."""
+
+    def __init__(self, model: nn.Module, lr: float, adamw: bool = False) -> None:
         super().__init__()
-        self.model, self.lr = model, lr
+        self.model, self.lr, self.adamw = model, lr, adamw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        logits = self(x)
+        return nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())
 
     def configure_optimizers(self):
+        if self.adamw:
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
 
 
@@ -169,7 +196,11 @@ class HookClock:
 
 
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    """Linear/Conv weights for Lightning's ``ModelPruning``, except an ``nn.MultiheadAttention``'s ``out_proj``: the
+    attention reads ``out_proj.weight`` without calling ``out_proj``, so torch.nn.utils.prune's forward pre-hook never
+    recomputes it and the second backward fails ("Trying to backward through the graph a second time")."""
+    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d) and id(m) not in inside_mha]
 
 
 def measured_density(model: nn.Module) -> float:
@@ -184,8 +215,8 @@ def run_one(provider: str, args: argparse.Namespace, batches: list, device: torc
     from dc_lightning.callbacks.trained_quantization import TrainedQuantization
 
     torch.manual_seed(0)
-    model, _ = build_model(args.model, args.num_classes)
-    module = Classifier(model, args.lr)
+    model, _ = build_model(args.model, args.num_classes, args.smoke)
+    module = Classifier(model, args.lr, adamw=args.model == "transformer_lm")
     timer = StepTimer(device, skip=args.skip)
     callbacks: list[Callback] = [timer]
     mp_clock, cb_clock = HookClock(device, args.skip), HookClock(device, args.skip)
@@ -244,7 +275,8 @@ def summarise(args: argparse.Namespace, times: dict, repeat_medians: dict, densi
     """One row per provider that produced step times: medians, spread, ratio to ``none``, hook times."""
     ref = statistics.median(times["none"]) if times.get("none") else None
     # best-of-repeats median: on a shared machine a repeat hit by a load burst is slower, never faster
-    best_ref = min(repeat_medians["none"]) if repeat_medians.get("none") else None
+    ref_by_repeat = repeat_medians.get("none", {})
+    best_ref = min(ref_by_repeat.values()) if ref_by_repeat else None
 
     def med(values: list) -> float | None:
         values = [v for v in values if v is not None]
@@ -256,6 +288,9 @@ def summarise(args: argparse.Namespace, times: dict, repeat_medians: dict, densi
             continue
         t_sorted = sorted(t)
         m = statistics.median(t)
+        by_repeat = repeat_medians[provider]
+        # paired: each repeat against the reference's fit of the same repeat (run next to it)
+        paired = [100 * (by_repeat[k] / ref_by_repeat[k] - 1) for k in by_repeat if k in ref_by_repeat]
         pruning_ms = med([e["pruning_hook_ms"] for e in extras[provider]])
         codebook_ms = med([e["codebook_hook_ms"] for e in extras[provider]])
         rows.append(
@@ -270,12 +305,20 @@ def summarise(args: argparse.Namespace, times: dict, repeat_medians: dict, densi
                 "steps_timed": len(t),
                 "median_ms": round(1e3 * m, 3),
                 "p10_ms": round(1e3 * t_sorted[len(t) // 10], 3),
+                "p25_ms": round(1e3 * t_sorted[len(t) // 4], 3),
+                "p75_ms": round(1e3 * t_sorted[(3 * len(t)) // 4], 3),
                 "p90_ms": round(1e3 * t_sorted[(9 * len(t)) // 10], 3),
                 "ratio_vs_none": round(m / ref, 4) if ref else None,
                 "overhead_pct": round(100 * (m / ref - 1), 2) if ref else None,
-                "repeat_medians_ms": [round(1e3 * x, 3) for x in repeat_medians[provider]],
-                "best_repeat_median_ms": round(1e3 * min(repeat_medians[provider]), 3),
-                "best_overhead_pct": round(100 * (min(repeat_medians[provider]) / best_ref - 1), 2)
+                "repeats": len(by_repeat),
+                "repeat_medians_ms": [round(1e3 * by_repeat[k], 3) for k in sorted(by_repeat)],
+                "repeat_min_ms": round(1e3 * min(by_repeat.values()), 3),
+                "repeat_max_ms": round(1e3 * max(by_repeat.values()), 3),
+                "paired_overhead_pct": round(statistics.median(paired), 2) if paired else None,
+                "paired_overhead_min_pct": round(min(paired), 2) if paired else None,
+                "paired_overhead_max_pct": round(max(paired), 2) if paired else None,
+                "best_repeat_median_ms": round(1e3 * min(by_repeat.values()), 3),
+                "best_overhead_pct": round(100 * (min(by_repeat.values()) / best_ref - 1), 2)
                 if best_ref
                 else None,
                 # time inside the callbacks' per-step hooks (MagnitudePruning; the codebook phase of
@@ -301,26 +344,34 @@ def write(out: Path, tag: str, rows: list, meta: dict, times: dict, failures: li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--model", default=None, choices=["lenet5", "vgg16"], help="default: lenet5 on cpu, vgg16 on cuda")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (lenet5), 256 (vgg16)")
+    p.add_argument("--model", default=None, choices=MODELS, help="default: lenet5 on cpu, vgg16 on cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 (lenet5), 256 (vgg16), 64 (LM)")
+    p.add_argument("--seq-len", type=int, default=128, help="transformer_lm: tokens per sequence (the recipe's)")
     p.add_argument(
         "--steps", type=int, default=None, help="steps per epoch; epoch 1 is timed (default 60 cpu, 120 gpu)"
     )
     p.add_argument("--skip", type=int, default=5, help="first timed steps dropped as warmup")
-    p.add_argument("--repeats", type=int, default=3, help="rounds over the providers, rotating the order")
+    p.add_argument("--repeats", type=int, default=5, help="rounds over the providers, rotating the order")
     p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept in every layer")
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None, help="default 0.01 (SGD), 1e-3 (AdamW, transformer_lm)")
     p.add_argument(
         "--precision", default=None, help="Lightning precision (default: bf16-mixed on cuda, 32-true on cpu)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--budget", type=float, default=None, help="seconds: start no new fit after this much wall time")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: batch 4, 6 steps, 2 repeats, a "
+                   "2-layer 32-wide transformer_lm (also SMOKE=1)")  # fmt: skip
     p.add_argument("--out", type=Path, default=results_dir("pruning_overhead"))
     args = p.parse_args(argv)
+    args.smoke = args.smoke or os.environ.get("SMOKE") == "1"
+    if args.smoke:
+        args.device, args.repeats, args.skip = "cpu", min(args.repeats, 2), min(args.skip, 1)
+        args.steps, args.batch_size, args.seq_len = args.steps or 6, args.batch_size or 4, min(args.seq_len, 32)
     args.model = args.model or ("vgg16" if args.device == "cuda" else "lenet5")
-    args.batch_size = args.batch_size or (256 if args.model == "vgg16" else 128)
+    args.batch_size = args.batch_size or {"vgg16": 256, "transformer_lm": 64}.get(args.model, 128)
+    args.lr = args.lr or (1e-3 if args.model == "transformer_lm" else 0.01)
     args.steps = args.steps or (120 if args.device == "cuda" else 60)
     args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -332,22 +383,26 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     os.environ.setdefault("WANDB_MODE", "disabled")
 
-    _, shape = build_model(args.model, args.num_classes)
     g = torch.Generator().manual_seed(0)
-    batches = [
-        (
-            torch.randn(args.batch_size, *shape, generator=g).to(device),
-            torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device),
-        )
-        for _ in range(4)
-    ]
+    if args.model == "transformer_lm":  # random bytes: next-token targets are the inputs shifted by one
+        seqs = [torch.randint(0, 256, (args.batch_size, args.seq_len + 1), generator=g) for _ in range(4)]
+        batches = [(s[:, :-1].to(device), s[:, 1:].to(device)) for s in seqs]
+    else:
+        _, shape = build_model(args.model, args.num_classes)
+        batches = [
+            (
+                torch.randn(args.batch_size, *shape, generator=g).to(device),
+                torch.randint(0, args.num_classes, (args.batch_size,), generator=g).to(device),
+            )
+            for _ in range(4)
+        ]
     env = env_info(device)
     hw = env["device"]
     meta = {"env": env, "argv": sys.argv, "args": vars(args), "lightning": pl.__version__,
             "threads": torch.get_num_threads()}  # fmt: skip
     out, tag = args.out, f"pruning_overhead_{args.model}_{args.device}"
     times: dict[str, list[float]] = {k: [] for k in args.providers}
-    repeat_medians: dict[str, list[float]] = {k: [] for k in args.providers}
+    repeat_medians: dict[str, dict[int, float]] = {k: {} for k in args.providers}
     extras: dict[str, list[dict]] = {k: [] for k in args.providers}
     density: dict[str, float] = {}
     failures: list[dict] = []
@@ -367,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"repeat {r} {provider:<24} FAILED: {err!r}", flush=True)
                 continue
             times[provider] += t
-            repeat_medians[provider].append(statistics.median(t))
+            repeat_medians[provider][r] = statistics.median(t)
             extras[provider].append(extra)
             density[provider] = d
             print(f"repeat {r} {provider:<24} median {1e3 * statistics.median(t):8.3f} ms/step", flush=True)
@@ -380,10 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     for row in rows:
         row["hooks_ms"] = (row["pruning_hook_ms_per_step"] or 0) + (row["codebook_hook_ms_per_step"] or 0)
+    for row in rows:
+        row["iqr"] = f"{row['p25_ms']:.3f}-{row['p75_ms']:.3f}"
+        row["repeat_range"] = f"{row['repeat_min_ms']:.3f}-{row['repeat_max_ms']:.3f}"
+        if row["paired_overhead_pct"] is not None:
+            row["paired"] = (f"{row['paired_overhead_pct']:+.2f} [{row['paired_overhead_min_pct']:+.2f}, "
+                             f"{row['paired_overhead_max_pct']:+.2f}]")
     print_table(rows, ["provider", ("density", "density_measured", ".4f"), ("median ms", "median_ms", ".3f"),
-                       ("p10", "p10_ms", ".3f"), ("p90", "p90_ms", ".3f"), ("ratio", "ratio_vs_none", ".3f"),
-                       ("overhead %", "overhead_pct", ".2f"), ("best-rep ms", "best_repeat_median_ms", ".3f"),
-                       ("best ovh %", "best_overhead_pct", ".2f"), ("hooks ms", "hooks_ms", ".3f")])  # fmt: skip
+                       ("IQR ms", "iqr", ""), ("repeats", "repeats", "d"), ("repeat medians ms", "repeat_range", ""),
+                       ("overhead %", "overhead_pct", ".2f"), ("paired ovh % [min, max]", "paired", ""),
+                       ("hooks ms", "hooks_ms", ".3f")])  # fmt: skip
     for f in failures:
         print(f"FAILED repeat {f['repeat']} {f['provider']}: {f['error']}")
     write(out, tag, rows, meta, times, failures)

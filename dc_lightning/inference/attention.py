@@ -1,10 +1,13 @@
 """``CompressedMultiheadAttention``: ``nn.MultiheadAttention`` with its q/k/v and output projections on
-:class:`~dc_lightning.inference.linear.CompressedLinear`, attention by SDPA."""
+:class:`~dc_lightning.inference.linear.CompressedLinear`, attention by SDPA; :func:`make_capturable` takes the host
+synchronisations out of the torch / Lightning containers around it (CUDA-graph capture refuses them)."""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Collection
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -241,3 +244,75 @@ class CompressedMultiheadAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, vdim={self.vdim}, "
             f"batch_first={self.batch_first}"
         )
+
+
+# ------------------------------------------------------------------------------ the containers around the attention
+# CUDA-graph capture refuses a device-to-host read and a copy from pageable host memory. Our modules do neither in
+# forward; two of the modules around them do, and a forward pre-hook on the converted model takes each out:
+#
+# * ``nn.TransformerEncoder.forward`` / ``nn.TransformerDecoder.forward`` (torch/nn/modules/transformer.py) call
+#   ``_detect_is_causal_mask(mask, is_causal, seq_len)`` and, when ``is_causal`` is None and a mask is given, that
+#   reads ``bool((mask == causal_comparison).all())`` on the host. The detected hint changes no result (a causal
+#   mask and the hint say the same; the attention applies the mask either way, the hint only picks a kernel), so
+#   the hook passes ``is_causal=False`` where the caller left it ``None``: no read. A caller who passes
+#   ``is_causal=True`` with a causal mask keeps the fused causal kernel.
+# * Lightning's demo ``Transformer.forward`` (lightning/pytorch/demos/transformer.py) builds its causal masks on the
+#   CPU and copies them to the device every call (``self.generate_square_subsequent_mask(t).to(inputs.device)``, for
+#   ``mask`` when none is passed and for ``self.src_mask`` when the length changes). The hook builds the same float
+#   mask (0 on and below the diagonal, -inf above) on the input's device with ``nn.Transformer``'s generator and
+#   passes it, so the CPU one is never made.
+
+#: torch container -> (position, name) of its attention mask and of its causal hint in ``forward``
+_CAUSAL_HINTS: dict[type, tuple[int, str, int, str]] = {
+    nn.TransformerEncoder: (1, "mask", 3, "is_causal"),
+    nn.TransformerDecoder: (2, "tgt_mask", 6, "tgt_is_causal"),
+}
+#: where Lightning's demo Transformer lives (``lightning`` and the standalone ``pytorch_lightning``)
+_DEMO_MODULES = ("lightning.pytorch.demos.transformer", "pytorch_lightning.demos.transformer")
+
+
+def pin_causal_hint(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of ``nn.TransformerEncoder`` / ``nn.TransformerDecoder``: a mask with the causal hint left
+    ``None`` gets ``False`` (torch would read the mask on the host to detect it; see the comment above)."""
+    mask_at, mask_name, hint_at, hint_name = _CAUSAL_HINTS[type(module)]
+    mask = args[mask_at] if len(args) > mask_at else kwargs.get(mask_name)
+    if mask is None or len(args) > hint_at or kwargs.get(hint_name) is not None:
+        return None
+    return args, {**kwargs, hint_name: False}
+
+
+def demo_masks_on_device(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of Lightning's demo ``Transformer``: its causal masks made on the input's device (see the
+    comment above)."""
+    inputs = args[0] if args else kwargs["inputs"]
+    t, device = inputs.shape[1], inputs.device
+    src_mask = module.src_mask
+    if src_mask is None or src_mask.size(0) != t or src_mask.device != device:
+        module.src_mask = nn.Transformer.generate_square_subsequent_mask(t, device=device)
+    if len(args) < 3 and kwargs.get("mask") is None:
+        kwargs = {**kwargs, "mask": nn.Transformer.generate_square_subsequent_mask(t, device=device)}
+    return args, kwargs
+
+
+def _capture_hook(m: nn.Module) -> Any:
+    """The pre-hook that makes ``m``'s own forward capturable, or ``None`` when it needs none."""
+    if type(m) in _CAUSAL_HINTS:  # the exact class: a subclass may have its own forward and signature
+        return pin_causal_hint
+    demo = [getattr(sys.modules.get(name), "Transformer", None) for name in _DEMO_MODULES]
+    return demo_masks_on_device if type(m) in demo else None
+
+
+def make_capturable(model: nn.Module, converted: Collection[str]) -> list[str]:
+    """Register, on every torch / Lightning container above a converted module (``converted``: module names), the
+    forward pre-hook that takes its host synchronisation out (see the comment above). Registering twice is a no-op.
+    Returns the names of the modules that got a hook."""
+    hooked = []
+    for name, m in model.named_modules():
+        if not any(c.startswith(name + ".") or not name for c in converted):
+            continue
+        hook = _capture_hook(m)
+        if hook is None or any(h is hook for h in m._forward_pre_hooks.values()):
+            continue
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+        hooked.append(name)
+    return hooked

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from dc_lightning import buffers, kinds
+from dc_lightning.inference.attention import make_capturable
 from dc_lightning.inference.linear import ALTERNATE, CompressedLinear
 from dc_lightning.inference.matrix import param_codes
 from dc_lightning.inference.memory import compressed_memory
@@ -299,6 +300,7 @@ def convert_model(
             parent._modules[local] = new
         converted.append(d.name)
     _fast_paths_off(model, converted)
+    make_capturable(model, converted)  # CUDA-graph capture: no host sync in the torch containers
     if log_decisions:
         _log(decisions)
     return model, decisions

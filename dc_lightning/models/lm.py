@@ -9,6 +9,11 @@ calls them, so the recipes' densities and the per-layer report read alike:
   (``NT-Wd``, 600x8791 there, 600x256 here).
 - ``TransformerLanguageModel``: token and position embeddings, ``nn.TransformerEncoderLayer`` blocks (pre-norm, GELU)
   run with a causal mask and ``is_causal=True``, a final LayerNorm and an untied ``decoder``.
+
+Incremental decoding (:func:`decode_state`, :func:`decode_step`): one token per sequence per call, with the state in
+preallocated tensors updated in place (the LSTM's ``(h, c)``; the transformer's key/value cache) and the position
+as a device tensor, so one step can be captured in a CUDA graph and replayed. It reads the layers through their
+modules only, so it runs the dense model and the converted one (``to_compressed_inference``) alike.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: the LM networks :func:`dc_lightning.models.build_model` builds, with their default sizes
@@ -76,6 +82,98 @@ class TransformerLanguageModel(nn.Module):
         for layer in self.layers:
             x = layer(x, src_mask=mask, is_causal=True)
         return self.decoder(self.norm(x))  # [B, T, vocab]
+
+
+# ---------------------------------------------------------------------------------------------- incremental decoding
+
+
+def decode_state(model: nn.Module, batch: int, length: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Zeroed decoding state of ``model`` (an :class:`LSTMLanguageModel` or :class:`TransformerLanguageModel`, dense
+    or converted) for ``batch`` sequences of at most ``length`` tokens: ``{"h", "c"}`` ([layers, B, hidden]) or
+    ``{"k<i>", "v<i>"}`` per block ([B, heads, length, head_dim]), in ``dtype`` on ``device``.
+
+    Raises:
+        TypeError: ``model`` is neither network.
+        ValueError: ``length`` exceeds the transformer's ``max_len``, or ``batch``/``length`` < 1.
+    """
+    if batch < 1 or length < 1:
+        raise ValueError(f"decode_state: batch={batch} and length={length} must be >= 1")
+    if isinstance(model, LSTMLanguageModel):
+        shape = (model.lstm.num_layers, batch, model.lstm.hidden_size)
+        return {n: torch.zeros(shape, device=device, dtype=dtype) for n in ("h", "c")}
+    if isinstance(model, TransformerLanguageModel):
+        if length > model.max_len:
+            raise ValueError(f"decode_state: length={length} exceeds model.max_len = {model.max_len}")
+        state = {}
+        for i, layer in enumerate(model.layers):
+            heads = layer.self_attn.num_heads
+            shape = (batch, heads, length, layer.self_attn.embed_dim // heads)
+            state[f"k{i}"] = torch.zeros(shape, device=device, dtype=dtype)
+            state[f"v{i}"] = torch.zeros(shape, device=device, dtype=dtype)
+        return state
+    raise TypeError(f"decode_state: expects an LSTMLanguageModel or TransformerLanguageModel, got "
+                    f"{type(model).__name__}")
+
+
+def decode_step(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, state: dict[str, torch.Tensor]
+                ) -> torch.Tensor:
+    """The logits ``[B, vocab]`` of the token after ``tokens`` (int64 ``[B, 1]``, at position ``pos``: an int64
+    0-d tensor on the model's device, the same for every sequence), updating ``state`` (:func:`decode_state`) in
+    place. No host synchronisation, no shape that depends on ``pos``: a step can be captured in a CUDA graph.
+
+    The transformer attends over the whole cache with positions after ``pos`` masked out (a static shape), so a
+    step costs the cache's length, not the context's. Call in eval mode (dropout is not applied).
+    """
+    if isinstance(model, LSTMLanguageModel):
+        h, (h_n, c_n) = model.lstm(model.embed(tokens), (state["h"], state["c"]))  # [B, 1, hidden]
+        state["h"].copy_(h_n)
+        state["c"].copy_(c_n)
+        return model.decoder(h[:, 0])
+    if not isinstance(model, TransformerLanguageModel):
+        raise TypeError(f"decode_step: expects an LSTMLanguageModel or TransformerLanguageModel, got "
+                        f"{type(model).__name__}")
+    x = model.embed(tokens) + model.pos(pos.view(1, 1))  # [B, 1, W]
+    length = state["k0"].shape[2]
+    visible = (torch.arange(length, device=pos.device) <= pos).view(1, 1, 1, length)  # SDPA bool mask: True = attend
+    for i, layer in enumerate(model.layers):
+        x = _decode_block(layer, x, pos, visible, state[f"k{i}"], state[f"v{i}"])
+    return model.decoder(model.norm(x))[:, 0]
+
+
+def _decode_block(layer: nn.TransformerEncoderLayer, x: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One ``nn.TransformerEncoderLayer`` (its slow path in eval mode: no dropout) on the new position [B, 1, W]."""
+
+    def sa(y: torch.Tensor) -> torch.Tensor:
+        return _cached_attention(layer.self_attn, y, pos, visible, k_cache, v_cache)
+
+    def ff(y: torch.Tensor) -> torch.Tensor:
+        return layer.linear2(layer.activation(layer.linear1(y)))
+
+    if layer.norm_first:
+        x = x + sa(layer.norm1(x))
+        return x + ff(layer.norm2(x))
+    x = layer.norm1(x + sa(x))
+    return layer.norm2(x + ff(x))
+
+
+def _cached_attention(attn: nn.Module, x: torch.Tensor, pos: torch.Tensor, visible: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Self-attention of one new position ``x`` [B, 1, E] over the cache, after writing its key/value at ``pos``.
+    ``nn.MultiheadAttention`` projects with ``in_proj_weight``; the converted attention holds one module per
+    projection (``q_proj``/``k_proj``/``v_proj``: compressed kernels)."""
+    B, _, E = x.shape
+    H, hd = k_cache.shape[1], k_cache.shape[3]
+    if isinstance(getattr(attn, "q_proj", None), nn.Module):
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    else:
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(B, 1, H, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, 1, hd]
+    k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
+    v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
+    out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), visible)  # [B, H, 1, hd]
+    return attn.out_proj(out.transpose(1, 2).reshape(B, 1, E))
 
 
 def build_lm(name: str, **kwargs: int | float) -> nn.Module:
