@@ -98,3 +98,16 @@ def test_ell_rows_are_the_dense_rows_bit_for_bit() -> None:
     idx = torch.tensor([3, 4, 5, 6, 0, 11, 3, 7])
     assert torch.equal(rows_layout.ell_rows(packed, idx), dense[idx])
     assert torch.equal(rows_layout.decode_ell(packed), dense)
+
+
+def test_reference_is_differentiable_in_x() -> None:
+    """Eager CPU calls reach the reference without the op (``LayoutSpec.run``): a product of an input that requires
+    grad (a dense layer before the converted one) runs and back-propagates like ``F.linear`` of the decoded weight."""
+    packed, dense = _layer(20, 50, 0.3, 16, None, None, seed=9)
+    for batch in (1, 7):  # the table branch and the per-entry-weight branch
+        x = torch.randn(batch, 50, requires_grad=True)
+        y = sparse_layout.eie_linear_reference(x, packed, relu=False)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        xd = x.detach().double().requires_grad_()
+        (want,) = torch.autograd.grad((xd @ dense.T).square().sum(), xd)
+        assert _rel(g, want) <= 1e-5, batch

@@ -23,8 +23,9 @@ States = tuple[Tensor, ...]  # (h,) for GRU/RNN, (h, c) for LSTM; each [L*D, B, 
 
 # On the CPU a call of at most this many timesteps steps through products straight from the compressed matrices
 # (the layout's reference: a sparse layer multiplies from its entries) instead of decoding every matrix. Measured on
-# the 2-core dev box, 1 thread, 2x600 GRU/LSTM at density 0.1, batch 1 (bench/RESULTS.md "CPU path vs dense"): a
-# product costs ~0.4x a decode, so stepping wins while it runs fewer products than the dense path decodes matrices.
+# the 2-core dev box, 1 thread, 2x600 GRU / LSTM at density 0.1, batch 1 (bench/RESULTS.md "CPU path vs dense"):
+# stepping / decoding 2.4 / 6.4 ms (GRU) and 2.8 / 9.8 ms (LSTM) at 1 timestep, 6.4 / 8.7 and 7.4 / 12.1 at 4. A
+# product costs ~0.4x a decode at density 0.1 and ~0.6x at 0.5, where 3 products per matrix pair (T = 2) still win.
 STEP_MAX = 2
 
 Product = Callable[[nn.Module, Tensor], Tensor]  # (projection, x [..., in]) -> [..., out]

@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
@@ -357,13 +356,14 @@ def use_product(packed: EIEPacked, batch: int) -> bool:
     return batch * packed.entries.numel() <= PRODUCT_BUDGET * packed.out_features * packed.in_features
 
 
-def _lane_major(p: EIEPacked, shift: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The entries as ``embedding_bag`` bags: ``(words, step_base, offsets)``.
+def _lane_major(p: EIEPacked) -> tuple[Tensor, Tensor]:
+    """The entries as ``embedding_bag`` bags: ``(words, offsets)``, in few ops (at batch 1 their count is a visible
+    share of the product's time).
 
     ``words`` int32 ``[row_tile, n_steps]``: lane ``r`` holds, in order, the entries of row ``r`` of every tile (an ELL
-    step is ``row_tile`` consecutive entries, one per lane). ``step_base`` int32 ``[n_steps]``: the first column of
-    each step's chunk, shifted left by ``shift`` (zeros when the layer has one chunk). ``offsets`` int32
-    ``[row_tile * n_tiles]``: bag ``lane * n_tiles + tile`` (row ``tile * row_tile + lane``) starts there.
+    step is ``row_tile`` consecutive entries, one per lane), each plus the first column of its chunk shifted left by
+    ``code_shift``: ``(column << code_shift) | code`` with the column in the whole row. ``offsets`` int32 ``[row_tile *
+    n_tiles]``: bag ``lane * n_tiles + tile`` (row ``tile * row_tile + lane``) starts there.
     """
     rt = p.row_tile
     lg = rt.bit_length() - 1
@@ -374,23 +374,21 @@ def _lane_major(p: EIEPacked, shift: int) -> tuple[Tensor, Tensor, Tensor]:
     steps_at = p.block_ptr >> lg  # [n_blocks + 1]: block starts, in ELL steps
     words = torch.empty(rt, n_steps, dtype=torch.int32, device=dev)
     words.copy_((p.entries.view(torch.uint16) if p.entries.dtype == torch.int16 else p.entries).view(-1, rt).t())
-    if n_chunks > 1:
-        width = p.chunk << shift
-        base = torch.arange(0, n_chunks * width, width, dtype=torch.int32, device=dev).repeat(n_tiles)
-        step_base = torch.repeat_interleave(base, steps_at.diff(), output_size=n_steps)
-    else:
-        step_base = torch.zeros(n_steps, dtype=torch.int32, device=dev)
-    lanes = torch.arange(rt, dtype=torch.int32, device=dev).mul_(n_steps)  # where each lane's run starts
-    offsets = (lanes.view(-1, 1) + steps_at[:-1:n_chunks]).view(-1)
-    return words, step_base, offsets
+    if n_chunks > 1:  # block t * n_chunks + c starts chunk c: its steps add (c * chunk) << code_shift
+        width = p.chunk << p.code_shift
+        base = torch.arange(0, n_chunks * width, width, dtype=torch.int32, device=dev).expand(n_tiles, -1)
+        words += torch.repeat_interleave(base.reshape(-1), steps_at.diff(), output_size=n_steps)
+    lanes = torch.arange(0, rt * n_steps, n_steps, dtype=torch.int32, device=dev)  # each lane's run (n_steps > 0)
+    offsets = torch.add(lanes.view(-1, 1), steps_at[:-1:n_chunks]).view(-1)
+    return words, offsets
 
 
 def sparse_product(x: Tensor, packed: EIEPacked) -> Tensor:
     """``x @ W.T`` (float32 ``[B, out_features]``) straight from the entries, no dense weight: the CPU product of
     small batches (:func:`use_product`).
 
-    Every stored entry is one member of the bag of its row (``F.embedding_bag``, sum mode, which gathers and adds in
-    one pass): the bag of row ``tile * row_tile + lane`` is lane ``lane``'s run of that tile's ELL steps. Padding
+    Every stored entry is one member of the bag of its row (``torch.embedding_bag``, sum mode, which gathers and adds
+    in one pass): the bag of row ``tile * row_tile + lane`` is lane ``lane``'s run of that tile's ELL steps. Padding
     entries point at column 0 of their chunk with the codebook's 0.0 slot, so they add ``x * 0.0`` and need no mask.
     Either the bag members index a table ``x[:, k] * codebook[c]`` at ``(k << code_shift) | c`` (the entry's word
     plus its chunk's first column; batches of few rows), or they index ``x^T`` by column with ``codebook[c]`` as the
@@ -398,23 +396,23 @@ def sparse_product(x: Tensor, packed: EIEPacked) -> Tensor:
     order of the sums differs.
     """
     p = packed
-    B, K, sh = x.shape[0], p.in_features, p.code_shift
-    n_tiles = -(-p.out_features // p.row_tile)
+    B, K, sh, rt = x.shape[0], p.in_features, p.code_shift, p.row_tile
+    n_tiles = -(-p.out_features // rt)
+    if p.entries.numel() == 0:  # an all-pruned layer
+        return x.new_zeros(B, p.out_features, dtype=torch.float32)
     xf = x.to(torch.float32)
+    cb = p.codebook.to(torch.float32)
+    words, offsets = _lane_major(p)  # (column << code_shift) | code
     if B << sh <= TABLE_MAX:
-        words, step_base, offsets = _lane_major(p, sh)
-        words += step_base
         table = torch.zeros(K, 1 << sh, B, dtype=torch.float32, device=x.device)
-        cb = p.codebook.to(torch.float32)
-        torch.mul(xf.t().unsqueeze(1), cb.view(1, -1, 1), out=table[:, : cb.numel()])
-        y = F.embedding_bag(words.view(-1), table.view(-1, B), offsets, mode="sum")
+        table[:, : cb.numel()] = xf.t().unsqueeze(1) * cb.view(1, -1, 1)  # no out=: x may require grad
+        y = torch.embedding_bag(table.view(-1, B), words.view(-1), offsets, False, 0)[0]  # mode 0: sum
     else:
-        words, step_base, offsets = _lane_major(p, 0)
-        weights = p.codebook.to(torch.float32).index_select(0, (words & ((1 << sh) - 1)).view(-1))
-        cols = words.bitwise_right_shift_(sh).add_(step_base)
-        y = F.embedding_bag(cols.view(-1), xf.t().contiguous(), offsets, mode="sum", per_sample_weights=weights)
+        weights = cb.index_select(0, (words & ((1 << sh) - 1)).view(-1))
+        cols = words.bitwise_right_shift_(sh).view(-1)
+        y = torch.embedding_bag(xf.t().contiguous(), cols, offsets, False, 0, False, weights)[0]
     # bags are lane-major: [row_tile, n_tiles, B] -> rows tile * row_tile + lane
-    y = y.view(p.row_tile, n_tiles, B).permute(2, 1, 0).reshape(B, n_tiles * p.row_tile)
+    y = y.view(rt, n_tiles, B).permute(2, 1, 0).reshape(B, n_tiles * rt)
     return y[:, : p.out_features] if y.shape[1] != p.out_features else y
 
 
