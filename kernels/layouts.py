@@ -342,7 +342,8 @@ def linear(x: Tensor, packed: PackedLayer, bias: Tensor | None = None, relu: boo
 
 
 def reference(x: Tensor, packed: PackedLayer, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """The layout's pure-PyTorch product (the CPU fallback): the weight decoded once, then ``F.linear``."""
+    """The layout's pure-PyTorch product (the CPU fallback): the weight decoded once, then ``F.linear`` (the sparse
+    layout multiplies small batches straight from its entries)."""
     return spec_of(packed).reference(x, packed, bias, relu)
 
 

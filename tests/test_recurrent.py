@@ -3,9 +3,9 @@ own modules on every calling convention, CPU.
 
 Each tiny torch module (2 layers) is pruned (``prune_model``) and quantized (``quantize_model``), so it runs with
 exactly the weights the converted module decodes; outputs and final states must agree to a relative L2 error of
-1e-5 (fp32). Both paths run: ``dense`` (the CPU path: every matrix decoded once per call, torch's kernel) and
-``kernels`` (the step loop CUDA takes, here on the CPU reference of the compressed kernels, selected by making
-``use_triton`` answer True).
+1e-5 (fp32). Both paths run: ``dense`` (the CPU path: every matrix decoded once per call, torch's kernel; calls of at
+most ``STEP_MAX`` timesteps step through the layouts' CPU products instead) and ``kernels`` (the step loop CUDA takes,
+here on the CPU reference of the compressed kernels, selected by making ``use_triton`` answer True).
 """
 
 from __future__ import annotations
