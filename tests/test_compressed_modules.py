@@ -355,7 +355,7 @@ def test_a_module_registered_twice_is_replaced_by_one_module() -> None:
     conv = to_compressed_inference(model)
     assert isinstance(conv[0], CompressedLinear) and conv[0] is conv[2]
     x = torch.randn(2, 6)
-    assert torch.equal(conv(x), model(x))
+    assert zoo.rel_err(conv(x), model(x)) <= TOL  # not bit for bit: the CPU sums a small batch's products sparsely
 
 
 def test_skips_exclude_overridden_forward_hooks_and_conv(caplog) -> None:
@@ -377,7 +377,7 @@ def test_skips_exclude_overridden_forward_hooks_and_conv(caplog) -> None:
     assert [type(m).__name__ for m in conv] == ["Conv1d", "Flatten", "CompressedLinear", "_Overrides", "Linear",
                                                 "Linear"]
     assert sum("kept" in r.getMessage() for r in caplog.records) == 4  # one line per skipped layer
-    assert torch.equal(conv(x), model(x))
+    assert zoo.rel_err(conv(x), model(x)) <= TOL
 
 
 def test_parameter_level_exclude_keeps_those_weights_dense_inside() -> None:

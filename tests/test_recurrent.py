@@ -3,9 +3,9 @@ own modules on every calling convention, CPU.
 
 Each tiny torch module (2 layers) is pruned (``prune_model``) and quantized (``quantize_model``), so it runs with
 exactly the weights the converted module decodes; outputs and final states must agree to a relative L2 error of
-1e-5 (fp32). Both paths run: ``dense`` (the CPU path: every matrix decoded once per call, torch's kernel) and
-``kernels`` (the step loop CUDA takes, here on the CPU reference of the compressed kernels, selected by making
-``use_triton`` answer True).
+1e-5 (fp32). Both paths run: ``dense`` (the CPU path: every matrix decoded once per call, torch's kernel; calls of at
+most ``STEP_MAX`` timesteps step through the layouts' CPU products instead) and ``kernels`` (the step loop CUDA takes,
+here on the CPU reference of the compressed kernels, selected by making ``use_triton`` answer True).
 """
 
 from __future__ import annotations
@@ -130,26 +130,71 @@ def test_matches_torch(
 
 
 def test_cpu_path_decodes_each_matrix_once_per_call_and_keeps_no_copy(monkeypatch) -> None:
+    """A sequence decodes every matrix exactly once; a call of at most ``STEP_MAX`` timesteps decodes none (it steps
+    through the layouts' CPU references, never through the ops); neither leaves state behind."""
     dense, conv = _pair("lstm_proj", True, False)
     mats = [m for cell in conv.cells for m in cell.values()]
     assert len(mats) == LAYERS * 2 * 3
     before = {k: (tuple(v.shape), v.dtype) for k, v in conv.state_dict().items() if isinstance(v, torch.Tensor)}
     attrs = set(vars(conv))
-    calls = []
+    calls, products = [], []
     decode = CompressedLinear.dense_weight
     monkeypatch.setattr(CompressedLinear, "dense_weight", lambda self: calls.append(self) or decode(self))
-    monkeypatch.setattr(CompressedLinear, "forward", lambda self, x: pytest.fail("stepped through the kernel path"))
+    monkeypatch.setattr(CompressedLinear, "forward", lambda self, x: pytest.fail("called the op"))
+    product = recurrent.cpu_projection
+    monkeypatch.setattr(recurrent, "cpu_projection", lambda m, x: products.append(m) or product(m, x))
     g = torch.Generator().manual_seed(3)
-    for T in (1, 9):
+    for T in (1, recurrent.STEP_MAX, recurrent.STEP_MAX + 1, 9):
         calls.clear()
+        products.clear()
         x = torch.randn(T, 2, IN, generator=g)
         with torch.no_grad():
             got, _ = conv(x)
             want, _ = dense(x)
         assert _rel_err(got, want) <= TOL
-        assert sorted(map(id, calls)) == sorted(map(id, mats)), f"T={T}: each matrix decoded exactly once"
+        if T <= recurrent.STEP_MAX:
+            assert not calls, f"T={T}: decoded"
+            # per layer and direction: W_ih once for all timesteps, then W_hh and W_hr once per timestep
+            assert len(products) == LAYERS * 2 * (1 + 2 * T) and {id(m) for m in products} == set(map(id, mats))
+        else:
+            assert not products and sorted(map(id, calls)) == sorted(map(id, mats)), f"T={T}: each decoded once"
     after = {k: (tuple(v.shape), v.dtype) for k, v in conv.state_dict().items() if isinstance(v, torch.Tensor)}
     assert after == before and set(vars(conv)) == attrs, "the call left state behind"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_short_calls_match_torch_on_every_form(kind: str) -> None:
+    """Calls of at most ``STEP_MAX`` timesteps (the CPU step path): padded both ways, packed (a batch that shrinks),
+    unbatched, with and without states, and a sampler's loop of one call per token carrying the state."""
+    g = torch.Generator().manual_seed(5)
+    for bidirectional, batch_first in ((False, False), (True, True)):
+        dense, conv = _pair(kind, bidirectional, batch_first)
+        D = 2 if bidirectional else 1
+        for T in range(1, recurrent.STEP_MAX + 1):
+            x = torch.randn(3, T, IN, generator=g)
+            padded = x if batch_first else x.transpose(0, 1)
+            forms = [(padded,), (x[0],)]  # x[0]: one unbatched sequence [T, IN]
+            forms.append((pack_padded_sequence(padded, [T, 1, T], batch_first, enforce_sorted=False),))
+            sizes = [getattr(dense, "proj_size", 0) or H] + ([H] if isinstance(dense, nn.LSTM) else [])
+            hx = tuple(torch.randn(LAYERS * D, 3, s, generator=g) for s in sizes)
+            forms.append((padded, hx if isinstance(dense, nn.LSTM) else hx[0]))
+            for args in forms:
+                with torch.no_grad():
+                    want_out, want_hx = dense(*args)
+                    got_out, got_hx = conv(*args)
+                if isinstance(want_out, PackedSequence):
+                    want_out, got_out = want_out.data, got_out.data
+                assert _rel_err(got_out, want_out) <= TOL, (kind, T, len(args))
+                for a, b in zip(_states(got_hx), _states(want_hx), strict=True):
+                    assert _rel_err(a, b) <= TOL, (kind, T, len(args))
+        tokens = torch.randn(6, 1, 1, IN, generator=g)
+        want_hx = got_hx = None
+        with torch.no_grad():
+            for tok in tokens:
+                tok = tok.transpose(0, 1) if batch_first else tok
+                want, want_hx = dense(tok, want_hx)
+                got, got_hx = conv(tok, got_hx)
+                assert _rel_err(got, want) <= TOL
 
 
 # ------------------------------------------------------------------------------------- training mode, bias, dense

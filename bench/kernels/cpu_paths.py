@@ -1,16 +1,19 @@
 """CPU time of every converted weight kind against the dense torch module it replaces.
 
-On the CPU the converted ``CompressedLinear`` / ``CompressedConv1D`` / ``CompressedLSTM`` / ``CompressedGRU`` /
-``CompressedMultiheadAttention`` decode each compressed matrix once per call and run torch's own op on the result
-(``F.linear``, ``torch._VF.lstm``..., SDPA); ``CompressedEmbedding`` decodes only the rows it is asked for.
+On the CPU the converted modules run the layouts' pure-PyTorch references: a sparse ``CompressedLinear`` /
+``CompressedConv1D`` multiplies small batches straight from its entries (``F.embedding_bag`` over the ELL entries,
+``kernels/sparse/layout.sparse_product``) and decodes its matrix once per call for larger ones (then ``F.linear``);
+``CompressedLSTM`` / ``CompressedGRU`` step a call of at most ``recurrent.STEP_MAX`` timesteps through those products
+and decode every matrix once for longer ones (then ``torch._VF.lstm``...); ``CompressedMultiheadAttention`` decodes
+(then SDPA); ``CompressedEmbedding`` decodes only the rows it is asked for. The ``path`` column says which ran.
 Providers, side by side in one process, same weights (pruned to ``--density``, quantized to ``--bits``) and inputs:
 
 * ``dense``: the torch module with the masked, quantized weights (the reference).
 * ``converted``: ``dc_lightning.to_compressed_inference`` of it.
 * ``decode``: decoding every compressed matrix of the converted module once (the layout the call's batch runs on) per
-  call (for an embedding: its lookup, which is all it does), the part of ``converted`` that ``dense`` does not pay;
-  ``floor`` = (dense + decode) / dense is the least converted/dense ratio this CPU path can reach (what stepping
-  one token per call is bound by).
+  call (for an embedding: its lookup, which is all it does), what a decode-once path pays on top of ``dense``;
+  ``floor`` = (dense + decode) / dense is the least converted/dense ratio a decode-once path can reach (the rows
+  whose ``path`` is ``entries`` or ``steps`` do not decode, and go below it).
 * ``decode_lut``: the same from the LUT copy of each matrix (``layouts.decode_dense(lut_packed())``), for comparison.
 * ``kernel_path`` (with ``--kernel-path``): the per-step path CUDA takes, on the CPU reference of the compressed
   kernels (what the CPU ran before issue 22); one repeat, it is slow.
@@ -51,7 +54,7 @@ from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
-from dc_lightning.kernels.sparse.layout import unpack  # noqa: E402
+from dc_lightning.kernels.sparse.layout import unpack, use_product  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
@@ -133,6 +136,20 @@ def lut_copy(c: CompressedLinear) -> layouts.LUTPacked:
     return layouts.pack_lut(p.out_features, p.in_features, rows, cols, codes, p.codebook[:n_centroids])
 
 
+def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
+    """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
+    recurrent call stepped through such products), ``decode`` (every matrix decoded once) or ``rows``."""
+    if name.startswith("Embedding"):
+        return "rows"
+    if name.startswith(("Linear", "Conv1D")):
+        (c,) = matrices(conv)
+        layout = c.layout_for(batch)
+        return "entries" if layout == "sparse" and use_product(c.packed(layout), batch) else "decode"
+    if isinstance(conv, recurrent.CompressedRNNBase) and "steps" in name:
+        return "steps" if recurrent.STEP_MAX >= 1 else "decode"  # one timestep per call
+    return "decode"
+
+
 def hf_conv1d(nx: int, nf: int) -> nn.Module | None:
     """transformers' GPT-2 ``Conv1D(nf, nx)`` (``None`` without transformers)."""
     try:
@@ -196,8 +213,8 @@ def main() -> None:
 
     rows = []
     header = (
-        f"{'case':<22} {'batch':>5} {'dense ms':>9} {'conv ms':>9} {'ratio':>6} {'decode ms':>10} {'floor':>6} "
-        f"{'lut dec':>8}"
+        f"{'case':<22} {'batch':>5} {'dense ms':>9} {'conv ms':>9} {'ratio':>6} {'path':>8} {'decode ms':>10} "
+        f"{'floor':>6} {'lut dec':>8}"
     )
     if args.kernel_path:
         header += f" {'kernel ms':>10}"
@@ -214,6 +231,7 @@ def main() -> None:
             }
             ms = median_ms(providers, args.repeats)
             row = {"case": name, "batch": batch, "calls": calls, "dense_ms": ms["dense"]}
+            row["path"] = cpu_path(name, conv, batch)
             row["converted_ms"] = ms["converted"]
             row["ratio"] = ms["converted"] / ms["dense"]
             # every matrix is decoded once per call: the floor of the ratio is (dense + calls * decode) / dense
@@ -222,7 +240,7 @@ def main() -> None:
             row["decode_lut_ms"] = calls * ms["decode_lut"]
             line = (
                 f"{name:<22} {batch:>5} {row['dense_ms']:>9.2f} {row['converted_ms']:>9.2f} {row['ratio']:>6.2f} "
-                f"{row['decode_ms']:>10.2f} {row['floor']:>6.2f} {row['decode_lut_ms']:>8.2f}"
+                f"{row['path']:>8} {row['decode_ms']:>10.2f} {row['floor']:>6.2f} {row['decode_lut_ms']:>8.2f}"
             )
             if args.kernel_path:
                 row["kernel_path_ms"] = median_ms({"k": kernel_path(drive(conv, x))}, 1)["k"]

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.inference.matrix import linear_numel, projection
+from dc_lightning.kernels import layouts
 from dc_lightning.kernels.runtime import use_triton
 
 # ------------------------------------------------------------------------------------------------ recurrent layers
@@ -20,10 +21,36 @@ from dc_lightning.kernels.runtime import use_triton
 States = tuple[Tensor, ...]  # (h,) for GRU/RNN, (h, c) for LSTM; each [L*D, B, size]
 
 
+# On the CPU a call of at most this many timesteps steps through products straight from the compressed matrices
+# (the layout's reference: a sparse layer multiplies from its entries) instead of decoding every matrix. Measured on
+# the 2-core dev box, 1 thread, 2x600 GRU / LSTM at density 0.1, batch 1 (bench/RESULTS.md "CPU path vs dense"):
+# stepping / decoding 2.4 / 6.4 ms (GRU) and 2.8 / 9.8 ms (LSTM) at 1 timestep, 6.4 / 8.7 and 7.4 / 12.1 at 4. A
+# product costs ~0.4x a decode at density 0.1 and ~0.6x at 0.5, where 3 products per matrix pair (T = 2) still win.
+STEP_MAX = 2
+
+Product = Callable[[nn.Module, Tensor], Tensor]  # (projection, x [..., in]) -> [..., out]
+
+
 def decoded_weight(m: nn.Module, dtype: torch.dtype) -> Tensor:
     """The dense ``[out, in]`` weight of a projection (decoded for a :class:`CompressedLinear`), in ``dtype``."""
     w = m.dense_weight() if isinstance(m, CompressedLinear) else m.weight
     return w.to(dtype)
+
+
+def call_projection(m: nn.Module, x: Tensor) -> Tensor:
+    """``m(x)``: a :class:`CompressedLinear` through its registered op (the compressed kernels on CUDA)."""
+    return m(x)
+
+
+def cpu_projection(m: nn.Module, x: Tensor) -> Tensor:
+    """``m(x)`` on the CPU without the op's dispatch: a :class:`CompressedLinear` by its layout's reference (small
+    batches of a sparse layer straight from its entries), anything else by its own forward."""
+    if not isinstance(m, CompressedLinear):
+        return m(x)
+    x2 = x.reshape(-1, m.in_features)
+    name = m.layout_for(x2.shape[0])
+    y = layouts.spec(name).reference(x2, m.packed(name), m.bias, m.relu)
+    return y.reshape(*x.shape[:-1], m.out_features)
 
 
 class CompressedRNNBase(nn.Module):
@@ -45,9 +72,11 @@ class CompressedRNNBase(nn.Module):
       per step. A packed batch shrinks from step to step: step ``t`` updates the first ``batch_sizes[t]`` rows.
     * **dense** (everything else, the CPU): each weight matrix is decoded ONCE per call and the whole sequence runs in
       torch's own kernel (``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` / ``rnn_relu``, as ``nn.LSTM.forward`` calls
-      it). The CPU reference of a compressed product decodes its matrix, so stepping through ``CompressedLinear``
-      would decode ``W_hh`` every timestep. The decoded weights are dropped at the end of the call: the module keeps
-      only its compressed form.
+      it). The decoded weights are dropped at the end of the call: the module keeps only its compressed form.
+      Except for calls of at most :data:`STEP_MAX` timesteps (a sampler's one call per token): decoding every matrix
+      for one step costs more than multiplying from the compressed form, so those take the kernel path's step loop
+      with each product on the layout's CPU reference (:func:`cpu_projection`; a sparse layer multiplies small
+      batches straight from its entries).
 
     Inter-layer dropout applies in training mode only, as in torch.
     """
@@ -139,8 +168,9 @@ class CompressedRNNBase(nn.Module):
     def _state_sizes(self) -> tuple[int, ...]:
         return (self.hidden_size,)
 
-    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
-        """One timestep of the kernel path: ``gi`` = ``W_ih x_t + b_ih`` [b, G*H], ``states`` [b, size] each."""
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict, mm: Product) -> States:
+        """One timestep of the kernel path: ``gi`` = ``W_ih x_t + b_ih`` [b, G*H], ``states`` [b, size] each;
+        ``mm(cell[name], v)`` is a product by one of the cell's matrices."""
         raise NotImplementedError
 
     def _vf(self) -> Callable:
@@ -178,8 +208,12 @@ class CompressedRNNBase(nn.Module):
             states = hx if is_batched else tuple(h.unsqueeze(1) for h in hx)
             if sorted_indices is not None:  # the caller's order -> the packed (sorted) order, as torch does
                 states = tuple(h.index_select(1, sorted_indices) for h in states)
+        steps = x.shape[0] if batch_sizes is None else batch_sizes.numel()
         if use_triton(x):
             out, states = self._run_kernels(x, None if batch_sizes is None else batch_sizes.tolist(), states)
+        elif steps <= STEP_MAX:
+            bs = None if batch_sizes is None else batch_sizes.tolist()
+            out, states = self._run_kernels(x, bs, states, cpu_projection)
         else:
             out, states = self._run_dense(x, batch_sizes, states)
         if batch_sizes is not None:
@@ -207,8 +241,11 @@ class CompressedRNNBase(nn.Module):
             result = self._vf()(x, batch_sizes, hx, weights, *config)
         return result[0], tuple(result[1:])
 
-    def _run_kernels(self, x: Tensor, batch_sizes: list[int] | None, states: States) -> tuple[Tensor, States]:
-        """Step through the compressed kernels. x: [T, B, I] or packed [N, I] (``batch_sizes`` non-increasing)."""
+    def _run_kernels(
+        self, x: Tensor, batch_sizes: list[int] | None, states: States, mm: Product = call_projection
+    ) -> tuple[Tensor, States]:
+        """Step through the compressed products ``mm`` (the kernels through the ops by default). x: [T, B, I] or
+        packed [N, I] (``batch_sizes`` non-increasing)."""
         D = self.num_directions
         finals: list[list[Tensor]] = [[] for _ in states]
         layer_input = x
@@ -218,17 +255,17 @@ class CompressedRNNBase(nn.Module):
             outs = []
             for d in range(D):
                 cell = self.cells[layer * D + d]
-                gi = cell["ih"](layer_input)  # the input half for every timestep in one product: [T, B, G*H] / [N, G*H]
+                gi = mm(cell["ih"], layer_input)  # every timestep in one product: [T, B, G*H] / [N, G*H]
                 steps = gi.unbind(0) if batch_sizes is None else gi.split(batch_sizes)
                 s = tuple(h[layer * D + d] for h in states)
                 ys: list[Tensor] = [s[0]] * len(steps)
                 for t in range(len(steps) - 1, -1, -1) if d == 1 else range(len(steps)):
                     b = steps[t].shape[0]
                     if b == s[0].shape[0]:
-                        s = self._step(steps[t], s, cell)
+                        s = self._step(steps[t], s, cell, mm)
                         ys[t] = s[0]
                     else:  # a packed batch: the first b sequences are still running; the others keep their states
-                        new = self._step(steps[t], tuple(h[:b] for h in s), cell)
+                        new = self._step(steps[t], tuple(h[:b] for h in s), cell, mm)
                         ys[t] = new[0]
                         s = tuple(torch.cat([n, h[b:]]) for n, h in zip(new, s, strict=True))
                 outs.append(torch.stack(ys) if batch_sizes is None else torch.cat(ys))
@@ -271,13 +308,13 @@ class CompressedLSTM(CompressedRNNBase):
     def _vf(self) -> Callable:
         return _VF.lstm
 
-    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict, mm: Product) -> States:
         h, c = states
-        i, f, g, o = (gi + cell["hh"](h)).chunk(4, dim=-1)
+        i, f, g, o = (gi + mm(cell["hh"], h)).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if "hr" in cell:
-            h = cell["hr"](h)
+            h = mm(cell["hr"], h)
         return h, c
 
     def forward(self, input: Input, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Input, tuple[Tensor, Tensor]]:
@@ -304,10 +341,10 @@ class CompressedGRU(_CompressedSingleState):
     def _vf(self) -> Callable:
         return _VF.gru
 
-    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict, mm: Product) -> States:
         (h,) = states
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
-        h_r, h_z, h_n = cell["hh"](h).chunk(3, dim=-1)
+        h_r, h_z, h_n = mm(cell["hh"], h).chunk(3, dim=-1)
         r = torch.sigmoid(i_r + h_r)
         z = torch.sigmoid(i_z + h_z)
         n = torch.tanh(i_n + r * h_n)
@@ -333,6 +370,6 @@ class CompressedRNN(_CompressedSingleState):
     def _vf(self) -> Callable:
         return _VF.rnn_tanh if self.nonlinearity == "tanh" else _VF.rnn_relu
 
-    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict) -> States:
-        pre = gi + cell["hh"](states[0])
+    def _step(self, gi: Tensor, states: States, cell: nn.ModuleDict, mm: Product) -> States:
+        pre = gi + mm(cell["hh"], states[0])
         return (torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre),)

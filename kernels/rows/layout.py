@@ -217,12 +217,13 @@ def pack_codes(
 
 def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
     """The decoded rows ``idx`` (1-D) of the table: ``[len(idx), in_features]`` in the codebook's dtype."""
+    # few ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md)
     p = packed
-    cols = p.cols[idx].long()  # [N, L]
-    vals = p.codebook[p.codes[idx].long()]
-    valid = torch.arange(cols.shape[1], device=cols.device) < p.lengths[idx].unsqueeze(1)
-    vals = torch.where(valid, vals, vals.new_zeros(()))
-    return vals.new_zeros(idx.shape[0], p.in_features).scatter_add_(1, cols, vals)
+    cols = p.cols.index_select(0, idx)  # [N, L]
+    codes = p.codes.index_select(0, idx)
+    valid = torch.arange(cols.shape[1], device=cols.device) < p.lengths.index_select(0, idx).unsqueeze(1)
+    vals = p.codebook.index_select(0, codes.view(-1).int()).view(codes.shape).mul_(valid)  # padding -> 0.0
+    return vals.new_zeros(idx.shape[0], p.in_features).scatter_add_(1, cols.long(), vals)
 
 
 def codes_rows(packed: RowCodes, idx: Tensor) -> Tensor:

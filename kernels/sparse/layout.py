@@ -16,7 +16,8 @@ load time, into a *sliced-ELL* layout that the kernels (``jit.py``) read with co
 
 This module owns the layout: :class:`EIEPacked` (with its checks of a call, :meth:`EIEPacked.check`), :func:`pack` /
 :func:`unpack` / :func:`decode_dense`, and :func:`eie_linear_reference`, the
-pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.eie_linear``.
+pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.eie_linear``
+(small batches multiply straight from the entries, :func:`sparse_product`; larger ones decode ``W`` once).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "unpack",
     "decode_dense",
     "eie_linear_reference",
+    "sparse_product",
+    "use_product",
 ]
 
 
@@ -337,7 +340,91 @@ def decode_dense(packed: EIEPacked) -> Tensor:
 # Reference (pure PyTorch): the oracle of the tests and the CPU fallback
 # --------------------------------------------------------------------------------------------------------------
 
+# On the CPU a product of up to PRODUCT_BUDGET * out * in / n_entries rows multiplies straight from the entries
+# (``sparse_product``); a larger one decodes W once and calls F.linear. Measured crossover on the 2-core dev box, 1
+# thread (bench/RESULTS.md "CPU path vs dense"): 1024x1024 at density 0.1 (1.2 entries per non-zero) the product
+# wins up to ~400 rows, at 0.5 up to ~150; a budget of 32 keeps it below both (~270 and ~58 rows).
+PRODUCT_BUDGET = 32
+# Up to this many (rows x codebook slots) the product gathers from a table of x[b, k] * codebook[c] (one gather per
+# entry, its index is the entry's word plus its chunk's first column); above, from x with the codebook value as a
+# per-entry weight (a gather of the codebook first). Measured: the table wins at batch <= 4 with 4-bit codebooks.
+TABLE_MAX = 128
+
+
+def use_product(packed: EIEPacked, batch: int) -> bool:
+    """Whether :func:`eie_linear_reference` multiplies ``batch`` rows from the entries (else it decodes ``W``)."""
+    return batch * packed.entries.numel() <= PRODUCT_BUDGET * packed.out_features * packed.in_features
+
+
+def _lane_major(p: EIEPacked) -> tuple[Tensor, Tensor]:
+    """The entries as ``embedding_bag`` bags: ``(words, offsets)``, in few ops (at batch 1 their count is a visible
+    share of the product's time).
+
+    ``words`` int32 ``[row_tile, n_steps]``: lane ``r`` holds, in order, the entries of row ``r`` of every tile (an ELL
+    step is ``row_tile`` consecutive entries, one per lane), each plus the first column of its chunk shifted left by
+    ``code_shift``: ``(column << code_shift) | code`` with the column in the whole row. ``offsets`` int32 ``[row_tile *
+    n_tiles]``: bag ``lane * n_tiles + tile`` (row ``tile * row_tile + lane``) starts there.
+    """
+    rt = p.row_tile
+    lg = rt.bit_length() - 1
+    n_tiles = -(-p.out_features // rt)
+    n_steps = p.entries.numel() >> lg
+    n_chunks = max((p.block_ptr.numel() - 1) // max(n_tiles, 1), 1)
+    dev = p.entries.device
+    steps_at = p.block_ptr >> lg  # [n_blocks + 1]: block starts, in ELL steps
+    words = torch.empty(rt, n_steps, dtype=torch.int32, device=dev)
+    words.copy_((p.entries.view(torch.uint16) if p.entries.dtype == torch.int16 else p.entries).view(-1, rt).t())
+    if n_chunks > 1:  # block t * n_chunks + c starts chunk c: its steps add (c * chunk) << code_shift
+        width = p.chunk << p.code_shift
+        base = torch.arange(0, n_chunks * width, width, dtype=torch.int32, device=dev).expand(n_tiles, -1)
+        words += torch.repeat_interleave(base.reshape(-1), steps_at.diff(), output_size=n_steps)
+    lanes = torch.arange(0, rt * n_steps, n_steps, dtype=torch.int32, device=dev)  # each lane's run (n_steps > 0)
+    offsets = torch.add(lanes.view(-1, 1), steps_at[:-1:n_chunks]).view(-1)
+    return words, offsets
+
+
+def sparse_product(x: Tensor, packed: EIEPacked) -> Tensor:
+    """``x @ W.T`` (float32 ``[B, out_features]``) straight from the entries, no dense weight: the CPU product of
+    small batches (:func:`use_product`).
+
+    Every stored entry is one member of the bag of its row (``torch.embedding_bag``, sum mode, which gathers and adds
+    in one pass): the bag of row ``tile * row_tile + lane`` is lane ``lane``'s run of that tile's ELL steps. Padding
+    entries point at column 0 of their chunk with the codebook's 0.0 slot, so they add ``x * 0.0`` and need no mask.
+    Either the bag members index a table ``x[:, k] * codebook[c]`` at ``(k << code_shift) | c`` (the entry's word
+    plus its chunk's first column; batches of few rows), or they index ``x^T`` by column with ``codebook[c]`` as the
+    per-member weight. Products are float32 ``x * w``, as ``F.linear`` of the decoded weight forms them; only the
+    order of the sums differs.
+    """
+    p = packed
+    B, K, sh, rt = x.shape[0], p.in_features, p.code_shift, p.row_tile
+    n_tiles = -(-p.out_features // rt)
+    if p.entries.numel() == 0:  # an all-pruned layer
+        return x.new_zeros(B, p.out_features, dtype=torch.float32)
+    xf = x.to(torch.float32)
+    cb = p.codebook.to(torch.float32)
+    words, offsets = _lane_major(p)  # (column << code_shift) | code
+    if B << sh <= TABLE_MAX:
+        table = torch.zeros(K, 1 << sh, B, dtype=torch.float32, device=x.device)
+        table[:, : cb.numel()] = xf.t().unsqueeze(1) * cb.view(1, -1, 1)  # no out=: x may require grad
+        y = torch.embedding_bag(table.view(-1, B), words.view(-1), offsets, False, 0)[0]  # mode 0: sum
+    else:
+        weights = cb.index_select(0, (words & ((1 << sh) - 1)).view(-1))
+        cols = words.bitwise_right_shift_(sh).view(-1)
+        y = torch.embedding_bag(xf.t().contiguous(), cols, offsets, False, 0, False, weights)[0]
+    # bags are lane-major: [row_tile, n_tiles, B] -> rows tile * row_tile + lane
+    y = y.view(rt, n_tiles, B).permute(2, 1, 0).reshape(B, n_tiles * rt)
+    return y[:, : p.out_features] if y.shape[1] != p.out_features else y
+
 
 def eie_linear_reference(x: Tensor, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
-    return decoded_linear(x, decode_dense(packed), bias, relu)
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: small batches on the CPU straight from the
+    entries (:func:`sparse_product`, :func:`use_product`), larger ones (and any on another device, where this is only
+    an oracle) ``W`` decoded once, then ``F.linear``."""
+    if x.shape[0] == 0 or x.device.type != "cpu" or not use_product(packed, x.shape[0]):
+        return decoded_linear(x, decode_dense(packed), bias, relu)
+    y = sparse_product(x, packed)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous()

@@ -15,6 +15,7 @@ from dc_lightning.inference.embedding import CompressedEmbedding
 from dc_lightning.inference.linear import CompressedLinear
 from dc_lightning.kernels import layouts, runtime
 from dc_lightning.kernels.layouts import REGISTRY
+from dc_lightning.kernels.sparse import layout as sparse_layout
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = list(REGISTRY)
@@ -138,7 +139,8 @@ def test_registry_lookups_reject_unknown_names_and_objects() -> None:
 
 @pytest.mark.parametrize("name", ["sparse", "lut"])
 def test_cpu_path_decodes_once_then_f_linear(name: str, monkeypatch) -> None:
-    """On the CPU a CompressedLinear call decodes its weight once and multiplies with torch's own ``F.linear``."""
+    """On the CPU a CompressedLinear call decodes its weight once and multiplies with torch's own ``F.linear``; a
+    sparse layer multiplies small batches straight from its entries instead (``sparse.layout.use_product``)."""
     lin = nn.Linear(64, 32)
     layer = CompressedLinear.from_linear(_with_codebook(lin), layout=name, alternate=False)
     spec, calls = REGISTRY[name], []
@@ -146,9 +148,13 @@ def test_cpu_path_decodes_once_then_f_linear(name: str, monkeypatch) -> None:
     real_decode, real_linear = spec.decode, runtime.F.linear
     monkeypatch.setattr(decode_module, spec.decode.__name__, lambda p: calls.append("decode") or real_decode(p))
     monkeypatch.setattr(runtime.F, "linear", lambda *a: calls.append("F.linear") or real_linear(*a))
-    x = torch.randn(4, 64)
-    assert _rel(layer(x), x.double() @ lin.weight.double().T + lin.bias.double()) <= 1e-5
-    assert calls == ["decode", "F.linear"]
+    from_entries = [name == "sparse" and sparse_layout.use_product(layer.packed(), b) for b in (4, 200)]
+    assert from_entries == [name == "sparse", False]
+    for batch, direct in zip((4, 200), from_entries, strict=True):
+        calls.clear()
+        x = torch.randn(batch, 64)
+        assert _rel(layer(x), x.double() @ lin.weight.double().T + lin.bias.double()) <= 1e-5
+        assert calls == ([] if direct else ["decode", "F.linear"]), batch
 
 
 def _with_codebook(lin: nn.Linear) -> nn.Linear:
