@@ -2,9 +2,10 @@
 
 :class:`CompressedLinear` replaces an ``nn.Linear`` that carries a codebook (docs/DESIGN.md buffers
 ``weight_mask`` / ``weight_codebook`` / ``weight_assign``). It holds only the buffers of a layout of the registry
-``dc_lightning.kernels.layouts`` chosen by density (sparse sliced-ELL ``(column, code)`` entries, or dense packed
-2-8-bit codes), the codebook and the bias, never a dense weight. On CUDA its forward is the layout's Triton kernel;
-on the CPU the layout's pure-PyTorch reference (the weight decoded once per call, then ``F.linear``).
+``dc_lightning.kernels.layouts`` chosen by density (sparse sliced-ELL ``(column, code)`` entries, 4-bit ``tc``
+codes, or dense packed 2-8-bit ``lut`` codes), the codebook and the bias, never a dense weight. On CUDA its forward
+is the layout's Triton kernel; on the CPU the layout's pure-PyTorch reference (small batches of a sparse layer
+multiply straight from its entries; otherwise the weight is decoded once per call, then ``F.linear``).
 
 :func:`dc_lightning.inference.conversion.to_compressed_inference` converts a whole model (or a ``.dcz`` file via
 ``dc_lightning.io.load_compressed``);
@@ -81,7 +82,7 @@ class CompressedLinear(nn.Module):
 
     Example::
 
-        >>> from dc_lightning.kernels.sparse.op import pack
+        >>> from dc_lightning.kernels.sparse.layout import pack
         >>> p = pack(3, 5, torch.tensor([0, 2]), torch.tensor([4, 1]), torch.tensor([0, 1]), torch.tensor([1., 2.]))
         >>> CompressedLinear(p)(torch.ones(1, 5))
         tensor([[1., 0., 2.]])
