@@ -5,7 +5,9 @@ On the CPU the converted modules run the layouts' pure-PyTorch references: a spa
 ``kernels/sparse/layout.sparse_product``) and decodes its matrix once per call for larger ones (then ``F.linear``);
 ``CompressedLSTM`` / ``CompressedGRU`` step a call of at most ``recurrent.STEP_MAX`` timesteps through those products
 and decode every matrix once for longer ones (then ``torch._VF.lstm``...); ``CompressedMultiheadAttention`` decodes
-(then SDPA); ``CompressedEmbedding`` decodes only the rows it is asked for. The ``path`` column says which ran.
+(then SDPA); ``CompressedEmbedding`` decodes only the rows it is asked for. A LUT matrix of 2- or 4-bit codes with at
+least ``lut.layout.WORD_ORDER_MIN`` positions decodes in word order (one gather per code byte, ``x`` permuted to
+match, no transpose) instead of column order. The ``path`` column says which ran.
 Providers, side by side in one process, same weights (pruned to ``--density``, quantized to ``--bits``) and inputs:
 
 * ``dense``: the torch module with the masked, quantized weights (the reference).
@@ -54,6 +56,7 @@ from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.kernels.lut.layout import WORD_ORDER_MIN  # noqa: E402
 from dc_lightning.kernels.sparse.layout import unpack, use_product  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
@@ -136,15 +139,24 @@ def lut_copy(c: CompressedLinear) -> layouts.LUTPacked:
     return layouts.pack_lut(p.out_features, p.in_features, rows, cols, codes, p.codebook[:n_centroids])
 
 
+def uses_word_order(p: layouts.LUTPacked) -> bool:
+    """Whether ``lut_linear_reference`` decodes this LUT layer in word order (its size and code width)."""
+    return p.cbits < 8 and p.out_features * p.n_groups * p.group_cols >= WORD_ORDER_MIN
+
+
 def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
     """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
-    recurrent call stepped through such products), ``decode`` (every matrix decoded once) or ``rows``."""
+    recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``decode`` (every
+    matrix decoded once, in column order) or ``rows``."""
     if name.startswith("Embedding"):
         return "rows"
     if name.startswith(("Linear", "Conv1D")):
         (c,) = matrices(conv)
         layout = c.layout_for(batch)
-        return "entries" if layout == "sparse" and use_product(c.packed(layout), batch) else "decode"
+        p = c.packed(layout)
+        if layout == "sparse" and use_product(p, batch):
+            return "entries"
+        return "words" if layout == "lut" and uses_word_order(p) else "decode"
     if isinstance(conv, recurrent.CompressedRNNBase) and "steps" in name:
         return "steps" if recurrent.STEP_MAX >= 1 else "decode"  # one timestep per call
     return "decode"

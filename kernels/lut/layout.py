@@ -18,10 +18,13 @@ slice ``s`` of group ``g``.
 This module owns the layout (:class:`LUTPacked` with its checks of a call, :meth:`LUTPacked.check`,
 :func:`pack_lut`, :func:`decode_dense_lut`, the row lookup :func:`lut_rows`) and :func:`lut_linear_reference`, the
 pure-PyTorch product that is both the tests' oracle and the CPU fallback of ``torch.ops.dc_lightning.lut_linear``.
+For that product a large layer of 2- or 4-bit codes is decoded in *word order* (:func:`word_order_columns`: every
+code byte gathers its codes' values at once, ``x`` is permuted instead of the weight).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +44,15 @@ __all__ = [
     "decode_dense_lut",
     "lut_rows",
     "lut_linear_reference",
+    "word_order_columns",
+    "WORD_ORDER_MIN",
 ]
 
 CONTAINER_BITS = (2, 4, 8)
 WORDS_PER_GROUP = 32  # words of one row per column group: one slice = 32 columns = one int32 of the bitmap
+# positions (out x padded in) from which the CPU product decodes 2- and 4-bit codes in word order (measured crossover
+# ~2**17.6 on the 2-core CPU: below it the extra ops of the bitmap fold cost more than the shifts they save)
+WORD_ORDER_MIN = 1 << 18
 
 
 def _container(n_values: int) -> int | None:
@@ -222,6 +230,85 @@ def pack_lut(
     return LUTPacked(words, mask, cb, n_out, n_in, int(cbits), nnz)
 
 
+@functools.lru_cache(maxsize=16)
+def _lane_tables(cbits: int, device: torch.device) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Constant tables of the bitmap fold (they depend on ``cbits`` only; a few KiB, built once per device):
+    ``spread`` ``[256]`` int64 whose byte ``t`` of entry ``v`` is bit ``t`` of ``v``, and per octet ``o`` of slices
+    a ``[256]`` int64 of 4 int16 lanes: lane ``b`` holds, at bits ``8..8+cpb``, the bits ``8o..8o+7`` of the entry
+    that are the slices of byte ``b`` (``b * cpb .. b * cpb + cpb - 1``)."""
+    cpb, pw = 8 // cbits, 32 // cbits
+    v = torch.arange(256, device=device).view(-1, 1)
+    spread = ((v >> torch.arange(8, device=device)) & 1).to(torch.uint8).view(torch.int64).view(256)
+    lanes = []
+    for octet in range(-(-pw // 8)):
+        r0 = torch.arange(4, device=device) * cpb - 8 * octet  # byte b's first slice, relative to the octet
+        field = ((v >> r0.clamp(0, 7)) & ((1 << cpb) - 1)) * ((r0 >= 0) & (r0 < 8))
+        lanes.append((field << 8).to(torch.int16).contiguous().view(torch.int64).view(256))
+    return spread, tuple(lanes)
+
+
+def _mask_lanes(p: LUTPacked, n: int) -> Tensor:
+    """int64 ``[n * n_words]``: for every code word, its 4 bytes' kept bits as 4 int16 lanes (bits 8.. of lane ``b``:
+    the bits of the ``cpb`` codes of byte ``b``), ready to be ORed into the word's bytes widened to int16.
+
+    Code word ``j`` of group ``g`` holds slices ``s = 0..PW-1``, whose kept bits are bit ``j`` of the ``PW`` bitmap
+    words of the group: a bit-matrix transpose, done on bytes. Every bitmap byte (word ``s``, byte ``q``: columns
+    ``j = 8q..8q+7``) is spread to one byte per bit, and a tree of ORs with shifts folds the words ``s`` of each
+    octet of slices into bit ``s % 8`` of those bytes: byte ``j`` of the result holds the kept bits of word ``j``'s
+    slices. A 256-entry table per octet then moves each byte's ``cpb`` bits to their lanes."""
+    pw = p.codes_per_word
+    spread, lane_tables = _lane_tables(p.cbits, p.mask.device)
+    bits = torch.index_select(spread, 0, p.mask.view(torch.uint8).reshape(-1).to(torch.int32))
+    bits = bits.view(n, -1, pw, 4)  # [n, g, s, q]: byte t = kept bit of column j = 8q + t of slice s
+    lanes = None
+    for octet, table in enumerate(lane_tables):
+        part = bits[:, :, 8 * octet : 8 * octet + 8]
+        while part.shape[2] > 1:  # in place (no allocation); then bit s % 8 of byte j = word j's slice s
+            half = part.shape[2] // 2
+            part = part[:, :, :half].bitwise_or_(part[:, :, half:].bitwise_left_shift_(half))
+        got = torch.index_select(table, 0, part.contiguous().view(torch.uint8).reshape(-1).to(torch.int32))
+        lanes = got if lanes is None else lanes.bitwise_or_(got)
+    return lanes
+
+
+def _unit_table(codebook: Tensor, cbits: int, bitmap: bool) -> Tensor:
+    """The values of every code byte, one element per byte: entry ``byte | kept << 8`` (``kept``: the byte's codes'
+    bitmap bits, with a bitmap) holds its ``cpb = 8 // cbits`` codes' values, a pruned one times 0.0 (so -0.0 for a
+    negative code, as a product with the bitmap gives), as float32 (1 code), int64 (2) or complex128 (4) bit patterns:
+    one 1-D gather per byte decodes them all."""
+    cpb, dev = 8 // cbits, codebook.device
+    idx = torch.arange(256 << (cpb if bitmap else 0), device=dev).view(-1, 1)
+    u = torch.arange(cpb, device=dev)
+    vals = codebook.to(torch.float32)[((idx & 255) >> (u * cbits)) & ((1 << cbits) - 1)]  # [T, cpb]
+    if bitmap:
+        vals = vals * ((idx >> 8 >> u) & 1).to(torch.float32)
+    return vals.contiguous().view({1: torch.float32, 2: torch.int64, 4: torch.complex128}[cpb]).view(-1)
+
+
+def _decode_word_order(p: LUTPacked, n: int) -> Tensor:
+    """float32 ``[n, n_groups * G]`` in *word order*: the ``n`` rows held, each word's bytes in memory order, each
+    byte's codes low first (position ``((g * 32 + j) * 4 + b) * cpb + u`` is column ``g * G + (b * cpb + u) * 32 +
+    j``: :func:`word_order_columns`). No shifts and no transpose: one int32 index per code byte (the byte, ORed with
+    its bitmap bits by :func:`_mask_lanes`) and one gather from :func:`_unit_table`."""
+    byte = p.codes.view(torch.uint8).reshape(-1)  # little-endian: byte b of a word is its slices b*cpb.. in memory
+    if p.mask is None:
+        idx = byte.to(torch.int32)
+    else:
+        wide = byte.to(torch.int16)
+        wide.view(torch.int64).bitwise_or_(_mask_lanes(p, n))
+        idx = wide.to(torch.int32)
+    table = _unit_table(p.codebook, p.cbits, p.mask is not None)
+    return torch.index_select(table, 0, idx).view(torch.float32).view(n, -1)
+
+
+def word_order_columns(cbits: int, n_groups: int, device: torch.device | str | None = None) -> Tensor:
+    """int64 ``[n_groups * G]``: the column of each word-order position (see :func:`_decode_word_order`)."""
+    cpb = 8 // cbits
+    q = torch.arange(n_groups * WORDS_PER_GROUP * 4 * cpb, device=device)
+    u, b, j = q % cpb, (q // cpb) % 4, (q // (4 * cpb)) % WORDS_PER_GROUP
+    return (q // (4 * cpb * WORDS_PER_GROUP)) * (4 * cpb * WORDS_PER_GROUP) + (b * cpb + u) * WORDS_PER_GROUP + j
+
+
 def decode_dense_lut(packed: LUTPacked) -> Tensor:
     """The dense float32 ``[out, in]`` weight of a packed layer."""
     # Word j of group g holds the code of column g * G + s * 32 + j at bits [s * cbits, (s + 1) * cbits): shifting
@@ -255,8 +342,28 @@ def lut_rows(packed: LUTPacked, idx: Tensor) -> Tensor:
 
 
 def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``."""
-    return decoded_linear(x, decode_dense_lut(packed), bias, relu)
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``.
+
+    A layer of 2- or 4-bit codes with at least ``WORD_ORDER_MIN`` positions is decoded in word order
+    (:func:`_decode_word_order`: one gather per code byte, no shifts, no transpose) and ``x`` permuted to match
+    (padded columns meet zeros), as the ``tc`` reference does; smaller layers (where the op count wins) and 8-bit
+    codes (one code per byte: nothing to pair) decode in column order (:func:`decode_dense_lut`). Measured on the
+    2-core CPU, 1 thread, batch 1 (bench/RESULTS.md "CPU path vs dense"): 1024 x 1024 4-bit with a bitmap ~2.2 ->
+    ~1.5 ms, without ~1.35 -> ~0.85 ms; 64 x 768 0.11 vs 0.18 ms (so, column order there).
+    """
+    p = packed
+    k_pad = p.n_groups * p.group_cols
+    if p.cbits == 8 or p.out_features * k_pad < WORD_ORDER_MIN:
+        return decoded_linear(x, decode_dense_lut(p), bias, relu)
+    w = _decode_word_order(p, p.out_features)
+    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
+    return decoded_linear(torch.index_select(xp, 1, _columns(p.cbits, p.n_groups, x.device)), w, bias, relu)
+
+
+@functools.lru_cache(maxsize=64)
+def _columns(cbits: int, n_groups: int, device: torch.device) -> Tensor:
+    """:func:`word_order_columns`, kept per shape (a few KiB; its 10 small ops cost ~0.04 ms a call)."""
+    return word_order_columns(cbits, n_groups, device)
 
 
 def bytes_per_position(n_centroids: int, density: float) -> float:

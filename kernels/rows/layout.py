@@ -19,6 +19,7 @@ and decodes come out in it. :func:`ell_bytes` / :func:`codes_bytes` give the ind
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -215,15 +216,24 @@ def pack_codes(
     return RowCodes(c.contiguous(), full, n, d, rows.numel())
 
 
+@functools.lru_cache(maxsize=32)
+def _slots(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``arange(width)`` in the lengths' dtype (a compare without a type promotion copy); a constant per shape."""
+    return torch.arange(width, dtype=dtype, device=device)
+
+
 def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
     """The decoded rows ``idx`` (1-D) of the table: ``[len(idx), in_features]`` in the codebook's dtype."""
-    # few ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md)
+    # few ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md); no
+    # op here promotes a dtype (each hidden conversion is another op)
     p = packed
     cols = p.cols.index_select(0, idx)  # [N, L]
     codes = p.codes.index_select(0, idx)
-    valid = torch.arange(cols.shape[1], device=cols.device) < p.lengths.index_select(0, idx).unsqueeze(1)
-    vals = p.codebook.index_select(0, codes.view(-1).int()).view(codes.shape).mul_(valid)  # padding -> 0.0
-    return vals.new_zeros(idx.shape[0], p.in_features).scatter_add_(1, cols.long(), vals)
+    padding = _slots(cols.shape[1], p.lengths.dtype, cols.device) >= p.lengths.index_select(0, idx).unsqueeze(1)
+    vals = p.codebook.index_select(0, codes.view(-1).int()).view(codes.shape).masked_fill_(padding, 0.0)
+    return torch.zeros(idx.shape[0], p.in_features, dtype=vals.dtype, device=vals.device).scatter_add_(
+        1, cols.long(), vals
+    )
 
 
 def codes_rows(packed: RowCodes, idx: Tensor) -> Tensor:
