@@ -53,6 +53,7 @@ __all__ = [
     "fake_op",
     "start_launch",
     "autotune_batches",
+    "reference_check",
     "sorted_coordinates",
     "check_activation",
     "check_bias_and_devices",
@@ -279,6 +280,22 @@ def start_launch(
     check_call(x, packed, bias)
     launch = launcher(x, wrap, op)
     return launch, torch.empty((x.shape[0], packed.out_features), dtype=x.dtype, device=x.device)
+
+
+def reference_check(
+    reference: Callable[..., Tensor], packed: PackedLayer, bias: Tensor | None, relu: bool, dtype: torch.dtype
+) -> Callable[[Tensor], Callable[[Tensor], bool]]:
+    """The output check of :func:`autotune_batches` for a layout: ``check(x)`` gives ``ok(y)``, true when ``y`` is
+    finite and within a relative L2 error of 1e-2 (16-bit activations; 1e-4 for fp32) of the layout's PyTorch
+    ``reference``, so a configuration that miscompiles on some GPU is never recorded."""
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+
+    def check(x: Tensor) -> Callable[[Tensor], bool]:
+        ref = reference(x, packed, bias, relu).float()
+        scale = float(ref.norm()) or 1.0
+        return lambda y: bool(torch.isfinite(y).all()) and float((y.float() - ref).norm()) <= tol * scale
+
+    return check
 
 
 def autotune_batches(

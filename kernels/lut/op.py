@@ -10,7 +10,6 @@ batch and records the winner, which :func:`choose_lut_config` then prefers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from ..runtime import (
     fake_op,
     interpret_mode,
     next_pow2,
+    reference_check,
     register_op,
     run_op,
     start_launch,
@@ -230,13 +230,6 @@ def autotune_lut(
     if not HAS_TRITON or (packed.codes.device.type != "cuda" and not interpret_mode()):
         raise RuntimeError("autotune_lut needs Triton and a packed layer on a CUDA device (or the interpreter)")
     p = packed
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
-
-    def check(x: Tensor) -> Callable[[Tensor], bool]:
-        ref = lut_linear_reference(x, p, bias, relu).float()
-        scale = float(ref.norm()) or 1.0
-        return lambda y: bool(torch.isfinite(y).all()) and float((y.float() - ref).norm()) <= tol * scale
-
     def record(batch: int, cfg: dict[str, Any]) -> None:
         LUT_TUNED[lut_tune_key(batch, p, dtype)] = {k: cfg[k] for k in _KEYS}
 
@@ -248,7 +241,7 @@ def autotune_lut(
         lambda batch: lut_candidates(batch, p),
         record,
         rep_ms,
-        check,
+        reference_check(lut_linear_reference, p, bias, relu, dtype),
     )
 
 

@@ -16,7 +16,6 @@ against the table on the CPU by an emulation of these instructions (``tests/kern
 from __future__ import annotations
 
 import functools
-import struct
 
 import torch
 
@@ -33,7 +32,7 @@ def table_bits(table: tuple[float, ...], dtype: torch.dtype) -> list[int]:
         raise ValueError(f"the register decode makes float16 or bfloat16 operands, got {dtype}")
     if len(table) != 16:
         raise ValueError(f"table must hold 16 values, got {len(table)}")
-    t = torch.tensor([struct.unpack("f", struct.pack("f", float(v)))[0] for v in table], dtype=torch.float32)
+    t = torch.tensor([float(v) for v in table], dtype=torch.float32)  # the layer's fp32 values, then torch's rounding
     return [int(v) & 0xFFFF for v in t.to(dtype).view(torch.int16).tolist()]
 
 

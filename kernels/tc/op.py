@@ -10,7 +10,6 @@ the device. :func:`autotune_tc` times :func:`tc_candidates` once per layer and b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from ..runtime import (
     fake_op,
     interpret_mode,
     next_pow2,
+    reference_check,
     register_op,
     run_op,
     start_launch,
@@ -205,13 +205,6 @@ def autotune_tc(
     if not HAS_TRITON or (packed.codes.device.type != "cuda" and not interpret_mode()):
         raise RuntimeError("autotune_tc needs Triton and a packed layer on a CUDA device (or the interpreter)")
     p = packed
-    tol = 1e-4 if dtype == torch.float32 else 1e-2
-
-    def check(x: Tensor) -> Callable[[Tensor], bool]:
-        ref = tc_linear_reference(x, p, bias, relu).float()
-        scale = float(ref.norm()) or 1.0
-        return lambda y: bool(torch.isfinite(y).all()) and float((y.float() - ref).norm()) <= tol * scale
-
     def record(batch: int, cfg: dict[str, Any]) -> None:
         TC_TUNED[tc_tune_key(batch, p, dtype)] = {k: cfg[k] for k in _KEYS}
 
@@ -223,7 +216,7 @@ def autotune_tc(
         lambda batch: tc_candidates(batch, p, dtype),
         record,
         rep_ms,
-        check,
+        reference_check(tc_linear_reference, p, bias, relu, dtype),
     )
 
 
