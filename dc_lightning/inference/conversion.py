@@ -398,9 +398,11 @@ def to_compressed_inference(
         The converted model in eval mode.
 
     Raises:
-        TypeError: if ``model_or_path`` is neither a module nor a path.
+        TypeError: if ``model_or_path`` is neither a module nor a path, or ``alternate`` is not a bool.
         ValueError: the converted model fails on ``example_inputs`` or its outputs differ beyond ``tolerance``.
     """
+    if not isinstance(alternate, bool):
+        raise TypeError(f"to_compressed_inference: alternate must be True or False, got {alternate!r}")
     if isinstance(model_or_path, (str, os.PathLike)):
         from dc_lightning.io import load_compressed  # lazy: io imports safetensors and the Huffman codec
 
@@ -419,7 +421,7 @@ def to_compressed_inference(
                                                                                            outputs_checked=True))
     dense = copy.deepcopy(model) if on_trial else None  # to convert again without the trials if they fail
     options = dict(fuse_relu=fuse_relu, outputs_checked=checked, log_decisions=False)
-    token = ALTERNATE.set(bool(alternate))
+    token = ALTERNATE.set(alternate)
     try:
         return _convert_and_check(model, exclude, options, checked, example_inputs, reference, tolerance, calls,
                                   autotune_batches, dtype, dense)  # fmt: skip

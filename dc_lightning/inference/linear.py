@@ -223,6 +223,8 @@ class CompressedLinear(nn.Module):
         packed, why = layouts.pack_layer(*args, layout, device=device, sparse_below=sparse_below, options=opts)
         other = None
         name = layouts.layout_of(packed)
+        if alternate is not None and not isinstance(alternate, bool):
+            raise TypeError(f"from_linear: alternate must be True, False or None, got {alternate!r}")
         needs_rows = lookup and layouts.spec(name).rows is None
         if (ALTERNATE.get() if alternate is None else alternate) or needs_rows:
             other_name = layouts.alternate_layout(name, rows.numel(), n_out * n_in, dual_below, centroids.numel())

@@ -252,3 +252,14 @@ def test_to_compressed_inference_alternate_keeps_a_second_encoding() -> None:
     x = torch.randn(9, 256)
     for b in (1, 9):
         assert rel_err(both(x[:b]), lean(x[:b]).double()) <= 1e-6
+
+
+def test_alternate_must_be_a_bool() -> None:
+    from dc_lightning.inference.conversion import to_compressed_inference
+    from dc_lightning.inference.linear import CompressedLinear
+
+    lin = _quantized_linear(8, 32, 0.5, 4)
+    with pytest.raises(TypeError, match="to_compressed_inference: alternate must be True or False, got 'yes'"):
+        to_compressed_inference(nn.Sequential(lin), alternate="yes")
+    with pytest.raises(TypeError, match="from_linear: alternate must be True, False or None, got 1"):
+        CompressedLinear.from_linear(lin, alternate=1)
