@@ -157,7 +157,7 @@ def providers(layer: Layer, device: str, tuned: bool) -> dict:
     if device == "cuda":
         out["bf16"] = lambda i: _dense_fn(L.wbf, L.bias.bfloat16(), L.relu, torch.bfloat16)
         if L.int4 is not None:
-            out["int4"] = lambda i: _int4_fn(L.int4, L.bias.bfloat16(), L.relu)
+            out["int4"] = lambda i: _int4_fn(L.int4 if i == 0 else L.int4.clone(), L.bias.bfloat16(), L.relu)
     return out
 
 
@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"{name} {n_out}x{n_in} density {d}", flush=True)
         layer = Layer(name, n_out, n_in, d, seed=k, device=device, relu=relu)
+        if layer.int4 is not None:
+            results["int4_contract"] = getattr(layer.int4, "contract", "failed")
         if device == "cuda":  # first launch = compile of this layer's table (one kernel per table and dtype)
             x = torch.zeros(16, n_in, device=device, dtype=torch.float16)
             t = time.perf_counter()

@@ -32,11 +32,12 @@ def compile_ptx(block_n: int, block_b: int, warps: int, stages: int, dtype: str 
 
     table = tuple(float(v) for v in torch.linspace(-0.1, 0.1, 15)) + (0.0,)
     tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
-    sig = {"x_ptr": f"*{dtype}", "codes_ptr": "*u8", "codebook_ptr": "*fp32", "bias_ptr": "*fp32",
+    sig = {"x_ptr": f"*{dtype}", "codes_ptr": "*i16", "codebook_ptr": "*fp32", "bias_ptr": "*fp32",
            "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "B": "i32", "N": "i32", "K": "i32",
            "n_rows": "i32", "k_tiles": "i32", "tiles_per_split": "i32", "n_split": "i32"}  # fmt: skip
-    consts = {"BLOCK_N": block_n, "BLOCK_B": block_b, "DECODE": 0, "ASM_LO": decode_asm(table, tdt, False),
-              "ASM_HI": decode_asm(table, tdt, True), "HAS_BIAS": False, "RELU": False, "EVEN_N": True}  # fmt: skip
+    consts = {"BLOCK_N": block_n, "BLOCK_B": block_b, "DECODE": 0,
+              **{f"ASM{q}": decode_asm(table, tdt, q) for q in range(4)}, "HAS_BIAS": False, "RELU": False,
+              "EVEN_N": True}  # fmt: skip
     sig.update({k: "constexpr" for k in consts})
     names = list(sig)
     aligned = ("x_ptr", "codes_ptr", "codebook_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "K", "n_rows")
@@ -86,7 +87,7 @@ def main() -> None:
     import triton
 
     mix = loop_mix(compile_ptx(a.block_n, a.block_b, a.warps, a.stages, a.dtype))
-    weights = a.block_n * 128 / (32 * a.warps)  # decoded weights per thread per loop iteration (one 128-column tile)
+    weights = a.block_n * 256 / (32 * a.warps)  # decoded weights per thread per loop iteration (one 256-column tile)
     total = sum(mix.values())
     print(f"triton {triton.__version__}, block_n={a.block_n} block_b={a.block_b} warps={a.warps} stages={a.stages}")
     print(f"loop: {total} instructions, {weights:.0f} weights per thread -> {total / weights:.2f} per weight")

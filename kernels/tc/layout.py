@@ -1,16 +1,17 @@
-"""The tensor-core LUT layout (``tc``): 4-bit codes, two per byte, decoded in registers by a byte-permute table.
+"""The tensor-core LUT layout (``tc``): 4-bit codes, four per int16 word, decoded in registers by a byte-permute table.
 
 EIE's weights are 4-bit indices into a 16-entry table [EIE §III]; a pruned layer spends one of the 16 entries on
 0.0 (EIE's padding zero). Here every position of ``W`` holds its 4-bit code, so the layer is ``out x in / 2`` bytes
 whatever its density, and the kernel (``jit.py``) decodes a tile straight into the tensor cores' left operand.
 
-Byte layout (``TILE_K = 128`` columns per tile, ``in_features`` padded to a multiple of it): byte ``j`` (0..63) of
-tile ``t`` of row ``n`` holds the code of column ``t * 128 + j`` in its low nibble and of column
-``t * 128 + 64 + j`` in its high nibble, at ``codes[n, t * 64 + j]``. So a ``[rows, 64]`` tile of bytes decodes
-into two ``[rows, 64]`` operands (low nibbles: the tile's first 64 columns, high nibbles: the next 64) with one
-elementwise op each and no interleaving shuffle, and every byte decodes on its own, whatever elements a GPU thread
-holds. Rows are padded to a multiple of ``ROW_PAD`` (zero codes); the kernel masks its code loads only where
-its row tile does not divide the padded rows.
+Word layout (``TILE_K = 256`` columns per K tile, ``in_features`` padded to a multiple of it; rows padded to a
+multiple of ``ROW_PAD`` = 16): ``codes`` is int16 ``[rows_padded, k_tiles * 64]``. A GPU thread holds the operand's
+positions in groups ``(r, k), (r, k+1), (r+8, k), (r+8, k+1)`` (``r % 16 < 8``, ``k`` even, ``k < 64``: the
+tensor cores' fragment), and decodes quarter ``q`` (columns ``t * 256 + 64 q + k``) of a group from the word at
+storage position ``(r + 8 * (q // 2), t * 64 + k + q % 2)``: that word's nibble ``m`` is the code of the group's
+``m``-th position, ``(r + 8 * (m // 2), k + m % 2)``, in quarter ``q``. So each quarter's decode reads one aligned
+16-bit field (``decode.py``), Triton loads the words with ``ldmatrix`` as it would fp16 operands, and nothing is
+repacked. The CPU paths undo the permutation with one byte permute (:func:`_bytes_in_row_order`).
 
 Table: ``codebook`` (float32 ``[16]``, on the layer's device, for the references and row lookups) and ``table``,
 the same 16 values on the host, which the GPU decode bakes into its instructions (one compiled kernel per distinct
@@ -31,11 +32,12 @@ from torch import Tensor
 
 from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 
-__all__ = ["TCPacked", "TILE_K", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
-           "tc_linear_reference", "bytes_per_position", "byte_order_columns"]  # fmt: skip
+__all__ = ["TCPacked", "TILE_K", "WORDS", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
+           "tc_linear_reference", "bytes_per_position"]  # fmt: skip
 
-TILE_K = 128  # columns per K tile: a byte holds the codes of columns j and j + 64 of its tile
-ROW_PAD = 16  # rows padded to a multiple of the smallest row tile
+TILE_K = 256  # columns per K tile: four 64-column quarters
+WORDS = 64  # int16 code words per row and K tile (4 codes each)
+ROW_PAD = 16  # rows padded to a multiple of the tensor-core fragment (and of the smallest row tile)
 TABLE = 16  # entries of the 4-bit table
 
 
@@ -56,8 +58,8 @@ class TCPacked(PackedLayer):
     """A layer in the tensor-core LUT layout (see the module docstring).
 
     Attributes:
-        codes: uint8 ``[rows_padded, k_tiles * 64]`` code pairs (``rows_padded`` = ``out_features`` rounded up to
-            ``ROW_PAD``).
+        codes: int16 ``[rows_padded, k_tiles * 64]`` code words (see the module docstring; ``rows_padded`` =
+            ``out_features`` rounded up to ``ROW_PAD``).
         codebook: float32 ``[16]``: the table on the layer's device.
         table: the same 16 values as host floats (baked into the GPU decode; never read from the device).
         out_features: rows of ``W``.
@@ -90,10 +92,10 @@ class TCPacked(PackedLayer):
         Raises:
             ValueError: on any mismatch, naming the field, the bad value and what is valid.
         """
-        shape = (self.rows_padded, self.k_tiles * (TILE_K // 2))
-        if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != shape or not self.codes.is_contiguous():
+        shape = (self.rows_padded, self.k_tiles * WORDS)
+        if self.codes.dtype != torch.int16 or tuple(self.codes.shape) != shape or not self.codes.is_contiguous():
             raise ValueError(
-                f"codes must be a contiguous uint8 [rows_padded, k_tiles*64] = [{shape[0]}, {shape[1]}] tensor, got "
+                f"codes must be a contiguous int16 [rows_padded, k_tiles*64] = [{shape[0]}, {shape[1]}] tensor, got "
                 f"{self.codes.dtype} shape {tuple(self.codes.shape)}"
             )
         cb = self.codebook
@@ -142,8 +144,12 @@ def pack_tc(
     zero = ncb if not dense else 0  # pruned and padding positions: the zero code (any code when dense: x is 0 there)
     full = torch.full((n_pad, k_tiles * TILE_K), zero, dtype=torch.uint8, device=device)
     full[rows, cols] = codes.to(torch.uint8)
-    full = full.view(n_pad, k_tiles, 2, TILE_K // 2)
-    packed = (full[:, :, 0] | (full[:, :, 1] << 4)).reshape(n_pad, k_tiles * (TILE_K // 2)).contiguous()
+    # [G, b (row bit 3), rho (row % 8), t, qhi, qlo, kappa (k // 2), h (k % 2)] -> word (G, qhi, rho, t, kappa, qlo)
+    # holding nibble m = 2 b + h
+    g = full.view(n_pad // ROW_PAD, 2, 8, k_tiles, 2, 2, WORDS // 2, 2).permute(0, 4, 2, 3, 6, 5, 1, 7)
+    g = g.to(torch.int32).reshape(n_pad, k_tiles * WORDS, 4)
+    word = g[..., 0] | (g[..., 1] << 4) | (g[..., 2] << 8) | (g[..., 3] << 12)
+    packed = torch.where(word >= 1 << 15, word - (1 << 16), word).to(torch.int16).contiguous()
     values = [float(v) for v in codebook.detach().to(torch.float32).cpu()] + [0.0] * (TABLE - ncb)
     cb = torch.tensor(values, dtype=torch.float32, device=device)
     return TCPacked(packed, cb, tuple(values), n_out, n_in, nnz)
@@ -157,45 +163,46 @@ def _pair_words(codebook: Tensor) -> Tensor:
     return torch.stack([cb[byte & 15], cb[byte >> 4]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-def _decode_byte_order(codes: Tensor, codebook: Tensor) -> Tensor:
-    """float32 ``[rows, k_tiles * 128]`` in *byte order*: position ``2 * b + h`` of a row holds the value of nibble
-    ``h`` of its byte ``b`` (column ``(b // 64) * 128 + b % 64 + 64 * h``; :func:`byte_order_columns`)."""
-    idx = codes.reshape(-1).to(torch.int32)
-    return torch.index_select(_pair_words(codebook), 0, idx).view(torch.float32).view(codes.shape[0], -1)
+def _bytes_in_row_order(codes: Tensor) -> Tensor:
+    """uint8 ``[rows_padded, k_tiles * 128]``: the code bytes (two codes, columns ``2i`` and ``2i + 1``) of ``W`` in
+    row-major order, from the words' storage order (one permute of the bytes)."""
+    n_pad, k_tiles = codes.shape[0], codes.shape[1] // WORDS
+    b = codes.view(torch.uint8).view(n_pad // ROW_PAD, 2, 8, k_tiles, WORDS // 2, 2, 2)  # G, qhi, rho, t, kappa, qlo, b
+    return b.permute(0, 6, 2, 3, 1, 5, 4).reshape(n_pad, k_tiles * TILE_K // 2)  # G, b, rho, t, qhi, qlo, kappa
 
 
-def byte_order_columns(k_tiles: int, device: torch.device | str | None = None) -> Tensor:
-    """int64 ``[k_tiles * 128]``: the column of each byte-order position (see :func:`_decode_byte_order`)."""
-    q = torch.arange(k_tiles * TILE_K, device=device)
-    return (q // TILE_K) * TILE_K + (q % TILE_K) // 2 + (TILE_K // 2) * (q % 2)
-
-
-def _decode_rows(codes: Tensor, codebook: Tensor, in_features: int) -> Tensor:
-    w = _decode_byte_order(codes, codebook)
-    # [n, tiles, 64, 2 (low, high)] -> [n, tiles, 2, 64]: the low nibbles are the tile's first 64 columns
-    return w.view(codes.shape[0], -1, TILE_K // 2, 2).transpose(2, 3).reshape(codes.shape[0], -1)[:, :in_features]
+def _decode_bytes(b: Tensor, codebook: Tensor) -> Tensor:
+    """float32 ``[rows, 2 * bytes]``: each byte's low and high code values, side by side."""
+    idx = b.reshape(-1).to(torch.int32)
+    return torch.index_select(_pair_words(codebook), 0, idx).view(torch.float32).view(b.shape[0], -1)
 
 
 def decode_dense_tc(packed: TCPacked) -> Tensor:
     """The dense float32 ``[out_features, in_features]`` weight of a packed layer."""
     p = packed
-    return _decode_rows(p.codes[: p.out_features], p.codebook, p.in_features)
+    return _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)[:, : p.in_features]
 
 
 def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
     """The decoded rows ``idx`` (1-D) of a packed layer, float32 ``[len(idx), in_features]`` (the row lookup of a
-    tied embedding that shares this layer)."""
-    return _decode_rows(packed.codes[idx], packed.codebook, packed.in_features)
+    tied embedding that shares this layer): only the two storage rows that hold each row's codes are read."""
+    p = packed
+    idx = idx.to(device=p.codes.device, dtype=torch.int64)
+    k_tiles = p.k_tiles
+    base = idx - (idx % ROW_PAD) + idx % 8  # storage rows of quarters 0-1 and (+ 8) 2-3
+    b = p.codes.view(torch.uint8).view(p.rows_padded, k_tiles, WORDS // 2, 2, 2)  # rows, t, kappa, qlo, b
+    half = ((idx // 8) % 2).view(-1, 1, 1, 1, 1).expand(-1, k_tiles, WORDS // 2, 2, 1)
+    q01 = torch.gather(b[base], 4, half).squeeze(4)  # [n, t, kappa, qlo]
+    q23 = torch.gather(b[base + 8], 4, half).squeeze(4)
+    rows = torch.stack([q01, q23], dim=2).permute(0, 1, 2, 4, 3).reshape(idx.numel(), -1)  # n, t, qhi, qlo, kappa
+    return _decode_bytes(rows, p.codebook)[:, : p.in_features]
 
 
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then ``F.linear``.
-
-    The weight is decoded in byte order (one gather per byte, no transpose) and ``x`` permuted to match (padded
-    columns meet zeros): a transpose of the whole weight saved per call.
-    """
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once (its code bytes put
+    in row order, then one gather per byte), then ``F.linear``."""
     p = packed
-    w = _decode_byte_order(p.codes[: p.out_features], p.codebook)
+    w = _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)
     k_pad = p.k_tiles * TILE_K
     xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
-    return decoded_linear(xp[:, byte_order_columns(p.k_tiles, x.device)], w, bias, relu)
+    return decoded_linear(xp, w, bias, relu)

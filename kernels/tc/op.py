@@ -28,21 +28,38 @@ from ..runtime import (
     start_launch,
     workspace,
 )
-from .decode import decode_asm
+from .decode import QUARTERS, decode_asm
 from .jit import tc_matmul_kernel
 from .layout import TCPacked, tc_linear_reference
 
 __all__ = ["TC_TUNED", "tc_tune_key", "choose_tc_config", "tc_candidates", "tc_linear_triton", "autotune_tc",
-           "tc_linear", "launch_plan"]  # fmt: skip
+           "tc_linear", "launch_plan", "operand_layout_ok", "asm_failures"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 TC_TUNED: dict[tuple, dict[str, Any]] = {}  # tc_tune_key(...) -> config recorded by autotune_tc
 _SMS = 132  # H100/H200 streaming multiprocessors: split-K aims at a few programs per SM
 _KEYS = ("block_n", "block_b", "decode", "split", "num_warps", "num_stages")
-# Should a Triton build fail to compile the register decode, the first eager launch falls back to the codebook
-# load and this flag keeps later defaults there (logged once).
+# Should a Triton build fail to compile the register decode, or compile it without keeping the decode in the
+# tensor cores' operand layout (the layout's word order assumes that layout), the first eager launch falls back to
+# the codebook load and this flag keeps later defaults there (logged once).
 _ASM_FAILED: list[str] = []
+_ASM_CHECKED: set[tuple] = set()  # (block_n, block_b, num_warps, num_stages, dtype) whose compiled IR was checked
+
+
+def asm_failures() -> list[str]:
+    """Why the register decode was given up in this process (empty while it runs): a compile error, or a compile
+    that did not keep the decode in the operand layout (see :func:`operand_layout_ok`)."""
+    return list(_ASM_FAILED)
+
+
+def operand_layout_ok(kernel: Any) -> bool:
+    """Whether a compiled ``tc_matmul_kernel`` (register decode) runs every decode in the dot-operand layout: the
+    code words' nibble order (``layout.py``) is that layout's register order, so any other layout would decode the
+    wrong positions. Checked once per configuration from the kernel's TTGIR."""
+    ir = getattr(kernel, "asm", {}).get("ttgir", "")
+    lines = [ln for ln in ir.splitlines() if "elementwise_inline_asm" in ln]
+    return len(lines) == QUARTERS and all("-> tensor<" in ln and "#ttg.dot_op" in ln.split("->")[-1] for ln in lines)
 
 
 def _batch_bucket(batch: int) -> int:
@@ -134,14 +151,24 @@ def tc_linear_triton(
     if x.shape[0] == 0:
         return y
     grid, args, meta, decode = launch_plan(x, packed, y, bias, relu, config)
-    if decode == 0 and not (config and "decode" in config) and type(x) is torch.Tensor:
-        try:  # the default register decode, eager: a compile failure falls back (see _ASM_FAILED)
-            launch(tc_matmul_kernel)[grid](*args, DECODE=0, **meta)
-            return y
-        except Exception as err:  # noqa: BLE001 - any compiler error: the codebook load always compiles
-            _ASM_FAILED.append(f"{type(err).__name__}: {err}"[:300])
-            log.warning("tc_linear: the register decode failed (%s); using codebook loads from now on", _ASM_FAILED[-1])
-            decode, meta["ASM_LO"], meta["ASM_HI"] = 1, "", ""
+    if decode == 0 and type(x) is torch.Tensor:  # eager: check the first compile of each configuration
+        key = (meta["BLOCK_N"], meta["BLOCK_B"], meta["num_warps"], meta.get("num_stages"), x.dtype)
+        try:
+            kernel = launch(tc_matmul_kernel)[grid](*args, DECODE=0, **meta)
+            if key in _ASM_CHECKED:
+                return y
+            if operand_layout_ok(kernel):
+                _ASM_CHECKED.add(key)
+                return y
+            err = f"the decode of configuration {key} is not in the dot-operand layout (TTGIR)"
+        except Exception as exc:  # noqa: BLE001 - any compiler error: the codebook load always compiles
+            if config and "decode" in config:
+                raise
+            err = f"{type(exc).__name__}: {exc}"[:300]
+        _ASM_FAILED.append(err)
+        log.warning("tc_linear: the register decode is unusable here (%s); using codebook loads from now on", err)
+        decode = 1
+        meta.update({f"ASM{q}": "" for q in range(QUARTERS)})
     launch(tc_matmul_kernel)[grid](*args, DECODE=decode, **meta)
     return y
 
@@ -171,8 +198,7 @@ def launch_plan(
     meta = dict(
         BLOCK_N=bn,
         BLOCK_B=bb,
-        ASM_LO=decode_asm(table, asm_dtype, False) if decode == 0 else "",
-        ASM_HI=decode_asm(table, asm_dtype, True) if decode == 0 else "",
+        **{f"ASM{q}": decode_asm(table, asm_dtype, q) if decode == 0 else "" for q in range(QUARTERS)},
         HAS_BIAS=bias is not None,
         RELU=bool(relu),
         EVEN_N=p.rows_padded % bn == 0,

@@ -59,12 +59,15 @@ def test_every_batch(layers, name, batch, dtype):
 @pytest.mark.parametrize("cfg", [
     {"block_n": 64, "num_warps": 4, "split": 1}, {"block_n": 128, "num_warps": 8, "split": 7},
     {"block_n": 128, "num_warps": 4, "split": 32}, {"block_n": 64, "decode": 1, "split": 3},
-    {"block_n": 32, "num_warps": 4, "split": 2, "num_stages": 3}], ids=str)  # fmt: skip
+    {"block_n": 32, "num_warps": 4, "split": 2, "num_stages": 3}, {"block_n": 16, "num_warps": 4, "split": 5},
+    {"block_n": 128, "num_warps": 8, "split": 2, "num_stages": 2}], ids=str)  # fmt: skip
 @pytest.mark.parametrize("batch", [1, 16, 64])
-def test_configs(layers, cfg, batch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_configs(layers, cfg, batch, dtype):
     p, bias = layers["odd"]
-    x = torch.randn(batch, p.in_features, device="cuda").half()
+    x = torch.randn(batch, p.in_features, device="cuda").to(dtype)
     _check(p, bias, x, relu=False, cfg=cfg)
+    assert T.asm_failures() == []  # the register decode ran (it is never given up silently)
 
 
 def test_autotune_then_exact(layers):

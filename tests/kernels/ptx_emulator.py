@@ -1,5 +1,6 @@
-"""A tiny emulator of the PTX subset the ``tc`` register decode uses (``mov``, ``and``, ``or``, ``shr``, ``prmt``,
-all ``.b32``), so CPU CI checks the decode bit for bit (the Triton interpreter cannot run inline asm)."""
+"""A tiny emulator of the PTX subset the ``tc`` register decode uses (``mov``, ``and``, ``or``, ``xor``, ``shr``,
+``prmt``, ``lop3`` on ``.b32``; ``mul.lo``/``mul.hi`` on ``.u32``), so CPU CI checks the decode bit for bit (the
+Triton interpreter cannot run inline asm)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ def prmt(a: int, b: int, sel: int) -> int:
         if nib & 8:
             byte = 0xFF if byte & 0x80 else 0
         out |= byte << (8 * i)
+    return out
+
+
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    """``lop3.b32 d, a, b, c, lut``: bit i of d = bit (a_i * 4 + b_i * 2 + c_i) of ``lut`` (``lut`` is the function
+    applied to a = 0xF0, b = 0xCC, c = 0xAA)."""
+    out = 0
+    for i in range(32):
+        k = (((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)
+        out |= ((lut >> k) & 1) << i
     return out
 
 
@@ -44,6 +55,14 @@ def run(asm: str, inputs: dict[str, int]) -> dict[str, int]:
             regs[args[0]] = val(args[1]) & val(args[2])
         elif op == "or.b32":
             regs[args[0]] = val(args[1]) | val(args[2])
+        elif op == "xor.b32":
+            regs[args[0]] = val(args[1]) ^ val(args[2])
+        elif op == "mul.lo.u32":
+            regs[args[0]] = (val(args[1]) * val(args[2])) & M32
+        elif op == "mul.hi.u32":
+            regs[args[0]] = ((val(args[1]) * val(args[2])) >> 32) & M32
+        elif op == "lop3.b32":
+            regs[args[0]] = lop3(val(args[1]), val(args[2]), val(args[3]), val(args[4]))
         elif op == "shr.b32":
             regs[args[0]] = (val(args[1]) & M32) >> val(args[2])
         elif op == "prmt.b32":

@@ -48,17 +48,24 @@ def test_pack_decode_rows_bit_exact(n: int, k: int, density: float, n_cb: int) -
     rows, cols, codes, codebook, dense = _layer(n, k, density, n_cb, seed=n * k)
     p = pack_tc(n, k, rows, cols, codes, codebook)
     p.check()
-    assert p.codes.dtype == torch.uint8 and p.codes.shape == (-(-n // 16) * 16, -(-k // 128) * 64)
+    assert p.codes.dtype == torch.int16 and p.codes.shape == (-(-n // 16) * 16, -(-k // 256) * 64)
     assert p.table == tuple(float(v) for v in p.codebook) and len(p.table) == 16
     assert torch.equal(decode_dense_tc(p), dense)
     idx = torch.tensor([n - 1, 0, n // 2, 0])
     assert torch.equal(tc_rows(p, idx), dense[idx])
-    # byte j of tile t: column t*128 + j in the low nibble, t*128 + 64 + j in the high one
+    assert torch.equal(tc_rows(p, torch.arange(n)), dense)
+    # the word of quarter q of the group (r, k) sits at (r + 8 (q // 2), t*64 + k + q % 2); its nibble m is the code
+    # of position (r + 8 (m // 2), k + m % 2) of quarter q (columns t*256 + 64 q + k)
     zero = n_cb if rows.numel() < n * k else 0
-    full = torch.full((p.codes.shape[0], p.codes.shape[1] * 2), zero, dtype=torch.uint8)
-    full[rows, cols] = codes.to(torch.uint8)
-    b = p.codes[:, 0].to(torch.int32)
-    assert torch.equal(b & 15, full[:, 0].to(torch.int32)) and torch.equal(b >> 4, full[:, 64].to(torch.int32))
+    full = torch.full((p.codes.shape[0], p.codes.shape[1] * 4), zero, dtype=torch.int32)
+    full[rows, cols] = codes.to(torch.int32)
+    words = p.codes.to(torch.int32) & 0xFFFF
+    rnd = random.Random(n * k)
+    for _ in range(200):
+        r = 16 * rnd.randrange(p.codes.shape[0] // 16) + rnd.randrange(8)
+        t, k0, q, m = rnd.randrange(p.codes.shape[1] // 64), 2 * rnd.randrange(32), rnd.randrange(4), rnd.randrange(4)
+        word = int(words[r + 8 * (q // 2), t * 64 + k0 + q % 2])
+        assert (word >> (4 * m)) & 15 == int(full[r + 8 * (m // 2), t * 256 + 64 * q + k0 + m % 2])
 
 
 def test_pack_rejects_codebooks_beyond_the_table() -> None:
@@ -75,7 +82,7 @@ def test_check_names_the_bad_field() -> None:
     rows, cols, codes, codebook, _ = _layer(8, 20, 0.5, 4)
     p = pack_tc(8, 20, rows, cols, codes, codebook)
     bad = TCPacked(p.codes.to(torch.int32), p.codebook, p.table, 8, 20)
-    with pytest.raises(ValueError, match=r"codes must be a contiguous uint8 \[rows_padded, k_tiles\*64\] = \[16, 64\]"):
+    with pytest.raises(ValueError, match=r"codes must be a contiguous int16 \[rows_padded, k_tiles\*64\] = \[16, 64\]"):
         bad.check()
     with pytest.raises(ValueError, match=r"codebook must be float32 \[16\], got torch.float64"):
         TCPacked(p.codes, p.codebook.double(), p.table, 8, 20).check()
@@ -84,22 +91,55 @@ def test_check_names_the_bad_field() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("high", [False, True])
-def test_register_decode_is_the_table_bit_for_bit(dtype: torch.dtype, high: bool) -> None:
+@pytest.mark.parametrize("quarter", [0, 1, 2, 3])
+def test_register_decode_is_the_table_bit_for_bit(dtype: torch.dtype, quarter: int) -> None:
     """The PTX of the register decode, run on an emulator of its instructions, gives the table's 16-bit patterns
-    (rounded as torch rounds) for the low / high nibbles of every byte of random words."""
-    rnd = random.Random(zlib.crc32(f"{dtype}{high}".encode()))
+    (rounded as torch rounds) for the four nibbles of 16-bit field ``quarter`` of random register pairs."""
+    rnd = random.Random(zlib.crc32(f"{dtype}{quarter}".encode()))
     table = tuple(float(v) for v in torch.randn(16, generator=torch.Generator().manual_seed(3)) * 0.05)
     table = (0.0, -0.0, 65504.0, 1e-8) + table[4:]  # zero, a negative zero, the fp16 maximum, a subnormal
     bits = table_bits(table, dtype)
     assert bits[0] == 0 and bits[1] == 0x8000
-    asm = decode_asm(table, dtype, high)
+    asm = decode_asm(table, dtype, quarter)
     for _ in range(3000):
-        word = rnd.getrandbits(32)
-        regs = run_ptx(asm, {"$2": word})
+        a, b = rnd.getrandbits(32), rnd.getrandbits(32)
+        regs = run_ptx(asm, {"$2": a, "$3": b})
         got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
-        nibbles = [(word >> (8 * i + (4 if high else 0))) & 15 for i in range(4)]
-        assert got == [bits[c] for c in nibbles], hex(word)
+        field = ((a if quarter < 2 else b) >> (16 * (quarter % 2))) & 0xFFFF
+        assert got == [bits[(field >> (4 * i)) & 15] for i in range(4)], (hex(a), hex(b))
+    with pytest.raises(ValueError, match="quarter must be 0, 1, 2 or 3, got 4"):
+        decode_asm(table, dtype, 4)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("block_n,warps,block_b", [(16, 4, 16), (64, 4, 64), (128, 4, 16), (128, 8, 64)])
+def test_register_decode_compiles_into_the_operand_layout(dtype: str, block_n: int, warps: int, block_b: int) -> None:
+    """Compiled for Hopper (no GPU needed: Triton's own ``ptxas``), every quarter's decode stays in the tensor cores'
+    operand layout, whose register groups the layout's word order assumes (``op.operand_layout_ok``; a launch that
+    fails it falls back to the codebook load), and the row tiles of 64+ become ``wgmma``."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from dc_lightning.kernels.tc.jit import tc_matmul_kernel
+    from dc_lightning.kernels.tc.op import operand_layout_ok
+
+    table = tuple(float(v) for v in torch.linspace(-0.1, 0.1, 15)) + (0.0,)
+    tdt = torch.float16 if dtype == "fp16" else torch.bfloat16
+    sig = {"x_ptr": f"*{dtype}", "codes_ptr": "*i16", "codebook_ptr": "*fp32", "bias_ptr": "*fp32",
+           "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "B": "i32", "N": "i32", "K": "i32",
+           "n_rows": "i32", "k_tiles": "i32", "tiles_per_split": "i32", "n_split": "i32"}  # fmt: skip
+    consts = {"BLOCK_N": block_n, "BLOCK_B": block_b, "DECODE": 0, "HAS_BIAS": True, "RELU": False,
+              "EVEN_N": block_n != 128, **{f"ASM{q}": decode_asm(table, tdt, q) for q in range(4)}}  # fmt: skip
+    sig.update({k: "constexpr" for k in consts})
+    src = triton.compiler.ASTSource(fn=tc_matmul_kernel, signature=sig, constexprs=consts)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
+    assert operand_layout_ok(kernel)
+    assert ("wgmma.mma_async" in kernel.asm["ptx"]) == (block_n >= 64)
+    lines = [ln for ln in kernel.asm["ttgir"].splitlines() if "elementwise_inline_asm" in ln]
+    bad = type("K", (), {"asm": {"ttgir": "\n".join(ln.replace("#ttg.dot_op", "#blocked") for ln in lines)}})()
+    assert not operand_layout_ok(bad)
 
 
 def test_table_bits_rejects_fp32() -> None:
@@ -230,7 +270,7 @@ def test_choose_layout_prefers_tc_for_16_entry_tables() -> None:
     assert layouts.dense_layout(32, dense=True) is layouts.Layout.LUT
     got, why = layouts.choose_layout(1024, 2048, 1024 * 1024, 15)
     assert got is layouts.Layout.TC and "4-bit codes (16-entry table), 0.50 B/position" in why
-    assert bytes_per_position(1000, 600) == pytest.approx(1008 * 640 / 2 / 600000)
+    assert bytes_per_position(1000, 600) == pytest.approx(1008 * 768 / 2 / 600000)
 
 
 if __name__ == "__main__":
