@@ -136,7 +136,9 @@ def _find_contract(q, scale, lo, npad: int, inner_k_tiles: int, group: int, dequ
             if err <= 2e-2:
                 return packing, zeros
             tried.append(f"{packing} / {zeros}: rel. err {err:.2e}")
-    raise RuntimeError("no _weight_int4pack_mm packing contract reproduces its own dequantized weights: " + "; ".join(tried))
+    raise RuntimeError(
+        "no _weight_int4pack_mm packing contract reproduces its own dequantized weights: " + "; ".join(tried)
+    )
 
 
 def make_int4(w: torch.Tensor, group: int = 128, inner_k_tiles: int = 8) -> Int4Linear:
