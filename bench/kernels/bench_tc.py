@@ -53,6 +53,7 @@ TOL = 2e-3
 
 
 SHARED_TABLE: list[bool] = [False]
+SPARSE_TUNE_MAX = [16]  # largest batch the sparse kernel is tuned at (--sparse-tune-max)
 
 
 def eie_layer(n_out: int, n_in: int, density: float, seed: int, device: str):
@@ -178,8 +179,8 @@ def bench_layer(layer: Layer, batches, device: str, tuned: bool, repeats: int) -
         t = time.perf_counter()
         tc_op.autotune_tc(layer.tc, tuple(batches), torch.float16, layer.bias16, layer.relu, rep_ms=10)
         if layer.sparse is not None:
-            sparse_op.autotune(layer.sparse, tuple(b for b in batches if b <= 16), torch.float16, layer.bias16,
-                               layer.relu)  # fmt: skip
+            sparse_op.autotune(layer.sparse, tuple(b for b in batches if b <= SPARSE_TUNE_MAX[0]), torch.float16,
+                               layer.bias16, layer.relu)  # fmt: skip
         print(f"  autotune {layer.name}: {time.perf_counter() - t:.1f} s", flush=True)
     makers = providers(layer, device, tuned)
     for b in batches:
@@ -242,11 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared-table", action="store_true",
                     help="every layer the same 15 values (one compiled kernel per configuration instead of one per "
                          "layer: faster tuning; the speed does not depend on the values)")
+    ap.add_argument("--sparse-tune-max", type=int, default=16,
+                    help="tune the sparse kernel at batches up to this one (heuristic configuration above it)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new layers after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     SHARED_TABLE[0] = bool(args.shared_table)
+    SPARSE_TUNE_MAX[0] = args.sparse_tune_max
     device = "cpu" if args.smoke else "cuda"
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "tc" if os.environ.get("OUT") else
                                            results_dir("tc"))  # fmt: skip

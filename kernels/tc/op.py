@@ -111,6 +111,8 @@ def tc_candidates(batch: int, packed: TCPacked, dtype: torch.dtype) -> list[dict
     bb = max(16, min(next_pow2(batch), 64))
     decode = choose_tc_config(batch, packed, dtype)["decode"]
     for bn, nw in ((64, 4), (128, 4), (128, 8)):
+        if bn == 128 and nw == 4 and bb > 32:
+            continue  # 128 x 64 accumulators + four decoded quarters spill on 4 warps (ptxas, sm_90a)
         n_tiles = -(-packed.rows_padded // bn) * -(-max(batch, 1) // bb)
         for per_sm in (1, 2, 4):  # split is a run-time argument: no compile per value
             split = int(max(1, min(-(-per_sm * _SMS // n_tiles), packed.k_tiles, 64)))
