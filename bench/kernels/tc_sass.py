@@ -37,7 +37,7 @@ def compile_ptx(block_n: int, block_b: int, warps: int, stages: int, dtype: str 
            "n_rows": "i32", "k_tiles": "i32", "tiles_per_split": "i32", "n_split": "i32"}  # fmt: skip
     consts = {"BLOCK_N": block_n, "BLOCK_B": block_b, "DECODE": 0,
               **{f"ASM{q}": decode_asm(table, tdt, q) for q in range(4)}, "HAS_BIAS": False, "RELU": False,
-              "EVEN_N": True}  # fmt: skip
+              "EVEN_N": True, "EVEN_K": True}  # fmt: skip
     sig.update({k: "constexpr" for k in consts})
     names = list(sig)
     aligned = ("x_ptr", "codes_ptr", "codebook_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "K", "n_rows")

@@ -18,7 +18,8 @@ them into four ``[BLOCK_N, 64]`` operands (the tile's four 64-column quarters) a
   activations as IEEE fp32 products, and the interpreter's path in CPU CI).
 
 Rows are padded to a multiple of 16 in the layout (``n_rows``); the code loads are masked only when the row tile
-does not divide them (``EVEN_N``); columns past ``K`` hold codes whose activations load as 0. fp32 accumulation;
+does not divide them (``EVEN_N``); columns past ``K`` hold codes whose activations load as 0 (no column mask when
+``K`` is a multiple of 256: ``EVEN_K``). fp32 accumulation;
 bias, ReLU and the cast to the activation dtype in the epilogue.
 """
 
@@ -33,11 +34,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _quarter(x_ptr, codes_ptr, codebook_ptr, rows, bb, b_ok, j, t, row_words, K, n_rows, acc, Q: tl.constexpr,
-                 DECODE: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr, c):  # fmt: skip
+                 DECODE: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, c):  # fmt: skip
         """Add quarter ``Q`` of K tile ``t`` to ``acc`` (``c``: the tile's code words, used by the register decode)."""
         k = t * 256 + Q * 64 + j
-        xq = tl.load(x_ptr + bb[None, :] * K + k[:, None], mask=b_ok[None, :] & (k[:, None] < K), other=0.0,
-                     eviction_policy="evict_last")  # fmt: skip
+        if EVEN_K:  # K a multiple of 256: only the batch rows are masked (loop-invariant predicates)
+            xq = tl.load(x_ptr + bb[None, :] * K + k[:, None], mask=b_ok[None, :], other=0.0,
+                         eviction_policy="evict_last")  # fmt: skip
+        else:
+            xq = tl.load(x_ptr + bb[None, :] * K + k[:, None], mask=b_ok[None, :] & (k[:, None] < K), other=0.0,
+                         eviction_policy="evict_last")  # fmt: skip
         if DECODE == 0:
             w = tl.inline_asm_elementwise(ASM, "=r,=r,r,r", [c], dtype=x_ptr.dtype.element_ty, is_pure=True, pack=4)
             acc = tl.dot(w, xq, acc)
@@ -85,6 +90,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         RELU: tl.constexpr,
         EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         tile = tl.program_id(0)
         sp = tl.program_id(1)
@@ -106,13 +112,13 @@ if HAS_TRITON:
                 else:
                     c = tl.load(c_ptr, mask=rows[:, None] < n_rows, other=0, eviction_policy="evict_first")
             acc = _quarter(x_ptr, codes_ptr, codebook_ptr, rows, bb, b_ok, j, t, row_words, K, n_rows, acc, 0, DECODE,
-                           ASM0, EVEN_N, c)  # fmt: skip
+                           ASM0, EVEN_N, EVEN_K, c)  # fmt: skip
             acc = _quarter(x_ptr, codes_ptr, codebook_ptr, rows, bb, b_ok, j, t, row_words, K, n_rows, acc, 1, DECODE,
-                           ASM1, EVEN_N, c)  # fmt: skip
+                           ASM1, EVEN_N, EVEN_K, c)  # fmt: skip
             acc = _quarter(x_ptr, codes_ptr, codebook_ptr, rows, bb, b_ok, j, t, row_words, K, n_rows, acc, 2, DECODE,
-                           ASM2, EVEN_N, c)  # fmt: skip
+                           ASM2, EVEN_N, EVEN_K, c)  # fmt: skip
             acc = _quarter(x_ptr, codes_ptr, codebook_ptr, rows, bb, b_ok, j, t, row_words, K, n_rows, acc, 3, DECODE,
-                           ASM3, EVEN_N, c)  # fmt: skip
+                           ASM3, EVEN_N, EVEN_K, c)  # fmt: skip
         omask = (rows[:, None] < N) & b_ok[None, :]
         yoff = bb[None, :] * N + rows[:, None]
         cidx = tile * tl.num_programs(2) + bgrp

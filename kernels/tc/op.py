@@ -204,6 +204,7 @@ def launch_plan(
         HAS_BIAS=bias is not None,
         RELU=bool(relu),
         EVEN_N=p.rows_padded % bn == 0,
+        EVEN_K=p.in_features % 256 == 0,
         num_warps=int(cfg["num_warps"]),
     )
     if type(x) is torch.Tensor:  # eager; a traced call (inductor) keeps Triton's default stages

@@ -131,7 +131,8 @@ def test_register_decode_compiles_into_the_operand_layout(dtype: str, block_n: i
            "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "B": "i32", "N": "i32", "K": "i32",
            "n_rows": "i32", "k_tiles": "i32", "tiles_per_split": "i32", "n_split": "i32"}  # fmt: skip
     consts = {"BLOCK_N": block_n, "BLOCK_B": block_b, "DECODE": 0, "HAS_BIAS": True, "RELU": False,
-              "EVEN_N": block_n != 128, **{f"ASM{q}": decode_asm(table, tdt, q) for q in range(4)}}  # fmt: skip
+              "EVEN_N": block_n != 128, "EVEN_K": block_b == 16,
+              **{f"ASM{q}": decode_asm(table, tdt, q) for q in range(4)}}  # fmt: skip
     sig.update({k: "constexpr" for k in consts})
     src = triton.compiler.ASTSource(fn=tc_matmul_kernel, signature=sig, constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 3})
