@@ -25,6 +25,7 @@ This module owns the layout (:class:`TCPacked`, :func:`pack_tc`, :func:`decode_d
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -172,8 +173,9 @@ def _bytes_in_row_order(codes: Tensor) -> Tensor:
 
 
 def _decode_bytes(b: Tensor, codebook: Tensor) -> Tensor:
-    """float32 ``[rows, 2 * bytes]``: each byte's low and high code values, side by side."""
-    idx = b.reshape(-1).to(torch.int32)
+    """float32 ``[rows, 2 * bytes]``: each byte's low and high code values, side by side (``b``: uint8
+    ``[rows, bytes]``, any strides)."""
+    idx = b.to(torch.int32).view(-1)  # one copy, contiguous, whatever b's strides
     return torch.index_select(_pair_words(codebook), 0, idx).view(torch.float32).view(b.shape[0], -1)
 
 
@@ -198,11 +200,51 @@ def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
     return _decode_bytes(rows, p.codebook)[:, : p.in_features]
 
 
+@functools.lru_cache(maxsize=64)
+def _quarter_columns(k_tiles: int, device: torch.device) -> Tensor:
+    """int64 ``[2, k_tiles * 128]``: for the storage rows of quarters 0-1 (``[0]``) and 2-3 (``[1]``), the column of
+    ``W`` of each decoded value of one byte half of their words, in storage order ``(t, kappa, qlo, h)``."""
+    t, kappa, qlo, h = torch.meshgrid(torch.arange(k_tiles), torch.arange(WORDS // 2), torch.arange(2), torch.arange(2),
+                                      indexing="ij")  # fmt: skip
+    col = (t * TILE_K + 64 * qlo + 2 * kappa + h).reshape(-1)
+    return torch.stack([col, col + 128]).to(device)
+
+
+#: at most this many rows of ``x``, the reference multiplies in storage order (no byte permute of the weight);
+#: above it, the weight's bytes are put in row order once and ``F.linear`` runs once
+STORAGE_ORDER_MAX_BATCH = 8
+
+
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once (its code bytes put
-    in row order, then one gather per byte), then ``F.linear``."""
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once (one gather per
+    code byte), then torch's matrix product.
+
+    Small batches (``<= STORAGE_ORDER_MAX_BATCH`` rows) multiply in the words' storage order: each half ``b`` of the
+    words (rows ``r + 8 b`` of a group) decodes into a ``[rows_padded, K / 2]`` matrix whose storage rows hold
+    quarters 0-1 or 2-3; ``x`` is gathered into both quarter pairs' column orders (``[2 B, K / 2]``, cheap at small
+    ``B``), one product per half, and each storage row keeps the product of its own quarter pair. Larger batches
+    permute the weight's bytes into row order once (:func:`decode_dense_tc`'s path) and multiply once.
+    """
     p = packed
-    w = _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)
     k_pad = p.k_tiles * TILE_K
     xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
-    return decoded_linear(xp, w, bias, relu)
+    if x.shape[0] > STORAGE_ORDER_MAX_BATCH:
+        w = _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)
+        return decoded_linear(xp, w, bias, relu)
+    B, n_pad = x.shape[0], p.rows_padded
+    xq = xp.to(torch.float32)[:, _quarter_columns(p.k_tiles, x.device)]  # [B, 2, K / 2]
+    xq = xq.transpose(0, 1).reshape(2 * B, k_pad // 2)
+    words = p.codes.view(torch.uint8).view(n_pad, -1, 2)
+    pairs = _pair_words(p.codebook)
+    halves = []
+    for b in range(2):
+        idx = words[:, :, b].to(torch.int32).view(-1)
+        w = torch.index_select(pairs, 0, idx).view(torch.float32).view(n_pad, -1)  # [n_pad, K / 2], rows (G, qhi, rho)
+        z = (xq @ w.T).view(2, B, n_pad // ROW_PAD, 2, 8)  # [x's quarter pair, B, G, row's quarter pair, rho]
+        halves.append(z[0, :, :, 0] + z[1, :, :, 1])  # [B, G, rho]: rows 16 G + 8 b + rho
+    y = torch.stack(halves, dim=2).reshape(B, n_pad)[:, : p.out_features]
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
