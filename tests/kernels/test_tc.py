@@ -68,6 +68,24 @@ def test_pack_decode_rows_bit_exact(n: int, k: int, density: float, n_cb: int) -
         assert (word >> (4 * m)) & 15 == int(full[r + 8 * (m // 2), t * 256 + 64 * q + k0 + m % 2])
 
 
+@pytest.mark.parametrize("batch", [1, 2, 8, 9, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_product_both_orders(batch: int, dtype: torch.dtype) -> None:
+    """The CPU product multiplies in storage order up to ``STORAGE_ORDER_MAX_BATCH`` rows and in row order above:
+    both match float64 (bias and ReLU included), output in ``x``'s dtype."""
+    from dc_lightning.kernels.tc.layout import STORAGE_ORDER_MAX_BATCH, tc_linear_reference
+
+    assert STORAGE_ORDER_MAX_BATCH == 8
+    rows, cols, codes, codebook, dense = _layer(70, 300, 0.5, 15, seed=batch)
+    p = pack_tc(70, 300, rows, cols, codes, codebook)
+    g = torch.Generator().manual_seed(batch)
+    x, bias = torch.randn(batch, 300, generator=g).to(dtype), torch.randn(70, generator=g)
+    ref = (x.double() @ dense.double().T + bias.double()).relu()
+    y = tc_linear_reference(x, p, bias, relu=True)
+    assert y.dtype == dtype and y.shape == (batch, 70)
+    assert rel_err(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_pack_rejects_codebooks_beyond_the_table() -> None:
     rows, cols, codes, codebook, _ = _layer(8, 20, 0.5, 16)
     with pytest.raises(ValueError, match=r"16 table entries .* this pruned layer has 16 centroids \(valid: <= 15"):
