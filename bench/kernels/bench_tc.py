@@ -54,6 +54,17 @@ TOL = 2e-3
 
 SHARED_TABLE: list[bool] = [False]
 SPARSE_TUNE_MAX = [16]  # largest batch the sparse kernel is tuned at (--sparse-tune-max)
+CONFIGS_FROM: dict[tuple[str, int], dict] = {}  # (layer, batch) -> tc config of an earlier run (--configs-from)
+BEST_PATH: dict[tuple[str, int], str] = {}  # (layer, batch) -> "tc" / "sparse": the faster, measured
+
+
+def load_configs(path: str) -> dict[tuple[str, int], dict]:
+    """The ``tc_cfg`` of every row of an earlier run's ``results.json``."""
+    import json
+
+    rows = json.loads(Path(path).read_text()).get("rows", [])
+    BEST_PATH.update({(r["layer"], int(r["batch"])): r["ours_path"] for r in rows if r.get("ours_path")})
+    return {(r["layer"], int(r["batch"])): r["tc_cfg"] for r in rows if isinstance(r.get("tc_cfg"), dict)}
 
 
 def eie_layer(n_out: int, n_in: int, density: float, seed: int, device: str):
@@ -175,9 +186,17 @@ def _untuned(x: torch.Tensor, p) -> dict:
 
 def bench_layer(layer: Layer, batches, device: str, tuned: bool, repeats: int) -> list[dict]:
     rows = []
+    cfgs: dict[int, dict] = {}
     if tuned and device == "cuda":
         t = time.perf_counter()
-        tc_op.autotune_tc(layer.tc, tuple(batches), torch.float16, layer.bias16, layer.relu, rep_ms=10)
+        known = {b: CONFIGS_FROM[(layer.name, b)] for b in batches if (layer.name, b) in CONFIGS_FROM}
+        for b, cfg in known.items():  # --configs-from: another run's picks (e.g. the H200's, replayed on an H100)
+            tc_op.TC_TUNED[tc_op.tc_tune_key(b, layer.tc, torch.float16)] = dict(cfg)
+            cfgs[b] = dict(cfg)
+        todo = tuple(b for b in batches if b not in known)
+        if todo:
+            got = tc_op.autotune_tc(layer.tc, todo, torch.float16, layer.bias16, layer.relu, rep_ms=10)
+            cfgs.update({b: {k: v for k, v in c.items() if k != "us"} for b, c in got.items()})
         if layer.sparse is not None:
             sparse_op.autotune(layer.sparse, tuple(b for b in batches if b <= SPARSE_TUNE_MAX[0]), torch.float16,
                                layer.bias16, layer.relu)  # fmt: skip
@@ -187,6 +206,8 @@ def bench_layer(layer: Layer, batches, device: str, tuned: bool, repeats: int) -
         x = random_activations(b, layer.n_in, 0.35, device=device).half()
         ref = layer.ref(x)
         row = {"layer": layer.name, "out": layer.n_out, "in": layer.n_in, "density": layer.density, "batch": b}
+        if b in cfgs:
+            row["tc_cfg"] = cfgs[b]
         for name, make in makers.items():
             try:
                 fn0 = make(0)
@@ -206,6 +227,7 @@ def bench_layer(layer: Layer, batches, device: str, tuned: bool, repeats: int) -
             cands["sparse"] = (row["sparse_us"], layer.sparse.nbytes)
         path = min(cands, key=lambda k: cands[k][0])
         row["ours_path"], row["ours_us"] = path, cands[path][0]
+        BEST_PATH[(layer.name, b)] = path
         row["ours_MB"] = sum(v[1] for v in cands.values()) / 1e6 if layer.sparse is not None else layer.tc.nbytes / 1e6
         row["tc_MB"], row["fp16_MB"] = layer.tc.nbytes / 1e6, layer.bytes("fp16") / 1e6
         if layer.sparse is not None:
@@ -245,12 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                          "layer: faster tuning; the speed does not depend on the values)")
     ap.add_argument("--sparse-tune-max", type=int, default=16,
                     help="tune the sparse kernel at batches up to this one (heuristic configuration above it)")
+    ap.add_argument("--configs-from", default=None,
+                    help="results.json of an earlier run: its tuned tc configurations are used instead of autotuning")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new layers after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     SHARED_TABLE[0] = bool(args.shared_table)
     SPARSE_TUNE_MAX[0] = args.sparse_tune_max
+    if args.configs_from:
+        CONFIGS_FROM.update(load_configs(args.configs_from))
     device = "cpu" if args.smoke else "cuda"
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "tc" if os.environ.get("OUT") else
                                            results_dir("tc"))  # fmt: skip
@@ -313,6 +339,10 @@ def bench_stacks(batches, device: str, scale: int, repeats: int) -> list[dict]:
     rows = []
     for net, names in STACKS.items():
         layers = [Layer(n, *by_name[n], seed=100 + k, device=device, relu=k < 2) for k, n in enumerate(names)]
+        for L in layers:  # an earlier run's tuned configurations (the same shapes share a tune key)
+            for b in batches:
+                if (L.name, b) in CONFIGS_FROM:
+                    tc_op.TC_TUNED[tc_op.tc_tune_key(b, L.tc, torch.float16)] = dict(CONFIGS_FROM[(L.name, b)])
         for b in batches:
             x = random_activations(b, layers[0].n_in, 0.35, device=device).half()
             total = sum(L.w16.numel() * 2 for L in layers)
@@ -335,11 +365,15 @@ def _chain(x: torch.Tensor, fns) -> torch.Tensor:
 
 
 def _stack_fns(layers: list[Layer], name: str, batch: int) -> list:
-    """One copy of a stack's calls: dense fp16, or per layer the sparse kernel at batch <= 4 (sparse layers) and
-    the tc kernel otherwise (tuned configurations where recorded)."""
+    """One copy of a stack's calls: dense fp16, or per layer the path the layer's own rows measured fastest at this
+    batch (``BEST_PATH``; without one, the sparse kernel at batch <= 4 for sparse layers, else tc), with the tuned
+    configurations where recorded."""
     if name == "fp16":
         return [_dense_fn(L.w16, L.bias16, L.relu, torch.float16) for L in layers]
-    return [_packed_fn(sparse_op.eie_linear, L.sparse, L.bias16, L.relu) if L.sparse is not None and batch <= 4
+    def sparse(L: Layer) -> bool:
+        return L.sparse is not None and BEST_PATH.get((L.name, batch), "sparse" if batch <= 4 else "tc") == "sparse"
+
+    return [_packed_fn(sparse_op.eie_linear, L.sparse, L.bias16, L.relu) if sparse(L)
             else _packed_fn(tc_op.tc_linear, L.tc, L.bias16, L.relu) for L in layers]  # fmt: skip
 
 
