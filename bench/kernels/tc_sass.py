@@ -22,6 +22,10 @@ from pathlib import Path
 import torch
 
 
+#: opcodes that issue to Hopper's integer (ALU) pipe, the decode's bottleneck (IMAD runs on the FMA pipe)
+INT_PIPE = ("PRMT", "LOP3", "SHF", "LEA", "IADD3", "SEL", "ISETP", "PLOP3", "BMSK", "FLO", "POPC")
+
+
 def compile_ptx(block_n: int, block_b: int, warps: int, stages: int, dtype: str = "fp16") -> str:
     """PTX of ``tc_matmul_kernel`` (register decode) for sm_90a."""
     import triton
@@ -91,6 +95,8 @@ def main() -> None:
     total = sum(mix.values())
     print(f"triton {triton.__version__}, block_n={a.block_n} block_b={a.block_b} warps={a.warps} stages={a.stages}")
     print(f"loop: {total} instructions, {weights:.0f} weights per thread -> {total / weights:.2f} per weight")
+    alu = sum(n for op, n in mix.items() if op in INT_PIPE)
+    print(f"integer pipe ({', '.join(INT_PIPE)}): {alu / weights:.2f} per weight")
     for op, n in mix.most_common(14):
         print(f"  {op:10s} {n:5d}  {n / weights:5.2f} per weight")
 

@@ -56,8 +56,8 @@ class CompressedLinear(nn.Module):
 
     The layouts are the entries of the registry ``dc_lightning.kernels.layouts.REGISTRY``: ``sparse`` (sliced-ELL
     ``(column, code)`` entries, ``kernels/sparse/``: fewest bytes, CUDA-core gathers of ``x`` per non-zero),
-    ``tc`` (4-bit codes two per byte, decoded in registers straight into the tensor cores, ``kernels/tc/``: EIE's
-    16-entry tables) and ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, ``kernels/lut/``: the
+    ``tc`` (4-bit codes, four per 16-bit word in the tensor cores' fragment order, decoded in registers straight into
+    the tensor cores, ``kernels/tc/``: EIE's 16-entry tables) and ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, ``kernels/lut/``: the
     other codebook sizes), or any other registered layout. :meth:`from_linear` picks one encoding by density
     (:func:`dc_lightning.kernels.layouts.choose_layout`): below 30 % sparse, from there on dense codes (``tc``
     when the codebook fits 16 entries with the zero code, else ``lut``). With ``alternate=True`` a layer keeps a
@@ -68,7 +68,7 @@ class CompressedLinear(nn.Module):
 
     Buffers (saved in ``state_dict``): each held layout's, under the names its registry entry gives (sparse:
     ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook`` (float32, ``2**bits + 1`` values, the last one
-    0.0 for padding); tc: ``tc_codes`` (uint8), ``tc_codebook`` (float32 ``[16]``); lut: ``lut_codes``,
+    0.0 for padding); tc: ``tc_codes`` (int16), ``tc_codebook`` (float32 ``[16]``); lut: ``lut_codes``,
     ``lut_mask`` (int32, or absent), ``lut_codebook`` (float32 ``[2**cbits]``)); ``bias`` (float32 or absent).
     The layouts' host values (integers; the tc table) travel as extra state.
 
