@@ -268,15 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparse-tune-max", type=int, default=16,
                     help="tune the sparse kernel at batches up to this one (heuristic configuration above it)")
     ap.add_argument("--configs-from", default=None,
-                    help="results.json of an earlier run: its tuned tc configurations are used instead of autotuning")
+                    help="results.json of earlier runs (comma list): their tuned tc configurations are used instead of "
+                         "autotuning")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new layers after this many seconds")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     SHARED_TABLE[0] = bool(args.shared_table)
     SPARSE_TUNE_MAX[0] = args.sparse_tune_max
-    if args.configs_from:
-        CONFIGS_FROM.update(load_configs(args.configs_from))
+    for path in filter(None, (args.configs_from or "").split(",")):
+        CONFIGS_FROM.update(load_configs(path))
     device = "cpu" if args.smoke else "cuda"
     out = Path(args.out) if args.out else (Path(os.environ["OUT"]) / "tc" if os.environ.get("OUT") else
                                            results_dir("tc"))  # fmt: skip
