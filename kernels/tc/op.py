@@ -59,7 +59,11 @@ def operand_layout_ok(kernel: Any) -> bool:
     wrong positions. Checked once per configuration from the kernel's TTGIR."""
     ir = getattr(kernel, "asm", {}).get("ttgir", "")
     lines = [ln for ln in ir.splitlines() if "elementwise_inline_asm" in ln]
-    return len(lines) == QUARTERS and all("-> tensor<" in ln and "#ttg.dot_op" in ln.split("->")[-1] for ln in lines)
+    def in_fragment_order(line: str) -> bool:  # the 16-bit operand's layout: pairs along K, rows r and r + 8
+        result = line.split("->")[-1]
+        return "#ttg.dot_op<{opIdx = 0" in result and "kWidth = 2" in result
+
+    return len(lines) == QUARTERS and all(in_fragment_order(ln) for ln in lines)
 
 
 def _batch_bucket(batch: int) -> int:
