@@ -161,6 +161,33 @@ def test_register_decode_compiles_into_the_operand_layout(dtype: str, block_n: i
     assert not operand_layout_ok(bad)
 
 
+def test_layout_and_decode_agree_in_fragment_order() -> None:
+    """End to end on the CPU: for every group of the tensor cores' fragment, ``(r, k), (r, k+1), (r+8, k),
+    (r+8, k+1)``, the two registers a thread holds (its words, paired as Triton packs 16-bit elements) decoded by
+    each quarter's PTX on the emulator give that quarter's four weights of the packed layer, bit for bit."""
+    rows, cols, codes, codebook, dense = _layer(20, 300, 0.6, 15, seed=5)
+    p = pack_tc(20, 300, rows, cols, codes, codebook)
+    dt = torch.float16
+    w16 = torch.zeros(p.rows_padded, p.k_tiles * 256)
+    w16[:20, :300] = dense
+    bits = w16.to(dt).view(torch.int16).to(torch.int32) & 0xFFFF
+    words = p.codes.to(torch.int32) & 0xFFFF
+    asms = [decode_asm(p.table, dt, q) for q in range(4)]
+    for g in range(p.rows_padded // 16):
+        for rho in range(8):
+            r = 16 * g + rho
+            for c in range(0, p.codes.shape[1], 2):
+                t, k = divmod(c, 64)
+                regs = {"$2": int(words[r, c]) | int(words[r, c + 1]) << 16,
+                        "$3": int(words[r + 8, c]) | int(words[r + 8, c + 1]) << 16}  # fmt: skip
+                for q in range(4):
+                    out = run_ptx(asms[q], regs)
+                    got = [out["$0"] & 0xFFFF, out["$0"] >> 16, out["$1"] & 0xFFFF, out["$1"] >> 16]
+                    col = t * 256 + 64 * q + k
+                    want = [int(bits[r, col]), int(bits[r, col + 1]), int(bits[r + 8, col]), int(bits[r + 8, col + 1])]
+                    assert got == want, (r, c, q)
+
+
 def test_table_bits_rejects_fp32() -> None:
     with pytest.raises(ValueError, match="makes float16 or bfloat16 operands, got torch.float32"):
         table_bits((0.0,) * 16, torch.float32)
