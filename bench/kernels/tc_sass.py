@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 #: opcodes that issue to Hopper's integer (ALU) pipe, the decode's bottleneck (IMAD runs on the FMA pipe)
 INT_PIPE = ("PRMT", "LOP3", "SHF", "LEA", "IADD3", "SEL", "ISETP", "PLOP3", "BMSK", "FLO", "POPC")
 

@@ -210,27 +210,32 @@ def _quarter_columns(k_tiles: int, device: torch.device) -> Tensor:
     return torch.stack([col, col + 128]).to(device)
 
 
-#: at most this many rows of ``x``, the reference multiplies in storage order (no byte permute of the weight);
-#: above it, the weight's bytes are put in row order once and ``F.linear`` runs once
+#: at most this many rows of ``x`` and at least ``STORAGE_ORDER_MIN`` positions, the reference multiplies in
+#: storage order (no byte permute of the weight; a different summation order than ``F.linear`` on the dense
+#: weight); otherwise the weight's bytes are put in row order once and ``F.linear`` runs once (a small layer then
+#: gives the dense layer's result bit for bit)
 STORAGE_ORDER_MAX_BATCH = 8
+STORAGE_ORDER_MIN = 1 << 18
 
 
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once (one gather per
     code byte), then torch's matrix product.
 
-    Small batches (``<= STORAGE_ORDER_MAX_BATCH`` rows) multiply in the words' storage order: each half ``b`` of the
-    words (rows ``r + 8 b`` of a group) decodes into a ``[rows_padded, K / 2]`` matrix whose storage rows hold
-    quarters 0-1 or 2-3; ``x`` is gathered into both quarter pairs' column orders (``[2 B, K / 2]``, cheap at small
-    ``B``), one product per half, and each storage row keeps the product of its own quarter pair. Larger batches
-    permute the weight's bytes into row order once (:func:`decode_dense_tc`'s path) and multiply once.
+    Small batches (``<= STORAGE_ORDER_MAX_BATCH`` rows) of large layers (``>= STORAGE_ORDER_MIN`` positions) multiply
+    in the words' storage order: each half ``b`` of the words (rows ``r + 8 b`` of a group) decodes into a
+    ``[rows_padded, K / 2]`` matrix whose storage rows hold quarters 0-1 or 2-3; ``x`` is gathered into both quarter
+    pairs' column orders (``[2 B, K / 2]``, cheap at small ``B``), one product per half, and each storage row keeps
+    the product of its own quarter pair. Otherwise the weight's bytes are permuted into row order once
+    (:func:`decode_dense_tc`'s path) and ``F.linear`` runs on the unpadded weight (as on the dense one).
     """
     p = packed
     k_pad = p.k_tiles * TILE_K
-    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
-    if x.shape[0] > STORAGE_ORDER_MAX_BATCH:
+    if x.shape[0] > STORAGE_ORDER_MAX_BATCH or p.out_features * p.in_features < STORAGE_ORDER_MIN:
         w = _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)
-        return decoded_linear(xp, w, bias, relu)
+        w = w[:, : p.in_features].contiguous() if k_pad != p.in_features else w  # F.linear as on the dense weight
+        return decoded_linear(x, w, bias, relu)
+    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
     B, n_pad = x.shape[0], p.rows_padded
     xq = xp.to(torch.float32)[:, _quarter_columns(p.k_tiles, x.device)]  # [B, 2, K / 2]
     xq = xq.transpose(0, 1).reshape(2 * B, k_pad // 2)

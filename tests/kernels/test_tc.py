@@ -71,19 +71,25 @@ def test_pack_decode_rows_bit_exact(n: int, k: int, density: float, n_cb: int) -
 @pytest.mark.parametrize("batch", [1, 2, 8, 9, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_product_both_orders(batch: int, dtype: torch.dtype) -> None:
-    """The CPU product multiplies in storage order up to ``STORAGE_ORDER_MAX_BATCH`` rows and in row order above:
-    both match float64 (bias and ReLU included), output in ``x``'s dtype."""
-    from dc_lightning.kernels.tc.layout import STORAGE_ORDER_MAX_BATCH, tc_linear_reference
+    """The CPU product of a large layer multiplies in storage order up to ``STORAGE_ORDER_MAX_BATCH`` rows and in
+    row order above: both match float64 (bias and ReLU included), output in ``x``'s dtype; a small layer's product
+    is the dense layer's ``F.linear`` bit for bit."""
+    from dc_lightning.kernels.tc.layout import STORAGE_ORDER_MAX_BATCH, STORAGE_ORDER_MIN, tc_linear_reference
 
-    assert STORAGE_ORDER_MAX_BATCH == 8
-    rows, cols, codes, codebook, dense = _layer(70, 300, 0.5, 15, seed=batch)
-    p = pack_tc(70, 300, rows, cols, codes, codebook)
+    assert STORAGE_ORDER_MAX_BATCH == 8 and STORAGE_ORDER_MIN == 1 << 18
+    n, k = 300, 900  # 270,000 positions: the storage order at batch <= 8
+    rows, cols, codes, codebook, dense = _layer(n, k, 0.5, 15, seed=batch)
+    p = pack_tc(n, k, rows, cols, codes, codebook)
     g = torch.Generator().manual_seed(batch)
-    x, bias = torch.randn(batch, 300, generator=g).to(dtype), torch.randn(70, generator=g)
+    x, bias = torch.randn(batch, k, generator=g).to(dtype), torch.randn(n, generator=g)
     ref = (x.double() @ dense.double().T + bias.double()).relu()
     y = tc_linear_reference(x, p, bias, relu=True)
-    assert y.dtype == dtype and y.shape == (batch, 70)
+    assert y.dtype == dtype and y.shape == (batch, n)
     assert rel_err(y, ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    small = pack_tc(30, 70, *_layer(30, 70, 0.5, 15, seed=batch)[:4])
+    xs = torch.randn(batch, 70, generator=g)
+    dense_small = decode_dense_tc(small).contiguous()
+    assert torch.equal(tc_linear_reference(xs, small), torch.nn.functional.linear(xs, dense_small))
 
 
 def test_pack_rejects_codebooks_beyond_the_table() -> None:
