@@ -75,6 +75,7 @@ __all__ = [
     "row_layouts",
     "dense_layout",
     "choose_layout",
+    "used_codebook",
     "lut_batch_min",
     "alternate_layout",
     "choose_row_layout",
@@ -184,7 +185,7 @@ REGISTRY: dict[str, LayoutSpec] = {
         ),
         LayoutSpec(
             "ell", RowELL, rows_layout.pack_ell, rows_layout.ell_reference, rows_layout.decode_ell,
-            buffers={"codes": "codes", "codebook": "codebook", "cols": "cols", "lengths": "lengths"},
+            buffers={"entries": "entries", "codebook": "codebook"},
             describe=lambda p: "ell", rows=rows_layout.ell_rows,
         ),
         LayoutSpec(
@@ -252,6 +253,19 @@ def dense_layout(n_centroids: int, dense: bool) -> Layout:
     """The dense-code layout of a codebook: ``tc`` (4-bit codes decoded in registers, tensor cores) when the
     codebook fits its 16-entry table (15 centroids + the zero code when pruned), else ``lut`` (2-8-bit codes)."""
     return Layout.TC if tc_layout.fits(n_centroids, dense) else Layout.LUT
+
+
+def used_codebook(codes: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """``(codes, codebook)`` with the codebook entries no kept weight uses dropped (codes renumbered; values and
+    order of the rest unchanged). A table of 16 entries of which a pruned layer's kept weights use 15 (k-means left
+    one empty, or ``zero_code=True`` reserved a 0.0 for the pruned positions: EIE's 15 values + 0) then fits the
+    ``tc`` layout's 16-entry table with its zero code. Nothing kept: unchanged."""
+    if codes.numel() == 0:
+        return codes, codebook
+    used, inverse = torch.unique(codes, return_inverse=True)
+    if used.numel() == codebook.numel():
+        return codes, codebook
+    return inverse.to(codes.dtype), codebook[used.to(device=codebook.device, dtype=torch.int64)]
 
 
 def choose_layout(
@@ -324,7 +338,8 @@ def choose_row_layout(row_lengths: Tensor, n_cols: int, n_centroids: int) -> str
     n_rows = row_lengths.numel()
     pruned = int(row_lengths.sum()) < n_rows * n_cols
     dense_b = rows_layout.codes_bytes(n_rows, n_cols, n_centroids, pruned)
-    return "codes" if dense_b is not None and dense_b <= rows_layout.ell_bytes(row_lengths, n_cols) else "ell"
+    ell_b = rows_layout.ell_bytes(row_lengths, n_cols, n_centroids)
+    return "codes" if dense_b is not None and dense_b <= ell_b else "ell"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -57,14 +57,15 @@ class CompressedLinear(nn.Module):
     The layouts are the entries of the registry ``dc_lightning.kernels.layouts.REGISTRY``: ``sparse`` (sliced-ELL
     ``(column, code)`` entries, ``kernels/sparse/``: fewest bytes, CUDA-core gathers of ``x`` per non-zero),
     ``tc`` (4-bit codes, four per 16-bit word in the tensor cores' fragment order, decoded in registers straight into
-    the tensor cores, ``kernels/tc/``: EIE's 16-entry tables) and ``lut`` (dense packed 2-8-bit codes plus a bitmap or a zero code, ``kernels/lut/``: the
-    other codebook sizes), or any other registered layout. :meth:`from_linear` picks one encoding by density
-    (:func:`dc_lightning.kernels.layouts.choose_layout`): below 30 % sparse, from there on dense codes (``tc``
-    when the codebook fits 16 entries with the zero code, else ``lut``). With ``alternate=True`` a layer keeps a
-    second encoding for the other end of the batch range (:func:`~dc_lightning.kernels.layouts.alternate_layout`;
-    memory: that encoding's bytes again): batches of ``batch_min`` rows or more then run the one of higher
-    ``batch_rank`` (the dense codes), smaller ones the sparse one; :meth:`autotune` moves the switch to where it
-    measures it. ``extra_repr`` says what the layer holds and why.
+    the tensor cores, ``kernels/tc/``: EIE's 16-entry tables) and ``lut`` (dense packed 2-8-bit codes plus a bitmap
+    or a zero code, ``kernels/lut/``: the other codebook sizes), or any other registered layout.
+    :meth:`from_linear` drops codebook entries no kept weight uses, then picks one encoding by density
+    (:func:`dc_lightning.kernels.layouts.choose_layout`): below 30 % sparse, from there on dense codes (``tc`` when
+    the codebook fits 16 entries with the zero code, else ``lut``). With ``alternate=True`` a layer keeps a second
+    encoding for the other end of the batch range (:func:`~dc_lightning.kernels.layouts.alternate_layout`; memory:
+    that encoding's bytes again): batches of ``batch_min`` rows or more then run the one of higher ``batch_rank``
+    (the dense codes), smaller ones the sparse one; :meth:`autotune` moves the switch to where it measures it.
+    ``extra_repr`` says what the layer holds and why.
 
     Buffers (saved in ``state_dict``): each held layout's, under the names its registry entry gives (sparse:
     ``entries`` (int16/int32), ``block_ptr`` (int32), ``codebook`` (float32, ``2**bits + 1`` values, the last one
@@ -215,6 +216,7 @@ class CompressedLinear(nn.Module):
                 )
             if centroids.numel() == 0:
                 centroids = torch.zeros(1)
+        codes, centroids = layouts.used_codebook(codes, centroids)  # unused entries cost table slots, nothing else
         n_out, n_in = linear.out_features, linear.in_features
         opts = {name: dict(o) for name, o in (options or {}).items()}
         sparse = opts.setdefault("sparse", {})
