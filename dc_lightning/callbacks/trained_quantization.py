@@ -137,6 +137,11 @@ class TrainedQuantization(Callback):
         verbose: print a per-layer table (rich) on rank 0 after clustering.
         log_histograms: with a ``WandbLogger``, log each layer's weight histogram before and after clustering
             (the view of [DC] Figs. 4/5).
+        zero_code: reserve the last codebook entry of every pruned layer for an exact 0.0 (``2**bits - 1``
+            centroids; EIE's 4-bit table of 15 shared values + the zero [EIE §III]). No kept weight uses it, so its
+            codebook gradient is 0 and it stays 0.0 through fine-tuning; at 4 bits a pruned layer then converts to
+            the ``tc`` tensor-core layout (0.5 bytes per weight) instead of ``lut`` + bitmap. Default False (the
+            paper's ``2**bits`` centroids).
 
     Raises:
         ValueError: a bad argument (the message names it and the valid values); in ``setup``, a pattern that matches
@@ -168,6 +173,7 @@ class TrainedQuantization(Callback):
         types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
         verbose: bool = True,
         log_histograms: bool = True,
+        zero_code: bool = False,
     ) -> None:
         if isinstance(bits, Mapping):
             if not bits:
@@ -209,6 +215,7 @@ class TrainedQuantization(Callback):
         self.types = check_types(types, "TrainedQuantization: types")  # a list from a config node works as well
         self.verbose = check_bool(verbose, "TrainedQuantization: verbose")
         self.log_histograms = check_bool(log_histograms, "TrainedQuantization: log_histograms")
+        self.zero_code = check_bool(zero_code, "TrainedQuantization: zero_code")
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
         self._layers: dict[str, Target] = {}
@@ -356,6 +363,7 @@ class TrainedQuantization(Callback):
                 name=name,
                 refine=self.refine,
                 param=t.param,
+                zero_code=self.zero_code,
             )
         for t in self._layers.values():  # float noise must not make ranks disagree
             for tensor in get_codebook(t.module, t.param):  # codebook and assignments, both broadcast in place

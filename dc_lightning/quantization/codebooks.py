@@ -140,6 +140,7 @@ def quantize_layer(
     name: str = "layer",
     refine: bool = False,
     param: str = buffers.WEIGHT,
+    zero_code: bool = False,
 ) -> dict[str, Any]:
     """Cluster one layer's weights into ``2**bits`` shared weights, attach the codebook and rewrite the weight.
 
@@ -159,6 +160,12 @@ def quantize_layer(
             for Huffman coding (trained LeNet-300-100 recipe: 37.0x vs 35.6x with refinement, top-1 within 0.2 pt).
         param: the parameter to quantize (``weight``; ``in_proj_weight``, ``weight_hh_l0`` ... for attention and
             recurrent modules, see :mod:`dc_lightning.targets`).
+        zero_code: for a pruned layer, cluster the kept weights into ``2**bits - 1`` centroids and make the last
+            codebook entry exactly 0.0, used by no kept weight (EIE's 4-bit table: 15 shared values + the zero of
+            the pruned positions [EIE §III]). Its gradient is then always 0, so fine-tuning keeps it 0.0. The
+            ``2**bits`` codes then cover the pruned positions too, so a 4-bit pruned layer converts to the ``tc``
+            tensor-core layout (0.5 bytes per weight, no bitmap) instead of ``lut`` + bitmap. An unpruned layer
+            keeps ``2**bits`` centroids. Default False: the paper's ``2**bits`` centroids [DC §3].
 
     Returns:
         ``{"bits", "weights", "members", "centroids_used", "wcss"}`` for reports.
@@ -167,12 +174,17 @@ def quantize_layer(
         ValueError: ``bits`` outside 1..8 (the message names ``name``), or bad ``init``.
     """
     check_bits(bits, f"bits for layer {name!r}")
+    if not isinstance(zero_code, bool):
+        raise TypeError(f"zero_code for layer {name!r} must be True or False, got {zero_code!r}")
     k = 2**bits
     w = getattr(module, param)
     mask = get_mask(module, param)
+    reserve = zero_code and mask is not None and not bool(mask.all())
     with torch.no_grad():
         members = w.detach()[mask] if mask is not None else w.detach().reshape(-1).clone()  # not a view: w changes
-        c, a = kmeans_1d(members, k, init=init, max_iter=max_iter, seed=seed, refine=refine)
+        c, a = kmeans_1d(members, k - 1 if reserve else k, init=init, max_iter=max_iter, seed=seed, refine=refine)
+        if reserve:  # the last entry: the pruned positions' 0.0, no member assigned to it
+            c = torch.cat([c, torch.zeros(1, dtype=c.dtype, device=c.device)])
         assign = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
         if mask is not None:
             assign[mask] = a.to(torch.uint8)
@@ -199,6 +211,7 @@ def quantize_model(
     seed: int = 0,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
     refine: bool = False,
+    zero_code: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
@@ -214,6 +227,8 @@ def quantize_model(
         types: module types considered (default :data:`dc_lightning.kinds.DEFAULT_TARGET_TYPES`).
         refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
             plain Lloyd from ``init``.
+        zero_code: reserve a 0.0 codebook entry in every pruned layer (``2**bits - 1`` centroids; see
+            :func:`quantize_layer`): EIE's 15 values + 0 at 4 bits, the ``tc`` layout's table.
 
     Returns:
         ``{target: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
@@ -227,11 +242,14 @@ def quantize_model(
     """
     if init not in INITS:
         raise ValueError(f"quantize_model: init must be one of {INITS}, got {init!r}")
+    if not isinstance(zero_code, bool):
+        raise TypeError(f"quantize_model: zero_code must be True or False, got {zero_code!r}")
     layers = select_targets(model, include, exclude, types=types, what="quantize_model")
     per_layer = bits_for_layers(layers, bits)
     return {
         n: quantize_layer(
-            t.module, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine, param=t.param
+            t.module, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine, param=t.param,
+            zero_code=zero_code,
         )
         for n, t in layers.items()
     }
