@@ -256,8 +256,8 @@ def test_embedding_layouts_decode_rows(layout: str | None, bits: int, dim: int) 
     if layout == "codes":  # 3 bits + a zero code fit a nibble: two codes per byte
         assert ce.codes.dtype == torch.uint8 and ce.codes.shape == (30, -(-dim // 2) if bits == 3 else dim)
     if layout == "ell":
-        assert ce.cols.dtype == (torch.uint8 if dim <= 256 else torch.int16)
-        assert ce.codes.shape == ce.cols.shape == (30, int(emb.weight_mask.sum(1).max()))
+        assert ce.entries.dtype == (torch.uint8 if dim <= 256 else torch.int16)
+        assert ce.entries.shape == (2, 30, int(emb.weight_mask.sum(1).max()))
     assert [n for n, t in ce.named_buffers() if t.is_floating_point()] == ["codebook"]
     assert ce.codebook.numel() <= 2**bits + 1
 

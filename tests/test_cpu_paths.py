@@ -80,8 +80,8 @@ def test_reference_multiplies_small_batches_from_the_entries_and_decodes_large_o
 
 
 def test_ell_rows_are_the_dense_rows_bit_for_bit() -> None:
-    """Rows with no kept weight, rows keeping column 0, negative and zero centroids: the padding (column 0, code 0)
-    must add nothing."""
+    """Rows with no kept weight, rows keeping column 0, negative and zero centroids: the padding (column 0, the zero
+    code) must add nothing."""
     g = torch.Generator().manual_seed(5)
     n, d = 12, 9
     mask = torch.rand(n, d, generator=g) < 0.4
@@ -94,7 +94,8 @@ def test_ell_rows_are_the_dense_rows_bit_for_bit() -> None:
     dense = torch.zeros(n, d)
     dense[rows, cols] = codebook[codes]
     packed = rows_layout.pack_ell(n, d, rows, cols, codes, codebook)
-    assert packed.cols.shape[1] == d  # the full row sets the width: every other row is padded
+    assert packed.entries.shape == (2, n, d)  # the full row sets the width: every other row is padded
+    assert packed.codebook.numel() == 6 and float(packed.codebook[-1]) == 0.0  # the padding's zero code
     idx = torch.tensor([3, 4, 5, 6, 0, 11, 3, 7])
     assert torch.equal(rows_layout.ell_rows(packed, idx), dense[idx])
     assert torch.equal(rows_layout.decode_ell(packed), dense)

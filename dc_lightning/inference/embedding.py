@@ -3,6 +3,8 @@ weight is tied to an output projection, decoding its rows from the projection's 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -21,9 +23,9 @@ class CompressedEmbedding(nn.Module):
     ``rows`` lookup, ``kernels/rows/``), under the buffer names of its entry; :meth:`from_module` keeps the one with
     fewer bytes (:func:`dc_lightning.kernels.layouts.choose_row_layout`):
 
-    * ``"ell"`` (sparse rows): ``cols`` and ``codes`` of the kept entries of every row, padded to the longest row,
-      and ``lengths``; a lookup scatters the requested rows' ``codebook[codes]`` into zeros (fixed shapes, so it runs
-      under ``torch.compile(fullgraph=True)`` and in CUDA graphs).
+    * ``"ell"`` (sparse rows): ``entries``, the (column, code) pairs of the kept entries of every row, padded to the
+      longest row with a zero code; a lookup scatters the requested rows' ``codebook[codes]`` into zeros (five ops,
+      fixed shapes, so it runs under ``torch.compile(fullgraph=True)`` and in CUDA graphs).
     * ``"codes"`` (dense codes): one 4- or 8-bit code per weight; a lookup is ``codebook[codes[rows]]``.
 
     The codebook is a float buffer (it follows ``module.to(dtype)``); the output has its dtype. ``padding_idx``
@@ -82,14 +84,38 @@ class CompressedEmbedding(nn.Module):
         return cls(packed, padding_idx=emb.padding_idx)
 
     def packed(self) -> Packed:
-        """The table in its row layout (views of this module's buffers)."""
+        """The table in its row layout (views of this module's buffers).
+
+        Built once and reused while the buffers are the same tensors (a lookup of a few tokens takes ~20 us, of
+        which building the dataclass would be ~1.5); ``.to()``/``.half()`` (``_apply``), loading a state dict and a
+        new extra state drop it, and a buffer replaced any other way is caught by the identity check.
+        """
         # self._buffers, not getattr: nn.Module's attribute lookup is a visible share of a small lookup's time
-        return layouts.spec(self.layout).build(self._buffers, self._layout_state, self.num_embeddings,
-                                               self.embedding_dim, self.nnz)  # fmt: skip
+        cached = self.__dict__.get("_packed_cache")
+        bufs = self._buffers
+        if cached is not None and all(getattr(cached[1], f) is bufs[b] for f, b in cached[0]):
+            return cached[1]
+        spec = layouts.spec(self.layout)
+        got = spec.build(bufs, self._layout_state, self.num_embeddings, self.embedding_dim, self.nnz)
+        self.__dict__["_packed_cache"] = (tuple(spec.buffers.items()), got)
+        return got
+
+    def _drop_packed(self) -> None:
+        self.__dict__.pop("_packed_cache", None)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressedEmbedding:
+        self._drop_packed()  # the cache must not keep the old tensors alive after .to()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._drop_packed()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
-        rows = layouts.spec(self.layout).rows(self.packed(), input.reshape(-1))
-        return rows.reshape(*input.shape, self.embedding_dim)
+        lookup = layouts.REGISTRY[self.layout].rows
+        if input.dim() == 1:
+            return lookup(self.packed(), input)
+        return lookup(self.packed(), input.reshape(-1)).view(*input.shape, self.embedding_dim)
 
     def dense_numel(self) -> int:
         return self.num_embeddings * self.embedding_dim
@@ -99,6 +125,7 @@ class CompressedEmbedding(nn.Module):
                 "padding_idx": self.padding_idx, "nnz": self.nnz, **self._layout_state}
 
     def set_extra_state(self, state: dict) -> None:
+        self._drop_packed()
         for k, v in state.items():
             if k in self._layout_state:
                 self._layout_state[k] = layouts.state_value(v)

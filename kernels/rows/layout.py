@@ -4,10 +4,13 @@ An embedding lookup reads a few rows of a large table, so these layouts keep eve
 sparse and LUT layouts tile rows and columns for the matrix kernels instead). Two layouts, both pure PyTorch with
 fixed shapes (they run under ``torch.compile(fullgraph=True)`` and in CUDA graphs):
 
-* ``"ell"`` (:class:`RowELL`, sparse rows): ``cols`` [V, L] (uint8 up to 256 columns, int16 up to 32767, else int32)
-  and ``codes`` [V, L] (uint8) of the kept entries of every row in column order, padded with zeros to the longest
-  row ``L``, and ``lengths`` [V] (int16, or int32). A lookup gathers the requested rows' entries and scatters
-  ``codebook[codes]`` into zeros of shape [N, D].
+* ``"ell"`` (:class:`RowELL`, sparse rows): ``entries`` [2, V, L], the columns (plane 0) and codes (plane 1) of the
+  kept entries of every row in column order, padded to the longest row ``L`` by repeating the row's last entry (an
+  empty row: column 0 and the zero code), so a scatter without accumulation is exact; uint8 when the columns and
+  codes fit a byte (up to 256 columns and 255 centroids), else int16 up to 32767, else int32. The codebook holds the
+  centroids and, last, the 0.0 of an empty row (the sparse layout's convention). A lookup is five tensor ops
+  whatever its size (one gather of the rows' entries and one conversion, the codebook look-up, one scatter into
+  zeros of shape [N, D]): a lookup of a few tokens is bound by its op count (bench/RESULTS.md "CPU path vs dense").
 * ``"codes"`` (:class:`RowCodes`, dense codes): one code per weight, 4 bits (two per byte, the even column in the
   low nibble) when the codebook plus a 0.0 slot for pruned weights fits 16 entries, else 8 bits; a lookup is
   ``codebook[codes[rows]]``.
@@ -19,7 +22,6 @@ and decodes come out in it. :func:`ell_bytes` / :func:`codes_bytes` give the ind
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 __all__ = [
     "RowELL",
     "RowCodes",
-    "ell_dtypes",
+    "ell_dtype",
     "ell_bytes",
     "codes_bits",
     "codes_bytes",
@@ -48,18 +50,18 @@ __all__ = [
 ]
 
 
-def ell_dtypes(n_cols: int) -> tuple[torch.dtype, torch.dtype]:
-    """``(column dtype, length dtype)`` of the ``ell`` layout for rows of ``n_cols`` columns."""
-    col = torch.uint8 if n_cols <= 256 else torch.int16 if n_cols <= 32767 else torch.int32
-    return col, torch.int16 if n_cols <= 32767 else torch.int32
+def ell_dtype(n_cols: int, n_centroids: int = 1) -> torch.dtype:
+    """The ``entries`` dtype of the ``ell`` layout for rows of ``n_cols`` columns and ``n_centroids`` centroids
+    (codes up to ``n_centroids``, the padding's zero code)."""
+    top = max(int(n_cols) - 1, int(n_centroids))
+    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
 
 
-def ell_bytes(lengths: Tensor, n_cols: int) -> int:
-    """Bytes of the ``ell`` index tensors (``cols``, ``codes``, ``lengths``) for rows keeping ``lengths`` entries."""
+def ell_bytes(lengths: Tensor, n_cols: int, n_centroids: int = 1) -> int:
+    """Bytes of the ``ell`` index tensor (``entries``) for rows keeping ``lengths`` entries."""
     n_rows = lengths.numel()
     width = max(int(lengths.max()) if n_rows else 0, 1)
-    col, length = ell_dtypes(n_cols)
-    return n_rows * width * (1 + col.itemsize) + n_rows * length.itemsize
+    return n_rows * width * 2 * ell_dtype(n_cols, n_centroids).itemsize
 
 
 def codes_bits(n_codes: int) -> int:
@@ -80,19 +82,16 @@ class RowELL(PackedLayer):
     """A table in the ``ell`` row layout (see the module docstring).
 
     Attributes:
-        codes: uint8 ``[out_features, L]`` codebook index of every kept entry (0 in padding).
-        codebook: float ``[n_centroids]``.
-        cols: uint8/int16/int32 ``[out_features, L]`` column of every kept entry (0 in padding).
-        lengths: int16/int32 ``[out_features]`` kept entries per row.
+        entries: integer ``[2, out_features, L]``: per kept entry its column (plane 0) and its code (plane 1);
+            padding repeats the row's last entry (an empty row: column 0 and the zero code ``n_centroids``).
+        codebook: float ``[n_centroids + 1]``, the last value the padding's 0.0.
         out_features: rows (``num_embeddings``).
         in_features: columns (``embedding_dim``).
         nnz: kept weights (-1 when unknown).
     """
 
-    codes: Tensor
+    entries: Tensor
     codebook: Tensor
-    cols: Tensor
-    lengths: Tensor
     out_features: int
     in_features: int
     nnz: int = -1
@@ -103,15 +102,11 @@ class RowELL(PackedLayer):
         Raises:
             ValueError: naming the field, the bad value and what is valid.
         """
-        n, width = self.out_features, self.cols.shape[-1] if self.cols.dim() == 2 else -1
-        for name, t in (("codes", self.codes), ("cols", self.cols)):
-            if t.dim() != 2 or t.shape[0] != n or t.shape[1] != width or t.is_floating_point():
-                raise ValueError(f"{name} must be an integer [{n}, L] tensor like cols, got {t.dtype} "
-                                 f"shape {tuple(t.shape)}")  # fmt: skip
-        if tuple(self.lengths.shape) != (n,) or self.lengths.is_floating_point():
-            raise ValueError(f"lengths must be an integer [{n}] tensor, got {self.lengths.dtype} "
-                             f"shape {tuple(self.lengths.shape)}")  # fmt: skip
-        _check_codebook(self.codebook)
+        n, e = self.out_features, self.entries
+        if e.dim() != 3 or e.shape[0] != 2 or e.shape[1] != n or e.is_floating_point():
+            raise ValueError(f"entries must be an integer [2, {n}, L] tensor (columns, codes), got {e.dtype} "
+                             f"shape {tuple(e.shape)}")  # fmt: skip
+        _check_codebook(self.codebook, MAX_CODES + 1)
 
 
 @dataclass
@@ -147,9 +142,9 @@ class RowCodes(PackedLayer):
         _check_codebook(self.codebook)
 
 
-def _check_codebook(codebook: Tensor) -> None:
-    if codebook.dim() != 1 or not codebook.is_floating_point() or not 1 <= codebook.numel() <= MAX_CODES:
-        raise ValueError(f"codebook must be a 1-D float tensor of 1..{MAX_CODES} values, got {codebook.dtype} "
+def _check_codebook(codebook: Tensor, most: int = MAX_CODES) -> None:
+    if codebook.dim() != 1 or not codebook.is_floating_point() or not 1 <= codebook.numel() <= most:
+        raise ValueError(f"codebook must be a 1-D float tensor of 1..{most} values, got {codebook.dtype} "
                          f"shape {tuple(codebook.shape)}")  # fmt: skip
 
 
@@ -173,14 +168,20 @@ def pack_ell(
     rows, cols, codes = rows.to(device), cols.to(device), codes.to(device)
     lengths = torch.bincount(rows, minlength=n)
     width = max(int(lengths.max()), 1)
+    ncb = codebook.numel()
     # rows are row-major: entry i of row r sits at slot i - (first entry of r), kept columns in column order
     k = torch.arange(rows.numel(), device=device) - (torch.cumsum(lengths, 0) - lengths)[rows]
-    col_dtype, len_dtype = ell_dtypes(d)
-    ell_cols = torch.zeros(n, width, dtype=col_dtype, device=device)
-    ell_cols[rows, k] = cols.to(col_dtype)
-    ell_codes = torch.zeros(n, width, dtype=torch.uint8, device=device)
-    ell_codes[rows, k] = codes.to(torch.uint8)
-    return RowELL(ell_codes, codebook.detach().to(device), ell_cols, lengths.to(len_dtype), n, d, rows.numel())
+    dt = ell_dtype(d, ncb)
+    entries = torch.zeros(2, n, width, dtype=dt, device=device)
+    entries[1] = ncb  # an empty row: column 0, the zero code
+    entries[0, rows, k] = cols.to(dt)
+    entries[1, rows, k] = codes.to(dt)
+    # a row's padding repeats its last entry, so the lookup's scatter writes the same value again (no accumulate)
+    slot = torch.arange(width, device=device)
+    src = torch.minimum(slot[None, :], (lengths - 1).clamp(min=0)[:, None])
+    entries = entries.gather(2, src.expand(2, n, width)).contiguous()
+    zero = torch.zeros(1, dtype=codebook.dtype, device=device)
+    return RowELL(entries, torch.cat([codebook.detach().to(device), zero]), n, d, rows.numel())
 
 
 def pack_codes(
@@ -216,24 +217,14 @@ def pack_codes(
     return RowCodes(c.contiguous(), full, n, d, rows.numel())
 
 
-@functools.lru_cache(maxsize=32)
-def _slots(width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``arange(width)`` in the lengths' dtype (a compare without a type promotion copy); a constant per shape."""
-    return torch.arange(width, dtype=dtype, device=device)
-
-
 def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
     """The decoded rows ``idx`` (1-D) of the table: ``[len(idx), in_features]`` in the codebook's dtype."""
-    # few ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md); no
-    # op here promotes a dtype (each hidden conversion is another op)
+    # five ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md); the
+    # padding (repeated entries) needs no mask, and no op promotes a dtype (each hidden conversion is another op)
     p = packed
-    cols = p.cols.index_select(0, idx)  # [N, L]
-    codes = p.codes.index_select(0, idx)
-    padding = _slots(cols.shape[1], p.lengths.dtype, cols.device) >= p.lengths.index_select(0, idx).unsqueeze(1)
-    vals = p.codebook.index_select(0, codes.view(-1).int()).view(codes.shape).masked_fill_(padding, 0.0)
-    return torch.zeros(idx.shape[0], p.in_features, dtype=vals.dtype, device=vals.device).scatter_add_(
-        1, cols.long(), vals
-    )
+    cols, codes = p.entries.index_select(1, idx).long().unbind(0)  # one conversion serves the scatter and the take
+    vals = torch.take(p.codebook, codes)
+    return torch.zeros(idx.shape[0], p.in_features, dtype=vals.dtype, device=vals.device).scatter_(1, cols, vals)
 
 
 def codes_rows(packed: RowCodes, idx: Tensor) -> Tensor:
@@ -247,7 +238,7 @@ def codes_rows(packed: RowCodes, idx: Tensor) -> Tensor:
 
 def decode_ell(packed: RowELL) -> Tensor:
     """The dense ``[out, in]`` table (every row decoded)."""
-    return ell_rows(packed, torch.arange(packed.out_features, device=packed.codes.device))
+    return ell_rows(packed, torch.arange(packed.out_features, device=packed.entries.device))
 
 
 def decode_codes(packed: RowCodes) -> Tensor:
