@@ -4,8 +4,10 @@ bit for bit against the dense table on the rows that trip a padding mask (empty 
 
 from __future__ import annotations
 
+import compressed_zoo as zoo
 import pytest
 import torch
+from torch import nn
 
 from dc_lightning.kernels.rows import layout as rows_layout
 from dc_lightning.kernels.sparse import layout as sparse_layout
@@ -112,3 +114,25 @@ def test_reference_is_differentiable_in_x() -> None:
         xd = x.detach().double().requires_grad_()
         (want,) = torch.autograd.grad((xd @ dense.T).square().sum(), xd)
         assert _rel(g, want) <= 1e-5, batch
+
+
+def test_embedding_reuses_its_packed_view_until_the_buffers_change() -> None:
+    """The lookup's packed dataclass is built once; ``.half()``, a loaded state dict and a buffer replaced by
+    assignment are all seen by the next lookup (no stale tensors, no old copy kept alive after ``.to()``)."""
+    from dc_lightning.inference.embedding import CompressedEmbedding
+
+    emb = zoo.compress_all(nn.Embedding(40, 24), density=0.3, bits=4, seed=3)
+    ce = CompressedEmbedding.from_module(emb, layout="ell")
+    ids = torch.tensor([3, 0, 39, 3])
+    assert torch.equal(ce(ids), emb(ids)) and ce.packed() is ce.packed()
+    ce.half()
+    assert "_packed_cache" not in ce.__dict__  # dropped by _apply: the fp32 buffers are not kept alive
+    assert ce(ids).dtype == torch.float16 and torch.equal(ce(ids), emb(ids).half())
+    ce.float()
+    y = ce(ids)  # the fp16-rounded table, back in fp32
+    ce.codebook = ce.codebook * 2  # replaced by assignment: caught by the identity check
+    assert torch.equal(ce(ids), 2 * y)
+    fresh = CompressedEmbedding.from_module(emb, layout="ell")
+    fresh(ids)
+    fresh.load_state_dict(ce.state_dict())
+    assert torch.equal(fresh(ids), 2 * y)
