@@ -302,12 +302,13 @@ def test_converted_once_from_one_table(trained, tmp_path, caplog, checked):
         assert any("kept lm_head" in w and "tied to wte, which stays dense" in w for w in warnings)
         return
     assert isinstance(proj, CompressedLinear) and isinstance(emb, TiedEmbedding) and emb.table is proj
-    assert emb.layout == "lut" and "lut" in proj.layout_names  # rows from the projection's LUT copy
+    # rows from the projection's dense-code copy: tc (4-bit, the zero code reserved by default) or lut
+    assert emb.layout in ("tc", "lut") and emb.layout in proj.layout_names
     assert not warnings, warnings
     _no_dense_copy(conv, shape)
     # one table in memory: the embedding holds nothing of its own, and a state dict has the table once
     assert all(b.numel() == 0 for b in emb.buffers())
-    assert not [k for k in conv.state_dict() if k.startswith(f"{MODELS[name][1][0]}.") and "lut" in k]
+    assert not [k for k in conv.state_dict() if k.startswith(f"{MODELS[name][1][0]}.") and emb.layout in k]
     # it survives what users do with modules: deepcopy, state-dict round trip, half precision
     twin = copy.deepcopy(conv)
     assert _pair(name, twin)[0].table is _pair(name, twin)[1]

@@ -1,6 +1,7 @@
 """``zero_code=True``: pruned layers get ``2**bits - 1`` centroids plus an exact 0.0 entry (EIE's 4-bit table: 15
 shared values + the zero of pruned positions), which stays 0.0 through codebook fine-tuning (any optimizer), and
-a 4-bit pruned layer then converts to the ``tc`` tensor-core layout instead of ``lut`` + bitmap."""
+a 4-bit pruned layer then converts to the ``tc`` tensor-core layout instead of ``lut`` + bitmap. The default
+(``None``) does so at 4 bits only."""
 
 from __future__ import annotations
 
@@ -46,20 +47,23 @@ def test_pruned_layer_gets_a_zero_entry_no_kept_weight_uses(bits: int) -> None:
     assert torch.equal(lin.weight.detach(), decode_weight(lin)) and bool((lin.weight[~mask] == 0).all())
 
 
-def test_unpruned_layer_and_default_keep_every_centroid() -> None:
+def test_defaults_reserve_only_at_four_bits_and_never_for_unpruned_layers() -> None:
     torch.manual_seed(1)
     dense = nn.Linear(40, 30)
     quantize_layer(dense, 4, zero_code=True)  # nothing pruned: no entry to reserve
     assert get_codebook(dense)[1].unique().numel() == 16
-    lin = _pruned_linear(seed=2)
-    quantize_layer(lin, 4)  # the paper's default: 16 centroids over the kept weights
-    assert int(get_codebook(lin)[1][lin.weight_mask].unique().numel()) == 16
+    for bits, zero_code, kept_codes, reserved in ((4, None, 15, True), (4, False, 16, False), (5, None, 32, False)):
+        lin = _pruned_linear(seed=2)
+        quantize_layer(lin, bits, zero_code=zero_code)
+        codebook, assign = get_codebook(lin)
+        assert int(assign[lin.weight_mask].unique().numel()) == kept_codes
+        assert (float(codebook[-1]) == 0.0) == reserved
 
 
 def test_bad_zero_code_names_the_layer() -> None:
-    with pytest.raises(TypeError, match="zero_code for layer 'fc' must be True or False, got 'yes'"):
+    with pytest.raises(TypeError, match=r"zero_code for layer 'fc' must be True, False or None .*, got 'yes'"):
         quantize_layer(_pruned_linear(), 4, zero_code="yes", name="fc")
-    with pytest.raises(TypeError, match="quantize_model: zero_code must be True or False, got 1"):
+    with pytest.raises(TypeError, match="quantize_model: zero_code must be True, False or None .*, got 1"):
         quantize_model(nn.Sequential(_pruned_linear()), bits=4, zero_code=1)
     with pytest.raises(ValueError, match="zero_code"):
         TrainedQuantization(zero_code="no")

@@ -140,8 +140,9 @@ class TrainedQuantization(Callback):
         zero_code: reserve the last codebook entry of every pruned layer for an exact 0.0 (``2**bits - 1``
             centroids; EIE's 4-bit table of 15 shared values + the zero [EIE §III]). No kept weight uses it, so its
             codebook gradient is 0 and it stays 0.0 through fine-tuning; at 4 bits a pruned layer then converts to
-            the ``tc`` tensor-core layout (0.5 bytes per weight) instead of ``lut`` + bitmap. Default False (the
-            paper's ``2**bits`` centroids).
+            the ``tc`` tensor-core layout (0.5 bytes per weight) instead of ``lut`` + bitmap (0.625). ``None``
+            (default): True for 4-bit layers (EIE's table), False at other widths (the paper's ``2**bits``
+            centroids).
 
     Raises:
         ValueError: a bad argument (the message names it and the valid values); in ``setup``, a pattern that matches
@@ -173,7 +174,7 @@ class TrainedQuantization(Callback):
         types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
         verbose: bool = True,
         log_histograms: bool = True,
-        zero_code: bool = False,
+        zero_code: bool | None = None,
     ) -> None:
         if isinstance(bits, Mapping):
             if not bits:
@@ -215,7 +216,11 @@ class TrainedQuantization(Callback):
         self.types = check_types(types, "TrainedQuantization: types")  # a list from a config node works as well
         self.verbose = check_bool(verbose, "TrainedQuantization: verbose")
         self.log_histograms = check_bool(log_histograms, "TrainedQuantization: log_histograms")
-        self.zero_code = check_bool(zero_code, "TrainedQuantization: zero_code")
+        if zero_code is not None and not isinstance(zero_code, bool):
+            raise ValueError(
+                f"TrainedQuantization: zero_code must be True, False or None (True at 4 bits), got {zero_code!r}"
+            )
+        self.zero_code = zero_code
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
         self._layers: dict[str, Target] = {}

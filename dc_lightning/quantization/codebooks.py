@@ -140,7 +140,7 @@ def quantize_layer(
     name: str = "layer",
     refine: bool = False,
     param: str = buffers.WEIGHT,
-    zero_code: bool = False,
+    zero_code: bool | None = None,
 ) -> dict[str, Any]:
     """Cluster one layer's weights into ``2**bits`` shared weights, attach the codebook and rewrite the weight.
 
@@ -164,8 +164,9 @@ def quantize_layer(
             codebook entry exactly 0.0, used by no kept weight (EIE's 4-bit table: 15 shared values + the zero of
             the pruned positions [EIE §III]). Its gradient is then always 0, so fine-tuning keeps it 0.0. The
             ``2**bits`` codes then cover the pruned positions too, so a 4-bit pruned layer converts to the ``tc``
-            tensor-core layout (0.5 bytes per weight, no bitmap) instead of ``lut`` + bitmap. An unpruned layer
-            keeps ``2**bits`` centroids. Default False: the paper's ``2**bits`` centroids [DC §3].
+            tensor-core layout (0.5 bytes per weight, no bitmap) instead of ``lut`` + bitmap (0.625). An unpruned
+            layer keeps ``2**bits`` centroids. ``None`` (default): True at 4 bits (EIE's table, the tensor-core
+            layout's), False at other widths (the paper's ``2**bits`` centroids [DC §3]).
 
     Returns:
         ``{"bits", "weights", "members", "centroids_used", "wcss"}`` for reports.
@@ -174,12 +175,12 @@ def quantize_layer(
         ValueError: ``bits`` outside 1..8 (the message names ``name``), or bad ``init``.
     """
     check_bits(bits, f"bits for layer {name!r}")
-    if not isinstance(zero_code, bool):
-        raise TypeError(f"zero_code for layer {name!r} must be True or False, got {zero_code!r}")
+    if zero_code is not None and not isinstance(zero_code, bool):
+        raise TypeError(f"zero_code for layer {name!r} must be True, False or None (True at 4 bits), got {zero_code!r}")
     k = 2**bits
     w = getattr(module, param)
     mask = get_mask(module, param)
-    reserve = zero_code and mask is not None and not bool(mask.all())
+    reserve = (bits == 4 if zero_code is None else zero_code) and mask is not None and not bool(mask.all())
     with torch.no_grad():
         members = w.detach()[mask] if mask is not None else w.detach().reshape(-1).clone()  # not a view: w changes
         c, a = kmeans_1d(members, k - 1 if reserve else k, init=init, max_iter=max_iter, seed=seed, refine=refine)
@@ -211,7 +212,7 @@ def quantize_model(
     seed: int = 0,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
     refine: bool = False,
-    zero_code: bool = False,
+    zero_code: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
@@ -228,7 +229,8 @@ def quantize_model(
         refine: split/merge refinement of the clustering (see :func:`kmeans_1d`); False (default) = the paper's
             plain Lloyd from ``init``.
         zero_code: reserve a 0.0 codebook entry in every pruned layer (``2**bits - 1`` centroids; see
-            :func:`quantize_layer`): EIE's 15 values + 0 at 4 bits, the ``tc`` layout's table.
+            :func:`quantize_layer`): EIE's 15 values + 0 at 4 bits, the ``tc`` layout's table. ``None`` (default):
+            at 4 bits only.
 
     Returns:
         ``{target: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
@@ -242,8 +244,8 @@ def quantize_model(
     """
     if init not in INITS:
         raise ValueError(f"quantize_model: init must be one of {INITS}, got {init!r}")
-    if not isinstance(zero_code, bool):
-        raise TypeError(f"quantize_model: zero_code must be True or False, got {zero_code!r}")
+    if zero_code is not None and not isinstance(zero_code, bool):
+        raise TypeError(f"quantize_model: zero_code must be True, False or None (True at 4 bits), got {zero_code!r}")
     layers = select_targets(model, include, exclude, types=types, what="quantize_model")
     per_layer = bits_for_layers(layers, bits)
     return {

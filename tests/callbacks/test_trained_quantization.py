@@ -143,17 +143,27 @@ def test_max_iter_zero_keeps_the_evenly_spaced_linear_centroids():
     for name in (CONV, FC1, FC2):
         m = module.get_submodule(name)
         kept[name] = m.weight.detach()[m.weight_mask].clone()
-    q = TrainedQuantization(bits=4, max_iter=0, verbose=False, log_histograms=False)
+    q = TrainedQuantization(bits=4, max_iter=0, zero_code=False, verbose=False, log_histograms=False)
     check = Check(q)
     cpu_trainer(1, [q, check], limit_train_batches=2).fit(module, toy_loader())
     for name, w in kept.items():
         expected = torch.linspace(w.min().item(), w.max().item(), 16)
         torch.testing.assert_close(check.first_codebooks[name], expected, rtol=0, atol=1e-6)
+    # the 4-bit default reserves the pruned positions' 0.0: 15 evenly spaced centroids, then the zero
+    torch.manual_seed(0)
+    module = Module()
+    prune_by_hand(module)
+    q = TrainedQuantization(bits=4, max_iter=0, verbose=False, log_histograms=False)
+    check = Check(q)
+    cpu_trainer(1, [q, check], limit_train_batches=2).fit(module, toy_loader())
+    for name, w in kept.items():
+        expected = torch.cat([torch.linspace(w.min().item(), w.max().item(), 15), torch.zeros(1)])
+        torch.testing.assert_close(check.first_codebooks[name], expected, rtol=0, atol=1e-6)
     # Lloyd (the default) moves the centroids away from the even spacing on the same weights
     torch.manual_seed(0)
     module = Module()
     prune_by_hand(module)
-    q = TrainedQuantization(bits=4, verbose=False, log_histograms=False)
+    q = TrainedQuantization(bits=4, zero_code=False, verbose=False, log_histograms=False)
     check = Check(q)
     cpu_trainer(1, [q, check], limit_train_batches=2).fit(module, toy_loader())
     w = kept[FC1]
