@@ -58,6 +58,7 @@ from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts  # noqa: E402
 from dc_lightning.kernels.lut.layout import WORD_ORDER_MIN  # noqa: E402
 from dc_lightning.kernels.sparse.layout import unpack, use_product  # noqa: E402
+from dc_lightning.kernels.tc import layout as tc_layout  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
@@ -129,10 +130,12 @@ def decode_all(m: nn.Module, lut: bool, batch: int | None = None) -> Callable[[]
     return lambda: [c.dense_weight() for c in mats]
 
 
-def lut_copy(c: CompressedLinear) -> layouts.LUTPacked:
-    """The matrix's LUT layout: the one it holds, or one packed from its sparse layout (built once, outside timing)."""
-    if "lut" in c.layout_names:
-        return c.packed("lut")
+def lut_copy(c: CompressedLinear) -> layouts.PackedLayer:
+    """The matrix's dense-code layout (``lut`` or ``tc``): the one it holds, or a LUT packed from its sparse layout
+    (built once, outside timing)."""
+    for name in ("lut", "tc"):
+        if name in c.layout_names:
+            return c.packed(name)
     p = c.packed("sparse")
     rows, cols, codes = unpack(p)
     n_centroids = 1 << (p.code_shift - 1)
@@ -156,6 +159,10 @@ def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
         p = c.packed(layout)
         if layout == "sparse" and use_product(p, batch):
             return "entries"
+        if layout == "tc" and batch <= tc_layout.STORAGE_ORDER_MAX_BATCH and (
+            p.out_features * p.in_features >= tc_layout.STORAGE_ORDER_MIN
+        ):  # fmt: skip
+            return "storage"
         return "words" if layout == "lut" and uses_word_order(p) else "decode"
     if isinstance(conv, recurrent.CompressedRNNBase) and "steps" in name:
         return "steps" if recurrent.STEP_MAX >= 1 else "decode"  # one timestep per call
