@@ -315,6 +315,24 @@ def test_one_encoding_per_layer_within_the_memory_bounds(density, n_cb, layout, 
     assert torch.equal(layer(x), both(x)) or rel_err(layer(x), both(x).double()) <= 1e-6
 
 
+def test_default_4bit_quantization_of_a_pruned_layer_meets_the_bound() -> None:
+    """The library's own path, as a user takes it: prune a 1024x2048 layer to 50 %, ``quantize_model(bits=4)`` with
+    its defaults (the zero code reserved at 4 bits), convert: ``tc``, <= 0.6 bytes per weight, exact."""
+    from dc_lightning.inference.linear import CompressedLinear
+    from dc_lightning.pruning.masks import prune_model
+    from dc_lightning.quantization.codebooks import quantize_model
+
+    torch.manual_seed(0)
+    lin = nn.Linear(2048, 1024)
+    prune_model(nn.Sequential(lin), densities=0.5)
+    quantize_model(nn.Sequential(lin), bits=4, max_iter=5)
+    layer = CompressedLinear.from_linear(lin)
+    assert layer.layout_names == ("tc",)
+    assert _held_bytes(layer) / (1024 * 2048) <= 0.6
+    x = torch.randn(2, 2048)
+    assert rel_err(layer(x), (x.double() @ lin.weight.double().T + lin.bias.double())) <= 1e-6
+
+
 def test_choose_layout_prefers_tc_for_16_entry_tables() -> None:
     assert layouts.dense_layout(15, dense=False) is layouts.Layout.TC
     assert layouts.dense_layout(16, dense=False) is layouts.Layout.LUT  # needs 17 entries: the lut layout's bitmap
