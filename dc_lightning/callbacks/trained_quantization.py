@@ -27,7 +27,7 @@ from dc_lightning.callbacks.common import (
     print_table,
 )
 from dc_lightning.kinds import DEFAULT_TARGET_TYPES
-from dc_lightning.quantization.bits import bits_for_layers, check_bits
+from dc_lightning.quantization.bits import ZeroCode, bits_for_layers, check_bits, check_zero_code, zero_code_for_layers
 from dc_lightning.quantization.codebooks import decode_weight, quantize_layer
 from dc_lightning.quantization.kmeans import INITS
 from dc_lightning.quantization.step import CodebookStep
@@ -142,7 +142,7 @@ class TrainedQuantization(Callback):
             codebook gradient is 0 and it stays 0.0 through fine-tuning; at 4 bits a pruned layer then converts to
             the ``tc`` tensor-core layout (0.5 bytes per weight) instead of ``lut`` + bitmap (0.625). ``None``
             (default): True for 4-bit layers (EIE's table), False at other widths (the paper's ``2**bits``
-            centroids).
+            centroids). Per layer: ``{pattern: True | False | None}`` like ``bits`` (unmatched targets: ``None``).
 
     Raises:
         ValueError: a bad argument (the message names it and the valid values); in ``setup``, a pattern that matches
@@ -174,7 +174,7 @@ class TrainedQuantization(Callback):
         types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
         verbose: bool = True,
         log_histograms: bool = True,
-        zero_code: bool | None = None,
+        zero_code: ZeroCode = None,
     ) -> None:
         if isinstance(bits, Mapping):
             if not bits:
@@ -216,15 +216,12 @@ class TrainedQuantization(Callback):
         self.types = check_types(types, "TrainedQuantization: types")  # a list from a config node works as well
         self.verbose = check_bool(verbose, "TrainedQuantization: verbose")
         self.log_histograms = check_bool(log_histograms, "TrainedQuantization: log_histograms")
-        if zero_code is not None and not isinstance(zero_code, bool):
-            raise ValueError(
-                f"TrainedQuantization: zero_code must be True, False or None (True at 4 bits), got {zero_code!r}"
-            )
-        self.zero_code = zero_code
+        self.zero_code = check_zero_code(zero_code, "TrainedQuantization", ValueError)
 
         self.summary: dict[str, dict[str, Any]] = {}  # per-layer clustering report (rank-local)
         self._layers: dict[str, Target] = {}
         self._bits: dict[str, int] = {}
+        self._zero: dict[str, bool | None] = {}
         self._clustered = False
         self._start: int | None = None
         self._hooks: list[Any] = []
@@ -267,6 +264,7 @@ class TrainedQuantization(Callback):
             pl_module, self.include, self.exclude, types=self.types, what="TrainedQuantization"
         )
         self._bits = bits_for_layers(self._layers, self.bits, field="TrainedQuantization.bits")
+        self._zero = zero_code_for_layers(self._layers, self.zero_code, field="TrainedQuantization.zero_code")
         buffers.install_load_hook(pl_module)
         for name, t in self._layers.items():
             got = get_codebook(t.module, t.param)
@@ -368,7 +366,7 @@ class TrainedQuantization(Callback):
                 name=name,
                 refine=self.refine,
                 param=t.param,
-                zero_code=self.zero_code,
+                zero_code=self._zero[name],
             )
         for t in self._layers.values():  # float noise must not make ranks disagree
             for tensor in get_codebook(t.module, t.param):  # codebook and assignments, both broadcast in place

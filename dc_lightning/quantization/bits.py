@@ -1,8 +1,10 @@
 """Default and per-layer bit widths [DC §5]: the paper's 8 bits for conv layers and 5 bits for fc layers (the family
-of each layer type is in :mod:`dc_lightning.kinds`)."""
+of each layer type is in :mod:`dc_lightning.kinds`); and the per-layer ``zero_code`` choice that goes with a width
+(:func:`~dc_lightning.quantization.codebooks.quantize_layer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from dc_lightning.kinds import paper_bits
@@ -44,3 +46,40 @@ def bits_for_layers(layers: dict[str, Target], bits: int | dict[str, int] | None
     for n, b in out.items():
         check_bits(b, f"{field} for layer {n!r}")
     return out
+
+
+ZeroCode = bool | None | dict[str, bool | None]
+
+
+def check_zero_code(zero_code: Any, where: str, error: type[Exception] = TypeError) -> ZeroCode:
+    """Validate ``zero_code``: ``None`` (reserve the zero at 4 bits only), a bool, or a non-empty ``{fnmatch pattern:
+    None | bool}`` (a Hydra ``DictConfig`` too; returned as a dict).
+
+    Raises:
+        ``error`` (TypeError by default): any other value; the message names ``where`` and the pattern.
+    """
+    if zero_code is None or isinstance(zero_code, bool):
+        return zero_code
+    if isinstance(zero_code, Mapping) and zero_code:
+        out = {str(p): v for p, v in zero_code.items()}
+        for p, v in out.items():
+            if v is not None and not isinstance(v, bool):
+                raise error(f"{where}: zero_code[{p!r}] must be True, False or None (None: True at 4 bits), got {v!r}")
+        return out
+    raise error(
+        f"{where}: zero_code must be True, False or None (None: True at 4 bits), or a non-empty {{pattern: one of "
+        f"those}}, got {zero_code!r}"
+    )
+
+
+def zero_code_for_layers(layers: dict[str, Target], zero_code: ZeroCode, field: str = "zero_code") -> dict:
+    """Resolve a checked ``zero_code`` (:func:`check_zero_code`) to ``{target: None | bool}``; with a dict the last
+    matching pattern wins (as for ``bits``) and targets no pattern matches get ``None``.
+
+    Raises:
+        ValueError: a pattern matches no target.
+    """
+    if not isinstance(zero_code, dict):
+        return {n: zero_code for n in layers}
+    resolved = resolve_per_layer(zero_code, list(layers), field, default=_UNSET, aliases=pattern_aliases(layers))
+    return {n: None if v is _UNSET else v for n, v in resolved.items()}

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dc_lightning import buffers
 from dc_lightning.buffers import MAX_CODES, get_codebook, get_mask
 from dc_lightning.kinds import DEFAULT_TARGET_TYPES
-from dc_lightning.quantization.bits import bits_for_layers, check_bits
+from dc_lightning.quantization.bits import ZeroCode, bits_for_layers, check_bits, check_zero_code, zero_code_for_layers
 from dc_lightning.quantization.kmeans import INITS, acc_dtype, kmeans_1d, wcss
 from dc_lightning.targets import select_targets
 
@@ -173,6 +173,7 @@ def quantize_layer(
 
     Raises:
         ValueError: ``bits`` outside 1..8 (the message names ``name``), or bad ``init``.
+        TypeError: ``zero_code`` is not True, False or None.
     """
     check_bits(bits, f"bits for layer {name!r}")
     if zero_code is not None and not isinstance(zero_code, bool):
@@ -212,7 +213,7 @@ def quantize_model(
     seed: int = 0,
     types: tuple[type[nn.Module], ...] = DEFAULT_TARGET_TYPES,
     refine: bool = False,
-    zero_code: bool | None = None,
+    zero_code: ZeroCode = None,
 ) -> dict[str, dict[str, Any]]:
     """Quantize every selected layer in one call (no fine-tuning, no Lightning) [DC §3].
 
@@ -230,13 +231,15 @@ def quantize_model(
             plain Lloyd from ``init``.
         zero_code: reserve a 0.0 codebook entry in every pruned layer (``2**bits - 1`` centroids; see
             :func:`quantize_layer`): EIE's 15 values + 0 at 4 bits, the ``tc`` layout's table. ``None`` (default):
-            at 4 bits only.
+            at 4 bits only. Per layer: ``{fnmatch pattern: True | False | None}`` (last match wins, as for
+            ``bits``; unmatched targets get ``None``).
 
     Returns:
         ``{target: {"bits", "weights", "members", "centroids_used", "wcss"}}``.
 
     Raises:
-        ValueError: a pattern matches no layer, or a bit width is outside 1..8.
+        ValueError: a pattern (of ``bits`` or ``zero_code``) matches no layer, or a bit width is outside 1..8.
+        TypeError: a ``zero_code`` that is not None, a bool or such a dict.
 
     Example::
 
@@ -244,14 +247,14 @@ def quantize_model(
     """
     if init not in INITS:
         raise ValueError(f"quantize_model: init must be one of {INITS}, got {init!r}")
-    if zero_code is not None and not isinstance(zero_code, bool):
-        raise TypeError(f"quantize_model: zero_code must be True, False or None (True at 4 bits), got {zero_code!r}")
+    zero_code = check_zero_code(zero_code, "quantize_model")
     layers = select_targets(model, include, exclude, types=types, what="quantize_model")
     per_layer = bits_for_layers(layers, bits)
+    zero = zero_code_for_layers(layers, zero_code, "quantize_model.zero_code")
     return {
         n: quantize_layer(
             t.module, per_layer[n], init=init, max_iter=max_iter, seed=seed, name=n, refine=refine, param=t.param,
-            zero_code=zero_code,
+            zero_code=zero[n],
         )
         for n, t in layers.items()
     }
