@@ -76,6 +76,7 @@ __all__ = [
     "dense_layout",
     "choose_layout",
     "used_codebook",
+    "misses_tc_by_one",
     "lut_batch_min",
     "alternate_layout",
     "choose_row_layout",
@@ -266,6 +267,14 @@ def used_codebook(codes: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     if used.numel() == codebook.numel():
         return codes, codebook
     return inverse.to(codes.dtype), codebook[used.to(device=codebook.device, dtype=torch.int64)]
+
+
+def misses_tc_by_one(packed: PackedLayer) -> bool:
+    """Whether ``packed`` is a ``lut`` layer with a bitmap and 4-bit codes: as :func:`lut_encoding` chooses them, a
+    pruned layer whose kept weights use 16 shared values, so its zero would be a 17th table entry. With one value
+    fewer (``zero_code=True`` at quantization: EIE's 15 values + the zero) it would fit the ``tc`` layout (0.5 bytes
+    per position instead of 0.625, decoded in registers for the tensor cores)."""
+    return isinstance(packed, LUTPacked) and packed.mask is not None and packed.cbits == 4 and tc_layout.fits(15, False)
 
 
 def choose_layout(

@@ -292,6 +292,29 @@ def test_new_user_lightning_run_prunes_quantizes_and_converts_to_tc(which: str, 
         assert float(back.layer.linear1.weight_codebook[-1]) == 0.0
 
 
+# ---------------------------------------------------------------------------------------------- conversion hint
+
+
+def test_conversion_names_the_layers_zero_code_would_put_on_tc(caplog) -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    prune_model(model, densities={"0": 0.5, "2": 0.5, "4": 0.1})
+    quantize_model(model, bits={"*": 4, "2": 5}, zero_code=False, max_iter=20)
+    with caplog.at_level("INFO", logger="dc_lightning.inference"):
+        conv = to_compressed_inference(model)
+    assert [conv[i].layout_names for i in (0, 2, 4)] == [("lut",), ("lut",), ("sparse",)]
+    hints = [r.getMessage() for r in caplog.records if "zero_code=True" in r.getMessage()]
+    assert len(hints) == 1 and "1 pruned layer(s)" in hints[0] and ": 0; quantized with zero_code=True" in hints[0]
+    assert [layouts.misses_tc_by_one(conv[i].packed()) for i in (0, 2, 4)] == [True, False, False]
+    caplog.clear()
+    quantize_model(model, bits={"*": 4, "2": 5}, zero_code={"0": True}, max_iter=20)
+    with caplog.at_level("INFO", logger="dc_lightning.inference"):
+        assert to_compressed_inference(model)[0].layout_names == ("tc",)
+    assert not [r for r in caplog.records if "zero_code=True" in r.getMessage()]
+    forced = CompressedLinear.from_linear(model[0], layout="lut").packed()  # 15 values + a zero code, 4 bits
+    assert forced.cbits == 4 and forced.mask is None and not layouts.misses_tc_by_one(forced)
+
+
 def test_recipe_key_takes_a_per_layer_mapping() -> None:
     from dc_lightning.pipeline.config import compose
     from dc_lightning.utils import instantiate

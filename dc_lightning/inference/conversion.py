@@ -54,6 +54,7 @@ from dc_lightning.inference.memory import compressed_memory
 from dc_lightning.inference.source_check import is_torch_class, weight_reader
 from dc_lightning.inference.ties import build_ties, compression_states, plan_ties, state_of
 from dc_lightning.inference.verify import check_outputs, reference_outputs
+from dc_lightning.kernels import layouts
 
 __all__ = [
     "Decision",
@@ -302,7 +303,7 @@ def convert_model(
     _fast_paths_off(model, converted)
     make_capturable(model, converted)  # CUDA-graph capture: no host sync in the torch containers
     if log_decisions:
-        _log(decisions)
+        _log(decisions, model)
     return model, decisions
 
 
@@ -328,7 +329,7 @@ def _fast_paths_off(model: nn.Module, converted: list[str]) -> None:
             log.info("to_compressed_inference: %s: nested-tensor fast path off (it reads dense weights)", name)
 
 
-def _log(decisions: list[Decision]) -> None:
+def _log(decisions: list[Decision], model: nn.Module) -> None:
     for d in decisions:
         where = d.name or "<model>"
         if d.action == "convert":
@@ -345,6 +346,24 @@ def _log(decisions: list[Decision]) -> None:
                  len(dense), shown)
     if not any(d.action == "convert" for d in decisions):
         log.warning("to_compressed_inference: no compressed layer could be converted; model unchanged")
+    _log_zero_code_hint(model)
+
+
+def _log_zero_code_hint(model: nn.Module) -> None:
+    """One line for the layers that hold ``lut`` + bitmap only because their 16 shared values leave no code for the
+    pruned zeros (:func:`dc_lightning.kernels.layouts.misses_tc_by_one`): ``zero_code=True`` would give them ``tc``."""
+    short = [
+        name or "<model>"
+        for name, m in model.named_modules()
+        if isinstance(m, CompressedLinear) and any(layouts.misses_tc_by_one(m.packed(n)) for n in m.layout_names)
+    ]
+    if short:
+        shown = ", ".join(short[:12]) + (f" and {len(short) - 12} more" if len(short) > 12 else "")
+        log.info(
+            "to_compressed_inference: %d pruned layer(s) use 16 shared values, so their zero needs a 17th table "
+            "entry and they take lut + bitmap (0.625 B/weight): %s; quantized with zero_code=True (15 values + "
+            "the zero, EIE's table) they would take the tc tensor-core layout (0.5 B/weight)", len(short), shown,
+        )
 
 
 def to_compressed_inference(
@@ -441,7 +460,7 @@ def _convert_and_check(
         except ValueError as failure:
             trials = [d for d in decisions if d.action == "convert" and d.trial]
             if dense is None or not trials:
-                _log(decisions)
+                _log(decisions, model)
                 raise
             # the outputs rule the trials out: keep those layers (and their tied partners) dense and convert again
             what = str(failure).split(" Converted layers:")[0].removeprefix("to_compressed_inference: ").rstrip(".")
@@ -450,12 +469,12 @@ def _convert_and_check(
             try:
                 _check(model, decisions, example_inputs, reference, tolerance, calls, autotune_batches, dtype)
             finally:
-                _log(decisions)
+                _log(decisions, model)
             return model
     elif autotune_batches:
         _autotune(model, autotune_batches, dtype)
     model.eval()
-    _log(decisions)
+    _log(decisions, model)
     return model
 
 
