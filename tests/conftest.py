@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
+# the native CPU decode (kernels/native.py) is built once per test session, in a folder of its own
+if "DC_LIGHTNING_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["DC_LIGHTNING_CACHE_DIR"] = tempfile.mkdtemp(prefix="dc_lightning_native_")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -20,7 +20,9 @@ Providers, side by side in one process, same weights (pruned to ``--density``, q
 * ``kernel_path`` (with ``--kernel-path``): the per-step path CUDA takes, on the CPU reference of the compressed
   kernels (what the CPU ran before issue 22); one repeat, it is slow.
 
-Cases: ``nn.Linear`` 1024 x 1024 at density 0.1 and 0.5, batch 1 and 64; a GPT-2 MLP ``Conv1D`` (768 -> 3072,
+Cases: ``nn.Linear`` 1024 x 1024 at density 0.1 and 0.5, batch 1, 16 and 64 (quantized with ``quantize_model``'s
+default ``zero_code``: at 4 bits 15 centroids + the zero, so the d0.5 layer takes the ``tc`` layout; ``d0.5 16c``:
+the same with ``zero_code=False``, 16 centroids, the ``lut`` layout with its bitmap); a GPT-2 MLP ``Conv1D`` (768 -> 3072,
 transformers' class) at batch 1 and 64 (skipped without transformers); ``nn.Embedding`` 50257 x 256 looking up 64
 tokens; EIE's NT-LSTM shape (2 layers, input 600, hidden 600) over a sequence of 64 at batch 1 and 16, the same
 stepping one token at a time for 64 steps (sampling: one call per token, the state carried), the GRU alike, and
@@ -32,6 +34,7 @@ whole context re-run per token) after a 16-token prompt. The time of a case is t
     python -m bench.kernels.cpu_paths                      # table + bench/out/cpu_paths.json
     python -m bench.kernels.cpu_paths --kernel-path        # also the per-step compressed-kernel path (slow)
     python -m bench.kernels.cpu_paths --threads 1 --out bench/out/cpu_paths_1thread.json
+    python -m bench.kernels.cpu_paths --threads 1 --native off   # the PyTorch gathers instead of the native decode
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from dc_lightning import to_compressed_inference  # noqa: E402
 from dc_lightning.inference import attention, recurrent  # noqa: E402
 from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
-from dc_lightning.kernels import layouts  # noqa: E402
+from dc_lightning.kernels import layouts, native  # noqa: E402
 from dc_lightning.kernels.lut.layout import WORD_ORDER_MIN  # noqa: E402
 from dc_lightning.kernels.sparse.layout import unpack, use_product  # noqa: E402
 from dc_lightning.kernels.tc import layout as tc_layout  # noqa: E402
@@ -64,11 +67,14 @@ from dc_lightning.pruning.masks import prune_model  # noqa: E402
 from dc_lightning.quantization.codebooks import quantize_model  # noqa: E402
 
 
-def compressed(module: nn.Module, density: float, bits: int) -> tuple[nn.Module, nn.Module]:
-    """``(dense, converted)``: ``module`` pruned and quantized in place, and its converted copy."""
+def compressed(
+    module: nn.Module, density: float, bits: int, zero_code: bool | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """``(dense, converted)``: ``module`` pruned and quantized in place (``zero_code`` as ``quantize_model``'s), and
+    its converted copy."""
     holder = nn.Sequential(module).eval()
     prune_model(holder, densities=density)
-    quantize_model(holder, bits=bits, max_iter=20)
+    quantize_model(holder, bits=bits, max_iter=20, zero_code=zero_code)
     return holder[0], to_compressed_inference(holder)[0].eval()
 
 
@@ -149,8 +155,10 @@ def uses_word_order(p: layouts.LUTPacked) -> bool:
 
 def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
     """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
-    recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``decode`` (every
-    matrix decoded once, in column order) or ``rows``."""
+    recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``native rows``
+    (a ``tc`` matrix decoded a block of rows at a time by the native decode, each block multiplied), ``storage`` (a
+    ``tc`` matrix multiplied in its words' storage order, PyTorch gathers), ``decode`` (every matrix decoded once)
+    or ``rows``."""
     if name.startswith("Embedding"):
         return "rows"
     if name.startswith(("Linear", "Conv1D")):
@@ -159,10 +167,11 @@ def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
         p = c.packed(layout)
         if layout == "sparse" and use_product(p, batch):
             return "entries"
-        if layout == "tc" and batch <= tc_layout.STORAGE_ORDER_MAX_BATCH and (
-            p.out_features * p.in_features >= tc_layout.STORAGE_ORDER_MIN
-        ):  # fmt: skip
-            return "storage"
+        if layout == "tc" and p.out_features * p.in_features >= tc_layout.BLOCKED_MIN:
+            if native.available():
+                return "native rows"
+            if batch <= tc_layout.STORAGE_ORDER_MAX_BATCH:
+                return "storage"
         return "words" if layout == "lut" and uses_word_order(p) else "decode"
     if isinstance(conv, recurrent.CompressedRNNBase) and "steps" in name:
         return "steps" if recurrent.STEP_MAX >= 1 else "decode"  # one timestep per call
@@ -200,16 +209,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kernel-path", action="store_true", help="also time the per-step compressed-kernel path")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "cpu_paths.json"))
+    ap.add_argument("--native", choices=("on", "off"), default="on",
+                    help="the native CPU decode (kernels/native.py) on, or off (PyTorch gathers)")  # fmt: skip
     args = ap.parse_args()
+    os.environ[native.ENV] = "1" if args.native == "on" else "0"
+    print(f"native decode: {native.status()}")
     logging.disable(logging.WARNING)  # the conversion logs one line per layer
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     cases = []
-    for density in (0.1, 0.5):
-        lin = compressed(nn.Linear(1024, 1024), density, args.bits)
-        for batch in (1, 64):
-            cases.append((f"Linear 1024 d{density}", batch, lin, sequence, torch.randn(batch, 1024), 1))
+    for density, zero_code, tag in ((0.1, None, ""), (0.5, None, ""), (0.5, False, " 16c")):
+        lin = compressed(nn.Linear(1024, 1024), density, args.bits, zero_code)
+        for batch in (1, 16, 64):
+            cases.append((f"Linear 1024 d{density}{tag}", batch, lin, sequence, torch.randn(batch, 1024), 1))
     conv = hf_conv1d(768, 3072)
     if conv is not None:
         conv = compressed(conv, args.density, args.bits)
@@ -271,7 +284,7 @@ def main() -> None:
     meta = {
         "density": args.density, "bits": args.bits, "repeats": args.repeats, "threads": args.threads,
         "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "native": native.status(),
     }  # fmt: skip
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
+from .. import native
 from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 
 __all__ = ["TCPacked", "TILE_K", "WORDS", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
@@ -156,12 +158,32 @@ def pack_tc(
     return TCPacked(packed, cb, tuple(values), n_out, n_in, nnz)
 
 
-def _pair_words(codebook: Tensor) -> Tensor:
+def _pair_words(codebook: Tensor, table: tuple[float, ...] | None = None) -> Tensor:
     """``[256]`` int64: for every byte, the float32 bit patterns of its low code's value (low word) and its high
-    code's value (high word), so one gather per byte decodes two weights."""
+    code's value (high word), so one gather per byte decodes two weights. Given the layer's host ``table`` (the
+    same values as ``codebook``), the words come from a per-process cache (one op less per call than eight)."""
+    if table is not None and _real(codebook):
+        return _pair_words_cached(tuple(table), codebook.device)
     byte = torch.arange(256, device=codebook.device)
     cb = codebook.to(torch.float32)
     return torch.stack([cb[byte & 15], cb[byte >> 4]], dim=1).contiguous().view(torch.int64).view(256)
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_words_cached(table: tuple[float, ...], device: torch.device) -> Tensor:
+    return _pair_words(torch.tensor(table, dtype=torch.float32, device=device))
+
+
+def _native(*tensors: Tensor) -> bool:
+    """Whether these tensors' codes decode with the native CPU lookup (:mod:`~dc_lightning.kernels.native`): real
+    CPU tensors, the library built."""
+    return _real(*tensors) and all(t.device.type == "cpu" for t in tensors) and native.available()
+
+
+def _real(*tensors: Tensor) -> bool:
+    """Whether these tensors hold data, outside a trace: only then may a cached constant tensor meet them (a fake
+    tensor of ``torch.compile`` or ``triton_op`` tracing cannot meet a real one, nor be cached)."""
+    return not torch.compiler.is_compiling() and not any(is_fake(t) or t.device.type == "meta" for t in tensors)
 
 
 def _bytes_in_row_order(codes: Tensor) -> Tensor:
@@ -172,17 +194,22 @@ def _bytes_in_row_order(codes: Tensor) -> Tensor:
     return b.permute(0, 6, 2, 3, 1, 5, 4).reshape(n_pad, k_tiles * TILE_K // 2)  # G, b, rho, t, qhi, qlo, kappa
 
 
-def _decode_bytes(b: Tensor, codebook: Tensor) -> Tensor:
+def _decode_bytes(b: Tensor, codebook: Tensor, table: tuple[float, ...] | None = None) -> Tensor:
     """float32 ``[rows, 2 * bytes]``: each byte's low and high code values, side by side (``b``: uint8
     ``[rows, bytes]``, any strides)."""
+    if _native(b, codebook):
+        return native.decode(b.contiguous(), codebook.to(torch.float32).contiguous()).view(b.shape[0], -1)
     idx = b.to(torch.int32).view(-1)  # one copy, contiguous, whatever b's strides
-    return torch.index_select(_pair_words(codebook), 0, idx).view(torch.float32).view(b.shape[0], -1)
+    pairs = _pair_words(codebook, table if _real(b, codebook) else None)
+    return torch.index_select(pairs, 0, idx).view(torch.float32).view(b.shape[0], -1)
 
 
 def decode_dense_tc(packed: TCPacked) -> Tensor:
     """The dense float32 ``[out_features, in_features]`` weight of a packed layer."""
     p = packed
-    return _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)[:, : p.in_features]
+    if _native(p.codes, p.codebook):
+        return native.decode_tc_rows(p.codes, 0, p.out_features, p.codebook.contiguous())[:, : p.in_features]
+    return _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook, p.table)[:, : p.in_features]
 
 
 def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
@@ -197,59 +224,152 @@ def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
     q01 = torch.gather(b[base], 4, half).squeeze(4)  # [n, t, kappa, qlo]
     q23 = torch.gather(b[base + 8], 4, half).squeeze(4)
     rows = torch.stack([q01, q23], dim=2).permute(0, 1, 2, 4, 3).reshape(idx.numel(), -1)  # n, t, qhi, qlo, kappa
-    return _decode_bytes(rows, p.codebook)[:, : p.in_features]
+    return _decode_bytes(rows, p.codebook, p.table)[:, : p.in_features]
+
+
+def _storage_columns(k_tiles: int, in_features: int, device: torch.device, cached: bool = True) -> Tensor:
+    if cached:
+        return _storage_columns_cached(k_tiles, in_features, device)
+    return _storage_columns_of(k_tiles, in_features, device)
 
 
 @functools.lru_cache(maxsize=64)
-def _quarter_columns(k_tiles: int, device: torch.device) -> Tensor:
-    """int64 ``[2, k_tiles * 128]``: for the storage rows of quarters 0-1 (``[0]``) and 2-3 (``[1]``), the column of
-    ``W`` of each decoded value of one byte half of their words, in storage order ``(t, kappa, qlo, h)``."""
-    t, kappa, qlo, h = torch.meshgrid(torch.arange(k_tiles), torch.arange(WORDS // 2), torch.arange(2), torch.arange(2),
-                                      indexing="ij")  # fmt: skip
-    col = (t * TILE_K + 64 * qlo + 2 * kappa + h).reshape(-1)
-    return torch.stack([col, col + 128]).to(device)
+def _storage_columns_cached(k_tiles: int, in_features: int, device: torch.device) -> Tensor:
+    return _storage_columns_of(k_tiles, in_features, device)
 
 
-#: at most this many rows of ``x`` and at least ``STORAGE_ORDER_MIN`` positions, the reference multiplies in
-#: storage order (no byte permute of the weight; a different summation order than ``F.linear`` on the dense
-#: weight); otherwise the weight's bytes are put in row order once and ``F.linear`` runs once (a small layer then
-#: gives the dense layer's result bit for bit)
-STORAGE_ORDER_MAX_BATCH = 8
-STORAGE_ORDER_MIN = 1 << 18
+def _storage_columns_of(k_tiles: int, in_features: int, device: torch.device) -> Tensor:
+    """int64 ``[2, 2, k_tiles * 256]``: for the storage rows of quarter pair ``qhi`` (``[qhi]``) and their code bytes
+    ``b'`` (``[qhi, b']``), the column of ``x`` that multiplies each decoded value of a storage row, in its storage
+    order ``(t, kappa, qlo, b, h)``; ``in_features`` (a zero appended to ``x``) where ``b != b'`` or the column is
+    padding."""
+    t, kappa, qlo, b, h = torch.meshgrid(torch.arange(k_tiles), torch.arange(WORDS // 2), torch.arange(2),
+                                         torch.arange(2), torch.arange(2), indexing="ij")  # fmt: skip
+    zero = torch.tensor(in_features)
+    out = []
+    for qhi in range(2):
+        col = t * TILE_K + 64 * (2 * qhi + qlo) + 2 * kappa + h
+        col = torch.where(col < in_features, col, zero)
+        out.append(torch.stack([torch.where(b == b_, col, zero).reshape(-1) for b_ in range(2)]))
+    return torch.stack(out).to(device)
+
+
+#: a layer with fewer positions decodes whole and runs ``F.linear`` on its unpadded weight (the dense layer's result
+#: bit for bit); a larger one multiplies block by block (the native decode's row blocks, or without it the storage
+#: order up to ``STORAGE_ORDER_MAX_BATCH`` rows of ``x``: no byte permute of the weight), in a different summation
+#: order than ``F.linear`` on the dense weight
+BLOCKED_MIN = 1 << 16
+#: without the native decode, at most this many rows of ``x`` multiply in storage order (measured on the dev box:
+#: faster than the row-order decode up to 16 rows, slower from 32)
+STORAGE_ORDER_MAX_BATCH = 16
 
 
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once (one gather per
-    code byte), then torch's matrix product.
+    """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: ``W`` decoded once, then torch's
+    matrix product.
 
-    Small batches (``<= STORAGE_ORDER_MAX_BATCH`` rows) of large layers (``>= STORAGE_ORDER_MIN`` positions) multiply
-    in the words' storage order: each half ``b`` of the words (rows ``r + 8 b`` of a group) decodes into a
-    ``[rows_padded, K / 2]`` matrix whose storage rows hold quarters 0-1 or 2-3; ``x`` is gathered into both quarter
-    pairs' column orders (``[2 B, K / 2]``, cheap at small ``B``), one product per half, and each storage row keeps
-    the product of its own quarter pair. Otherwise the weight's bytes are permuted into row order once
-    (:func:`decode_dense_tc`'s path) and ``F.linear`` runs on the unpadded weight (as on the dense one).
+    A layer of fewer than ``BLOCKED_MIN`` positions is decoded whole and ``F.linear`` runs on its unpadded weight (as
+    on the dense one). A larger one, with the native decode (:mod:`~dc_lightning.kernels.native`; real CPU tensors),
+    decodes a cache-sized block of rows at a time in row order and multiplies it (:func:`_row_block_product`);
+    without it, the codes are gathered with PyTorch ops (one gather per code byte): up to
+    ``STORAGE_ORDER_MAX_BATCH`` rows multiply in the words' storage order (:func:`_storage_order_product`), more
+    decode whole in row order.
     """
     p = packed
     k_pad = p.k_tiles * TILE_K
-    if x.shape[0] > STORAGE_ORDER_MAX_BATCH or p.out_features * p.in_features < STORAGE_ORDER_MIN:
-        w = _decode_bytes(_bytes_in_row_order(p.codes)[: p.out_features], p.codebook)
-        w = w[:, : p.in_features].contiguous() if k_pad != p.in_features else w  # F.linear as on the dense weight
+    small = p.out_features * p.in_features < BLOCKED_MIN
+    if not small and _native(x, p.codes, p.codebook):
+        y = _row_block_product(x.to(torch.float32), p)
+    elif small or x.shape[0] > STORAGE_ORDER_MAX_BATCH:
+        w = decode_dense_tc(p)
+        w = w.contiguous() if k_pad != p.in_features else w  # F.linear as on the dense weight
         return decoded_linear(x, w, bias, relu)
-    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
-    B, n_pad = x.shape[0], p.rows_padded
-    xq = xp.to(torch.float32)[:, _quarter_columns(p.k_tiles, x.device)]  # [B, 2, K / 2]
-    xq = xq.transpose(0, 1).reshape(2 * B, k_pad // 2)
-    words = p.codes.view(torch.uint8).view(n_pad, -1, 2)
-    pairs = _pair_words(p.codebook)
-    halves = []
-    for b in range(2):
-        idx = words[:, :, b].to(torch.int32).view(-1)
-        w = torch.index_select(pairs, 0, idx).view(torch.float32).view(n_pad, -1)  # [n_pad, K / 2], rows (G, qhi, rho)
-        z = (xq @ w.T).view(2, B, n_pad // ROW_PAD, 2, 8)  # [x's quarter pair, B, G, row's quarter pair, rho]
-        halves.append(z[0, :, :, 0] + z[1, :, :, 1])  # [B, G, rho]: rows 16 G + 8 b + rho
-    y = torch.stack(halves, dim=2).reshape(B, n_pad)[:, : p.out_features]
+    else:
+        y = _storage_order_product(x.to(torch.float32), p)[:, : p.out_features]
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y.add_(bias.to(torch.float32))
     if relu:
-        y = torch.relu(y)
+        y.relu_()
     return y.to(x.dtype)
+
+
+#: decoded bytes per block of :func:`_storage_order_product` (PyTorch gathers): the block's index, its values and its
+#: product stay in a core's L2 (measured on the 2-core dev box: 0.75 MiB beats 0.25, 0.5, 1, 2 and 4 MiB)
+BLOCK_BYTES = 3 << 18
+
+#: decoded bytes per block of :func:`_row_block_product` (measured on the dev box: 1 MiB beats 0.5 and 2 MiB)
+ROW_BLOCK_BYTES = 1 << 20
+
+
+def _row_block_product(x: Tensor, p: TCPacked) -> Tensor:
+    """``x @ W.T``, fp32 ``[B, out_features]`` (``x``: fp32 ``[B, in_features]``), with the native decode: a block of
+    rows (``ROW_BLOCK_BYTES`` decoded) at a time is decoded in row order into a buffer that stays in the cache and
+    multiplied by ``x`` (padded with zeros to the layer's padded width), nothing wasted."""
+    k_pad = p.k_tiles * TILE_K
+    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
+    step = max(8, ROW_BLOCK_BYTES // (k_pad * 4))
+    reuse = not (torch.is_grad_enabled() and x.requires_grad)  # autograd keeps each block for the backward
+    buf = torch.empty(min(step, p.out_features) * k_pad, dtype=torch.float32)
+    lib, codes, cb = native.library(), p.codes, p.codebook.contiguous()  # shapes checked by the caller's check_call
+    outs = []
+    for r0 in range(0, p.out_features, step):
+        n = min(step, p.out_features - r0)
+        if not reuse and r0:
+            buf = torch.empty_like(buf)
+        lib.dc_decode_tc_rows(codes.data_ptr(), r0, n, p.k_tiles, cb.data_ptr(), buf.data_ptr())
+        outs.append(torch.mm(xp, buf[: n * k_pad].view(n, k_pad).t()))
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+
+def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
+    """``x @ W.T``, fp32 ``[B, rows_padded]``, from the words in storage order (``x``: fp32 ``[B, in_features]``).
+
+    Storage row ``(G, qhi, rho)`` holds, in byte ``b`` of its words, row ``16 G + 8 b + rho``'s codes of quarter pair
+    ``qhi``. A block of groups ``G`` is converted to an int32 index with the quarter pair outermost (one copy whose
+    inner runs are whole storage rows), decoded by one gather per code byte (two values), and each quarter pair's
+    ``[rows, K]`` block is multiplied by two copies of ``x`` in its column order (:func:`_storage_columns`), each
+    zero on the other byte's values: ``[2 B, rows]``, where copy ``b'`` gives output rows ``16 G + 8 b' + rho``.
+    Half of those products multiply zeros, which costs little at small ``B`` (reading the block dominates), and
+    nothing is permuted at the weight's size.
+    """
+    B, n_pad, k_pad = x.shape[0], p.rows_padded, p.k_tiles * TILE_K
+    xz = torch.nn.functional.pad(x, (0, 1))
+    real = _real(x, p.codes)
+    cols = _storage_columns(p.k_tiles, p.in_features, x.device, cached=real)
+    xs = torch.index_select(xz, 1, cols.view(-1)).view(B, 2, 2, k_pad).permute(1, 2, 0, 3).reshape(2, 2 * B, k_pad)
+    groups = n_pad // ROW_PAD
+    step = max(1, BLOCK_BYTES // (ROW_PAD * k_pad * 4))
+    kb = k_pad // 2  # code bytes of one storage row
+    per_group = ROW_PAD * kb
+    fast = real and _native(p.codes, p.codebook)
+    if fast:
+        codes, cb = p.codes.view(torch.uint8).view(-1), p.codebook.contiguous()
+        buf = torch.empty(2 * min(step, groups) * per_group, dtype=torch.float32, device=x.device)
+    else:
+        src = p.codes.view(torch.uint8).view(groups, 2, 8, kb).transpose(0, 1)  # qhi, G, rho, bytes
+        pairs = _pair_words(p.codebook, p.table if real else None)
+        idx = torch.empty(min(step, groups) * per_group, dtype=torch.int32, device=x.device)
+        vals = torch.empty(idx.numel(), dtype=torch.int64, device=x.device)
+    reuse = not (torch.is_grad_enabled() and x.requires_grad)  # autograd keeps each block for the backward
+    outs = []
+    for s in range(0, groups, step):
+        g = min(step, groups - s)
+        if not reuse and s:
+            if fast:
+                buf = torch.empty_like(buf)
+            else:
+                idx, vals = torch.empty_like(idx), torch.empty_like(vals)
+        if fast:  # the 8 storage rows of each (G, qhi) are one run of bytes
+            d = buf[: 2 * g * per_group].view(2, g * 8, k_pad)
+            for qhi in range(2):
+                native.decode_segments(codes, (s * ROW_PAD + 8 * qhi) * kb, g, 8 * kb, ROW_PAD * kb, cb, d[qhi])
+        else:
+            i = idx[: g * per_group]
+            i.view(2, g, 8, kb).copy_(src[:, s : s + g])
+            v = vals[: g * per_group]
+            torch.index_select(pairs, 0, i, out=v)
+            d = v.view(torch.float32).view(2, g * 8, k_pad)
+        y = torch.mm(xs[0], d[0].t())
+        outs.append(y.addmm_(xs[1], d[1].t()))  # [(b', B), (G, rho)]
+    y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    return y.view(2, B, groups, 8).permute(1, 2, 0, 3).reshape(B, n_pad)

@@ -68,18 +68,25 @@ def test_pack_decode_rows_bit_exact(n: int, k: int, density: float, n_cb: int) -
         assert (word >> (4 * m)) & 15 == int(full[r + 8 * (m // 2), t * 256 + 64 * q + k0 + m % 2])
 
 
-@pytest.mark.parametrize("batch", [1, 2, 8, 9, 33])
+@pytest.mark.parametrize("native_decode", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("batch", [1, 2, 16, 17, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_reference_product_both_orders(batch: int, dtype: torch.dtype) -> None:
-    """The CPU product of a large layer multiplies in storage order up to ``STORAGE_ORDER_MAX_BATCH`` rows and in
-    row order above: both match float64 (bias and ReLU included), output in ``x``'s dtype; a small layer's product
-    is the dense layer's ``F.linear`` bit for bit."""
-    from dc_lightning.kernels.tc.layout import STORAGE_ORDER_MAX_BATCH, STORAGE_ORDER_MIN, tc_linear_reference
+def test_reference_product_every_path(batch: int, dtype: torch.dtype, native_decode: bool, monkeypatch) -> None:
+    """The CPU product of a large layer: native row blocks, or without the native decode the storage order up to
+    ``STORAGE_ORDER_MAX_BATCH`` rows and the row order above; all match float64 (bias and ReLU included), output in
+    ``x``'s dtype, the decoded weight bit for bit either way; a small layer's product is the dense layer's
+    ``F.linear`` bit for bit."""
+    from dc_lightning.kernels import native
+    from dc_lightning.kernels.tc.layout import BLOCKED_MIN, STORAGE_ORDER_MAX_BATCH, tc_linear_reference
 
-    assert STORAGE_ORDER_MAX_BATCH == 8 and STORAGE_ORDER_MIN == 1 << 18
-    n, k = 300, 900  # 270,000 positions: the storage order at batch <= 8
+    assert STORAGE_ORDER_MAX_BATCH == 16 and BLOCKED_MIN == 1 << 16
+    monkeypatch.setenv(native.ENV, "1" if native_decode else "0")
+    if native_decode and not native.available():
+        pytest.skip(f"native decode unavailable: {native.status()}")
+    n, k = 300, 900  # 270,000 positions: blocked
     rows, cols, codes, codebook, dense = _layer(n, k, 0.5, 15, seed=batch)
     p = pack_tc(n, k, rows, cols, codes, codebook)
+    assert torch.equal(decode_dense_tc(p), dense)
     g = torch.Generator().manual_seed(batch)
     x, bias = torch.randn(batch, k, generator=g).to(dtype), torch.randn(n, generator=g)
     ref = (x.double() @ dense.double().T + bias.double()).relu()

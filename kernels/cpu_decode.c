@@ -1,0 +1,122 @@
+/* dc_lightning native CPU decode (kernels/native.py compiles this file on first use; no Python headers needed).
+ *
+ * A code byte holds two 4-bit codes: the low nibble is the first weight, the high nibble the second (the byte order
+ * of the tc layout, kernels/tc/layout.py). decode_bytes writes dst[2i] = table[src[i] & 15] and
+ * dst[2i + 1] = table[src[i] >> 4]: with AVX-512 one permutexvar looks up 16 codes in the 16-entry table held in one
+ * register; with AVX2 two permutevar8x32 and a blend do 8; other CPUs run the scalar loop (the compiler may
+ * vectorize it). Bounds are checked by the caller (native.py). */
+#include <stdint.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static void decode_bytes(const uint8_t *src, int64_t n, const float *table, float *dst) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 t = _mm512_loadu_ps(table);
+    const __m512i m15 = _mm512_set1_epi32(15);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (; i + 16 <= n; i += 16) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, m15), t);
+        __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t);
+        _mm512_storeu_ps(dst + 2 * i, _mm512_permutex2var_ps(lo, first, hi));
+        _mm512_storeu_ps(dst + 2 * i + 16, _mm512_permutex2var_ps(lo, second, hi));
+    }
+#elif defined(__AVX2__)
+    const __m256 t0 = _mm256_loadu_ps(table), t1 = _mm256_loadu_ps(table + 8);
+    const __m256i m15 = _mm256_set1_epi32(15);
+    for (; i + 8 <= n; i += 8) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + i)));
+        __m256i l = _mm256_and_si256(b, m15), h = _mm256_srli_epi32(b, 4);
+        __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, l), _mm256_permutevar8x32_ps(t1, l),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(l, 28)));
+        __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, h), _mm256_permutevar8x32_ps(t1, h),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(h, 28)));
+        __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi); /* pairs 0,1,4,5 and 2,3,6,7 */
+        _mm256_storeu_ps(dst + 2 * i, _mm256_permute2f128_ps(a, c, 0x20));
+        _mm256_storeu_ps(dst + 2 * i + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+#endif
+    for (; i < n; i++) {
+        dst[2 * i] = table[src[i] & 15];
+        dst[2 * i + 1] = table[src[i] >> 4];
+    }
+}
+
+/* nseg segments of seg bytes, segment s at src + s * stride, decoded one after another into dst (2 * seg floats
+ * each) */
+void dc_decode_segments(const uint8_t *src, int64_t nseg, int64_t seg, int64_t stride, const float *table,
+                        float *dst) {
+    for (int64_t s = 0; s < nseg; s++) decode_bytes(src + s * stride, seg, table, dst + 2 * s * seg);
+}
+
+/* Rows [row0, row0 + nrows) of a tc-layout weight (kernels/tc/layout.py) in row order: out is float32
+ * [nrows, k_tiles * 256]. Row r = 16 G + 8 b + rho takes, for tile t and quarter q = 2 qhi + qlo, byte b of word
+ * qlo of the 32 word pairs kappa of storage row (G, qhi, rho) at bytes t * 128 + 4 kappa + 2 qlo + b: 64 columns
+ * t * 256 + 64 q + 2 kappa + {0, 1}. Read as 32-bit words, those bytes are one shift away from the low bits. */
+static void decode_quarter(const uint8_t *words, int shift, const float *table, float *dst) {
+#if defined(__AVX512F__)
+    const __m512 t = _mm512_loadu_ps(table);
+    const __m512i m15 = _mm512_set1_epi32(15);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m128i lo_shift = _mm_cvtsi32_si128(shift), hi_shift = _mm_cvtsi32_si128(shift + 4);
+    for (int h = 0; h < 2; h++) {
+        __m512i w = _mm512_loadu_si512((const void *)(words + 64 * h));
+        __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srl_epi32(w, lo_shift), m15), t);
+        __m512 hi = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srl_epi32(w, hi_shift), m15), t);
+        _mm512_storeu_ps(dst + 32 * h, _mm512_permutex2var_ps(lo, first, hi));
+        _mm512_storeu_ps(dst + 32 * h + 16, _mm512_permutex2var_ps(lo, second, hi));
+    }
+#elif defined(__AVX2__)
+    const __m256 t0 = _mm256_loadu_ps(table), t1 = _mm256_loadu_ps(table + 8);
+    const __m256i m15 = _mm256_set1_epi32(15);
+    const __m128i lo_shift = _mm_cvtsi32_si128(shift), hi_shift = _mm_cvtsi32_si128(shift + 4);
+    for (int h = 0; h < 4; h++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(words + 32 * h));
+        __m256i l = _mm256_and_si256(_mm256_srl_epi32(w, lo_shift), m15);
+        __m256i g = _mm256_and_si256(_mm256_srl_epi32(w, hi_shift), m15);
+        __m256 lo = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, l), _mm256_permutevar8x32_ps(t1, l),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(l, 28)));
+        __m256 hi = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, g), _mm256_permutevar8x32_ps(t1, g),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(g, 28)));
+        __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);
+        _mm256_storeu_ps(dst + 16 * h, _mm256_permute2f128_ps(a, c, 0x20));
+        _mm256_storeu_ps(dst + 16 * h + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+#else
+    for (int k = 0; k < 32; k++) {
+        uint8_t b = words[4 * k + shift / 8];
+        dst[2 * k] = table[b & 15];
+        dst[2 * k + 1] = table[b >> 4];
+    }
+#endif
+}
+
+void dc_decode_tc_rows(const uint8_t *codes, int64_t row0, int64_t nrows, int64_t k_tiles, const float *table,
+                       float *out) {
+    const int64_t kb = k_tiles * 128, cols = k_tiles * 256; /* bytes of a storage row, columns of an output row */
+    for (int64_t i = 0; i < nrows; i++) {
+        const int64_t r = row0 + i, G = r / 16, b = (r / 8) % 2, rho = r % 8;
+        for (int64_t qhi = 0; qhi < 2; qhi++) {
+            const uint8_t *row = codes + ((G * 2 + qhi) * 8 + rho) * kb;
+            for (int64_t t = 0; t < k_tiles; t++)
+                for (int64_t qlo = 0; qlo < 2; qlo++)
+                    decode_quarter(row + t * 128, (int)(8 * (2 * qlo + b)), table,
+                                   out + i * cols + t * 256 + 64 * (2 * qhi + qlo));
+        }
+    }
+}
+
+/* which vector path this build took: 512, 256 or 0 (scalar) */
+int dc_decode_width(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,310 @@
+"""Native CPU decode of 4-bit code bytes: ``cpu_decode.c``, compiled on first use with the system's C compiler.
+
+PyTorch has no op that looks a 4-bit code up in a 16-entry table: the pure-PyTorch references widen the code bytes
+to an int32 index and gather (``torch.index_select``, serial, about 0.45 ns per byte on the 2-core dev box), which
+bounds the CPU path of a 4-bit ``tc`` layer at batch 1 to about 3x the dense ``F.linear`` (bench/RESULTS.md, "CPU
+path vs dense"). ``cpu_decode.c`` does the lookup with one SIMD permute per 16 codes (AVX-512) or two per 8 (AVX2),
+or a scalar loop elsewhere, and the layouts' CPU references then multiply with torch's own ops as before.
+
+The library is built once per machine and source (``cc -O3 -march=native -shared``; ``$CC`` if set) into
+``$DC_LIGHTNING_CACHE_DIR`` (default ``~/.cache/dc_lightning/native``; the file name hashes the source, the compiler
+and the CPU, so a home directory shared between machines never loads another CPU's build), written atomically, and
+checked against the table lookup it replaces before it is used. Without a compiler, if the build or that check
+fails, or with ``DC_LIGHTNING_NATIVE=0``, :func:`available` is False, :func:`status` says why (logged once at INFO),
+and the references keep their PyTorch gathers: same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "status", "library", "decode", "decode_segments", "decode_tc_rows", "ENV", "CACHE_ENV"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+#: ``DC_LIGHTNING_NATIVE=0`` turns the native decode off (nothing is compiled or loaded)
+ENV = "DC_LIGHTNING_NATIVE"
+#: where the compiled library is kept (default ``$XDG_CACHE_HOME`` or ``~/.cache``, then ``dc_lightning/native``)
+CACHE_ENV = "DC_LIGHTNING_CACHE_DIR"
+_FLAGS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler does not know -march=native
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None; "why": what status() says
+
+
+def available() -> bool:
+    """Whether the native decode is built, checked and on (builds it on the first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """One line: the library in use and its vector width, or why the PyTorch gathers are used."""
+    _library()
+    return str(_state.get("why", "not built"))
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (``None`` when unavailable) for hot loops that have checked their arguments once:
+    ``dc_decode_segments(src, nseg, seg, stride, table, dst)`` (:func:`decode_segments`, pointers and counts) and
+    ``dc_decode_tc_rows(codes, row0, nrows, k_tiles, table, out)`` (:func:`decode_tc_rows`). No bounds checks."""
+    return _library()
+
+
+def decode(src: Tensor, table: Tensor, out: Tensor | None = None) -> Tensor:
+    """float32 ``[..., 2 * n]``: each byte's low-nibble and high-nibble value of ``table``, side by side.
+
+    Args:
+        src: uint8 ``[..., n]``, contiguous, on the CPU.
+        table: float32 ``[16]`` on the CPU.
+        out: optional float32 contiguous tensor of ``2 * src.numel()`` elements to write (returned, viewed).
+
+    Raises:
+        RuntimeError: the native decode is not available (check :func:`available` first).
+        ValueError: a tensor of the wrong dtype, device, layout or size (the message names it).
+    """
+    _check_src(src)
+    shape = (*src.shape[:-1], 2 * src.shape[-1]) if src.dim() else (2,)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    decode_segments(src.view(-1), 0, 1, src.numel(), src.numel(), table, out.view(-1))
+    return out.view(shape)
+
+
+def decode_segments(src: Tensor, offset: int, nseg: int, seg: int, stride: int, table: Tensor, out: Tensor) -> None:
+    """Decode ``nseg`` runs of ``seg`` bytes of ``src`` (run ``s`` starts at element ``offset + s * stride``) one
+    after another into ``out`` (``2 * seg`` floats per run), as :func:`decode` does.
+
+    Raises:
+        RuntimeError: the native decode is not available.
+        ValueError: a tensor of the wrong dtype, device or layout, or a run outside ``src`` or ``out``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native decode unavailable: {status()}")
+    _check_src(src)
+    _check_table(table)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor, got {out.dtype} on {out.device}")
+    if min(offset, nseg, seg, stride) < 0:
+        raise ValueError(f"offset, nseg, seg and stride must be >= 0, got {offset}, {nseg}, {seg}, {stride}")
+    if nseg == 0 or seg == 0:
+        return
+    if offset + (nseg - 1) * stride + seg > src.numel():
+        raise ValueError(
+            f"runs of {seg} bytes at {offset} + s * {stride} for s < {nseg} end past src's {src.numel()} bytes"
+        )
+    if out.numel() < 2 * nseg * seg:
+        raise ValueError(f"out holds {out.numel()} floats, the runs decode to {2 * nseg * seg}")
+    lib.dc_decode_segments(src.data_ptr() + offset, nseg, seg, stride, table.data_ptr(), out.data_ptr())
+
+
+def decode_tc_rows(codes: Tensor, row0: int, nrows: int, table: Tensor, out: Tensor | None = None) -> Tensor:
+    """Rows ``[row0, row0 + nrows)`` of a ``tc`` layer (:mod:`~dc_lightning.kernels.tc.layout`) decoded in row order:
+    float32 ``[nrows, k_tiles * 256]`` (padded columns included).
+
+    Args:
+        codes: the layer's int16 ``[rows_padded, k_tiles * 64]`` words, contiguous, on the CPU.
+        table: float32 ``[16]``, the layer's codebook.
+        out: optional float32 contiguous tensor of at least ``nrows * k_tiles * 256`` elements (returned, viewed).
+
+    Raises:
+        RuntimeError: the native decode is not available.
+        ValueError: a tensor of the wrong dtype, device, layout or size, or rows outside ``codes``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native decode unavailable: {status()}")
+    if codes.dtype != torch.int16 or codes.dim() != 2 or codes.device.type != "cpu" or not codes.is_contiguous():
+        raise ValueError(f"codes must be a contiguous int16 [rows_padded, k_tiles*64] CPU tensor, got {codes.dtype} "
+                         f"{tuple(codes.shape)} on {codes.device}")  # fmt: skip
+    if codes.shape[0] % 16 or codes.shape[1] % 64:
+        raise ValueError(f"codes' shape must be multiples of [16, 64], got {tuple(codes.shape)}")
+    _check_table(table)
+    if row0 < 0 or nrows < 0 or row0 + nrows > codes.shape[0]:
+        raise ValueError(f"rows [{row0}, {row0 + nrows}) are outside the layer's {codes.shape[0]} padded rows")
+    cols = codes.shape[1] * 4
+    if out is None:
+        out = torch.empty(nrows * cols, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nrows * cols:
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of >= {nrows * cols} values, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    lib.dc_decode_tc_rows(codes.data_ptr(), row0, nrows, codes.shape[1] // 64, table.data_ptr(), out.data_ptr())
+    return out.view(-1)[: nrows * cols].view(nrows, cols)
+
+
+def _check_table(table: Tensor) -> None:
+    if table.dtype != torch.float32 or table.device.type != "cpu" or table.numel() != 16 or not table.is_contiguous():
+        raise ValueError(
+            f"table must be a contiguous float32 CPU tensor of 16 values, got {table.dtype} "
+            f"{tuple(table.shape)} on {table.device}"
+        )
+
+
+def _check_src(src: Tensor) -> None:
+    if src.dtype != torch.uint8 or src.device.type != "cpu" or not src.is_contiguous():
+        raise ValueError(f"src must be a contiguous uint8 CPU tensor, got {src.dtype} on {src.device}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# build, cache, load, check
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV, "1").strip() == "0":
+        _state["why"] = f"off ({ENV}=0)"
+        return None
+    with _lock:
+        if "lib" not in _state:
+            lib, why = _build_and_load()
+            _state.update(lib=lib, why=why)
+            log.info("dc_lightning native CPU decode: %s", why)
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def _reset() -> None:
+    """Forget the loaded library (tests: the next call builds or loads again)."""
+    with _lock:
+        _state.clear()
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC")
+    if cc:
+        parts = shlex.split(cc)
+        return parts if parts and shutil.which(parts[0]) else None
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def _cpu_id() -> str:
+    """What a build with -march=native depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.processor()} {platform.machine()}"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV)
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dc_lightning" / "native"
+
+
+def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (install cc or set CC); the CPU references gather with PyTorch ops"
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as err:
+        return None, f"cannot read {SOURCE}: {err}"
+    key = hashlib.sha256(b"\0".join([source, " ".join(cc).encode(), repr(_FLAGS).encode(), platform.machine().encode(),
+                                     _cpu_id().encode()])).hexdigest()[:20]  # fmt: skip
+    target = _cache_dir() / f"cpu_decode-{key}.so"
+    built = not target.exists()
+    if built:
+        why = _build(cc, target)
+        if why:
+            return None, why
+    lib, why = _load(target)
+    if lib is None and not built:  # a cached file that does not load or check: build it once more
+        target.unlink(missing_ok=True)
+        why = _build(cc, target)
+        if why:
+            return None, why
+        lib, why = _load(target)
+    return lib, why
+
+
+def _build(cc: list[str], target: Path) -> str:
+    """Compile SOURCE into ``target`` (atomically); '' or why it failed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot create the cache folder {target.parent}: {err} (set {CACHE_ENV})"
+    errors = []
+    for flags in _FLAGS:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".cpu_decode-", suffix=".so", dir=target.parent)
+        except OSError as err:
+            return f"cannot write in the cache folder {target.parent}: {err} (set {CACHE_ENV})"
+        os.close(fd)
+        try:
+            run = subprocess.run([*cc, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+            if run.returncode == 0:
+                os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+                return ""
+            last = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
+            errors.append(f"{' '.join(flags)}: {last[0]}")
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(f"{' '.join(flags)}: {err}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    why = "; ".join(errors)
+    return f"building {SOURCE.name} with {cc[0]} failed ({why}); the CPU references gather with PyTorch ops"
+
+
+def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
+    try:
+        lib = ctypes.CDLL(str(target))
+        for name in ("dc_decode_segments", "dc_decode_tc_rows"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                           ctypes.c_void_p]  # fmt: skip
+            fn.restype = None
+        lib.dc_decode_width.restype = ctypes.c_int
+        width = int(lib.dc_decode_width())
+    except (OSError, AttributeError) as err:
+        return None, f"cannot load {target}: {err}; the CPU references gather with PyTorch ops"
+    why = _self_check(lib)
+    if why:
+        return None, f"{target} failed its check ({why}); the CPU references gather with PyTorch ops"
+    kind = {512: "AVX-512", 256: "AVX2"}.get(width, "scalar")
+    return lib, f"{kind} build {target}"
+
+
+def _self_check(lib: ctypes.CDLL) -> str:
+    """Decode every byte value, with a tail shorter than one vector, and compare with the table lookup."""
+    src = torch.cat([torch.arange(256, dtype=torch.uint8), torch.arange(37, dtype=torch.uint8) * 7])
+    table = torch.randn(16, dtype=torch.float32)
+    out = torch.full((2 * src.numel(),), float("nan"), dtype=torch.float32)
+    lib.dc_decode_segments(src.data_ptr(), 1, src.numel(), src.numel(), table.data_ptr(), out.data_ptr())
+    codes = torch.stack([src & 15, src >> 4], 1).reshape(-1).long()
+    expected = table[codes]
+    if not torch.equal(out, expected):
+        bad = int((out != expected).nonzero()[0])
+        return f"byte decode, value {bad}: {float(out[bad])} instead of {float(expected[bad])}"
+    # tc rows: two tiles of 32 rows; the words' bytes (G, qhi, rho, t, kappa, qlo, b) in row order (G, b, rho), columns
+    # (t, qhi, qlo, kappa), two codes per byte (the permutation of tc/layout.py's _bytes_in_row_order)
+    words = torch.randint(-(1 << 15), 1 << 15, (32, 128), dtype=torch.int16)
+    b = words.view(torch.uint8).view(2, 2, 8, 2, 32, 2, 2).permute(0, 6, 2, 3, 1, 5, 4).reshape(32, 256)
+    expected = table[torch.stack([b & 15, b >> 4], -1).reshape(32, 512).long()]
+    out = torch.full((32, 512), float("nan"), dtype=torch.float32)
+    lib.dc_decode_tc_rows(words.data_ptr(), 0, 32, 2, table.data_ptr(), out.data_ptr())
+    if not torch.equal(out, expected):
+        bad = tuple(int(v) for v in (out != expected).nonzero()[0])
+        return f"tc rows, position {bad}: {float(out[bad])} instead of {float(expected[bad])}"
+    return ""
