@@ -110,6 +110,67 @@ void dc_decode_tc_rows(const uint8_t *codes, int64_t row0, int64_t nrows, int64_
     }
 }
 
+/* The lut layout (kernels/lut/layout.py): int32 word j of group g of a row holds, at bits [s * cbits, (s + 1) *
+ * cbits), the code of column g * 32 * PW + 32 s + j (PW = 32 / cbits codes per word); bit c % 32 of the row's mask
+ * word c / 32 (if any) says whether column c is kept. A pruned position decodes as table[code] * 0.0 (the PyTorch
+ * decode's value, a signed zero). decode_slice writes the 32 columns of slice s of one group. */
+static void decode_slice(const uint32_t *w, const uint32_t *mword, int shift, uint32_t cmask, const float *table,
+                         float *dst) {
+#if defined(__AVX512F__)
+    const __m512 t = _mm512_loadu_ps(table);
+    const __m512i m = _mm512_set1_epi32((int)cmask);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    const __m128i sh = _mm_cvtsi32_si128(shift);
+    for (int h = 0; h < 2; h++) {
+        __m512i v = _mm512_loadu_si512((const void *)(w + 16 * h));
+        __m512 f = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srl_epi32(v, sh), m), t);
+        if (mword) {
+            __mmask16 kept = (__mmask16)((*mword >> (16 * h)) & 0xFFFFu);
+            f = _mm512_mask_blend_ps(kept, _mm512_and_ps(f, sign), f);
+        }
+        _mm512_storeu_ps(dst + 16 * h, f);
+    }
+#elif defined(__AVX2__)
+    const __m256 t0 = _mm256_loadu_ps(table), t1 = _mm256_loadu_ps(table + 8);
+    const __m256i m = _mm256_set1_epi32((int)cmask);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m128i sh = _mm_cvtsi32_si128(shift);
+    for (int h = 0; h < 4; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 8 * h));
+        __m256i idx = _mm256_and_si256(_mm256_srl_epi32(v, sh), m);
+        __m256 f = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        if (mword) {
+            __m256i b = _mm256_set1_epi32((int)((*mword >> (8 * h)) & 0xFFu));
+            __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(b, bit), bit);
+            f = _mm256_blendv_ps(_mm256_and_ps(f, sign), f, _mm256_castsi256_ps(kept));
+        }
+        _mm256_storeu_ps(dst + 8 * h, f);
+    }
+#else
+    for (int j = 0; j < 32; j++) {
+        float v = table[(w[j] >> shift) & cmask];
+        dst[j] = (mword && !((*mword >> j) & 1u)) ? v * 0.0f : v;
+    }
+#endif
+}
+
+/* rows [row0, row0 + nrows) of a lut layer of cbits in {2, 4} (a table of at most 16 values, padded to 16) in column
+ * order: out is float32 [nrows, groups * 32 * PW]; mask is NULL without a bitmap */
+void dc_decode_lut_rows(const uint32_t *codes, const uint32_t *mask, int64_t row0, int64_t nrows, int64_t groups,
+                        int64_t cbits, const float *table, float *out) {
+    const int64_t pw = 32 / cbits, cols = groups * 32 * pw;
+    const uint32_t cmask = (1u << cbits) - 1u;
+    for (int64_t i = 0; i < nrows; i++) {
+        const int64_t r = row0 + i;
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t s = 0; s < pw; s++)
+                decode_slice(codes + (r * groups + g) * 32, mask ? mask + r * groups * pw + g * pw + s : 0,
+                             (int)(s * cbits), cmask, table, out + i * cols + g * 32 * pw + 32 * s);
+    }
+}
+
 /* which vector path this build took: 512, 256 or 0 (scalar) */
 int dc_decode_width(void) {
 #if defined(__AVX512F__)

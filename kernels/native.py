@@ -30,8 +30,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["available", "status", "library", "decode", "decode_segments", "decode_tc_rows", "ENV", "CACHE_ENV"]
+__all__ = [
+    "usable", "is_real", "available", "status", "library", "decode", "decode_segments", "decode_tc_rows",
+    "decode_lut_rows", "ENV", "CACHE_ENV",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,18 @@ _FLAGS = (["-O3", "-march=native"], ["-O3"])  # the second where the compiler do
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None; "why": what status() says
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether a decode of these tensors may run natively: real CPU tensors outside a trace (:func:`is_real`) and the
+    library available."""
+    return is_real(*tensors) and all(t.device.type == "cpu" for t in tensors) and available()
+
+
+def is_real(*tensors: Tensor) -> bool:
+    """Whether these tensors hold data, outside a trace: only then may a native call or a cached constant tensor meet
+    them (a fake tensor of ``torch.compile`` or ``triton_op`` tracing has no data and cannot meet a real one)."""
+    return not torch.compiler.is_compiling() and not any(is_fake(t) or t.device.type == "meta" for t in tensors)
 
 
 def available() -> bool:
@@ -143,6 +159,55 @@ def decode_tc_rows(codes: Tensor, row0: int, nrows: int, table: Tensor, out: Ten
         raise ValueError(f"out must be a contiguous float32 CPU tensor of >= {nrows * cols} values, got {out.dtype} "
                          f"{tuple(out.shape)} on {out.device}")  # fmt: skip
     lib.dc_decode_tc_rows(codes.data_ptr(), row0, nrows, codes.shape[1] // 64, table.data_ptr(), out.data_ptr())
+    return out.view(-1)[: nrows * cols].view(nrows, cols)
+
+
+def decode_lut_rows(
+    codes: Tensor, mask: Tensor | None, row0: int, nrows: int, cbits: int, table: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """Rows ``[row0, row0 + nrows)`` of a ``lut`` layer of 2- or 4-bit codes (:mod:`~dc_lightning.kernels.lut.layout`)
+    in column order: float32 ``[nrows, n_groups * 32 * (32 // cbits)]`` (padded columns included); a position the
+    bitmap prunes decodes as ``table[code] * 0.0``, as the PyTorch decode.
+
+    Args:
+        codes: the layer's int32 ``[rows, n_groups * 32]`` words, contiguous, on the CPU.
+        mask: its int32 ``[rows, n_groups * 32 // cbits]`` bitmap, or ``None``.
+        cbits: 2 or 4.
+        table: float32 ``[16]``: the codebook padded with zeros.
+        out: optional float32 contiguous tensor of at least ``nrows`` rows of output (returned, viewed).
+
+    Raises:
+        RuntimeError: the native decode is not available.
+        ValueError: a tensor of the wrong dtype, device, layout or size, rows outside ``codes``, or ``cbits``.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native decode unavailable: {status()}")
+    if cbits not in (2, 4):
+        raise ValueError(f"cbits must be 2 or 4 for the native decode, got {cbits}")
+    if codes.dtype != torch.int32 or codes.dim() != 2 or codes.device.type != "cpu" or not codes.is_contiguous():
+        raise ValueError(f"codes must be a contiguous int32 [rows, n_groups*32] CPU tensor, got {codes.dtype} "
+                         f"{tuple(codes.shape)} on {codes.device}")  # fmt: skip
+    if codes.shape[1] % 32:
+        raise ValueError(f"codes' width must be a multiple of 32 words, got {tuple(codes.shape)}")
+    groups, pw = codes.shape[1] // 32, 32 // cbits
+    if mask is not None and (
+        mask.dtype != torch.int32 or mask.device.type != "cpu" or not mask.is_contiguous()
+        or tuple(mask.shape) != (codes.shape[0], groups * pw)
+    ):  # fmt: skip
+        raise ValueError(f"mask must be a contiguous int32 [{codes.shape[0]}, {groups * pw}] CPU tensor or None, got "
+                         f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")  # fmt: skip
+    _check_table(table)
+    if row0 < 0 or nrows < 0 or row0 + nrows > codes.shape[0]:
+        raise ValueError(f"rows [{row0}, {row0 + nrows}) are outside the layer's {codes.shape[0]} rows")
+    cols = groups * 32 * pw
+    if out is None:
+        out = torch.empty(nrows * cols, dtype=torch.float32)
+    if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < nrows * cols:
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of >= {nrows * cols} values, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")  # fmt: skip
+    lib.dc_decode_lut_rows(codes.data_ptr(), 0 if mask is None else mask.data_ptr(), row0, nrows, groups, cbits,
+                           table.data_ptr(), out.data_ptr())  # fmt: skip
     return out.view(-1)[: nrows * cols].view(nrows, cols)
 
 
@@ -275,6 +340,10 @@ def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                            ctypes.c_void_p]  # fmt: skip
             fn.restype = None
+        lut = lib.dc_decode_lut_rows
+        lut.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]  # fmt: skip
+        lut.restype = None
         lib.dc_decode_width.restype = ctypes.c_int
         width = int(lib.dc_decode_width())
     except (OSError, AttributeError) as err:
@@ -307,4 +376,19 @@ def _self_check(lib: ctypes.CDLL) -> str:
     if not torch.equal(out, expected):
         bad = tuple(int(v) for v in (out != expected).nonzero()[0])
         return f"tc rows, position {bad}: {float(out[bad])} instead of {float(expected[bad])}"
+    # lut rows: two groups of 4-bit and of 2-bit codes, with a bitmap (word j holds column 32 s + j of its group at
+    # bits [s * cbits, (s + 1) * cbits); mask bit c % 32 of word c // 32 keeps column c; pruned: table[code] * 0.0)
+    for cbits in (4, 2):
+        pw = 32 // cbits
+        words = torch.randint(-(1 << 31), 1 << 31, (3, 64), dtype=torch.int64).to(torch.int32)
+        mask = torch.randint(-(1 << 31), 1 << 31, (3, 2 * pw), dtype=torch.int64).to(torch.int32)
+        shifts = torch.arange(pw, dtype=torch.int32).view(-1, 1) * cbits
+        codes = (words.view(3, 2, 1, 32) >> shifts) & ((1 << cbits) - 1)  # [rows, g, s, j]
+        kept = (mask.view(3, 2 * pw, 1) >> torch.arange(32, dtype=torch.int32)) & 1
+        expected = table[codes.reshape(3, -1).long()] * kept.reshape(3, -1)
+        out = torch.full((3, 64 * pw), float("nan"), dtype=torch.float32)
+        lib.dc_decode_lut_rows(words.data_ptr(), mask.data_ptr(), 0, 3, 2, cbits, table.data_ptr(), out.data_ptr())
+        if not torch.equal(out, expected) or not torch.equal(out.signbit(), expected.signbit()):
+            bad = tuple(int(v) for v in ((out != expected) | (out.signbit() != expected.signbit())).nonzero()[0])
+            return f"lut rows ({cbits} bits), position {bad}: {float(out[bad])} instead of {float(expected[bad])}"
     return ""

@@ -59,6 +59,7 @@ __all__ = [
     "check_bias_and_devices",
     "check_call",
     "decoded_linear",
+    "blocked_product",
 ]
 
 log = logging.getLogger(__name__)
@@ -420,6 +421,34 @@ def decoded_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, relu: bool 
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype)
+
+
+def blocked_product(
+    x: Tensor, rows: int, width: int, decode: Callable[[int, int, Tensor], None], block_bytes: int = 1 << 20
+) -> Tensor:
+    """``x @ W.T``, fp32 ``[B, rows]``, for a weight decoded a block of rows at a time (the CPU references with the
+    native decode, :mod:`~dc_lightning.kernels.native`): ``decode(row0, n, out)`` writes rows ``[row0, row0 + n)``
+    of ``W`` (``width`` columns each, the layout's padded width) into the float32 ``out``; each block
+    (``block_bytes`` decoded) stays in the cache while torch multiplies it. Without autograd one buffer serves every
+    block; with it each block keeps its own (the backward reads them).
+
+    Args:
+        x: fp32 ``[B, in_features]``, ``in_features <= width`` (padded with zeros to ``width``).
+    """
+    xp = F.pad(x, (0, width - x.shape[1])) if width != x.shape[1] else x
+    step = max(8, block_bytes // (width * 4))
+    reuse = not (torch.is_grad_enabled() and x.requires_grad)
+    buf = torch.empty(min(step, max(rows, 1)) * width, dtype=torch.float32, device=x.device)
+    outs = []
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        if r0 and not reuse:
+            buf = torch.empty_like(buf)
+        decode(r0, n, buf)
+        outs.append(torch.mm(xp, buf[: n * width].view(n, width).t()))
+    if not outs:
+        return x.new_zeros((x.shape[0], 0), dtype=torch.float32)
+    return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

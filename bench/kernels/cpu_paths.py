@@ -61,6 +61,7 @@ from dc_lightning.inference.linear import CompressedLinear  # noqa: E402
 from dc_lightning.kernels import layouts, native  # noqa: E402
 from dc_lightning.kernels.lut.layout import WORD_ORDER_MIN  # noqa: E402
 from dc_lightning.kernels.sparse.layout import unpack, use_product  # noqa: E402
+from dc_lightning.kernels.lut import layout as lut_layout  # noqa: E402
 from dc_lightning.kernels.tc import layout as tc_layout  # noqa: E402
 from dc_lightning.models.lm import build_lm, sample  # noqa: E402
 from dc_lightning.pruning.masks import prune_model  # noqa: E402
@@ -156,7 +157,8 @@ def uses_word_order(p: layouts.LUTPacked) -> bool:
 def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
     """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
     recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``native rows``
-    (a ``tc`` matrix decoded a block of rows at a time by the native decode, each block multiplied), ``storage`` (a
+    (a ``tc`` or 2/4-bit ``lut`` matrix decoded a block of rows at a time by the native decode, each block
+    multiplied), ``storage`` (a
     ``tc`` matrix multiplied in its words' storage order, PyTorch gathers), ``decode`` (every matrix decoded once)
     or ``rows``."""
     if name.startswith("Embedding"):
@@ -172,6 +174,10 @@ def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
                 return "native rows"
             if batch <= tc_layout.STORAGE_ORDER_MAX_BATCH:
                 return "storage"
+        if layout == "lut" and p.cbits in lut_layout.NATIVE_CBITS and native.available() and (
+            p.out_features * p.in_features >= lut_layout.BLOCKED_MIN
+        ):  # fmt: skip
+            return "native rows"
         return "words" if layout == "lut" and uses_word_order(p) else "decode"
     if isinstance(conv, recurrent.CompressedRNNBase) and "steps" in name:
         return "steps" if recurrent.STEP_MAX >= 1 else "decode"  # one timestep per call

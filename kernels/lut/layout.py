@@ -32,7 +32,8 @@ from torch import Tensor
 
 from dc_lightning.buffers import MAX_CODES
 
-from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
+from .. import native
+from ..runtime import PackedLayer, blocked_product, decoded_linear, sorted_coordinates
 
 __all__ = [
     "LUTPacked",
@@ -46,6 +47,8 @@ __all__ = [
     "lut_linear_reference",
     "word_order_columns",
     "WORD_ORDER_MIN",
+    "BLOCKED_MIN",
+    "NATIVE_CBITS",
 ]
 
 CONTAINER_BITS = (2, 4, 8)
@@ -320,6 +323,8 @@ def decode_dense_lut(packed: LUTPacked) -> Tensor:
     # with the bitmap gives).
     p = packed
     n, cbits, dev = p.codes.shape[0], p.cbits, p.codes.device  # rows held (lut_rows hands a row subset)
+    if cbits in NATIVE_CBITS and _native(p):  # the same values (signed zeros included), by SIMD table lookups
+        return native.decode_lut_rows(p.codes, p.mask, 0, n, cbits, _table16(p))[:, : p.in_features]
     shifts = torch.arange(p.codes_per_word, device=dev, dtype=torch.int32).view(-1, 1) * cbits
     codes = p.codes.view(n, -1, 1, WORDS_PER_GROUP) >> shifts  # [n, g, s, j]
     codes &= (1 << cbits) - 1
@@ -353,11 +358,51 @@ def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = Non
     """
     p = packed
     k_pad = p.n_groups * p.group_cols
+    if p.cbits in NATIVE_CBITS and p.out_features * p.in_features >= BLOCKED_MIN and _native(p, x):
+        y = _row_block_product(x.to(torch.float32), p)
+        if bias is not None:
+            y.add_(bias.to(torch.float32))
+        if relu:
+            y.relu_()
+        return y.to(x.dtype)
     if p.cbits == 8 or p.out_features * k_pad < WORD_ORDER_MIN:
         return decoded_linear(x, decode_dense_lut(p), bias, relu)
     w = _decode_word_order(p, p.out_features)
     xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
     return decoded_linear(torch.index_select(xp, 1, _columns(p.cbits, p.n_groups, x.device)), w, bias, relu)
+
+
+#: code widths the native decode handles (a table of at most 16 values; 8-bit codes take the PyTorch gathers)
+NATIVE_CBITS = (2, 4)
+#: with the native decode, a layer of at least this many positions multiplies a block of rows at a time
+#: (:func:`_row_block_product`); a smaller one is decoded whole and ``F.linear`` runs once (bit for bit the dense
+#: layer's result)
+BLOCKED_MIN = 1 << 16
+#: decoded bytes per block of :func:`_row_block_product`
+ROW_BLOCK_BYTES = 1 << 20
+
+
+def _native(p: LUTPacked, *more: Tensor) -> bool:
+    tensors = [p.codes, p.codebook, *more] + ([p.mask] if p.mask is not None else [])
+    return native.usable(*tensors)
+
+
+def _table16(p: LUTPacked) -> Tensor:
+    """The codebook as the native decode's 16-entry table (zeros past ``2**cbits``)."""
+    cb = p.codebook.to(torch.float32).contiguous()
+    return torch.nn.functional.pad(cb, (0, 16 - cb.numel())) if cb.numel() < 16 else cb
+
+
+def _row_block_product(x: Tensor, p: LUTPacked) -> Tensor:
+    """``x @ W.T``, fp32 ``[B, out_features]``, with the native decode: a block of rows at a time decoded in column
+    order and multiplied (:func:`~dc_lightning.kernels.runtime.blocked_product`)."""
+    lib, table = native.library(), _table16(p)
+    mask = 0 if p.mask is None else p.mask.data_ptr()  # shapes checked by the caller's check_call
+
+    def decode(row0: int, n: int, out: Tensor) -> None:
+        lib.dc_decode_lut_rows(p.codes.data_ptr(), mask, row0, n, p.n_groups, p.cbits, table.data_ptr(), out.data_ptr())
+
+    return blocked_product(x, p.out_features, p.n_groups * p.group_cols, decode, ROW_BLOCK_BYTES)
 
 
 @functools.lru_cache(maxsize=64)
@@ -370,4 +415,3 @@ def bytes_per_position(n_centroids: int, density: float) -> float:
     """Bytes per weight position of this layout for a codebook size and density (for the layout choice)."""
     cbits, bitmap = lut_encoding(n_centroids, density >= 1.0)
     return (cbits + (1 if bitmap else 0)) / 8.0
-

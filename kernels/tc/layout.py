@@ -30,10 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import native
-from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
+from ..runtime import PackedLayer, blocked_product, decoded_linear, sorted_coordinates
 
 __all__ = ["TCPacked", "TILE_K", "WORDS", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
            "tc_linear_reference", "bytes_per_position"]  # fmt: skip
@@ -174,16 +173,8 @@ def _pair_words_cached(table: tuple[float, ...], device: torch.device) -> Tensor
     return _pair_words(torch.tensor(table, dtype=torch.float32, device=device))
 
 
-def _native(*tensors: Tensor) -> bool:
-    """Whether these tensors' codes decode with the native CPU lookup (:mod:`~dc_lightning.kernels.native`): real
-    CPU tensors, the library built."""
-    return _real(*tensors) and all(t.device.type == "cpu" for t in tensors) and native.available()
-
-
-def _real(*tensors: Tensor) -> bool:
-    """Whether these tensors hold data, outside a trace: only then may a cached constant tensor meet them (a fake
-    tensor of ``torch.compile`` or ``triton_op`` tracing cannot meet a real one, nor be cached)."""
-    return not torch.compiler.is_compiling() and not any(is_fake(t) or t.device.type == "meta" for t in tensors)
+_native = native.usable
+_real = native.is_real
 
 
 def _bytes_in_row_order(codes: Tensor) -> Tensor:
@@ -294,31 +285,23 @@ def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None,
 
 
 #: decoded bytes per block of :func:`_storage_order_product` (PyTorch gathers): the block's index, its values and its
-#: product stay in a core's L2 (measured on the 2-core dev box: 0.75 MiB beats 0.25, 0.5, 1, 2 and 4 MiB)
+#: product stay in a core's L2 (the fastest of 0.25-4 MiB
+#: on the 2-core dev box, 1 thread, bench/RESULTS.md "CPU path vs dense, third run")
 BLOCK_BYTES = 3 << 18
 
-#: decoded bytes per block of :func:`_row_block_product` (measured on the dev box: 1 MiB beats 0.5 and 2 MiB)
+#: decoded bytes per block of :func:`_row_block_product` (the fastest of 0.5, 1 and 2 MiB there)
 ROW_BLOCK_BYTES = 1 << 20
 
 
 def _row_block_product(x: Tensor, p: TCPacked) -> Tensor:
     """``x @ W.T``, fp32 ``[B, out_features]`` (``x``: fp32 ``[B, in_features]``), with the native decode: a block of
-    rows (``ROW_BLOCK_BYTES`` decoded) at a time is decoded in row order into a buffer that stays in the cache and
-    multiplied by ``x`` (padded with zeros to the layer's padded width), nothing wasted."""
-    k_pad = p.k_tiles * TILE_K
-    xp = torch.nn.functional.pad(x, (0, k_pad - p.in_features)) if k_pad != p.in_features else x
-    step = max(8, ROW_BLOCK_BYTES // (k_pad * 4))
-    reuse = not (torch.is_grad_enabled() and x.requires_grad)  # autograd keeps each block for the backward
-    buf = torch.empty(min(step, p.out_features) * k_pad, dtype=torch.float32)
+    rows at a time decoded in row order and multiplied (:func:`~dc_lightning.kernels.runtime.blocked_product`)."""
     lib, codes, cb = native.library(), p.codes, p.codebook.contiguous()  # shapes checked by the caller's check_call
-    outs = []
-    for r0 in range(0, p.out_features, step):
-        n = min(step, p.out_features - r0)
-        if not reuse and r0:
-            buf = torch.empty_like(buf)
-        lib.dc_decode_tc_rows(codes.data_ptr(), r0, n, p.k_tiles, cb.data_ptr(), buf.data_ptr())
-        outs.append(torch.mm(xp, buf[: n * k_pad].view(n, k_pad).t()))
-    return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+    def decode(row0: int, n: int, out: Tensor) -> None:
+        lib.dc_decode_tc_rows(codes.data_ptr(), row0, n, p.k_tiles, cb.data_ptr(), out.data_ptr())
+
+    return blocked_product(x, p.out_features, p.k_tiles * TILE_K, decode, ROW_BLOCK_BYTES)
 
 
 def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
@@ -341,34 +324,21 @@ def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
     step = max(1, BLOCK_BYTES // (ROW_PAD * k_pad * 4))
     kb = k_pad // 2  # code bytes of one storage row
     per_group = ROW_PAD * kb
-    fast = real and _native(p.codes, p.codebook)
-    if fast:
-        codes, cb = p.codes.view(torch.uint8).view(-1), p.codebook.contiguous()
-        buf = torch.empty(2 * min(step, groups) * per_group, dtype=torch.float32, device=x.device)
-    else:
-        src = p.codes.view(torch.uint8).view(groups, 2, 8, kb).transpose(0, 1)  # qhi, G, rho, bytes
-        pairs = _pair_words(p.codebook, p.table if real else None)
-        idx = torch.empty(min(step, groups) * per_group, dtype=torch.int32, device=x.device)
-        vals = torch.empty(idx.numel(), dtype=torch.int64, device=x.device)
+    src = p.codes.view(torch.uint8).view(groups, 2, 8, kb).transpose(0, 1)  # qhi, G, rho, bytes
+    pairs = _pair_words(p.codebook, p.table if real else None)
+    idx = torch.empty(min(step, groups) * per_group, dtype=torch.int32, device=x.device)
+    vals = torch.empty(idx.numel(), dtype=torch.int64, device=x.device)
     reuse = not (torch.is_grad_enabled() and x.requires_grad)  # autograd keeps each block for the backward
     outs = []
     for s in range(0, groups, step):
         g = min(step, groups - s)
         if not reuse and s:
-            if fast:
-                buf = torch.empty_like(buf)
-            else:
-                idx, vals = torch.empty_like(idx), torch.empty_like(vals)
-        if fast:  # the 8 storage rows of each (G, qhi) are one run of bytes
-            d = buf[: 2 * g * per_group].view(2, g * 8, k_pad)
-            for qhi in range(2):
-                native.decode_segments(codes, (s * ROW_PAD + 8 * qhi) * kb, g, 8 * kb, ROW_PAD * kb, cb, d[qhi])
-        else:
-            i = idx[: g * per_group]
-            i.view(2, g, 8, kb).copy_(src[:, s : s + g])
-            v = vals[: g * per_group]
-            torch.index_select(pairs, 0, i, out=v)
-            d = v.view(torch.float32).view(2, g * 8, k_pad)
+            idx, vals = torch.empty_like(idx), torch.empty_like(vals)
+        i = idx[: g * per_group]
+        i.view(2, g, 8, kb).copy_(src[:, s : s + g])
+        v = vals[: g * per_group]
+        torch.index_select(pairs, 0, i, out=v)
+        d = v.view(torch.float32).view(2, g * 8, k_pad)
         y = torch.mm(xs[0], d[0].t())
         outs.append(y.addmm_(xs[1], d[1].t()))  # [(b', B), (G, rho)]
     y = torch.cat(outs, 1) if len(outs) > 1 else outs[0]

@@ -171,3 +171,64 @@ def test_gradients_through_the_blocked_products(native_decode: bool, monkeypatch
     xd = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(xd, dense).square().sum().backward()
     assert (x.grad - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()
+
+
+def _lut_layer(n: int, k: int, n_cb: int, density: float, bitmap: bool | None, seed: int = 0):
+    from dc_lightning.kernels.lut.layout import pack_lut
+
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = (torch.rand(n, k, generator=g) < density).nonzero(as_tuple=True)
+    codes = torch.randint(0, n_cb, (rows.numel(),), generator=g)
+    return pack_lut(n, k, rows, cols, codes, torch.randn(n_cb, generator=g), bitmap=bitmap)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "n,k,n_cb,density,bitmap",
+    [(5, 70, 16, 0.5, True), (40, 300, 15, 0.5, None), (33, 1000, 4, 0.6, True), (17, 129, 3, 1.0, None),
+     (64, 512, 16, 1.0, None)],
+)  # fmt: skip
+def test_lut_rows_bit_exact(n: int, k: int, n_cb: int, density: float, bitmap, monkeypatch) -> None:
+    """The native lut decode gives the PyTorch decode's values, signed zeros of pruned positions included, for 2- and
+    4-bit codes with a bitmap, a zero code or neither."""
+    from dc_lightning.kernels.lut.layout import decode_dense_lut
+
+    p = _lut_layer(n, k, n_cb, density, bitmap, seed=n * k)
+    assert p.cbits in (2, 4)
+    got = decode_dense_lut(p)
+    monkeypatch.setenv(native.ENV, "0")
+    expected = decode_dense_lut(p)
+    assert torch.equal(got, expected) and torch.equal(got.signbit(), expected.signbit())
+    monkeypatch.setenv(native.ENV, "1")
+    r0 = n // 3
+    part = native.decode_lut_rows(
+        p.codes, p.mask, r0, n - r0, p.cbits, torch.nn.functional.pad(p.codebook, (0, 16 - p.codebook.numel()))
+    )
+    assert torch.equal(part[:, :k], expected[r0:])
+    with pytest.raises(ValueError, match=r"cbits must be 2 or 4 for the native decode, got 8"):
+        native.decode_lut_rows(p.codes, p.mask, 0, 1, 8, torch.zeros(16))
+
+
+@pytest.mark.parametrize("native_decode", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("n_cb,bitmap", [(16, True), (15, None), (4, True)])
+@pytest.mark.parametrize("batch", [1, 16, 65])
+def test_lut_reference_product_every_path(batch: int, n_cb: int, bitmap, native_decode: bool, monkeypatch) -> None:
+    """A large lut layer's CPU product (native row blocks, or PyTorch word order) matches float64 with bias and ReLU;
+    the input gradient matches the dense layer's."""
+    from dc_lightning.kernels.lut.layout import BLOCKED_MIN, decode_dense_lut, lut_linear_reference
+
+    monkeypatch.setenv(native.ENV, "1" if native_decode else "0")
+    if native_decode and not native.available():
+        pytest.skip(f"native decode unavailable: {native.status()}")
+    p = _lut_layer(300, 900, n_cb, 0.5, bitmap, seed=batch + n_cb)
+    assert 300 * 900 >= BLOCKED_MIN
+    dense = decode_dense_lut(p).contiguous()
+    g = torch.Generator().manual_seed(batch)
+    x, bias = torch.randn(batch, 900, generator=g, requires_grad=True), torch.randn(300, generator=g)
+    ref = (x.detach().double() @ dense.double().T + bias.double()).relu()
+    y = lut_linear_reference(x, p, bias, relu=True)
+    assert (y.detach().double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    y.square().sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(xd, dense, bias).relu().square().sum().backward()
+    assert (x.grad - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()
