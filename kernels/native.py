@@ -9,7 +9,8 @@ or a scalar loop elsewhere, and the layouts' CPU references then multiply with t
 The library is built once per machine and source (``cc -O3 -march=native -shared``; ``$CC`` if set) into
 ``$DC_LIGHTNING_CACHE_DIR`` (default ``~/.cache/dc_lightning/native``; the file name hashes the source, the compiler
 and the CPU, so a home directory shared between machines never loads another CPU's build), written atomically, and
-checked against the table lookup it replaces before it is used. Without a compiler, if the build or that check
+checked against the table lookup it replaces before it is used (loading it runs its code: keep the cache folder
+writable by you alone, as ``~/.cache`` is). Without a compiler, if the build or that check
 fails, or with ``DC_LIGHTNING_NATIVE=0``, :func:`available` is False, :func:`status` says why (logged once at INFO),
 and the references keep their PyTorch gathers: same results, slower.
 """

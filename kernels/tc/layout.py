@@ -250,9 +250,9 @@ def _storage_columns_of(k_tiles: int, in_features: int, device: torch.device) ->
 #: order up to ``STORAGE_ORDER_MAX_BATCH`` rows of ``x``: no byte permute of the weight), in a different summation
 #: order than ``F.linear`` on the dense weight
 BLOCKED_MIN = 1 << 16
-#: without the native decode, at most this many rows of ``x`` multiply in storage order (measured on the dev box:
-#: faster than the row-order decode up to 16 rows, slower from 32)
-STORAGE_ORDER_MAX_BATCH = 16
+#: without the native decode, at most this many rows of ``x`` multiply in storage order (faster than the row-order
+#: decode up to 32 rows in 4 of the 5 shapes of bench/RESULTS.md "CPU path vs dense, third run", mixed at 64)
+STORAGE_ORDER_MAX_BATCH = 32
 
 
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
@@ -285,8 +285,8 @@ def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None,
 
 
 #: decoded bytes per block of :func:`_storage_order_product` (PyTorch gathers): the block's index, its values and its
-#: product stay in a core's L2 (the fastest of 0.25-4 MiB
-#: on the 2-core dev box, 1 thread, bench/RESULTS.md "CPU path vs dense, third run")
+#: product stay in a core's L2 (the fastest of 0.25-4 MiB at batch 1-4 on the 2-core dev box, 1 thread; 2 MiB wins
+#: by ~10 % at 16-64: bench/RESULTS.md "CPU path vs dense, third run")
 BLOCK_BYTES = 3 << 18
 
 #: decoded bytes per block of :func:`_row_block_product` (the fastest of 0.5, 1 and 2 MiB there)
