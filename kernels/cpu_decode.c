@@ -171,6 +171,30 @@ void dc_decode_lut_rows(const uint32_t *codes, const uint32_t *mask, int64_t row
     }
 }
 
+/* Rows of an ell row table (kernels/rows/layout.py): entries [2, V, L] (plane 0 the column, plane 1 the code of
+ * each kept entry; a row's padding repeats its last entry) of uint8, int16 or int32 (esize 1, 2, 4). Writes the n
+ * rows idx[i] of the dense float32 table into out [n, cols]. Returns -1, or i when idx[i] is not a row, or -2 - i
+ * when row idx[i] holds an entry outside [0, cols) x [0, ncb) (a damaged table: nothing is written out of range). */
+static inline int64_t ell_entry(const void *e, int64_t esize, int64_t i) {
+    return esize == 1 ? (int64_t)((const uint8_t *)e)[i]
+                      : esize == 2 ? (int64_t)((const int16_t *)e)[i] : (int64_t)((const int32_t *)e)[i];
+}
+
+int64_t dc_ell_rows(const void *entries, int64_t esize, int64_t V, int64_t L, const int64_t *idx, int64_t n,
+                    const float *codebook, int64_t ncb, int64_t cols, float *out) {
+    for (int64_t i = 0; i < n * cols; i++) out[i] = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = idx[i];
+        if (r < 0 || r >= V) return i;
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t c = ell_entry(entries, esize, r * L + j), k = ell_entry(entries, esize, (V + r) * L + j);
+            if (c < 0 || c >= cols || k < 0 || k >= ncb) return -2 - i;
+            out[i * cols + c] = codebook[k];
+        }
+    }
+    return -1;
+}
+
 /* which vector path this build took: 512, 256 or 0 (scalar) */
 int dc_decode_width(void) {
 #if defined(__AVX512F__)

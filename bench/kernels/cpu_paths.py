@@ -158,11 +158,11 @@ def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
     """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
     recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``native rows``
     (a ``tc`` or 2/4-bit ``lut`` matrix decoded a block of rows at a time by the native decode, each block
-    multiplied), ``storage`` (a
+    multiplied), ``native lookup`` (an embedding's rows looked up by the native decode in one call), ``storage`` (a
     ``tc`` matrix multiplied in its words' storage order, PyTorch gathers), ``decode`` (every matrix decoded once)
     or ``rows``."""
     if name.startswith("Embedding"):
-        return "rows"
+        return "native lookup" if native.available() else "rows"
     if name.startswith(("Linear", "Conv1D")):
         (c,) = matrices(conv)
         layout = c.layout_for(batch)

@@ -1,6 +1,7 @@
-"""The native CPU decode (``kernels/native.py`` + ``kernels/cpu_decode.c``): bit for bit against the PyTorch table
-lookup on every path (AVX-512, AVX2 and scalar builds where the CPU allows), bounds and errors, the cache, and the
-fallback when no compiler is found or the decode is turned off."""
+"""The native CPU decode (``kernels/native.py`` + ``kernels/cpu_decode.c``): bit for bit against the PyTorch lookups
+(``tc`` and ``lut`` codes, ``ell`` embedding rows) on every path (AVX-512, AVX2 and scalar builds where the CPU
+allows), products and gradients against float64, bounds and errors, the cache, and the fallback when no compiler is
+found or the decode is turned off."""
 
 from __future__ import annotations
 
@@ -232,3 +233,32 @@ def test_lut_reference_product_every_path(batch: int, n_cb: int, bitmap, native_
     xd = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(xd, dense, bias).relu().square().sum().backward()
     assert (x.grad - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,dtype", [(50, 200, torch.uint8), (40, 300, torch.int16), (3, 40000, torch.int32)])
+def test_ell_rows_match_the_pytorch_lookup(n: int, k: int, dtype: torch.dtype, monkeypatch) -> None:
+    """The native embedding-row lookup gives the PyTorch lookup's rows (repeats, an empty row, every entries dtype);
+    an index outside the table and a damaged table are refused with their value named."""
+    from dc_lightning.kernels.rows.layout import ell_rows, pack_ell
+
+    g = torch.Generator().manual_seed(k)
+    mask = torch.rand(n, k, generator=g) < 0.1
+    mask[1] = False  # an empty row
+    rows, cols = mask.nonzero(as_tuple=True)
+    p = pack_ell(n, k, rows, cols, torch.randint(0, 15, (rows.numel(),), generator=g), torch.randn(15, generator=g))
+    assert p.entries.dtype == dtype
+    idx = torch.tensor([n - 1, 1, 0, n - 1, 2])
+    got = ell_rows(p, idx)
+    monkeypatch.setenv(native.ENV, "0")
+    expected = ell_rows(p, idx)
+    assert torch.equal(got, expected) and torch.equal(got[1], torch.zeros(k))
+    monkeypatch.setenv(native.ENV, "1")
+    with pytest.raises(IndexError, match=rf"index {n} is out of range for a table of {n} rows \(valid: 0..{n - 1}\)"):
+        ell_rows(p, torch.tensor([0, n]))
+    with pytest.raises(IndexError, match=rf"index -1 is out of range for a table of {n} rows"):
+        ell_rows(p, torch.tensor([-1]))
+    damaged = p.entries.clone()
+    damaged[1, 0, 0] = 16 if dtype == torch.uint8 else 1000  # a code past the 16-value codebook
+    with pytest.raises(ValueError, match=r"row 0 of the table holds an entry outside its .* x 16 codebook values"):
+        native.ell_rows(damaged, p.codebook, torch.tensor([0]), k)
