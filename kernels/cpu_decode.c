@@ -195,6 +195,41 @@ int64_t dc_ell_rows(const void *entries, int64_t esize, int64_t V, int64_t L, co
     return -1;
 }
 
+/* y = x @ W.T straight from the sparse layout's sliced-ELL entries (kernels/sparse/layout.py): block
+ * t * n_chunks + c holds entries [block_ptr[i], block_ptr[i + 1]) in ELL steps of rt, entry e of the block on lane
+ * (e - block start) % rt (row t * rt + lane); its word is (local column << code_shift) | code (int16 words read as
+ * uint16), the column c * chunk + local column. xt is x transposed, float32 [K, B]; yt is float32 [n_out, B]
+ * (overwritten). Padding entries (rows past n_out, or the codebook's 0.0 slot) add nothing. Returns -1, or the first
+ * entry whose column or code falls outside [0, K) x [0, ncb) (a damaged layer: nothing is read out of range). */
+int64_t dc_sparse_product(const void *entries, int64_t esize, const int32_t *block_ptr, int64_t n_tiles,
+                          int64_t n_chunks, int64_t rt, int64_t chunk, int64_t code_shift, const float *codebook,
+                          int64_t ncb, const float *xt, int64_t B, int64_t K, float *yt, int64_t n_out) {
+    const uint32_t cmask = (1u << code_shift) - 1u;
+    const uint16_t *e16 = (const uint16_t *)entries;
+    const uint32_t *e32 = (const uint32_t *)entries;
+    for (int64_t i = 0; i < B * n_out; i++) yt[i] = 0.0f;
+    for (int64_t t = 0; t < n_tiles; t++)
+        for (int64_t c = 0; c < n_chunks; c++) {
+            const int64_t blk = t * n_chunks + c, e0 = block_ptr[blk], e1 = block_ptr[blk + 1], col0 = c * chunk;
+            int64_t lane = 0;
+            for (int64_t e = e0; e < e1; e++, lane = lane + 1 == rt ? 0 : lane + 1) {
+                const uint32_t w = esize == 2 ? (uint32_t)e16[e] : e32[e];
+                const int64_t col = col0 + (int64_t)(w >> code_shift), code = (int64_t)(w & cmask);
+                if (col >= K || code >= ncb) return e;
+                const int64_t row = t * rt + lane;
+                if (row >= n_out) continue;
+                const float v = codebook[code];
+                const float *xr = xt + col * B;
+                float *yr = yt + row * B;
+                if (B == 1)
+                    yr[0] += xr[0] * v;
+                else
+                    for (int64_t b = 0; b < B; b++) yr[b] += xr[b] * v;
+            }
+        }
+    return -1;
+}
+
 /* which vector path this build took: 512, 256 or 0 (scalar) */
 int dc_decode_width(void) {
 #if defined(__AVX512F__)

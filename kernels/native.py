@@ -38,7 +38,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "usable", "is_real", "available", "status", "library", "decode", "decode_segments", "decode_tc_rows",
-    "decode_lut_rows", "ell_rows", "ENV", "CACHE_ENV",
+    "decode_lut_rows", "ell_rows", "sparse_product", "ENV", "CACHE_ENV",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -221,14 +221,19 @@ def decode_lut_rows(
     return out.view(-1)[: nrows * cols].view(nrows, cols)
 
 
-def ell_rows(entries: Tensor, codebook: Tensor, idx: Tensor, cols: int) -> Tensor:
+_ENTRY_SIZES = {torch.uint8: 1, torch.int16: 2, torch.int32: 4}
+
+
+def ell_rows(entries: Tensor, codebook: Tensor, idx: Tensor, cols: int, *, checked: bool = True) -> Tensor:
     """The rows ``idx`` of an ``ell`` row table (:mod:`~dc_lightning.kernels.rows.layout`) as float32 ``[len(idx),
     cols]``, in one call: zeros, then each kept entry's codebook value at its column.
 
     Args:
         entries: uint8, int16 or int32 ``[2, rows, L]`` (columns, codes), contiguous, on the CPU.
         codebook: float32 ``[n]`` on the CPU (the padding's zero last).
-        idx: int64 1-D row indices.
+        idx: int64 1-D row indices (contiguous when ``checked=False``).
+        checked: validate the tensors first; ``False`` for a caller that has (a lookup of a few tokens is bound by
+            its per-call cost).
 
     Raises:
         RuntimeError: the native decode is not available.
@@ -238,7 +243,9 @@ def ell_rows(entries: Tensor, codebook: Tensor, idx: Tensor, cols: int) -> Tenso
     lib = _library()
     if lib is None:
         raise RuntimeError(f"native decode unavailable: {status()}")
-    sizes = {torch.uint8: 1, torch.int16: 2, torch.int32: 4}
+    if not checked:
+        return _ell_rows(lib, entries, _ENTRY_SIZES[entries.dtype], codebook, idx, cols)
+    sizes = _ENTRY_SIZES
     if entries.dtype not in sizes or entries.dim() != 3 or entries.shape[0] != 2 or not entries.is_contiguous():
         raise ValueError(f"entries must be a contiguous uint8/int16/int32 [2, rows, L] tensor, got {entries.dtype} "
                          f"{tuple(entries.shape)}")  # fmt: skip
@@ -266,6 +273,68 @@ def _ell_rows(lib: ctypes.CDLL, entries: Tensor, esize: int, codebook: Tensor, i
         raise ValueError(f"row {row} of the table holds an entry outside its {cols} columns x {codebook.numel()} "
                          f"codebook values (a damaged table)")  # fmt: skip
     return out
+
+
+def sparse_product(
+    x: Tensor, entries: Tensor, block_ptr: Tensor, n_chunks: int, row_tile: int, chunk: int, code_shift: int,
+    codebook: Tensor, out_features: int, *, checked: bool = True,
+) -> Tensor:  # fmt: skip
+    """``x @ W.T``, float32 ``[B, out_features]``, straight from the ``sparse`` layout's sliced-ELL entries
+    (:mod:`~dc_lightning.kernels.sparse.layout`), in one call: each entry adds ``x[:, column] * codebook[code]`` to
+    its row. Not differentiable (the caller keeps the PyTorch product for inputs that require a gradient).
+
+    Args:
+        x: float32 ``[B, in_features]``, contiguous, on the CPU.
+        entries: int16 or int32 ``[n_entries]`` words ``(local column << code_shift) | code``.
+        block_ptr: int32 ``[n_tiles * n_chunks + 1]``.
+        checked: validate the tensors first (``False``: the caller has; entries are still bounds-checked).
+
+    Raises:
+        RuntimeError: the native decode is not available.
+        ValueError: a tensor of the wrong dtype, device or layout, or an entry outside the matrix or codebook.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"native decode unavailable: {status()}")
+    if not checked:
+        return _sparse_product(
+            lib, x, entries, block_ptr, n_chunks, row_tile, chunk, code_shift, codebook, out_features
+        )
+    if entries.dtype not in (torch.int16, torch.int32) or not entries.is_contiguous():
+        raise ValueError(f"entries must be a contiguous int16/int32 tensor, got {entries.dtype}")
+    if block_ptr.dtype != torch.int32 or not block_ptr.is_contiguous() or block_ptr.numel() < 1:
+        raise ValueError(f"block_ptr must be a contiguous int32 tensor, got {block_ptr.dtype} {tuple(block_ptr.shape)}")
+    if (block_ptr.numel() - 1) % max(n_chunks, 1):
+        raise ValueError(f"block_ptr holds {block_ptr.numel() - 1} blocks, not a multiple of n_chunks={n_chunks}")
+    if codebook.dtype != torch.float32 or codebook.dim() != 1 or not codebook.is_contiguous():
+        raise ValueError(
+            f"codebook must be a contiguous float32 [n] tensor, got {codebook.dtype} {tuple(codebook.shape)}"
+        )
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous float32 [B, in_features] tensor, got {x.dtype} {tuple(x.shape)}")
+    if any(t.device.type != "cpu" for t in (x, entries, block_ptr, codebook)):
+        raise ValueError("x, entries, block_ptr and codebook must be on the CPU")
+    if block_ptr.numel() > 1 and (int(block_ptr[0]) < 0 or int(block_ptr[-1]) > entries.numel()):
+        raise ValueError(f"block_ptr spans entries [{int(block_ptr[0])}, {int(block_ptr[-1])}), the layer holds "
+                         f"{entries.numel()}")  # fmt: skip
+    return _sparse_product(lib, x, entries, block_ptr, n_chunks, row_tile, chunk, code_shift, codebook, out_features)
+
+
+def _sparse_product(
+    lib: ctypes.CDLL, x: Tensor, entries: Tensor, block_ptr: Tensor, n_chunks: int, row_tile: int, chunk: int,
+    code_shift: int, codebook: Tensor, out_features: int,
+) -> Tensor:  # fmt: skip
+    """:func:`sparse_product` for checked arguments."""
+    xt = x.t().contiguous() if x.shape[0] > 1 else x  # [K, B]: an entry reads one contiguous run of x
+    yt = torch.empty(out_features, x.shape[0], dtype=torch.float32)
+    n_tiles = (block_ptr.numel() - 1) // max(n_chunks, 1)
+    bad = lib.dc_sparse_product(entries.data_ptr(), entries.element_size(), block_ptr.data_ptr(), n_tiles, n_chunks,
+                                row_tile, chunk, code_shift, codebook.data_ptr(), codebook.numel(), xt.data_ptr(),
+                                x.shape[0], x.shape[1], yt.data_ptr(), out_features)  # fmt: skip
+    if bad >= 0:
+        raise ValueError(f"entry {bad} of the sparse layer points outside its {x.shape[1]} columns x "
+                         f"{codebook.numel()} codebook values (a damaged layer)")  # fmt: skip
+    return yt.t() if x.shape[0] > 1 else yt.view(1, out_features)
 
 
 def _check_table(table: Tensor) -> None:
@@ -405,6 +474,11 @@ def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
         ell.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
         ell.restype = ctypes.c_int64
+        sp = lib.dc_sparse_product
+        sp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int64]  # fmt: skip
+        sp.restype = ctypes.c_int64
         lib.dc_decode_width.restype = ctypes.c_int
         width = int(lib.dc_decode_width())
     except (OSError, AttributeError) as err:
@@ -465,4 +539,21 @@ def _self_check(lib: ctypes.CDLL) -> str:
                              out.data_ptr())  # fmt: skip
         if rc != -1 or not torch.equal(out, expected):
             return f"ell rows ({dtype}): return code {rc}, or values differ"
+    # sparse product: one tile of 4 lanes (3 real rows), two chunks of 8 columns, 2 + 1 ELL steps, 4-bit codes and the
+    # padding slot 16 (0.0), two rows of x; compared in float64 (the sums' order is free)
+    for dtype in (torch.int16, torch.int32):
+        cols, codes = torch.randint(0, 8, (12,)), torch.randint(0, 17, (12,))
+        entries = ((cols << 5) | codes).to(dtype)
+        block_ptr = torch.tensor([0, 8, 12], dtype=torch.int32)
+        cb = torch.cat([table, torch.zeros(1)])
+        x = torch.randn(2, 16)
+        expected = torch.zeros(2, 4, dtype=torch.float64)
+        for e in range(12):
+            c = int(cols[e]) + (8 if e >= 8 else 0)
+            expected[:, e % 4] += x[:, c].double() * float(cb[int(codes[e])])
+        xt, y = x.t().contiguous(), torch.full((3, 2), float("nan"))
+        rc = lib.dc_sparse_product(entries.data_ptr(), entries.element_size(), block_ptr.data_ptr(), 1, 2, 4, 8, 5,
+                                   cb.data_ptr(), 17, xt.data_ptr(), 2, 16, y.data_ptr(), 3)  # fmt: skip
+        if rc != -1 or not torch.allclose(y.t().double(), expected[:, :3], rtol=1e-5, atol=1e-5):
+            return f"sparse product ({dtype}): return code {rc}, or values differ"
     return ""

@@ -218,7 +218,7 @@ def pack_codes(
     return RowCodes(c.contiguous(), full, n, d, rows.numel())
 
 
-_NATIVE_ENTRIES = {torch.uint8: 1, torch.int16: 2, torch.int32: 4}  # entries dtypes the native lookup reads
+_NATIVE_ENTRIES = (torch.uint8, torch.int16, torch.int32)  # entries dtypes the native lookup reads
 
 
 def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
@@ -226,13 +226,12 @@ def ell_rows(packed: RowELL, idx: Tensor) -> Tensor:
     # five ops: a lookup of a handful of tokens is bound by their count, not by their size (bench/RESULTS.md); the
     # padding (repeated entries) needs no mask, and no op promotes a dtype (each hidden conversion is another op)
     p = packed
-    esize = _NATIVE_ENTRIES.get(p.entries.dtype)
     if (
-        esize and p.codebook.dtype == torch.float32 and idx.dtype == torch.int64 and idx.dim() == 1
-        and idx.is_contiguous() and p.entries.is_contiguous() and p.codebook.is_contiguous()
+        p.entries.dtype in _NATIVE_ENTRIES and p.codebook.dtype == torch.float32 and idx.dtype == torch.int64
+        and idx.dim() == 1 and idx.is_contiguous() and p.entries.is_contiguous() and p.codebook.is_contiguous()
         and native.usable(p.entries, p.codebook, idx)
     ):  # fmt: skip
-        return native._ell_rows(native.library(), p.entries, esize, p.codebook, idx, p.in_features)  # the same values
+        return native.ell_rows(p.entries, p.codebook, idx, p.in_features, checked=False)  # the same values, one call
     cols, codes = p.entries.index_select(1, idx).long().unbind(0)  # one conversion serves the scatter and the take
     vals = torch.take(p.codebook, codes)
     return torch.zeros(idx.shape[0], p.in_features, dtype=vals.dtype, device=vals.device).scatter_(1, cols, vals)

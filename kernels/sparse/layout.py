@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import native
 from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
 
 __all__ = [
@@ -398,7 +399,9 @@ def sparse_product(x: Tensor, packed: EIEPacked) -> Tensor:
     p = packed
     B, K, sh, rt = x.shape[0], p.in_features, p.code_shift, p.row_tile
     n_tiles = -(-p.out_features // rt)
-    if p.entries.numel() == 0:  # an all-pruned layer
+    if p.entries.numel() == 0:  # an all-pruned layer: zeros, joined to x's graph when x requires a gradient
+        if x.requires_grad and torch.is_grad_enabled():
+            return torch.nn.functional.linear(x.to(torch.float32), x.new_zeros(p.out_features, K, dtype=torch.float32))
         return x.new_zeros(B, p.out_features, dtype=torch.float32)
     xf = x.to(torch.float32)
     cb = p.codebook.to(torch.float32)
@@ -418,11 +421,25 @@ def sparse_product(x: Tensor, packed: EIEPacked) -> Tensor:
 
 def eie_linear_reference(x: Tensor, packed: EIEPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """``act(x @ W.T + bias)`` with fp32 accumulation, output in ``x.dtype``: small batches on the CPU straight from the
-    entries (:func:`sparse_product`, :func:`use_product`), larger ones (and any on another device, where this is only
+    entries (:func:`sparse_product`, :func:`use_product`; one row, without autograd, by the native pass over them,
+    :func:`~dc_lightning.kernels.native.sparse_product`), larger ones (and any on another device, where this is only
     an oracle) ``W`` decoded once, then ``F.linear``."""
     if x.shape[0] == 0 or x.device.type != "cpu" or not use_product(packed, x.shape[0]):
         return decoded_linear(x, decode_dense(packed), bias, relu)
-    y = sparse_product(x, packed)
+    p = packed
+    if (
+        x.shape[0] == 1 and not (x.requires_grad and torch.is_grad_enabled()) and p.codebook.dtype == torch.float32
+        and p.entries.is_contiguous() and p.block_ptr.is_contiguous() and p.codebook.is_contiguous()
+        and native.usable(x, p.entries, p.block_ptr, p.codebook)
+    ):  # fmt: skip  # one native pass over the entries at batch 1 (sampling; from 4 rows embedding_bag's vector
+        # loop over the batch wins, bench/RESULTS.md "CPU path vs dense, third run"); not differentiable: the PyTorch
+        # product keeps autograd
+        xf = x.to(torch.float32).contiguous()
+        n_chunks = max((p.block_ptr.numel() - 1) // max(-(-p.out_features // p.row_tile), 1), 1)
+        y = native.sparse_product(xf, p.entries, p.block_ptr, n_chunks, p.row_tile, p.chunk, p.code_shift,
+                                  p.codebook, p.out_features, checked=False)  # fmt: skip
+    else:
+        y = sparse_product(x, packed)
     if bias is not None:
         y = y + bias.to(torch.float32)
     if relu:

@@ -262,3 +262,34 @@ def test_ell_rows_match_the_pytorch_lookup(n: int, k: int, dtype: torch.dtype, m
     damaged[1, 0, 0] = 16 if dtype == torch.uint8 else 1000  # a code past the 16-value codebook
     with pytest.raises(ValueError, match=r"row 0 of the table holds an entry outside its .* x 16 codebook values"):
         native.ell_rows(damaged, p.codebook, torch.tensor([0]), k)
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,chunk", [(1, 5, None), (37, 300, None), (200, 1000, 128), (64, 5000, None)])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_sparse_product_matches_float64(n: int, k: int, chunk, batch: int, monkeypatch) -> None:
+    """The native product from the sparse layout's entries (several tiles and chunks, padded rows) matches float64
+    and the PyTorch product; an input that requires a gradient keeps the PyTorch product (and its gradient)."""
+    from dc_lightning.kernels.sparse.layout import decode_dense, eie_linear_reference, pack
+
+    g = torch.Generator().manual_seed(n * k + batch)
+    rows, cols = (torch.rand(n, k, generator=g) < 0.1).nonzero(as_tuple=True)
+    codes = torch.randint(0, 16, (rows.numel(),), generator=g)
+    p = pack(n, k, rows, cols, codes, torch.randn(16, generator=g), chunk=chunk)
+    dense = decode_dense(p)
+    x, bias = torch.randn(batch, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ dense.double().T + bias.double()
+    y = eie_linear_reference(x, p, bias)
+    assert (y.double() - ref).abs().max() <= 1e-5 * max(ref.abs().max(), 1e-30)
+    monkeypatch.setenv(native.ENV, "0")
+    assert (eie_linear_reference(x, p, bias) - y).abs().max() <= 1e-5 * max(float(ref.abs().max()), 1e-30)
+    monkeypatch.setenv(native.ENV, "1")
+    xg = x.clone().requires_grad_(True)
+    eie_linear_reference(xg, p).sum().backward()
+    assert torch.allclose(xg.grad, dense.sum(0).expand(batch, -1), rtol=1e-5, atol=1e-5)
+    if p.entries.numel():
+        damaged = p.entries.clone()
+        damaged[0] = (damaged[0] >> p.code_shift << p.code_shift) | ((1 << p.code_shift) - 1)  # a code past the codebook
+        with pytest.raises(ValueError, match=r"entry 0 of the sparse layer points outside its"):
+            native.sparse_product(x, damaged, p.block_ptr, (p.block_ptr.numel() - 1) // -(-n // p.row_tile),
+                                  p.row_tile, p.chunk, p.code_shift, p.codebook, n)  # fmt: skip
