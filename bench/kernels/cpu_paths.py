@@ -155,7 +155,8 @@ def uses_word_order(p: layouts.LUTPacked) -> bool:
 
 
 def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
-    """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode), ``steps`` (a
+    """What the converted CPU path does for the case: ``entries`` (a sparse product, no decode; ``native entries``: one
+    native pass over them, batch 1), ``steps`` (a
     recurrent call stepped through such products), ``words`` (a LUT matrix decoded in word order), ``native rows``
     (a ``tc`` or 2/4-bit ``lut`` matrix decoded a block of rows at a time by the native decode, each block
     multiplied), ``native lookup`` (an embedding's rows looked up by the native decode in one call), ``storage`` (a
@@ -168,7 +169,7 @@ def cpu_path(name: str, conv: nn.Module, batch: int) -> str:
         layout = c.layout_for(batch)
         p = c.packed(layout)
         if layout == "sparse" and use_product(p, batch):
-            return "entries"
+            return "native entries" if batch == 1 and native.available() else "entries"
         if layout == "tc" and p.out_features * p.in_features >= tc_layout.BLOCKED_MIN:
             if native.available():
                 return "native rows"
