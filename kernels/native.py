@@ -44,7 +44,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-#: ``DC_LIGHTNING_NATIVE=0`` turns the native decode off (nothing is compiled or loaded)
+#: ``DC_LIGHTNING_NATIVE=0`` (or ``false`` / ``no`` / ``off``) turns the native decode off (nothing is compiled or
+#: loaded)
 ENV = "DC_LIGHTNING_NATIVE"
 #: where the compiled library is kept (default ``$XDG_CACHE_HOME`` or ``~/.cache``, then ``dc_lightning/native``)
 CACHE_ENV = "DC_LIGHTNING_CACHE_DIR"
@@ -78,15 +79,18 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line: the library in use and its vector width, or why the PyTorch gathers are used."""
+    """One line: the library in use and its vector width, or why PyTorch ops are used instead."""
+    if _off():
+        return f"off ({ENV}=0)"
     _library()
     return str(_state.get("why", "not built"))
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded library (``None`` when unavailable) for hot loops that have checked their arguments once:
-    ``dc_decode_segments(src, nseg, seg, stride, table, dst)`` (:func:`decode_segments`, pointers and counts) and
-    ``dc_decode_tc_rows(codes, row0, nrows, k_tiles, table, out)`` (:func:`decode_tc_rows`). No bounds checks."""
+    """The loaded library (``None`` when unavailable) for hot loops that have checked their arguments once: the C
+    functions behind :func:`decode_segments`, :func:`decode_tc_rows` and :func:`decode_lut_rows`
+    (``dc_decode_segments``, ``dc_decode_tc_rows``, ``dc_decode_lut_rows``; pointers and counts, no bounds checks).
+    The row lookup and the sparse product check their entries in C and take ``checked=False`` instead."""
     return _library()
 
 
@@ -355,9 +359,12 @@ def _check_src(src: Tensor) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _off() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get(ENV, "1").strip() == "0":
-        _state["why"] = f"off ({ENV}=0)"
+    if _off():  # read per call (a test or a benchmark may switch it); the built library stays loaded
         return None
     with _lock:
         if "lib" not in _state:

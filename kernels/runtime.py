@@ -60,6 +60,8 @@ __all__ = [
     "check_call",
     "decoded_linear",
     "blocked_product",
+    "finish_linear",
+    "ROW_BLOCK_BYTES",
 ]
 
 log = logging.getLogger(__name__)
@@ -423,20 +425,33 @@ def decoded_linear(x: Tensor, w: Tensor, bias: Tensor | None = None, relu: bool 
     return y.to(x.dtype)
 
 
-def blocked_product(
-    x: Tensor, rows: int, width: int, decode: Callable[[int, int, Tensor], None], block_bytes: int = 1 << 20
-) -> Tensor:
+def finish_linear(y: Tensor, bias: Tensor | None, relu: bool, dtype: torch.dtype) -> Tensor:
+    """The epilogue of the CPU products that multiply without ``F.linear``'s bias (:func:`blocked_product`, the
+    layouts' own products): ``act(y + bias)`` in ``dtype``, contiguous."""
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if relu:
+        y = torch.relu(y)
+    return y.to(dtype).contiguous()
+
+
+#: decoded bytes per block of :func:`blocked_product` (the fastest of 0.5, 1 and 2 MiB for a ``tc`` layer on the 2-core
+#: dev box, 1 thread: bench/RESULTS.md "CPU path vs dense, third run")
+ROW_BLOCK_BYTES = 1 << 20
+
+
+def blocked_product(x: Tensor, rows: int, width: int, decode: Callable[[int, int, Tensor], None]) -> Tensor:
     """``x @ W.T``, fp32 ``[B, rows]``, for a weight decoded a block of rows at a time (the CPU references with the
     native decode, :mod:`~dc_lightning.kernels.native`): ``decode(row0, n, out)`` writes rows ``[row0, row0 + n)``
     of ``W`` (``width`` columns each, the layout's padded width) into the float32 ``out``; each block
-    (``block_bytes`` decoded) stays in the cache while torch multiplies it. Without autograd one buffer serves every
+    (``ROW_BLOCK_BYTES`` decoded) stays in the cache while torch multiplies it. Without autograd one buffer serves every
     block; with it each block keeps its own (the backward reads them).
 
     Args:
         x: fp32 ``[B, in_features]``, ``in_features <= width`` (padded with zeros to ``width``).
     """
     xp = F.pad(x, (0, width - x.shape[1])) if width != x.shape[1] else x
-    step = max(8, block_bytes // (width * 4))
+    step = max(8, ROW_BLOCK_BYTES // (width * 4))
     reuse = not (torch.is_grad_enabled() and x.requires_grad)
     buf = torch.empty(min(step, max(rows, 1)) * width, dtype=torch.float32, device=x.device)
     outs = []

@@ -1,11 +1,12 @@
-"""The CPU product paths of one large ``tc`` layer against dense ``F.linear``: what picks ``tc/layout.py``'s constants.
+"""The CPU product paths of one large ``tc`` layer against dense ``F.linear``: what picks ``tc/layout.py``'s
+constants and ``runtime.ROW_BLOCK_BYTES``.
 
 Providers, side by side in one process on the same random 4-bit layer (density 0.5, 15 centroids + the zero code)
 and inputs, median of ``--repeats`` calls each (providers take turns), one thread by default:
 
 * ``dense``: ``F.linear`` on the decoded float32 weight (the reference).
-* ``native<KiB>``: ``_row_block_product`` (the native decode, ``kernels/native.py``) with ``ROW_BLOCK_BYTES`` set to
-  that many KiB (skipped when the native decode is unavailable).
+* ``native<KiB>``: ``_row_block_product`` (the native decode, ``kernels/native.py``) with
+  ``runtime.ROW_BLOCK_BYTES`` set to that many KiB (skipped when the native decode is unavailable).
 * ``storage<KiB>``: ``_storage_order_product`` (PyTorch gathers, the words' storage order) with ``BLOCK_BYTES`` set.
 * ``rows``: the PyTorch row-order decode of the whole weight, then ``F.linear`` (the fallback above
   ``STORAGE_ORDER_MAX_BATCH`` rows).
@@ -19,9 +20,7 @@ batch (times in ms, ratios to dense) and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,9 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dc_lightning.kernels import native  # noqa: E402
+from dc_lightning.kernels import native, runtime  # noqa: E402
 from dc_lightning.kernels.runtime import decoded_linear  # noqa: E402
 from dc_lightning.kernels.tc import layout as L  # noqa: E402
+
+from bench.harness.report import env_info, write_json  # noqa: E402
 
 SHAPES = [(1024, 1024), (4096, 1024), (1000, 4096), (3072, 768), (2400, 600)]
 BATCHES = [1, 4, 16, 32, 64]
@@ -56,14 +57,14 @@ def rows_path(x: torch.Tensor, p: L.TCPacked) -> torch.Tensor:
     return decoded_linear(x, torch_decode(p))
 
 
-def with_block(fn, attr: str, value: int):
+def with_block(fn, module, attr: str, value: int):
     def run(x: torch.Tensor, p: L.TCPacked) -> torch.Tensor:
-        old = getattr(L, attr)
-        setattr(L, attr, value)
+        old = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             return fn(x, p)
         finally:
-            setattr(L, attr, old)
+            setattr(module, attr, old)
 
     return run
 
@@ -87,10 +88,10 @@ def main() -> None:
         os.environ[native.ENV] = "1"
         if native.available():
             for kib in NATIVE_KIB:
-                providers[f"native{kib}"] = with_block(L._row_block_product, "ROW_BLOCK_BYTES", kib << 10)
+                providers[f"native{kib}"] = with_block(L._row_block_product, runtime, "ROW_BLOCK_BYTES", kib << 10)
         os.environ[native.ENV] = "0"  # the storage order is the PyTorch path: time it with PyTorch's gathers
         for kib in STORAGE_KIB:
-            providers[f"storage{kib}"] = with_block(L._storage_order_product, "BLOCK_BYTES", kib << 10)
+            providers[f"storage{kib}"] = with_block(L._storage_order_product, L, "BLOCK_BYTES", kib << 10)
         providers["rows"] = rows_path
         for batch in BATCHES:
             x = torch.randn(batch, k)
@@ -119,18 +120,13 @@ def main() -> None:
                 f"{n:>5}x{k:<5} batch {batch:>3}: dense {ms['dense']:.3f} ms | "
                 + (f"best {best_native[1]} {best_native[0] / ms['dense']:.2f}x | " if best_native else "")
                 + f"best {best_storage[1]} {best_storage[0] / ms['dense']:.2f}x | rows {ms['rows'] / ms['dense']:.2f}x"
-                + " | " + " ".join(f"{m} {v / ms['dense']:.2f}" for m, v in ms.items() if m != "dense"),
+                + " | "
+                + " ".join(f"{m} {v / ms['dense']:.2f}" for m, v in ms.items() if m != "dense"),
                 flush=True,
             )
     os.environ.pop(native.ENV, None)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__, "machine": platform.platform(),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "native": native.status(),
-    }  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    print(f"wrote {out}")
+    meta = {**env_info("cpu"), "threads": args.threads, "repeats": args.repeats, "native": native.status()}
+    print(f"wrote {write_json({'meta': meta, 'rows': results}, args.out)}")
 
 
 if __name__ == "__main__":

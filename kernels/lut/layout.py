@@ -33,7 +33,7 @@ from torch import Tensor
 from dc_lightning.buffers import MAX_CODES
 
 from .. import native
-from ..runtime import PackedLayer, blocked_product, decoded_linear, sorted_coordinates
+from ..runtime import PackedLayer, blocked_product, decoded_linear, finish_linear, sorted_coordinates
 
 __all__ = [
     "LUTPacked",
@@ -359,12 +359,7 @@ def lut_linear_reference(x: Tensor, packed: LUTPacked, bias: Tensor | None = Non
     p = packed
     k_pad = p.n_groups * p.group_cols
     if p.cbits in NATIVE_CBITS and p.out_features * p.in_features >= BLOCKED_MIN and _native(p, x):
-        y = _row_block_product(x.to(torch.float32), p)
-        if bias is not None:
-            y.add_(bias.to(torch.float32))
-        if relu:
-            y.relu_()
-        return y.to(x.dtype)
+        return finish_linear(_row_block_product(x.to(torch.float32), p), bias, relu, x.dtype)
     if p.cbits == 8 or p.out_features * k_pad < WORD_ORDER_MIN:
         return decoded_linear(x, decode_dense_lut(p), bias, relu)
     w = _decode_word_order(p, p.out_features)
@@ -378,8 +373,6 @@ NATIVE_CBITS = (2, 4)
 #: (:func:`_row_block_product`); a smaller one is decoded whole and ``F.linear`` runs once (bit for bit the dense
 #: layer's result)
 BLOCKED_MIN = 1 << 16
-#: decoded bytes per block of :func:`_row_block_product`
-ROW_BLOCK_BYTES = 1 << 20
 
 
 def _native(p: LUTPacked, *more: Tensor) -> bool:
@@ -402,7 +395,7 @@ def _row_block_product(x: Tensor, p: LUTPacked) -> Tensor:
     def decode(row0: int, n: int, out: Tensor) -> None:
         lib.dc_decode_lut_rows(p.codes.data_ptr(), mask, row0, n, p.n_groups, p.cbits, table.data_ptr(), out.data_ptr())
 
-    return blocked_product(x, p.out_features, p.n_groups * p.group_cols, decode, ROW_BLOCK_BYTES)
+    return blocked_product(x, p.out_features, p.n_groups * p.group_cols, decode)
 
 
 @functools.lru_cache(maxsize=64)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import native
-from ..runtime import PackedLayer, decoded_linear, sorted_coordinates
+from ..runtime import PackedLayer, decoded_linear, finish_linear, sorted_coordinates
 
 __all__ = [
     "EIEPacked",
@@ -435,13 +435,8 @@ def eie_linear_reference(x: Tensor, packed: EIEPacked, bias: Tensor | None = Non
         # loop over the batch wins, bench/RESULTS.md "CPU path vs dense, third run"); not differentiable: the PyTorch
         # product keeps autograd
         xf = x.to(torch.float32).contiguous()
-        n_chunks = max((p.block_ptr.numel() - 1) // max(-(-p.out_features // p.row_tile), 1), 1)
-        y = native.sparse_product(xf, p.entries, p.block_ptr, n_chunks, p.row_tile, p.chunk, p.code_shift,
+        y = native.sparse_product(xf, p.entries, p.block_ptr, p.n_chunks, p.row_tile, p.chunk, p.code_shift,
                                   p.codebook, p.out_features, checked=False)  # fmt: skip
     else:
         y = sparse_product(x, packed)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype).contiguous()
+    return finish_linear(y, bias, relu, x.dtype)

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import native
-from ..runtime import PackedLayer, blocked_product, decoded_linear, sorted_coordinates
+from ..runtime import PackedLayer, blocked_product, decoded_linear, finish_linear, sorted_coordinates
 
 __all__ = ["TCPacked", "TILE_K", "WORDS", "ROW_PAD", "TABLE", "fits", "pack_tc", "decode_dense_tc", "tc_rows",
            "tc_linear_reference", "bytes_per_position"]  # fmt: skip
@@ -218,12 +218,6 @@ def tc_rows(packed: TCPacked, idx: Tensor) -> Tensor:
     return _decode_bytes(rows, p.codebook, p.table)[:, : p.in_features]
 
 
-def _storage_columns(k_tiles: int, in_features: int, device: torch.device, cached: bool = True) -> Tensor:
-    if cached:
-        return _storage_columns_cached(k_tiles, in_features, device)
-    return _storage_columns_of(k_tiles, in_features, device)
-
-
 @functools.lru_cache(maxsize=64)
 def _storage_columns_cached(k_tiles: int, in_features: int, device: torch.device) -> Tensor:
     return _storage_columns_of(k_tiles, in_features, device)
@@ -251,8 +245,8 @@ def _storage_columns_of(k_tiles: int, in_features: int, device: torch.device) ->
 #: order than ``F.linear`` on the dense weight
 BLOCKED_MIN = 1 << 16
 #: without the native decode, at most this many rows of ``x`` multiply in storage order (faster than the row-order
-#: decode up to 32 rows in 4 of the 5 shapes of bench/RESULTS.md "CPU path vs dense, third run", mixed at 64)
-STORAGE_ORDER_MAX_BATCH = 32
+#: decode at 16 rows in 4 of the 5 shapes of bench/RESULTS.md "CPU path vs dense, third run", at 32 in 2, at 64 in none)
+STORAGE_ORDER_MAX_BATCH = 16
 
 
 def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None, relu: bool = False) -> Tensor:
@@ -277,20 +271,13 @@ def tc_linear_reference(x: Tensor, packed: TCPacked, bias: Tensor | None = None,
         return decoded_linear(x, w, bias, relu)
     else:
         y = _storage_order_product(x.to(torch.float32), p)[:, : p.out_features]
-    if bias is not None:
-        y.add_(bias.to(torch.float32))
-    if relu:
-        y.relu_()
-    return y.to(x.dtype)
+    return finish_linear(y, bias, relu, x.dtype)
 
 
 #: decoded bytes per block of :func:`_storage_order_product` (PyTorch gathers): the block's index, its values and its
-#: product stay in a core's L2 (the fastest of 0.25-4 MiB at batch 1-4 on the 2-core dev box, 1 thread; 2 MiB wins
-#: by ~10 % at 16-64: bench/RESULTS.md "CPU path vs dense, third run")
-BLOCK_BYTES = 3 << 18
-
-#: decoded bytes per block of :func:`_row_block_product` (the fastest of 0.5, 1 and 2 MiB there)
-ROW_BLOCK_BYTES = 1 << 20
+#: product stay in a core's L2 (of 0.25-4 MiB, the fastest or within 2 % of it at batch 1-4 in every shape on the
+#: 2-core dev box, 1 thread; 1-2 MiB wins by up to 21 % at 16: bench/RESULTS.md "CPU path vs dense, third run")
+BLOCK_BYTES = 1 << 19
 
 
 def _row_block_product(x: Tensor, p: TCPacked) -> Tensor:
@@ -301,7 +288,7 @@ def _row_block_product(x: Tensor, p: TCPacked) -> Tensor:
     def decode(row0: int, n: int, out: Tensor) -> None:
         lib.dc_decode_tc_rows(codes.data_ptr(), row0, n, p.k_tiles, cb.data_ptr(), out.data_ptr())
 
-    return blocked_product(x, p.out_features, p.k_tiles * TILE_K, decode, ROW_BLOCK_BYTES)
+    return blocked_product(x, p.out_features, p.k_tiles * TILE_K, decode)
 
 
 def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
@@ -310,7 +297,7 @@ def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
     Storage row ``(G, qhi, rho)`` holds, in byte ``b`` of its words, row ``16 G + 8 b + rho``'s codes of quarter pair
     ``qhi``. A block of groups ``G`` is converted to an int32 index with the quarter pair outermost (one copy whose
     inner runs are whole storage rows), decoded by one gather per code byte (two values), and each quarter pair's
-    ``[rows, K]`` block is multiplied by two copies of ``x`` in its column order (:func:`_storage_columns`), each
+    ``[rows, K]`` block is multiplied by two copies of ``x`` in its column order (:func:`_storage_columns_of`), each
     zero on the other byte's values: ``[2 B, rows]``, where copy ``b'`` gives output rows ``16 G + 8 b' + rho``.
     Half of those products multiply zeros, which costs little at small ``B`` (reading the block dominates), and
     nothing is permuted at the weight's size.
@@ -318,7 +305,8 @@ def _storage_order_product(x: Tensor, p: TCPacked) -> Tensor:
     B, n_pad, k_pad = x.shape[0], p.rows_padded, p.k_tiles * TILE_K
     xz = torch.nn.functional.pad(x, (0, 1))
     real = _real(x, p.codes)
-    cols = _storage_columns(p.k_tiles, p.in_features, x.device, cached=real)
+    columns = _storage_columns_cached if real else _storage_columns_of  # a cached constant cannot meet fake tensors
+    cols = columns(p.k_tiles, p.in_features, x.device)
     xs = torch.index_select(xz, 1, cols.view(-1)).view(B, 2, 2, k_pad).permute(1, 2, 0, 3).reshape(2, 2 * B, k_pad)
     groups = n_pad // ROW_PAD
     step = max(1, BLOCK_BYTES // (ROW_PAD * k_pad * 4))

@@ -156,12 +156,13 @@ def test_no_compiler_or_turned_off_falls_back(fresh, monkeypatch) -> None:
 def test_gradients_through_the_blocked_products(native_decode: bool, monkeypatch) -> None:
     """The block buffers are reused only without autograd: the input gradient through a large tc layer (several
     blocks) equals the dense layer's on both paths."""
+    from dc_lightning.kernels import runtime
     from dc_lightning.kernels.tc import layout
 
     monkeypatch.setenv(native.ENV, "1" if native_decode else "0")
     if native_decode and not native.available():
         pytest.skip(f"native decode unavailable: {native.status()}")
-    monkeypatch.setattr(layout, "ROW_BLOCK_BYTES", 64 * 1024)
+    monkeypatch.setattr(runtime, "ROW_BLOCK_BYTES", 64 * 1024)
     monkeypatch.setattr(layout, "BLOCK_BYTES", 64 * 1024)
     g = torch.Generator().manual_seed(1)
     rows, cols = (torch.rand(400, 300, generator=g) < 0.5).nonzero(as_tuple=True)
@@ -289,7 +290,21 @@ def test_sparse_product_matches_float64(n: int, k: int, chunk, batch: int, monke
     assert torch.allclose(xg.grad, dense.sum(0).expand(batch, -1), rtol=1e-5, atol=1e-5)
     if p.entries.numel():
         damaged = p.entries.clone()
-        damaged[0] = (damaged[0] >> p.code_shift << p.code_shift) | ((1 << p.code_shift) - 1)  # a code past the codebook
+        # a code past the codebook
+        damaged[0] = (damaged[0] >> p.code_shift << p.code_shift) | ((1 << p.code_shift) - 1)
         with pytest.raises(ValueError, match=r"entry 0 of the sparse layer points outside its"):
             native.sparse_product(x, damaged, p.block_ptr, (p.block_ptr.numel() - 1) // -(-n // p.row_tile),
                                   p.row_tile, p.chunk, p.code_shift, p.codebook, n)  # fmt: skip
+
+
+@needs_native
+def test_status_follows_the_switch(fresh, monkeypatch) -> None:
+    """Turning the decode off and on again in one process: ``status`` says which holds now."""
+    assert native.available()
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.available() and native.status() == f"off ({native.ENV}=0)"
+    monkeypatch.setenv(native.ENV, "1")
+    assert native.available() and "build" in native.status()
+    for word in ("false", "No", "off"):
+        monkeypatch.setenv(native.ENV, word)
+        assert not native.available()
